@@ -1,0 +1,321 @@
+// Hugging Face tokenizer.json (model type BPE) -> TokenizerData.
+#include <nlohmann/json.hpp>
+#include <unordered_map>
+
+#include "import_internal.h"
+#include "layerpack/tokenizer_tables.h"
+#include "layerpack/tokenizer_utf8.h"
+
+namespace layerpack::tokenizer_import {
+namespace {
+
+using json = nlohmann::json;
+using namespace tokenizer_tables;
+
+// GPT-2's byte <-> printable code point table.
+std::array<uint32_t, 256> byte_to_code_point() {
+  std::array<uint32_t, 256> table{};
+  std::array<bool, 256> direct{};
+  for (int b = '!'; b <= '~'; ++b) direct[b] = true;
+  for (int b = 0xA1; b <= 0xAC; ++b) direct[b] = true;
+  for (int b = 0xAE; b <= 0xFF; ++b) direct[b] = true;
+  uint32_t next = 256;
+  for (int b = 0; b < 256; ++b) table[b] = direct[b] ? static_cast<uint32_t>(b) : next++;
+  return table;
+}
+
+Error json_error(const std::string& path, const std::string& what) {
+  return file_error(ErrorCode::unsupported, path, what);
+}
+
+struct StepLists {
+  std::vector<const json*> items;
+};
+
+// Flattens {"type": "Sequence", "<list_key>": [...]} into its members.
+void flatten(const json& node, const char* list_key, std::vector<const json*>& out) {
+  if (node.is_null()) return;
+  if (node.value("type", "") == "Sequence" && node.contains(list_key) && node[list_key].is_array()) {
+    for (const json& child : node[list_key]) flatten(child, list_key, out);
+  } else {
+    out.push_back(&node);
+  }
+}
+
+Result<std::string> regex_or_string(const json& pattern, const std::string& path, bool& is_regex) {
+  if (pattern.is_object() && pattern.contains("Regex") && pattern["Regex"].is_string()) {
+    is_regex = true;
+    return pattern["Regex"].get<std::string>();
+  }
+  if (pattern.is_object() && pattern.contains("String") && pattern["String"].is_string()) {
+    is_regex = false;
+    return pattern["String"].get<std::string>();
+  }
+  return file_error(ErrorCode::corrupt, path, "a pattern is neither {\"Regex\": ...} nor {\"String\": ...}");
+}
+
+}  // namespace
+
+Result<TokenizerData> read_hugging_face_json(const std::string& path, const TokenizerConfig& config) {
+  auto text = read_whole_file(path);
+  if (!text.ok()) return text.error();
+  json j = json::parse(text.value(), nullptr, false);
+  if (j.is_discarded() || !j.is_object()) return file_error(ErrorCode::corrupt, path, "is not a valid JSON object");
+  if (!j.contains("model") || !j["model"].is_object()) return file_error(ErrorCode::corrupt, path, "has no \"model\" object");
+  const json& model = j["model"];
+  const std::string type = model.value("type", "BPE");
+  if (type != "BPE")
+    return json_error(path, "tokenizer model type '" + type + "' is not supported (only BPE: byte-level or SentencePiece-style)");
+  if (!model.contains("vocab") || !model["vocab"].is_object()) return file_error(ErrorCode::corrupt, path, "model.vocab is missing");
+  if (!model.value("continuing_subword_prefix", json()).is_null() && model["continuing_subword_prefix"] != "")
+    return json_error(path, "BPE continuing_subword_prefix is not supported");
+  if (!model.value("end_of_word_suffix", json()).is_null() && model["end_of_word_suffix"] != "")
+    return json_error(path, "BPE end_of_word_suffix is not supported");
+  if (!model.value("dropout", json()).is_null() && model["dropout"].is_number() && model["dropout"].get<double>() > 0)
+    return json_error(path, "BPE dropout is not supported (it makes tokenization random)");
+
+  TokenizerData data;
+  data.source_kind = "tokenizer.json";
+  data.source_name = "tokenizer.json";
+
+  // Pre-tokenizer and normalizer first: they decide the alphabet of the vocabulary.
+  bool byte_level = false;
+  std::vector<const json*> pre_steps;
+  if (j.contains("pre_tokenizer")) flatten(j["pre_tokenizer"], "pretokenizers", pre_steps);
+  for (const json* step : pre_steps) {
+    std::string kind = step->value("type", "");
+    PreTokenizerStepData s;
+    if (kind == "Split") {
+      s.kind = fb::PreTokenizerKind::split;
+      auto pattern = regex_or_string(step->value("pattern", json()), path, s.pattern_is_regex);
+      if (!pattern.ok()) return pattern.error();
+      s.pattern = pattern.value();
+      std::string behavior = step->value("behavior", "Isolated");
+      if (behavior == "Removed") s.behavior = fb::SplitBehavior::removed;
+      else if (behavior == "Isolated") s.behavior = fb::SplitBehavior::isolated;
+      else if (behavior == "MergedWithPrevious") s.behavior = fb::SplitBehavior::merged_with_previous;
+      else if (behavior == "MergedWithNext") s.behavior = fb::SplitBehavior::merged_with_next;
+      else if (behavior == "Contiguous") s.behavior = fb::SplitBehavior::contiguous;
+      else return json_error(path, "Split behavior '" + behavior + "' is not supported");
+      s.invert = step->value("invert", false);
+    } else if (kind == "ByteLevel") {
+      byte_level = true;
+      s.kind = fb::PreTokenizerKind::byte_level;
+      s.flag_a = step->value("add_prefix_space", false);
+      s.flag_b = step->value("use_regex", true);
+    } else if (kind == "Digits") {
+      s.kind = fb::PreTokenizerKind::digits;
+      s.flag_a = step->value("individual_digits", false);
+    } else if (kind == "Metaspace") {
+      s.kind = fb::PreTokenizerKind::metaspace;
+      s.text = step->value("replacement", "\xE2\x96\x81");
+      std::string scheme = step->value("prepend_scheme", "");
+      if (scheme.empty()) scheme = step->value("add_prefix_space", true) ? "always" : "never";
+      if (scheme == "always") s.prepend_scheme = 0;
+      else if (scheme == "first") s.prepend_scheme = 1;
+      else if (scheme == "never") s.prepend_scheme = 2;
+      else return json_error(path, "Metaspace prepend_scheme '" + scheme + "' is not supported");
+      s.flag_a = step->value("split", true);
+    } else {
+      return json_error(path, "pre-tokenizer '" + kind + "' is not supported (Split, ByteLevel, Digits, Metaspace are)");
+    }
+    data.pre_tokenizer.push_back(s);
+  }
+  if (j.contains("decoder") && !j["decoder"].is_null()) {
+    std::vector<const json*> decoders;
+    flatten(j["decoder"], "decoders", decoders);
+    for (const json* d : decoders) {
+      std::string kind = d->value("type", "");
+      if (kind == "ByteLevel") byte_level = true;
+      if (kind == "Strip" && d->value("content", "") == " " && d->value("start", 0) > 0)
+        data.decode_strip_leading_space = true;
+      if (kind == "Metaspace") {
+        std::string scheme = d->value("prepend_scheme", "");
+        if (scheme.empty()) scheme = d->value("add_prefix_space", true) ? "always" : "never";
+        if (scheme != "never") data.decode_strip_leading_space = true;
+      }
+    }
+  }
+  data.model = byte_level ? fb::TokenizerModelKind::byte_level_bpe : fb::TokenizerModelKind::sentencepiece_bpe;
+
+  std::vector<const json*> normalizers;
+  if (j.contains("normalizer")) flatten(j["normalizer"], "normalizers", normalizers);
+  for (const json* n : normalizers) {
+    std::string kind = n->value("type", "");
+    NormalizerStepData s;
+    if (kind == "NFC") {
+      s.kind = fb::NormalizerKind::nfc;
+    } else if (kind == "Prepend") {
+      s.kind = fb::NormalizerKind::prepend;
+      s.text_a = n->value("prepend", "");
+    } else if (kind == "Replace") {
+      s.kind = fb::NormalizerKind::replace;
+      bool is_regex = false;
+      auto pattern = regex_or_string(n->value("pattern", json()), path, is_regex);
+      if (!pattern.ok()) return pattern.error();
+      if (is_regex) return json_error(path, "Replace normalizer with a regex pattern is not supported");
+      if (pattern.value().empty()) return file_error(ErrorCode::corrupt, path, "Replace normalizer has an empty pattern");
+      s.text_a = pattern.value();
+      s.text_b = n->value("content", "");
+    } else if (kind == "Strip") {
+      s.kind = fb::NormalizerKind::strip;
+      s.flag_a = n->value("strip_left", true);
+      s.flag_b = n->value("strip_right", true);
+    } else {
+      return json_error(path, "normalizer '" + kind + "' is not supported (NFC, Prepend, Replace, Strip are)");
+    }
+    data.normalizer.push_back(s);
+  }
+
+  // Vocabulary.
+  const json& vocab = model["vocab"];
+  int64_t max_id = -1;
+  for (auto it = vocab.begin(); it != vocab.end(); ++it) {
+    if (!it.value().is_number_integer()) return file_error(ErrorCode::corrupt, path, "vocab entry '" + it.key() + "' has no integer id");
+    int64_t id = it.value().get<int64_t>();
+    if (id < 0 || id >= (int64_t{1} << 31)) return file_error(ErrorCode::corrupt, path, "vocab id out of range: " + std::to_string(id));
+    max_id = std::max(max_id, id);
+  }
+  std::vector<AddedTokenData> added;
+  if (j.contains("added_tokens") && j["added_tokens"].is_array()) {
+    for (const json& a : j["added_tokens"]) {
+      AddedTokenData t;
+      if (!a.contains("id") || !a["id"].is_number_integer() || !a.contains("content") || !a["content"].is_string())
+        return file_error(ErrorCode::corrupt, path, "an added_tokens entry lacks id or content");
+      int64_t id = a["id"].get<int64_t>();
+      if (id < 0 || id >= (int64_t{1} << 31)) return file_error(ErrorCode::corrupt, path, "added token id out of range");
+      t.id = static_cast<int32_t>(id);
+      t.content = a["content"].get<std::string>();
+      if (t.content.empty()) return file_error(ErrorCode::corrupt, path, "an added token has empty content");
+      t.special = a.value("special", false);
+      t.lstrip = a.value("lstrip", false);
+      t.rstrip = a.value("rstrip", false);
+      t.single_word = a.value("single_word", false);
+      t.normalized = a.value("normalized", !t.special);
+      max_id = std::max<int64_t>(max_id, id);
+      added.push_back(t);
+    }
+  }
+  if (max_id < 0) return file_error(ErrorCode::corrupt, path, "the vocabulary is empty");
+  data.resize(static_cast<size_t>(max_id) + 1);
+  for (auto& f : data.token_flags) f = kFlagUnused;  // ids nobody names stay unused
+
+  const auto byte_map = byte_to_code_point();
+  std::unordered_map<uint32_t, uint8_t> code_point_to_byte;
+  for (int b = 0; b < 256; ++b) code_point_to_byte[byte_map[b]] = static_cast<uint8_t>(b);
+  // Byte-level: vocabulary strings become raw bytes (what the ByteLevel decoder produces).
+  auto to_bytes = [&](const std::string& token, bool& ok) {
+    std::string out;
+    size_t pos = 0;
+    ok = true;
+    while (pos < token.size()) {
+      uint32_t cp = utf8::next_code_point(token, pos);
+      auto it = code_point_to_byte.find(cp);
+      if (it == code_point_to_byte.end()) {
+        ok = false;
+        return token;
+      }
+      out += static_cast<char>(it->second);
+    }
+    return out;
+  };
+  std::unordered_map<std::string, int32_t> model_ids;  // vocabulary string as written -> id
+  model_ids.reserve(vocab.size() * 2);
+  for (auto it = vocab.begin(); it != vocab.end(); ++it) {
+    int32_t id = it.value().get<int32_t>();
+    model_ids[it.key()] = id;
+    bool ok = true;
+    data.token_texts[id] = byte_level ? to_bytes(it.key(), ok) : it.key();
+    data.token_flags[id] = 0;
+    data.in_lookup[id] = ok ? 1 : 0;
+    if (!byte_level && it.key().size() == 6 && it.key().compare(0, 3, "<0x") == 0 && it.key()[5] == '>') {
+      int value = std::stoi(it.key().substr(3, 2), nullptr, 16);
+      data.token_flags[id] |= kFlagBytePiece;
+      data.byte_token_ids[value] = id;
+    }
+  }
+  if (byte_level) {
+    for (int b = 0; b < 256; ++b) {
+      std::string key;
+      utf8::append_code_point(key, byte_map[b]);
+      auto it = model_ids.find(key);
+      if (it != model_ids.end()) data.byte_token_ids[b] = it->second;
+    }
+  }
+  for (const auto& a : added) {
+    data.token_texts[a.id] = a.content;
+    data.token_flags[a.id] = kFlagAdded | (a.special ? kFlagSpecial : 0);
+    data.in_lookup[a.id] = 0;
+    data.added_tokens.push_back(a);
+  }
+
+  // Merges: "a b" strings (older files) or [a, b] pairs; priority = position.
+  if (model.contains("merges") && model["merges"].is_array()) {
+    const json& merges = model["merges"];
+    data.merges.reserve(merges.size());
+    uint32_t rank = 0;
+    for (const json& m : merges) {
+      std::string left, right;
+      if (m.is_string()) {
+        const std::string s = m.get<std::string>();
+        size_t space = s.find(' ', 1);
+        if (space == std::string::npos) return file_error(ErrorCode::corrupt, path, "merge '" + s + "' has no space");
+        left = s.substr(0, space);
+        right = s.substr(space + 1);
+      } else if (m.is_array() && m.size() == 2 && m[0].is_string() && m[1].is_string()) {
+        left = m[0].get<std::string>();
+        right = m[1].get<std::string>();
+      } else {
+        return file_error(ErrorCode::corrupt, path, "a merges entry is neither \"a b\" nor [\"a\", \"b\"]");
+      }
+      auto l = model_ids.find(left), r = model_ids.find(right), result = model_ids.find(left + right);
+      if (l == model_ids.end() || r == model_ids.end() || result == model_ids.end())
+        return file_error(ErrorCode::corrupt, path, "merge '" + left + " " + right + "' names a token not in the vocabulary");
+      data.merges.push_back({l->second, r->second, result->second, rank++});
+    }
+  }
+  data.ignore_merges = model.value("ignore_merges", false);
+  data.byte_fallback = model.value("byte_fallback", false);
+  data.fuse_unk = model.value("fuse_unk", false);
+  if (model.contains("unk_token") && model["unk_token"].is_string()) {
+    auto it = model_ids.find(model["unk_token"].get<std::string>());
+    if (it != model_ids.end()) {
+      data.unk_id = it->second;
+      data.token_flags[data.unk_id] |= kFlagUnknown;
+    }
+  }
+
+  // BOS/EOS from the post-processor's single template: special tokens before $A, after $A.
+  if (j.contains("post_processor") && j["post_processor"].is_object()) {
+    std::vector<const json*> processors;
+    flatten(j["post_processor"], "processors", processors);
+    for (const json* p : processors) {
+      if (p->value("type", "") != "TemplateProcessing" || !p->contains("single")) continue;
+      bool seen_sequence = false;
+      for (const json& piece : (*p)["single"]) {
+        if (piece.contains("Sequence")) {
+          seen_sequence = true;
+        } else if (piece.contains("SpecialToken")) {
+          std::string name = piece["SpecialToken"].value("id", "");
+          int32_t id = -1;
+          const json& specials = p->value("special_tokens", json::object());
+          if (specials.contains(name) && specials[name].contains("ids") && specials[name]["ids"].size() == 1)
+            id = specials[name]["ids"][0].get<int32_t>();
+          if (id < 0 || static_cast<size_t>(id) >= data.token_texts.size())
+            return file_error(ErrorCode::corrupt, path, "post_processor names special token '" + name + "' with no valid id");
+          if (!seen_sequence) {
+            data.bos_id = id;
+            data.add_bos = true;
+          } else {
+            data.eos_ids.push_back(id);
+            data.add_eos = true;
+          }
+        }
+      }
+    }
+  }
+  apply_config_specials(data, config, false);
+  return data;
+}
+
+}  // namespace layerpack::tokenizer_import
