@@ -1,0 +1,266 @@
+#include "kernels/attention.cuh"
+
+#include "kernels/device_common.cuh"
+
+namespace layerpack::kernels {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kMaxGroup = 16;     // q heads per kv head
+constexpr int kMaxHeadDim = 256;
+
+struct Split {
+  int64_t size;   // positions per split
+  int64_t count;  // splits per (query, head)
+};
+
+// Small splits when there are few (query, kv head) pairs, so decode fills the GPU.
+Split choose_split(int queries, int kv_heads, int64_t max_kv_length) {
+  const int64_t pairs = static_cast<int64_t>(queries) * (kv_heads > 0 ? kv_heads : 1);
+  int64_t size = 256;
+  while (size > 64 && pairs * ((max_kv_length + size - 1) / size) < 264) size /= 2;
+  return {size, (max_kv_length + size - 1) / size};
+}
+
+struct Workspace {
+  float* partial_out;  // [queries][q_heads][splits][head_dim]
+  float* partial_max;  // [queries][q_heads][splits]
+  float* partial_sum;  // [queries][q_heads][splits]
+};
+
+Workspace carve(void* base, int queries, int q_heads, int head_dim, int64_t splits) {
+  float* f = static_cast<float*>(base);
+  const int64_t rows = static_cast<int64_t>(queries) * q_heads * splits;
+  return {f, f + rows * head_dim, f + rows * head_dim + rows};
+}
+
+__device__ __forceinline__ int64_t kv_length_of(const AttentionArgs& a, int query) {
+  return a.kv_lengths ? static_cast<int64_t>(a.kv_lengths[query]) : a.causal_start + query + 1;
+}
+
+// Block: (split, kv head, query). Scores for the whole GQA group, then the
+// softmax pieces of this split, then probabilities times V.
+__global__ void __launch_bounds__(kThreads) attention_split_kernel(AttentionArgs a, Workspace ws, int64_t split_size,
+                                                                   int64_t splits) {
+  extern __shared__ float shared[];
+  const int group = a.q_heads / a.kv_heads;
+  const int hd = a.head_dim;
+  float* q_s = shared;                           // [group][hd]
+  float* scores = q_s + group * hd;              // [group][split_size]
+  float* reduce_s = scores + group * split_size; // [group][256]
+  float* stats = reduce_s + group * 256;         // [group][2]: max, sum
+
+  const int split = blockIdx.x, kv_head = blockIdx.y, query = blockIdx.z;
+  const int64_t length = min(kv_length_of(a, query), a.capacity);
+  const int64_t window_start = a.sliding_window > 0 ? max(int64_t{0}, length - a.sliding_window) : 0;
+  const int64_t begin = split * split_size;
+  const int64_t end = min(begin + split_size, length);
+  const int64_t out_row0 = (static_cast<int64_t>(query) * a.q_heads + kv_head * group) * splits + split;
+
+  const __nv_bfloat16* k_head = a.k_cache + query * a.sequence_stride + kv_head * a.capacity * hd;
+  const __nv_bfloat16* v_head = a.v_cache + query * a.sequence_stride + kv_head * a.capacity * hd;
+  const __nv_bfloat16* q_rows = a.q + (static_cast<int64_t>(query) * a.q_heads + kv_head * group) * hd;
+  for (int i = threadIdx.x; i < group * hd; i += blockDim.x) q_s[i] = __bfloat162float(q_rows[i]) * a.scale;
+  __syncthreads();
+
+  // Scores: one thread per position, the key row read in 16-byte pieces.
+  for (int64_t local = threadIdx.x; local < split_size; local += blockDim.x) {
+    const int64_t pos = begin + local;
+    float acc[kMaxGroup];
+#pragma unroll
+    for (int g = 0; g < kMaxGroup; ++g) acc[g] = 0.0f;
+    const bool valid = pos < end && pos >= window_start;
+    if (valid) {
+      const uint4* krow = reinterpret_cast<const uint4*>(k_head + pos * hd);
+      for (int d8 = 0; d8 < hd / 8; ++d8) {
+        const uint4 kv = __ldg(krow + d8);
+        const uint32_t words[4] = {kv.x, kv.y, kv.z, kv.w};
+        float kf[8];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          kf[2 * i] = detail::bf16_low(words[i]);
+          kf[2 * i + 1] = detail::bf16_high(words[i]);
+        }
+#pragma unroll
+        for (int g = 0; g < kMaxGroup; ++g) {
+          if (g < group) {
+            const float* qg = q_s + g * hd + d8 * 8;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) acc[g] = fmaf(qg[i], kf[i], acc[g]);
+          }
+        }
+      }
+    }
+    for (int g = 0; g < group; ++g) scores[g * split_size + local] = valid ? acc[g] : -INFINITY;
+  }
+  __syncthreads();
+
+  // Softmax pieces: warp w handles heads w, w+4, ...
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  for (int g = warp; g < group; g += warps) {
+    float* s = scores + g * split_size;
+    float m = -INFINITY;
+    for (int64_t i = lane; i < split_size; i += 32) m = fmaxf(m, s[i]);
+    m = detail::warp_max(m);
+    float sum = 0.0f;
+    for (int64_t i = lane; i < split_size; i += 32) {
+      const float p = m == -INFINITY ? 0.0f : __expf(s[i] - m);
+      s[i] = p;
+      sum += p;
+    }
+    sum = detail::warp_sum(sum);
+    if (lane == 0) {
+      stats[2 * g] = m;
+      stats[2 * g + 1] = sum;
+    }
+  }
+  __syncthreads();
+
+  // P * V: thread = (position lane, pair of dims); lanes combined through shared memory.
+  const int pairs = hd / 2;
+  const int position_lanes = blockDim.x / pairs;  // >= 1 since hd <= 256
+  const int pair = threadIdx.x % pairs, plane = threadIdx.x / pairs;
+  float acc[kMaxGroup][2];
+#pragma unroll
+  for (int g = 0; g < kMaxGroup; ++g) acc[g][0] = acc[g][1] = 0.0f;
+  if (plane < position_lanes) {
+    const int64_t first = max(begin, window_start);
+    for (int64_t pos = first + plane; pos < end; pos += position_lanes) {
+      const uint32_t vv = *reinterpret_cast<const uint32_t*>(v_head + pos * hd + 2 * pair);
+      const float v0 = detail::bf16_low(vv), v1 = detail::bf16_high(vv);
+      const int64_t local = pos - begin;
+#pragma unroll
+      for (int g = 0; g < kMaxGroup; ++g) {
+        if (g < group) {
+          const float p = scores[g * split_size + local];
+          acc[g][0] = fmaf(p, v0, acc[g][0]);
+          acc[g][1] = fmaf(p, v1, acc[g][1]);
+        }
+      }
+    }
+  }
+  for (int l = 0; l < position_lanes; ++l) {
+    if (plane == l) {
+      for (int g = 0; g < group; ++g) {
+        float* r = reduce_s + g * 256 + 2 * pair;
+        if (l == 0) {
+          r[0] = acc[g][0];
+          r[1] = acc[g][1];
+        } else {
+          r[0] += acc[g][0];
+          r[1] += acc[g][1];
+        }
+      }
+    }
+    __syncthreads();
+  }
+  for (int i = threadIdx.x; i < group * hd; i += blockDim.x) {
+    const int g = i / hd, d = i % hd;
+    ws.partial_out[(out_row0 + static_cast<int64_t>(g) * splits) * hd + d] = reduce_s[g * 256 + d];
+  }
+  if (threadIdx.x < group) {
+    ws.partial_max[out_row0 + static_cast<int64_t>(threadIdx.x) * splits] = stats[2 * threadIdx.x];
+    ws.partial_sum[out_row0 + static_cast<int64_t>(threadIdx.x) * splits] = stats[2 * threadIdx.x + 1];
+  }
+}
+
+// Block: (q head, query). Rescales every split to the global max and normalizes.
+__global__ void attention_combine_kernel(AttentionArgs a, Workspace ws, int64_t stride, int64_t splits) {
+  const int head = blockIdx.x, query = blockIdx.y;
+  const int64_t row0 = (static_cast<int64_t>(query) * a.q_heads + head) * stride;
+  float m = -INFINITY;
+  for (int64_t s = 0; s < splits; ++s) m = fmaxf(m, ws.partial_max[row0 + s]);
+  float denominator = 0.0f;
+  for (int64_t s = 0; s < splits; ++s) {
+    const float ms = ws.partial_max[row0 + s];
+    if (ms != -INFINITY) denominator += __expf(ms - m) * ws.partial_sum[row0 + s];
+  }
+  const float inv = denominator > 0.0f ? 1.0f / denominator : 0.0f;
+  for (int d = threadIdx.x; d < a.head_dim; d += blockDim.x) {
+    float sum = 0.0f;
+    for (int64_t s = 0; s < splits; ++s) {
+      const float ms = ws.partial_max[row0 + s];
+      if (ms != -INFINITY) sum += __expf(ms - m) * ws.partial_out[(row0 + s) * a.head_dim + d];
+    }
+    a.out[(static_cast<int64_t>(query) * a.q_heads + head) * a.head_dim + d] = __float2bfloat16_rn(sum * inv);
+  }
+}
+
+__global__ void kv_cache_append_kernel(const __nv_bfloat16* __restrict__ k_new, const __nv_bfloat16* __restrict__ v_new,
+                                       const int32_t* __restrict__ positions, int64_t tokens, int kv_heads, int hd,
+                                       int64_t capacity, int64_t sequence_stride, __nv_bfloat16* k_cache,
+                                       __nv_bfloat16* v_cache, int* bad_positions) {
+  const int64_t total = tokens * kv_heads * hd;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int d = static_cast<int>(i % hd);
+    const int head = static_cast<int>((i / hd) % kv_heads);
+    const int64_t token = i / (static_cast<int64_t>(hd) * kv_heads);
+    const int64_t pos = positions[token];
+    if (pos < 0 || pos >= capacity) {
+      if (bad_positions && d == 0 && head == 0) atomicAdd(bad_positions, 1);
+      continue;
+    }
+    const int64_t dst = token * sequence_stride + (head * capacity + pos) * hd + d;
+    k_cache[dst] = k_new[i];
+    v_cache[dst] = v_new[i];
+  }
+}
+
+bool valid_args(const AttentionArgs& a) {
+  return a.q && a.k_cache && a.v_cache && a.out && a.queries > 0 && a.q_heads > 0 && a.kv_heads > 0 &&
+         a.q_heads % a.kv_heads == 0 && a.q_heads / a.kv_heads <= kMaxGroup && a.head_dim > 0 &&
+         a.head_dim % 8 == 0 && a.head_dim <= kMaxHeadDim && a.capacity > 0 && a.max_kv_length > 0 &&
+         a.sequence_stride >= 0 && a.sliding_window >= 0 && detail::aligned_to(a.k_cache, 16) &&
+         detail::aligned_to(a.v_cache, 16) && (a.sequence_stride % 8 == 0);
+}
+
+}  // namespace
+
+size_t attention_workspace_bytes(const AttentionArgs& a) {
+  const Split split = choose_split(a.queries, a.kv_heads, a.max_kv_length);
+  const int64_t rows = static_cast<int64_t>(a.queries) * a.q_heads * split.count;
+  return static_cast<size_t>(rows * (a.head_dim + 2)) * sizeof(float);
+}
+
+cudaError_t attention(const AttentionArgs& a, void* workspace, cudaStream_t stream) {
+  if (!valid_args(a) || !workspace) return cudaErrorInvalidValue;
+  const int64_t max_length = a.max_kv_length < a.capacity ? a.max_kv_length : a.capacity;
+  const Split split = choose_split(a.queries, a.kv_heads, a.max_kv_length);
+  const int64_t splits = (max_length + split.size - 1) / split.size;
+  if (splits > 65535 || a.kv_heads > 65535 || a.queries > 65535) return cudaErrorInvalidValue;
+  // The workspace layout is computed for split.count splits; fewer are used when capacity < max_kv_length.
+  const Workspace ws = carve(workspace, a.queries, a.q_heads, a.head_dim, split.count);
+  const int group = a.q_heads / a.kv_heads;
+  const size_t shared_bytes = sizeof(float) * (group * a.head_dim + group * split.size + group * 256 + 2 * group);
+  dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(a.kv_heads), static_cast<unsigned>(a.queries));
+  if (shared_bytes > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(attention_split_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 static_cast<int>(shared_bytes));
+    if (err != cudaSuccess) return err;
+  }
+  attention_split_kernel<<<grid, kThreads, shared_bytes, stream>>>(a, ws, split.size, split.count);
+  cudaError_t err = detail::last_launch_error();
+  if (err != cudaSuccess) return err;
+  // Only the first `splits` splits ran (capacity may cut max_kv_length); the layout stride stays split.count.
+  attention_combine_kernel<<<dim3(static_cast<unsigned>(a.q_heads), static_cast<unsigned>(a.queries)), 128, 0,
+                             stream>>>(a, ws, split.count, splits);
+  return detail::last_launch_error();
+}
+
+cudaError_t kv_cache_append(const __nv_bfloat16* k_new, const __nv_bfloat16* v_new, const int32_t* positions,
+                            int64_t tokens, int kv_heads, int head_dim, int64_t capacity, int64_t sequence_stride,
+                            __nv_bfloat16* k_cache, __nv_bfloat16* v_cache, int* bad_positions, cudaStream_t stream) {
+  if (!k_new || !v_new || !positions || !k_cache || !v_cache || tokens <= 0 || kv_heads <= 0 || head_dim <= 0 ||
+      capacity <= 0 || sequence_stride < 0)
+    return cudaErrorInvalidValue;
+  const int64_t total = tokens * kv_heads * head_dim;
+  int64_t blocks = (total + 255) / 256;
+  if (blocks > 65535 * 8) blocks = 65535 * 8;
+  kv_cache_append_kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
+      k_new, v_new, positions, tokens, kv_heads, head_dim, capacity, sequence_stride, k_cache, v_cache,
+      bad_positions);
+  return detail::last_launch_error();
+}
+
+}  // namespace layerpack::kernels

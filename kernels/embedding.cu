@@ -1,0 +1,54 @@
+#include "kernels/embedding.cuh"
+
+#include "kernels/device_common.cuh"
+
+namespace layerpack::kernels {
+namespace {
+
+// Block per token; 16-byte copies when the row allows.
+__global__ void embedding_gather_kernel(const __nv_bfloat16* __restrict__ table, int64_t vocab, int64_t dim,
+                                        const int32_t* __restrict__ ids, __nv_bfloat16* __restrict__ out,
+                                        int* bad_ids, bool vectorized) {
+  const int64_t token = blockIdx.x;
+  const int64_t id = ids[token];
+  const bool ok = id >= 0 && id < vocab;
+  if (!ok && threadIdx.x == 0 && bad_ids) atomicAdd(bad_ids, 1);
+  __nv_bfloat16* dst = out + token * dim;
+  if (vectorized) {
+    const uint4* src = reinterpret_cast<const uint4*>(table + (ok ? id : 0) * dim);
+    uint4* d = reinterpret_cast<uint4*>(dst);
+    for (int64_t i = threadIdx.x; i < dim / 8; i += blockDim.x) d[i] = ok ? src[i] : make_uint4(0, 0, 0, 0);
+  } else {
+    const __nv_bfloat16* src = table + (ok ? id : 0) * dim;
+    for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) dst[i] = ok ? src[i] : __float2bfloat16_rn(0.0f);
+  }
+}
+
+}  // namespace
+
+cudaError_t embedding_gather(const __nv_bfloat16* table, int64_t vocab, int64_t dim, const int32_t* ids,
+                             int64_t tokens, __nv_bfloat16* out, int* bad_ids, cudaStream_t stream) {
+  if (!table || !ids || !out || vocab <= 0 || dim <= 0 || tokens <= 0 || tokens > 0x7fffffff)
+    return cudaErrorInvalidValue;
+  const bool vectorized = dim % 8 == 0 && detail::aligned_to(table, 16) && detail::aligned_to(out, 16);
+  embedding_gather_kernel<<<static_cast<unsigned>(tokens), 256, 0, stream>>>(table, vocab, dim, ids, out, bad_ids,
+                                                                            vectorized);
+  return detail::last_launch_error();
+}
+
+cudaError_t embedding_gather_from_host(const uint16_t* host_table, int64_t vocab, int64_t dim,
+                                       const int32_t* host_ids, int64_t tokens, __nv_bfloat16* out,
+                                       cudaStream_t stream) {
+  if (!host_table || !host_ids || !out || vocab <= 0 || dim <= 0 || tokens <= 0) return cudaErrorInvalidValue;
+  for (int64_t t = 0; t < tokens; ++t)
+    if (host_ids[t] < 0 || host_ids[t] >= vocab) return cudaErrorInvalidValue;
+  const size_t row_bytes = static_cast<size_t>(dim) * sizeof(uint16_t);
+  for (int64_t t = 0; t < tokens; ++t) {
+    const cudaError_t err = cudaMemcpyAsync(out + t * dim, host_table + static_cast<int64_t>(host_ids[t]) * dim,
+                                            row_bytes, cudaMemcpyHostToDevice, stream);
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+}  // namespace layerpack::kernels
