@@ -28,7 +28,6 @@ Error errno_error(const std::string& path, const std::string& action, int err) {
   if (err == ENOSPC || err == EDQUOT) code = ErrorCode::disk_full;
   else if (err == ENOENT) code = ErrorCode::not_found;
   else if (err == ENOMEM) code = ErrorCode::out_of_memory;
-  else if (err == EINTR) code = ErrorCode::interrupted;
   char buffer[256];
   // GNU strerror_r returns the message pointer (maybe not buffer).
   const char* text = strerror_r(err, buffer, sizeof(buffer));
