@@ -300,7 +300,9 @@ __global__ void nf4_matvec_simple_kernel(NF4Params p, const __nv_bfloat16* __res
     const int64_t flat = row * p.cols + k;
     const uint8_t byte = p.packed[flat >> 1];
     const int nibble = (flat & 1) ? (byte & 0x0f) : (byte >> 4);
-    const float w = lut[nibble] * block_scale<kDoubleQuant>(p, nested_code, flat >> p.block_shift);
+    // Rounded to bf16 like the tensor-core path, so both compute the same function.
+    const float w = __bfloat162float(
+        __float2bfloat16_rn(lut[nibble] * block_scale<kDoubleQuant>(p, nested_code, flat >> p.block_shift)));
 #pragma unroll
     for (int b = 0; b < kBatchPerPass; ++b)
       if (b < batch) acc[b] = fmaf(w, __bfloat162float(x[b * p.cols + k]), acc[b]);

@@ -29,7 +29,7 @@ void nf4_matvec(const NF4Matrix& m, const uint16_t* x_bf16, int batch, float* y)
       const int64_t i = r * m.cols + k;
       const uint8_t byte = m.packed[i / 2];
       const int nibble = (i % 2 == 0) ? (byte >> 4) : (byte & 0x0f);
-      row[k] = m.code[nibble] * nf4_block_absmax(m, i / m.blocksize);
+      row[k] = bf16_to_float(float_to_bf16(m.code[nibble] * nf4_block_absmax(m, i / m.blocksize)));
     }
     for (int b = 0; b < batch; ++b) {
       double sum = 0.0;

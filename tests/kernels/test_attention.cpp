@@ -1,0 +1,144 @@
+// Decode and prefill attention (GQA, split softmax, sliding window) and the KV cache append.
+#include <algorithm>
+#include <string>
+
+#include "kernel_test_util.h"
+#include "kernels/attention.cuh"
+#include "kernels/attention_reference.h"
+
+namespace layerpack::kernels::testing {
+namespace {
+
+struct Case {
+  int q_heads, kv_heads, head_dim;
+  int queries;
+  int64_t capacity;
+  bool causal;             // prefill (lengths from causal_start) or decode (lengths array)
+  int64_t causal_start;
+  int64_t sliding_window;
+  bool per_query_cache;    // decode of several sequences, each with its own cache
+};
+
+std::string describe(const Case& c) {
+  return std::string(c.causal ? "prefill" : "decode") + " heads " + std::to_string(c.q_heads) + "/" +
+         std::to_string(c.kv_heads) + " hd " + std::to_string(c.head_dim) + " queries " + std::to_string(c.queries) +
+         " capacity " + std::to_string(c.capacity) + " window " + std::to_string(c.sliding_window);
+}
+
+void run_case(std::mt19937& rng, const Case& c) {
+  const int64_t cache_elems = static_cast<int64_t>(c.kv_heads) * c.capacity * c.head_dim;
+  const int sequences = c.per_query_cache ? c.queries : 1;
+  const auto q = random_bf16(rng, static_cast<size_t>(c.queries) * c.q_heads * c.head_dim, -2.0f, 2.0f);
+  const auto k = random_bf16(rng, static_cast<size_t>(cache_elems * sequences), -2.0f, 2.0f);
+  const auto v = random_bf16(rng, static_cast<size_t>(cache_elems * sequences));
+  std::vector<int32_t> lengths(static_cast<size_t>(c.queries));
+  std::uniform_int_distribution<int64_t> len(1, c.capacity);
+  for (auto& l : lengths) l = static_cast<int32_t>(len(rng));
+  if (!c.causal) lengths[0] = static_cast<int32_t>(c.capacity);
+  if (!c.causal && c.queries > 1) lengths[1] = 1;
+
+  DeviceBuffer<uint16_t> dq(q.size()), dk(k.size()), dv(v.size()), dout(q.size());
+  DeviceBuffer<int32_t> dlen(lengths.size());
+  dq.upload(q);
+  dk.upload(k);
+  dv.upload(v);
+  dlen.upload(lengths);
+
+  AttentionArgs a;
+  a.q = as_bf16(dq.get());
+  a.k_cache = as_bf16(dk.get());
+  a.v_cache = as_bf16(dv.get());
+  a.capacity = c.capacity;
+  a.sequence_stride = c.per_query_cache ? cache_elems : 0;
+  a.kv_lengths = c.causal ? nullptr : dlen.get();
+  a.causal_start = c.causal_start;
+  a.max_kv_length = c.causal ? c.causal_start + c.queries : c.capacity;
+  a.queries = c.queries;
+  a.q_heads = c.q_heads;
+  a.kv_heads = c.kv_heads;
+  a.head_dim = c.head_dim;
+  a.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+  a.sliding_window = c.sliding_window;
+  a.out = as_bf16(dout.get());
+  DeviceBuffer<uint8_t> workspace(attention_workspace_bytes(a));
+  dout.poison();
+  CUDA_OK(attention(a, workspace.get(), nullptr));
+  CUDA_OK(cudaDeviceSynchronize());
+
+  AttentionArgs h = a;
+  h.q = as_bf16(q.data());
+  h.k_cache = as_bf16(k.data());
+  h.v_cache = as_bf16(v.data());
+  h.kv_lengths = c.causal ? nullptr : lengths.data();
+  std::vector<float> ref(q.size());
+  reference::attention(h, ref.data());
+  expect_close(bf16_to_floats(dout.download()), ref, kBf16Tolerance, describe(c));
+}
+
+TEST(Attention, DecodeMatchesReference) {
+  std::mt19937 rng(41);
+  const Case cases[] = {
+      {32, 8, 128, 1, 1, false, 0, 0, false},     {32, 8, 128, 1, 733, false, 0, 0, false},
+      {32, 8, 128, 1, 4097, false, 0, 0, false},  {28, 4, 128, 3, 300, false, 0, 0, true},
+      {8, 8, 64, 7, 1000, false, 0, 0, true},     {16, 1, 256, 2, 513, false, 0, 0, true},
+      {4, 2, 40, 5, 77, false, 0, 0, true},       {32, 8, 128, 2, 5000, false, 0, 4096, true},
+      {12, 3, 8, 1, 3, false, 0, 0, false},
+  };
+  for (const Case& c : cases) run_case(rng, c);
+}
+
+TEST(Attention, PrefillCausalMatchesReference) {
+  std::mt19937 rng(42);
+  const Case cases[] = {
+      {32, 8, 128, 1, 16, true, 0, 0, false},    {32, 8, 128, 7, 16, true, 0, 0, false},
+      {32, 8, 128, 512, 512, true, 0, 0, false}, {28, 4, 128, 33, 200, true, 100, 0, false},
+      {8, 2, 64, 733, 800, true, 3, 0, false},   {32, 8, 128, 300, 400, true, 50, 128, false},
+  };
+  for (const Case& c : cases) run_case(rng, c);
+}
+
+TEST(KvCache, AppendWritesRowsAtPositions) {
+  std::mt19937 rng(43);
+  const int kv_heads = 4, hd = 64;
+  const int64_t capacity = 100, tokens = 7;
+  auto k_cache = random_bf16(rng, kv_heads * capacity * hd), v_cache = random_bf16(rng, kv_heads * capacity * hd);
+  const auto k_new = random_bf16(rng, tokens * kv_heads * hd), v_new = random_bf16(rng, tokens * kv_heads * hd);
+  const std::vector<int32_t> positions = {0, 1, 2, 50, 98, 99, 100};  // the last is out of range
+  DeviceBuffer<uint16_t> dkc(k_cache.size()), dvc(v_cache.size()), dkn(k_new.size()), dvn(v_new.size());
+  DeviceBuffer<int32_t> dpos(positions.size()), dbad(1);
+  dkc.upload(k_cache);
+  dvc.upload(v_cache);
+  dkn.upload(k_new);
+  dvn.upload(v_new);
+  dpos.upload(positions);
+  CUDA_OK(cudaMemset(dbad.get(), 0, sizeof(int)));
+  CUDA_OK(kv_cache_append(as_bf16(dkn.get()), as_bf16(dvn.get()), dpos.get(), tokens, kv_heads, hd, capacity, 0,
+                          as_bf16(dkc.get()), as_bf16(dvc.get()), dbad.get(), nullptr));
+  CUDA_OK(cudaDeviceSynchronize());
+  reference::kv_cache_append(k_new.data(), v_new.data(), positions.data(), tokens, kv_heads, hd, capacity, 0,
+                             k_cache.data(), v_cache.data());
+  EXPECT_EQ(dkc.download(), k_cache);
+  EXPECT_EQ(dvc.download(), v_cache);
+  EXPECT_EQ(dbad.download()[0], 1);
+}
+
+TEST(Attention, RejectsUnsupportedShapes) {
+  AttentionArgs a;
+  a.queries = 1;
+  a.q_heads = 6;
+  a.kv_heads = 4;  // not a multiple
+  a.head_dim = 128;
+  a.capacity = 16;
+  a.max_kv_length = 16;
+  DeviceBuffer<uint16_t> buf(6 * 128 * 16);
+  a.q = a.k_cache = a.v_cache = as_bf16(buf.get());
+  a.out = as_bf16(buf.get());
+  DeviceBuffer<uint8_t> ws(1 << 20);
+  EXPECT_EQ(attention(a, ws.get(), nullptr), cudaErrorInvalidValue);
+  a.kv_heads = 2;
+  a.head_dim = 12;  // not a multiple of 8
+  EXPECT_EQ(attention(a, ws.get(), nullptr), cudaErrorInvalidValue);
+}
+
+}  // namespace
+}  // namespace layerpack::kernels::testing

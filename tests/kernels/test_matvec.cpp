@@ -1,0 +1,283 @@
+// nf4_matvec / bf16_matvec / nf4_dequantize / nf4_matmul / bf16_matmul vs the CPU reference.
+#include <cublas_v2.h>
+
+#include <algorithm>
+#include <string>
+
+#include "kernel_test_util.h"
+#include "kernels/nf4_dequantize.cuh"
+#include "kernels/nf4_matvec.cuh"
+#include "kernels/nf4_matvec_reference.h"
+
+namespace layerpack::kernels::testing {
+namespace {
+
+// The NF4 code table (docs/nf4.md), as a checkpoint stores it.
+const float kNF4Code[16] = {-1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+                            -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+                            0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+                            0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+
+// A random NF4 matrix laid out like a layer payload (each buffer 256-byte
+// aligned in one allocation), with host and device views.
+struct RandomNF4 {
+  std::vector<uint8_t> payload;
+  DeviceBuffer<uint8_t> device;
+  NF4Matrix host_view, device_view;
+
+  RandomNF4(std::mt19937& rng, int64_t rows, int64_t cols, bool double_quant, uint32_t blocksize = 64) {
+    const int64_t n = rows * cols;
+    const int64_t blocks = (n + blocksize - 1) / blocksize;
+    const int64_t nested_blocks = (blocks + 255) / 256;
+    size_t offset = 0;
+    auto reserve = [&](size_t bytes) {
+      const size_t at = offset;
+      offset = (offset + bytes + 255) / 256 * 256;
+      return at;
+    };
+    const size_t packed_at = reserve((n + 1) / 2), code_at = reserve(64);
+    const size_t absmax_at = reserve(double_quant ? blocks : blocks * 4);
+    const size_t nested_absmax_at = reserve(nested_blocks * 4), nested_code_at = reserve(1024);
+    payload.assign(offset, 0);
+    std::uniform_int_distribution<int> byte(0, 255);
+    for (int64_t i = 0; i < (n + 1) / 2; ++i) payload[packed_at + i] = static_cast<uint8_t>(byte(rng));
+    std::memcpy(&payload[code_at], kNF4Code, 64);
+    if (double_quant) {
+      for (int64_t b = 0; b < blocks; ++b) payload[absmax_at + b] = static_cast<uint8_t>(byte(rng));
+      auto nested = random_floats(rng, nested_blocks, 0.02f, 0.08f);
+      std::memcpy(&payload[nested_absmax_at], nested.data(), nested.size() * 4);
+      auto map = random_floats(rng, 256, -1.0f, 1.0f);
+      std::sort(map.begin(), map.end());
+      std::memcpy(&payload[nested_code_at], map.data(), 1024);
+    } else {
+      auto absmax = random_floats(rng, blocks, 0.01f, 0.2f);
+      std::memcpy(&payload[absmax_at], absmax.data(), absmax.size() * 4);
+    }
+    device.allocate(payload.size());
+    device.upload(payload);
+    auto view = [&](const uint8_t* base) {
+      NF4Matrix m;
+      m.packed = base + packed_at;
+      m.code = reinterpret_cast<const float*>(base + code_at);
+      m.double_quant = double_quant;
+      if (double_quant) {
+        m.absmax_u8 = base + absmax_at;
+        m.nested_absmax = reinterpret_cast<const float*>(base + nested_absmax_at);
+        m.nested_code = reinterpret_cast<const float*>(base + nested_code_at);
+        m.nested_offset = 0.1f;
+      } else {
+        m.absmax_f32 = reinterpret_cast<const float*>(base + absmax_at);
+      }
+      m.blocksize = blocksize;
+      m.nested_blocksize = 256;
+      m.rows = rows;
+      m.cols = cols;
+      return m;
+    };
+    host_view = view(payload.data());
+    device_view = view(device.get());
+  }
+};
+
+struct Shape {
+  int64_t rows, cols;
+};
+std::string name_of(const Shape& s, int batch, bool dq) {
+  return std::to_string(s.rows) + "x" + std::to_string(s.cols) + " batch " + std::to_string(batch) +
+         (dq ? " double-quant" : " f32-absmax");
+}
+
+// Awkward shapes (odd element counts, blocks straddling rows, K % 128 != 0) and real ones.
+const Shape kShapes[] = {{1, 32},   {3, 64},     {7, 96},      {733, 4096}, {4097, 128}, {1, 7},
+                         {3, 733},  {733, 733},  {5, 4097},    {17, 160},   {1024, 4096}};
+const Shape kRealShapes[] = {{4096, 14336}, {14336, 4096}};
+
+void check_nf4_matvec(std::mt19937& rng, const Shape& s, int batch, bool dq, uint32_t blocksize,
+                      MatvecPath path) {
+  RandomNF4 w(rng, s.rows, s.cols, dq, blocksize);
+  const auto x = random_bf16(rng, static_cast<size_t>(batch) * s.cols);
+  DeviceBuffer<uint16_t> dx(x.size()), dy(static_cast<size_t>(batch) * s.rows);
+  DeviceBuffer<float> dy32(static_cast<size_t>(batch) * s.rows);
+  dx.upload(x);
+  std::vector<float> ref(static_cast<size_t>(batch) * s.rows);
+  reference::nf4_matvec(w.host_view, x.data(), batch, ref.data());
+  const std::string what = name_of(s, batch, dq) + " blocksize " + std::to_string(blocksize) + " path " +
+                           std::to_string(static_cast<int>(path));
+  dy.poison();
+  CUDA_OK(nf4_matvec_with_path(w.device_view, as_bf16(dx.get()), batch, as_bf16(dy.get()), path, nullptr));
+  CUDA_OK(cudaDeviceSynchronize());
+  expect_close(bf16_to_floats(dy.download()), ref, kBf16Tolerance, what + " bf16 out");
+  if (path == MatvecPath::automatic) {
+    dy32.poison();
+    CUDA_OK(nf4_matvec(w.device_view, as_bf16(dx.get()), batch, dy32.get(), nullptr));
+    CUDA_OK(cudaDeviceSynchronize());
+    expect_close(dy32.download(), ref, kF32Tolerance, what + " f32 out");
+  }
+}
+
+TEST(NF4Matvec, MatchesReferenceOnAwkwardShapes) {
+  std::mt19937 rng(1234);
+  for (const Shape& s : kShapes)
+    for (int batch : {1, 3, 8, 11})
+      for (bool dq : {false, true}) check_nf4_matvec(rng, s, batch, dq, 64, MatvecPath::automatic);
+}
+
+TEST(NF4Matvec, EveryPathAgrees) {
+  std::mt19937 rng(99);
+  for (const Shape& s : kShapes) {
+    for (MatvecPath path : {MatvecPath::simple, MatvecPath::tensor_core_16_rows, MatvecPath::tensor_core_32_rows}) {
+      if (path != MatvecPath::simple && s.cols % 32 != 0) continue;
+      check_nf4_matvec(rng, s, 2, true, 64, path);
+    }
+  }
+}
+
+TEST(NF4Matvec, OtherBlocksizes) {
+  std::mt19937 rng(7);
+  for (uint32_t blocksize : {32u, 128u, 256u, 4096u})
+    for (const Shape& s : {Shape{33, 256}, Shape{9, 4097}, Shape{64, 8192}})
+      check_nf4_matvec(rng, s, 2, blocksize != 128, blocksize, MatvecPath::automatic);
+}
+
+TEST(NF4Matvec, RealLlamaShapes) {
+  std::mt19937 rng(2024);
+  for (const Shape& s : kRealShapes)
+    for (int batch : {1, 8}) check_nf4_matvec(rng, s, batch, true, 64, MatvecPath::automatic);
+}
+
+TEST(NF4Matvec, RejectsBadArguments) {
+  std::mt19937 rng(5);
+  RandomNF4 w(rng, 4, 64, true);
+  DeviceBuffer<uint16_t> dx(64), dy(4);
+  EXPECT_EQ(nf4_matvec(w.device_view, as_bf16(dx.get()), 0, as_bf16(dy.get()), nullptr), cudaErrorInvalidValue);
+  NF4Matrix bad = w.device_view;
+  bad.blocksize = 48;
+  EXPECT_EQ(nf4_matvec(bad, as_bf16(dx.get()), 1, as_bf16(dy.get()), nullptr), cudaErrorInvalidValue);
+  bad = w.device_view;
+  bad.nested_code = nullptr;
+  EXPECT_EQ(nf4_matvec(bad, as_bf16(dx.get()), 1, as_bf16(dy.get()), nullptr), cudaErrorInvalidValue);
+}
+
+void check_bf16_matvec(std::mt19937& rng, const Shape& s, int batch, MatvecPath path) {
+  const auto w = random_bf16(rng, static_cast<size_t>(s.rows) * s.cols);
+  const auto x = random_bf16(rng, static_cast<size_t>(batch) * s.cols);
+  DeviceBuffer<uint16_t> dw(w.size()), dx(x.size()), dy(static_cast<size_t>(batch) * s.rows);
+  DeviceBuffer<float> dy32(static_cast<size_t>(batch) * s.rows);
+  dw.upload(w);
+  dx.upload(x);
+  std::vector<float> ref(static_cast<size_t>(batch) * s.rows);
+  reference::bf16_matvec(w.data(), s.rows, s.cols, x.data(), batch, ref.data());
+  const std::string what = "bf16 " + name_of(s, batch, false) + " path " + std::to_string(static_cast<int>(path));
+  dy.poison();
+  CUDA_OK(bf16_matvec_with_path(as_bf16(dw.get()), s.rows, s.cols, as_bf16(dx.get()), batch, as_bf16(dy.get()), path,
+                                nullptr));
+  CUDA_OK(cudaDeviceSynchronize());
+  expect_close(bf16_to_floats(dy.download()), ref, kBf16Tolerance, what);
+  dy32.poison();
+  CUDA_OK(bf16_matvec(as_bf16(dw.get()), s.rows, s.cols, as_bf16(dx.get()), batch, dy32.get(), nullptr));
+  CUDA_OK(cudaDeviceSynchronize());
+  expect_close(dy32.download(), ref, kF32Tolerance, what + " f32 out");
+}
+
+TEST(BF16Matvec, MatchesReference) {
+  std::mt19937 rng(31);
+  for (const Shape& s : {Shape{1, 8}, Shape{3, 7}, Shape{7, 733}, Shape{733, 4096}, Shape{4097, 24}, Shape{5, 4097},
+                         Shape{2048, 4096}})
+    for (int batch : {1, 8, 9})
+      for (MatvecPath path : {MatvecPath::automatic, MatvecPath::simple, MatvecPath::tensor_core_32_rows}) {
+        if (path == MatvecPath::tensor_core_32_rows && s.cols % 8 != 0) continue;
+        check_bf16_matvec(rng, s, batch, path);
+      }
+}
+
+TEST(NF4Dequantize, BitExactAgainstReference) {
+  std::mt19937 rng(11);
+  for (const Shape& s : {Shape{1, 7}, Shape{3, 64}, Shape{733, 733}, Shape{4097, 96}, Shape{512, 4096}})
+    for (bool dq : {false, true}) {
+      RandomNF4 w(rng, s.rows, s.cols, dq);
+      std::vector<float> ref(static_cast<size_t>(s.rows * s.cols));
+      reference::nf4_dequantize(w.host_view, ref.data());
+      // Rows [begin, end) of the matrix, as the tiled matmul asks for them.
+      const int64_t begin = s.rows / 3, count = s.rows - begin;
+      DeviceBuffer<uint16_t> out(static_cast<size_t>(count * s.cols));
+      out.poison();
+      CUDA_OK(nf4_dequantize(w.device_view, begin, count, as_bf16(out.get()), nullptr));
+      CUDA_OK(cudaDeviceSynchronize());
+      const auto got = out.download();
+      int64_t mismatches = 0;
+      for (int64_t i = 0; i < count * s.cols; ++i)
+        mismatches += got[i] != float_to_bf16(ref[begin * s.cols + i]) ? 1 : 0;
+      EXPECT_EQ(mismatches, 0) << name_of(s, 1, dq);
+    }
+}
+
+class CublasHandle {
+ public:
+  CublasHandle() { status_ = cublasCreate(&handle_); }
+  ~CublasHandle() {
+    if (status_ == CUBLAS_STATUS_SUCCESS) cublasDestroy(handle_);
+  }
+  cublasHandle_t get() const { return handle_; }
+  cublasStatus_t status() const { return status_; }
+
+ private:
+  cublasHandle_t handle_ = nullptr;
+  cublasStatus_t status_;
+};
+
+TEST(NF4Matmul, DequantizeTilesThenCublasMatchesReference) {
+  CublasHandle cublas;
+  ASSERT_EQ(cublas.status(), CUBLAS_STATUS_SUCCESS);
+  std::mt19937 rng(17);
+  for (const Shape& s : {Shape{7, 96}, Shape{733, 733}, Shape{1024, 4096}, Shape{4097, 64}})
+    for (int64_t tokens : {1, 3, 37, 512}) {
+      RandomNF4 w(rng, s.rows, s.cols, true);
+      const auto x = random_bf16(rng, static_cast<size_t>(tokens * s.cols));
+      std::vector<float> ref(static_cast<size_t>(tokens * s.rows));
+      reference::nf4_matvec(w.host_view, x.data(), static_cast<int>(tokens), ref.data());
+      DeviceBuffer<uint16_t> dx(x.size()), dy(ref.size());
+      DeviceBuffer<float> dy32(ref.size());
+      dx.upload(x);
+      // A scratch of about a third of the matrix: several tiles, the last one partial.
+      const size_t scratch_elements = static_cast<size_t>(std::max<int64_t>(1, s.rows / 3) * s.cols);
+      DeviceBuffer<uint16_t> scratch(scratch_elements);
+      const std::string what = "nf4_matmul " + name_of(s, static_cast<int>(tokens), true);
+      dy.poison();
+      GemmStatus st = nf4_matmul(cublas.get(), w.device_view, as_bf16(dx.get()), tokens, as_bf16(dy.get()),
+                                 as_bf16(scratch.get()), scratch_elements, nullptr);
+      ASSERT_TRUE(st.ok()) << what << ": cuda " << cudaGetErrorString(st.cuda) << ", cublas " << st.cublas;
+      CUDA_OK(cudaDeviceSynchronize());
+      expect_close(bf16_to_floats(dy.download()), ref, kBf16Tolerance, what);
+      dy32.poison();
+      st = nf4_matmul(cublas.get(), w.device_view, as_bf16(dx.get()), tokens, dy32.get(), as_bf16(scratch.get()),
+                      scratch_elements, nullptr);
+      ASSERT_TRUE(st.ok()) << what;
+      CUDA_OK(cudaDeviceSynchronize());
+      expect_close(dy32.download(), ref, kF32Tolerance, what + " f32 out");
+    }
+}
+
+TEST(BF16Matmul, MatchesReference) {
+  CublasHandle cublas;
+  ASSERT_EQ(cublas.status(), CUBLAS_STATUS_SUCCESS);
+  std::mt19937 rng(23);
+  for (const Shape& s : {Shape{3, 7}, Shape{733, 128}, Shape{4097, 64}})
+    for (int64_t tokens : {1, 5, 64}) {
+      const auto w = random_bf16(rng, static_cast<size_t>(s.rows * s.cols));
+      const auto x = random_bf16(rng, static_cast<size_t>(tokens * s.cols));
+      std::vector<float> ref(static_cast<size_t>(tokens * s.rows));
+      reference::bf16_matvec(w.data(), s.rows, s.cols, x.data(), static_cast<int>(tokens), ref.data());
+      DeviceBuffer<uint16_t> dw(w.size()), dx(x.size()), dy(ref.size());
+      dw.upload(w);
+      dx.upload(x);
+      dy.poison();
+      const GemmStatus st = bf16_matmul(cublas.get(), as_bf16(dw.get()), s.rows, s.cols, as_bf16(dx.get()), tokens,
+                                        as_bf16(dy.get()), nullptr);
+      ASSERT_TRUE(st.ok());
+      CUDA_OK(cudaDeviceSynchronize());
+      expect_close(bf16_to_floats(dy.download()), ref, kBf16Tolerance, "bf16_matmul " + name_of(s, static_cast<int>(tokens), false));
+    }
+}
+
+}  // namespace
+}  // namespace layerpack::kernels::testing
