@@ -717,7 +717,9 @@ StreamingDecoder::StreamingDecoder(const Tokenizer& tokenizer, bool skip_special
 
 std::string StreamingDecoder::push(int32_t id) {
   std::string bytes = tokenizer_.decode_bytes({id}, skip_special_, produced_);
-  if (!bytes.empty()) produced_ = true;
+  // Same rule as decode_bytes: any ordinary token (even one decoding to "") ends the leading-space strip.
+  bool in_vocabulary = id >= 0 && static_cast<size_t>(id) < tokenizer_.vocab_size();
+  if (!bytes.empty() || (in_vocabulary && !tokenizer_.is_special(id))) produced_ = true;
   pending_ += bytes;
   // Hold back a trailing sequence that more bytes could still complete.
   size_t keep_from = pending_.size();

@@ -40,10 +40,11 @@ inline uint64_t hash_text(std::string_view text) {  // FNV-1a 64, then mixed
 inline uint64_t merge_key(uint32_t left, uint32_t right) { return (uint64_t{left} << 32) | right; }
 inline uint64_t hash_merge_key(uint64_t key) { return mix64(key); }
 
-// Table size for n entries: power of two, load factor <= 0.5.
+// Table size for n entries: power of two, load factor <= 0.75 (keeps the merge table of a
+// 128k vocabulary at 8 MB while probes stay short).
 inline size_t table_size_for(size_t entries) {
   size_t size = 16;
-  while (size < entries * 2) size <<= 1;
+  while (size * 3 < entries * 4) size <<= 1;
   return size;
 }
 
