@@ -61,9 +61,11 @@ TOKENIZER_SAMPLES = [
 ]
 FIRST_STEP_TOP_K = 32
 # A coherent small chat model scores a plain English paragraph well under this
-# perplexity; the scrambled-rotary model lands in the thousands.
-COHERENT_PERPLEXITY_LIMIT = 40.0
-GARBAGE_PERPLEXITY_FACTOR = 10.0
+# perplexity (measured: 9.3). With the rotary layout scrambled, Q and K are
+# permuted alike, so attention still sees bag-of-words content and perplexity
+# only rises about 3x (measured: 26); the answers are what break.
+COHERENT_PERPLEXITY_LIMIT = 20.0
+GARBAGE_PERPLEXITY_FACTOR = 2.0
 
 
 def default_model_dir() -> Path:
@@ -123,8 +125,8 @@ def logits_summary(logits: torch.Tensor) -> dict:
     }
 
 
-def run_prompts(model, tokenizer, max_new_tokens: int, device: str) -> list[dict]:
-    eos_ids = {tokenizer.eos_token_id}
+def run_prompts(model, tokenizer, max_new_tokens: int, device: str, stop_at_eos: bool = True) -> list[dict]:
+    eos_ids = {tokenizer.eos_token_id} if stop_at_eos else set()
     results = []
     for prompt in PROMPTS:
         rendered = render_prompt(tokenizer, prompt["messages"])
@@ -136,7 +138,7 @@ def run_prompts(model, tokenizer, max_new_tokens: int, device: str) -> list[dict
             "rendered_prompt": rendered,
             "input_ids": input_ids,
             "generated_ids": generated,
-            "generated_text": tokenizer.decode(generated, skip_special_tokens=True),
+            "generated_text": tokenizer.decode(generated, skip_special_tokens=stop_at_eos),
             "stopped_at_eos": bool(generated and generated[-1] in eos_ids),
             "first_step_logits": logits_summary(first_logits),
         })
@@ -157,26 +159,32 @@ def scramble_rotary_layout(model) -> None:
 def compare_with_transformers_gguf_loader(model_dir: Path, gguf_path: Path, ours, our_tokenizer) -> list[str]:
     """Independent reference: transformers' GGUF integration dequantizes and
     reverse-permutes itself. Returns a list of failures."""
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
     failures = []
     print(f"\n== transformers' own GGUF loader on {gguf_path.name}")
-    reference = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                                     dtype=torch.float32)
-    reference_state = reference.state_dict()
+    # load_gguf_checkpoint dequantizes and reverse-permutes with transformers'
+    # code; our model only tells it the tensor names (and needs no accelerate).
+    reference_state = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=ours)["tensors"]
     our_state = ours.state_dict()
     worst = 0.0
+    compared = 0
     for name, our_tensor in our_state.items():
+        if name == "lm_head.weight" and ours.config.tie_word_embeddings:
+            continue  # the same tensor as model.embed_tokens.weight
         if name not in reference_state:
             failures.append(f"tensor {name} missing from transformers' GGUF load")
             continue
-        reference_bf16 = reference_state[name].to(torch.bfloat16).float()
+        reference_bf16 = torch.as_tensor(reference_state[name]).to(torch.bfloat16).float()
         if reference_bf16.shape != our_tensor.shape:
             failures.append(f"{name}: shape {tuple(our_tensor.shape)} vs {tuple(reference_bf16.shape)}")
             continue
         difference = float((our_tensor.float().cpu() - reference_bf16).abs().max())
         worst = max(worst, difference)
+        compared += 1
         if difference != 0.0:
             failures.append(f"{name}: max |ours - transformers' GGUF (bf16)| = {difference}")
-    print(f"   {len(our_state)} tensors compared, max abs difference after bf16 rounding: {worst}")
+    print(f"   {compared} tensors compared, max abs difference after bf16 rounding: {worst}")
 
     reference_tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     for sample in TOKENIZER_SAMPLES:
@@ -185,7 +193,6 @@ def compare_with_transformers_gguf_loader(model_dir: Path, gguf_path: Path, ours
         if ours_ids != reference_ids:
             failures.append(f"tokenizer differs on {sample!r}: {ours_ids} vs {reference_ids}")
     print(f"   tokenizer: {len(TOKENIZER_SAMPLES)} samples compared with transformers' GGUF tokenizer")
-    del reference
     return failures
 
 
@@ -249,11 +256,17 @@ def main() -> int:
     print("\n== same weights with llama.cpp's interleaved Q/K rows (permutation NOT undone)")
     scramble_rotary_layout(model)
     scrambled = run_prompts(model, tokenizer, args.max_new_tokens, args.device)
+    scrambled_continued = run_prompts(model, tokenizer, args.max_new_tokens, args.device, stop_at_eos=False)
     scrambled_perplexity = perplexity(model, tokenizer, PERPLEXITY_TEXT, args.device)
-    for result in scrambled:
-        print(f"-- {result['name']}: {result['generated_text']!r}")
+    for result, continued in zip(scrambled, scrambled_continued):
+        print(f"-- {result['name']}: {len(result['generated_ids'])} tokens"
+              f"{' (stopped at EOS)' if result['stopped_at_eos'] else ''}: {result['generated_text']!r}")
+        print(f"   with EOS ignored: {continued['generated_text']!r}")
     print(f"   perplexity of the same paragraph: {scrambled_perplexity:.2f}")
-    if "Paris" in scrambled[0]["generated_text"]:
+    for result, continued, good in zip(scrambled, scrambled_continued, results):
+        if result["generated_ids"] == good["generated_ids"]:
+            failures.append(f"{result['name']}: the scrambled model gives the same answer; the permutation would not matter")
+    if "Paris" in scrambled_continued[0]["generated_text"]:
         failures.append("the scrambled model still answers Paris: the permutation would not matter")
     if scrambled_perplexity < GARBAGE_PERPLEXITY_FACTOR * good_perplexity:
         failures.append(f"scrambled perplexity {scrambled_perplexity:.1f} is not {GARBAGE_PERPLEXITY_FACTOR}x "
@@ -274,6 +287,11 @@ def main() -> int:
                           "eos_token_id": tokenizer.eos_token_id},
             "perplexity": {"text": PERPLEXITY_TEXT, "converted": round(good_perplexity, 4),
                            "rotary_permutation_not_undone": round(scrambled_perplexity, 4)},
+            "rotary_permutation_not_undone": [
+                {"name": result["name"], "generated_ids": result["generated_ids"],
+                 "generated_text": result["generated_text"],
+                 "generated_text_ignoring_eos": continued["generated_text"]}
+                for result, continued in zip(scrambled, scrambled_continued)],
             "cases": results,
         }
         fixture_path = args.fixture_dir / "smollm2_135m_instruct_greedy.json"
