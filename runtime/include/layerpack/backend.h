@@ -1,0 +1,99 @@
+// The backend interface: everything that touches weights or activations. The engine
+// (engine.h) owns the pack, the scheduler/streamer, KV bookkeeping and sampling, and
+// drives a backend through these calls only, so the CPU and CUDA backends are
+// interchangeable.
+//
+// Memory model: a layer is loaded as its whole payload into one "layer slot" (host
+// memory on the CPU, VRAM on the GPU) and the forward pass addresses every tensor as
+// slot base + TensorInfo offset; no per-tensor allocation, no repacking. A slot whose
+// memory the host can write (CPU) is filled by reading the file straight into it; any
+// other slot is filled from a staging buffer (pinned host memory on CUDA) by upload().
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "layerpack/error.h"
+#include "layerpack/kv_cache.h"
+#include "layerpack/model_pack.h"
+
+namespace layerpack {
+
+using SlotId = uint32_t;
+using UploadTicket = uint64_t;  // 0: nothing to wait for
+
+// The token rows of one forward pass. Rows of one sequence must have consecutive
+// increasing positions that continue that sequence's KV cache; several sequences may
+// share a pass (batched decode). All rows' keys/values are stored before attention
+// runs, so a row attends to earlier rows of its own sequence in the same pass.
+struct TokenBatch {
+  std::vector<int32_t> token_ids;
+  std::vector<uint32_t> sequences;  // KV-cache sequence slot of each row
+  std::vector<uint32_t> positions;  // position of each row within its sequence
+  std::vector<uint8_t> wants_logits;  // 1: return this row's logits
+  size_t size() const { return token_ids.size(); }
+  size_t logits_rows() const;
+  void add(int32_t token, uint32_t sequence, uint32_t position, bool logits);
+};
+
+// Host memory a payload is read into before upload(): pinned on CUDA, aligned on CPU.
+class HostBuffer {
+ public:
+  virtual ~HostBuffer() = default;
+  virtual uint8_t* data() = 0;
+  virtual uint64_t size() const = 0;
+};
+
+struct BackendOptions {
+  uint32_t threads = 0;  // CPU worker threads; 0: all cores
+  int device = 0;        // CUDA device ordinal
+  // CPU only, for tests: pretend slots are not host-writable so the staging + upload
+  // path the GPU uses is exercised.
+  bool force_staging = false;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+  virtual std::string description() const = 0;  // e.g. "CPU, 16 threads"
+
+  // Once, before anything else: model shapes, KV-cache storage, activation space for
+  // up to max_batch_rows rows per pass. The embedding payload stays on the host (the
+  // engine keeps it loaded; rows are gathered per token), passed to embed().
+  virtual Status initialize(const ModelPack& pack, const KVCacheLayout& kv_layout, uint32_t max_batch_rows) = 0;
+
+  // Bytes the backend needs besides layer slots (KV cache, activations, workspaces);
+  // the scheduler subtracts it from the budget.
+  virtual uint64_t reserved_bytes() const = 0;
+
+  // ---- layer memory -------------------------------------------------------------
+  virtual Result<SlotId> allocate_slot(uint64_t bytes) = 0;
+  // Host-writable address of a slot (CPU), or nullptr (GPU: fill it with upload()).
+  virtual uint8_t* slot_host_pointer(SlotId slot) = 0;
+  virtual Result<std::unique_ptr<HostBuffer>> allocate_staging(uint64_t bytes) = 0;
+  // Copies bytes from a staging buffer into a slot. May be asynchronous; the backend
+  // orders it after the slot's previous use and before the next compute that reads
+  // it. The staging buffer may be reused once wait_upload(ticket) returns.
+  virtual Result<UploadTicket> upload(SlotId slot, const HostBuffer& staging, uint64_t bytes) = 0;
+  virtual Status wait_upload(UploadTicket ticket) = 0;
+  // Blocks until every compute call that reads `slot` has finished, so its memory
+  // may be overwritten by the host (the CPU computes synchronously: no-op).
+  virtual Status wait_slot_idle(SlotId slot) = 0;
+
+  // ---- forward pass, in this order per pass ---------------------------------------
+  // embedding_payload: host address of embedding.lpk's payload.
+  virtual Status embed(const TokenBatch& batch, const uint8_t* embedding_payload) = 0;
+  virtual Status run_decoder_layer(uint32_t layer, SlotId slot, const TokenBatch& batch) = 0;
+  // Final norm + lm_head for rows with wants_logits; logits has logits_rows() x vocab
+  // floats, rows in batch order. Returns when the logits are in host memory.
+  virtual Status run_output(SlotId slot, const TokenBatch& batch, float* logits) = 0;
+};
+
+// "cpu" or "cuda" ("auto": CUDA when built and a device is present, else CPU).
+// Unknown names and backends not in this build are clear errors.
+Result<std::unique_ptr<Backend>> create_backend(const std::string& name, const BackendOptions& options);
+
+}  // namespace layerpack

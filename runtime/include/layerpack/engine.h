@@ -1,0 +1,136 @@
+// The engine: one pack, one backend, one layer streamer, the KV-cache bookkeeping.
+// forward() runs one pass (embedding, every decoder layer, output head) for a batch
+// of token rows; Generator adds prefill/decode, sampling and stop conditions.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "layerpack/backend.h"
+#include "layerpack/error.h"
+#include "layerpack/kv_cache.h"
+#include "layerpack/layer_scheduler.h"
+#include "layerpack/model_pack.h"
+#include "layerpack/payload_reader.h"
+#include "layerpack/sampler.h"
+
+namespace layerpack {
+
+class Tokenizer;
+
+struct EngineOptions {
+  std::string backend = "cpu";  // "cpu", "cuda", "auto"
+  BackendOptions backend_options;
+  bool verify_hashes = false;   // check every payload's XXH3-64 as it is read
+  bool direct_io = false;       // O_DIRECT payload reads
+  uint64_t slot_budget = UINT64_MAX;  // bytes for layer slots; less than the model: streaming
+  uint32_t min_ring_slots = 2;
+  uint32_t context_length = 0;  // 0: min(max_position_embeddings, 4096)
+  uint32_t max_sequences = 1;
+  uint32_t max_batch_rows = 256;  // longer prompts are prefilled in chunks of this many rows
+};
+
+struct EngineCounters {
+  uint64_t passes = 0;
+  uint64_t rows = 0;
+  uint64_t payload_bytes_read = 0;  // from files, all time (includes resident loads at open)
+};
+
+class Engine {
+ public:
+  // Opens the pack, creates the backend, plans and loads layers.
+  static Result<std::unique_ptr<Engine>> open(const std::string& pack_dir, const EngineOptions& options);
+  ~Engine();
+
+  const ModelPack& pack() const { return pack_; }
+  const ModelConfig& config() const { return pack_.config(); }
+  Backend& backend() { return *backend_; }
+  const Backend& backend() const { return *backend_; }
+  KVCacheBook& kv() { return kv_book_; }
+  const LayerStreamer& streamer() const { return *streamer_; }
+  const EngineOptions& options() const { return options_; }
+  uint32_t context_length() const { return kv_book_.layout().capacity; }
+
+  // One pass over the model. Rows must continue their sequences' caches (checked);
+  // on success the KV book advances. logits: logits_rows() x vocab_size floats.
+  Status forward(const TokenBatch& batch, std::vector<float>& logits);
+  EngineCounters counters() const;
+  // Human-readable plan (backend, layer placement, memory), for --verbose.
+  std::string describe() const;
+
+ private:
+  Engine(ModelPack pack, EngineOptions options, KVCacheLayout layout);
+  ModelPack pack_;
+  EngineOptions options_;
+  KVCacheBook kv_book_;
+  std::unique_ptr<Backend> backend_;
+  std::unique_ptr<PayloadReader> reader_;
+  std::unique_ptr<LayerStreamer> streamer_;
+  EngineCounters counters_;
+  // An error inside a pass leaves the streamer mid-sequence; later passes repeat it.
+  std::unique_ptr<Error> broken_;
+};
+
+struct GenerationOptions {
+  uint32_t max_new_tokens = 128;
+  SamplingParams sampling;
+  std::vector<int32_t> eos_ids;            // stop after emitting any of these (not shown)
+  std::vector<std::string> stop_strings;   // stop when the decoded text contains one (needs a tokenizer)
+  // Tokens the repetition penalty sees besides the prompt (e.g. earlier chat turns).
+  std::vector<int32_t> penalty_context;
+  std::function<void(int32_t)> on_token;   // every generated token, as it is produced
+  // Text as it becomes final: complete UTF-8, never part of a possible stop string,
+  // EOS not shown. Needs a tokenizer.
+  std::function<void(const std::string&)> on_text;
+};
+
+enum class StopReason { eos, stop_string, token_limit, context_full };
+const char* stop_reason_name(StopReason reason);
+
+struct GenerationStats {
+  uint32_t prompt_tokens = 0;        // tokens actually prefilled (cached prefix excluded)
+  uint32_t generated_tokens = 0;
+  uint32_t decode_passes = 0;        // forward passes after the prefill (one per token)
+  double prefill_seconds = 0;
+  double decode_seconds = 0;         // after the first token
+  uint64_t prefill_bytes_read = 0;
+  uint64_t decode_bytes_read = 0;
+  double prefill_tokens_per_second() const;
+  double decode_tokens_per_second() const;
+  double decode_seconds_per_token() const;
+  double decode_bytes_per_token() const;
+};
+
+struct GenerationResult {
+  std::vector<int32_t> tokens;  // generated, the stopping EOS included
+  std::string text;             // decoded (when a tokenizer is present), stop string cut
+  StopReason stop_reason = StopReason::token_limit;
+  GenerationStats stats;
+};
+
+// Prefill + decode for one sequence. The sequence's KV cache is kept between calls,
+// so a chat can continue where the previous turn stopped.
+class Generator {
+ public:
+  Generator(Engine& engine, const Tokenizer* tokenizer);
+  // Appends `new_prompt` to the sequence (after what it already holds) and generates.
+  Result<GenerationResult> generate(uint32_t sequence, const std::vector<int32_t>& new_prompt,
+                                    const GenerationOptions& options);
+  // Token ids the sequence's cache holds, in order (prompt and generated).
+  const std::vector<int32_t>& history(uint32_t sequence) const;
+  // Drops cached positions >= length (chat: keep only the prefix a new rendering shares).
+  void truncate(uint32_t sequence, uint32_t length);
+
+ private:
+  Engine& engine_;
+  const Tokenizer* tokenizer_;
+  std::vector<std::vector<int32_t>> history_;
+};
+
+// Peak resident set size of this process in bytes (getrusage).
+uint64_t peak_rss_bytes();
+
+}  // namespace layerpack
