@@ -84,14 +84,21 @@ inline __m128 load4(const uint16_t* x) {
 
 const __m128 kAbsMask = _mm_castsi128_ps(_mm_set1_epi32(0x7fffffff));
 
+// The thresholds broadcast once into locals: the packed-byte stores are uint8_t, which
+// may alias any global, so thresholds read from a global would be reloaded every time.
+struct BroadcastThresholds {
+  __m128 t[15];
+  BroadcastThresholds() {
+    for (int i = 0; i < 15; ++i) t[i] = _mm_set1_ps(kThresholds32.values[i]);
+  }
+};
+
 // Codes of 4 normalized values as int32 lanes: 0 minus the sum of the all-ones
 // compare masks = the number of thresholds exceeded.
-inline __m128i codes4(__m128 x_normalized) {
+inline __m128i codes4(__m128 x_normalized, const BroadcastThresholds& thresholds) {
   __m128i count = _mm_setzero_si128();
-  for (int i = 0; i < 15; ++i) {
-    __m128 greater = _mm_cmpgt_ps(x_normalized, _mm_set1_ps(kThresholds32.values[i]));
-    count = _mm_sub_epi32(count, _mm_castps_si128(greater));
-  }
+  for (int i = 0; i < 15; ++i)
+    count = _mm_sub_epi32(count, _mm_castps_si128(_mm_cmpgt_ps(x_normalized, thresholds.t[i])));
   return count;
 }
 #endif
@@ -118,18 +125,19 @@ float block_absmax(const T* x, size_t begin, size_t end) {
 // Quantizes x[begin, end) (begin even) into packed bytes starting at begin / 2.
 // divide: bitsandbytes 0.50 scales full blocks by x * (1 / absmax) but divides the
 // partial last block (x / absmax); both are reproduced exactly.
-template <class T>
-void quantize_range(const T* x, size_t begin, size_t end, float scale_divisor, bool divide, uint8_t* packed) {
+template <bool divide, class T>
+void quantize_range(const T* x, size_t begin, size_t end, float scale_divisor, uint8_t* packed) {
   const float reciprocal = 1.0f / scale_divisor;
   size_t i = begin;
 #if defined(__SSE2__)
+  const BroadcastThresholds thresholds;
   const __m128 scale = _mm_set1_ps(divide ? scale_divisor : reciprocal);
   for (; i + 16 <= end; i += 16) {
     __m128i c[4];
     for (int k = 0; k < 4; ++k) {
       __m128 v = load4(x + i + 4 * k);
       v = divide ? _mm_div_ps(v, scale) : _mm_mul_ps(v, scale);
-      c[k] = codes4(v);
+      c[k] = codes4(v, thresholds);
     }
     // 16 codes as bytes, then pairs (even, odd) -> even << 4 | odd.
     __m128i bytes = _mm_packus_epi16(_mm_packs_epi32(c[0], c[1]), _mm_packs_epi32(c[2], c[3]));
@@ -161,8 +169,9 @@ void quantize_any(const T* x, size_t n, size_t blocksize, uint8_t* packed, float
     const size_t end = std::min(begin + blocksize, n);
     const float block_max = block_absmax(x, begin, end);
     absmax[b] = block_max;
-    const bool partial = end - begin < blocksize;
-    quantize_range(x, begin, end, std::max(block_max, kMinAbsmax), partial, packed);
+    const float divisor = std::max(block_max, kMinAbsmax);
+    if (end - begin < blocksize) quantize_range<true>(x, begin, end, divisor, packed);
+    else quantize_range<false>(x, begin, end, divisor, packed);
   }
 }
 
