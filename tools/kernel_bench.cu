@@ -1,0 +1,230 @@
+// layerpack-kernel-bench: NF4 matvec bandwidth on Llama-3-8B shapes against the
+// device-to-device copy bandwidth measured in the same run.
+//
+// Each launch reads a different weight set (enough sets to total >= 4x the L2
+// cache), so L2 does not serve the weights. Times are CUDA-event medians.
+// Bytes counted per launch: packed weights + u8 absmax + nested absmax + x + y.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "kernels/nf4_matvec.cuh"
+
+namespace {
+
+using layerpack::kernels::MatvecPath;
+using layerpack::kernels::NF4Matrix;
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    std::fprintf(stderr, "CUDA error in %s: %s\n", what, cudaGetErrorString(err));
+    std::exit(1);
+  }
+}
+
+__global__ void fill_random(uint32_t* data, size_t words, uint64_t seed) {
+  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < words; i += size_t{gridDim.x} * blockDim.x) {
+    uint64_t z = seed + i * 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    data[i] = static_cast<uint32_t>(z ^ (z >> 31));
+  }
+}
+
+// Floats in [lo, hi) (random, never zero for lo > 0).
+__global__ void fill_uniform(float* data, size_t n, uint64_t seed, float lo, float hi) {
+  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n; i += size_t{gridDim.x} * blockDim.x) {
+    uint64_t z = seed + i * 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    data[i] = lo + (hi - lo) * static_cast<float>((z >> 40) & 0xffffff) / 16777216.0f;
+  }
+}
+
+__global__ void fill_bf16(__nv_bfloat16* data, size_t n, uint64_t seed) {
+  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n; i += size_t{gridDim.x} * blockDim.x) {
+    uint64_t z = seed + i * 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    data[i] = __float2bfloat16_rn(static_cast<float>((z >> 40) & 0xffffff) / 8388608.0f - 1.0f + 1e-3f);
+  }
+}
+
+template <class T>
+T* device_alloc(size_t count) {
+  T* p = nullptr;
+  check(cudaMalloc(&p, count * sizeof(T)), "cudaMalloc");
+  return p;
+}
+
+float median(std::vector<float> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// Seconds per call of `launch(i)` (i rotates over sets), median of `repeats` timed loops.
+template <class F>
+double time_rotating(F launch, int sets, int calls_per_loop, int repeats) {
+  cudaEvent_t start, stop;
+  check(cudaEventCreate(&start), "event");
+  check(cudaEventCreate(&stop), "event");
+  for (int i = 0; i < calls_per_loop; ++i) launch(i % sets);  // warm-up
+  check(cudaDeviceSynchronize(), "warm-up");
+  std::vector<float> ms;
+  for (int r = 0; r < repeats; ++r) {
+    check(cudaEventRecord(start), "record");
+    for (int i = 0; i < calls_per_loop; ++i) launch(i % sets);
+    check(cudaEventRecord(stop), "record");
+    check(cudaEventSynchronize(stop), "sync");
+    float t = 0;
+    check(cudaEventElapsedTime(&t, start, stop), "elapsed");
+    ms.push_back(t);
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  return median(ms) / 1e3 / calls_per_loop;
+}
+
+struct Set {
+  uint8_t* packed;
+  uint8_t* absmax;
+  float* nested_absmax;
+  NF4Matrix m;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int repeats = 15;
+  if (argc > 1) repeats = std::max(3, std::atoi(argv[1]));
+  cudaDeviceProp prop{};
+  check(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties");
+  std::printf("device: %s, %d SMs, L2 %.0f MB, compute %d.%d\n", prop.name, prop.multiProcessorCount,
+              prop.l2CacheSize / 1e6, prop.major, prop.minor);
+
+  // Copy ceiling: 1 GiB device-to-device, bytes read + written.
+  const size_t copy_bytes = size_t{1} << 30;
+  uint8_t* copy_src = device_alloc<uint8_t>(copy_bytes);
+  uint8_t* copy_dst = device_alloc<uint8_t>(copy_bytes);
+  fill_random<<<1024, 256>>>(reinterpret_cast<uint32_t*>(copy_src), copy_bytes / 4, 1);
+  check(cudaGetLastError(), "fill");
+  const double copy_s = time_rotating(
+      [&](int) { check(cudaMemcpyAsync(copy_dst, copy_src, copy_bytes, cudaMemcpyDeviceToDevice), "copy"); }, 1, 3,
+      repeats);
+  const double copy_gbs = 2.0 * copy_bytes / copy_s / 1e9;
+  std::printf("device-to-device copy: %.1f GB/s (read + write)\n", copy_gbs);
+  cudaFree(copy_src);
+  cudaFree(copy_dst);
+
+  // Shared code tables.
+  float* code = device_alloc<float>(16);
+  const float nf4[16] = {-1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+                         -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+                         0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+                         0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+  check(cudaMemcpy(code, nf4, sizeof(nf4), cudaMemcpyHostToDevice), "code");
+  float* nested_code = device_alloc<float>(256);
+  fill_uniform<<<1, 256>>>(nested_code, 256, 7, -1.0f, 1.0f);
+
+  struct Shape {
+    const char* name;
+    int64_t rows, cols;
+  };
+  const Shape shapes[] = {{"q_proj", 4096, 4096},     {"k_proj", 1024, 4096},  {"v_proj", 1024, 4096},
+                          {"o_proj", 4096, 4096},     {"gate_proj", 14336, 4096}, {"up_proj", 14336, 4096},
+                          {"down_proj", 4096, 14336}};
+  const MatvecPath paths[] = {MatvecPath::tensor_core_16_rows, MatvecPath::tensor_core_32_rows, MatvecPath::simple};
+  const char* path_names[] = {"tc16", "tc32", "simple"};
+
+  __nv_bfloat16* x = device_alloc<__nv_bfloat16>(8 * 14336);
+  __nv_bfloat16* y = device_alloc<__nv_bfloat16>(8 * 14336);
+  fill_bf16<<<256, 256>>>(x, 8 * 14336, 3);
+  check(cudaGetLastError(), "fill x");
+
+  std::printf("\n%-10s %-12s %5s %-7s %10s %10s %8s\n", "matrix", "shape", "batch", "path", "us", "GB/s", "of copy");
+  double layer_bytes[2][3] = {}, layer_seconds[2][3] = {};
+  for (const Shape& s : shapes) {
+    const int64_t n = s.rows * s.cols, blocks = n / 64, nested = (blocks + 255) / 256;
+    const size_t set_bytes = n / 2 + blocks + nested * 4;
+    const int sets = static_cast<int>(std::max<size_t>(4, (4 * size_t(prop.l2CacheSize)) / set_bytes + 1));
+    std::vector<Set> w(sets);
+    for (int i = 0; i < sets; ++i) {
+      w[i].packed = device_alloc<uint8_t>(n / 2);
+      w[i].absmax = device_alloc<uint8_t>(blocks);
+      w[i].nested_absmax = device_alloc<float>(nested);
+      fill_random<<<1024, 256>>>(reinterpret_cast<uint32_t*>(w[i].packed), n / 8, 100 + i);
+      fill_random<<<256, 256>>>(reinterpret_cast<uint32_t*>(w[i].absmax), blocks / 4, 200 + i);
+      fill_uniform<<<64, 256>>>(w[i].nested_absmax, nested, 300 + i, 0.02f, 0.08f);
+      check(cudaGetLastError(), "fill weights");
+      NF4Matrix& m = w[i].m;
+      m.packed = w[i].packed;
+      m.code = code;
+      m.double_quant = true;
+      m.absmax_u8 = w[i].absmax;
+      m.nested_absmax = w[i].nested_absmax;
+      m.nested_code = nested_code;
+      m.nested_offset = 0.1f;
+      m.blocksize = 64;
+      m.nested_blocksize = 256;
+      m.rows = s.rows;
+      m.cols = s.cols;
+    }
+    check(cudaDeviceSynchronize(), "fill");
+    for (int bi = 0; bi < 2; ++bi) {
+      const int batch = bi == 0 ? 1 : 8;
+      for (int pi = 0; pi < 3; ++pi) {
+        const double bytes = set_bytes + 2.0 * batch * (s.cols + s.rows);
+        const double sec = time_rotating(
+            [&](int i) {
+              check(layerpack::kernels::nf4_matvec_with_path(w[i].m, x, batch, y, paths[pi], nullptr), "nf4_matvec");
+            },
+            sets, sets * std::max(1, 64 / sets), repeats);
+        const double gbs = bytes / sec / 1e9;
+        layer_bytes[bi][pi] += bytes;
+        layer_seconds[bi][pi] += sec;
+        char shape[32];
+        std::snprintf(shape, sizeof(shape), "%lldx%lld", static_cast<long long>(s.rows),
+                      static_cast<long long>(s.cols));
+        std::printf("%-10s %-12s %5d %-7s %10.2f %10.1f %7.1f%%\n", s.name, shape, batch, path_names[pi], sec * 1e6,
+                    gbs, 100.0 * gbs / copy_gbs);
+      }
+    }
+    for (auto& set : w) {
+      cudaFree(set.packed);
+      cudaFree(set.absmax);
+      cudaFree(set.nested_absmax);
+    }
+  }
+
+  // Kept bf16 matrix: a tied lm_head (128256 x 4096, 1 GB: larger than L2 by itself).
+  {
+    const int64_t rows = 128256, cols = 4096;
+    __nv_bfloat16* w = device_alloc<__nv_bfloat16>(rows * cols);
+    float* logits = device_alloc<float>(8 * rows);
+    fill_bf16<<<1024, 256>>>(w, rows * cols, 9);
+    check(cudaDeviceSynchronize(), "fill lm_head");
+    for (int batch : {1, 8}) {
+      const double sec = time_rotating(
+          [&](int) { check(layerpack::kernels::bf16_matvec(w, rows, cols, x, batch, logits, nullptr), "bf16_matvec"); },
+          1, 5, repeats);
+      const double gbs = (2.0 * rows * cols + 2.0 * batch * cols + 4.0 * batch * rows) / sec / 1e9;
+      std::printf("%-10s %-12s %5d %-7s %10.2f %10.1f %7.1f%%\n", "lm_head", "128256x4096", batch, "bf16", sec * 1e6,
+                  gbs, 100.0 * gbs / copy_gbs);
+    }
+    cudaFree(w);
+    cudaFree(logits);
+  }
+
+  std::printf("\nwhole decoder layer (q,k,v,o,gate,up,down; one launch each), against copy %.1f GB/s:\n", copy_gbs);
+  for (int bi = 0; bi < 2; ++bi)
+    for (int pi = 0; pi < 3; ++pi) {
+      const double gbs = layer_bytes[bi][pi] / layer_seconds[bi][pi] / 1e9;
+      std::printf("  batch %d %-7s %8.1f us/layer %8.1f GB/s %6.1f%% of copy\n", bi == 0 ? 1 : 8, path_names[pi],
+                  layer_seconds[bi][pi] * 1e6, gbs, 100.0 * gbs / copy_gbs);
+    }
+  return 0;
+}
