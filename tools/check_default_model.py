@@ -24,7 +24,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -33,7 +32,6 @@ from pathlib import Path
 REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPOSITORY_ROOT / "tools"))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
@@ -66,11 +64,6 @@ FIRST_STEP_TOP_K = 32
 # only rises about 3x (measured: 26); the answers are what break.
 COHERENT_PERPLEXITY_LIMIT = 20.0
 GARBAGE_PERPLEXITY_FACTOR = 2.0
-
-
-def default_model_dir() -> Path:
-    cache = Path(os.environ.get("LAYERPACK_CACHE", Path.home() / ".cache" / "layerpack"))
-    return cache / "SmolLM2-135M-Instruct"
 
 
 def sha256_of(path: Path) -> str:
