@@ -215,6 +215,113 @@ __global__ void __launch_bounds__(kThreads) nf4_matvec_mma_kernel(NF4Params p, c
   reduce_and_store<kTiles>(acc, row_base, p.rows, batch, y);
 }
 
+// One item of streaming work: a lane's two 16-byte weight chunks (rows g, g+8),
+// their block scales, and its 32 x values.
+struct StreamItem {
+  uint4 w[2];
+  float scale[2];
+  uint4 x[4];
+};
+
+// Streaming variant of the kernel above (one 16-row tile at a time): the grid
+// is persistent (blocks loop over tiles), and each warp loads the weights of
+// its next item before computing the current one, also across a tile
+// boundary, so the block's reduction and the LUT set-up overlap with loads.
+template <bool kDoubleQuant, typename OutT>
+__global__ void __launch_bounds__(kThreads, 2) nf4_matvec_stream_kernel(NF4Params p, const __nv_bfloat16* __restrict__ x,
+                                                                     int batch, OutT* __restrict__ y, int64_t tiles) {
+  __shared__ float lut[16];
+  __shared__ float nested_code[kDoubleQuant ? 256 : 1];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, tig = lane & 3;
+  const int64_t K = p.cols;
+  const int64_t chunks = K / 32;
+  const int64_t steps = (chunks + 3) / 4;
+  const int64_t items_per_tile = steps > warp ? (steps - warp + kWarpsPerBlock - 1) / kWarpsPerBlock : 0;
+  const bool has_x = g < batch;
+  const __nv_bfloat16* x_row = x + static_cast<int64_t>(has_x ? g : 0) * K;
+
+  auto load_full = [&](StreamItem& it, int64_t tile, int64_t item) {
+    const int64_t chunk = (warp + item * kWarpsPerBlock) * 4 + tig;
+    const bool chunk_ok = chunk < chunks;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t r = tile * 16 + g + h * 8;
+      if (chunk_ok && r < p.rows) {
+        const int64_t flat = r * K + chunk * 32;
+        it.w[h] = load_weights(p.packed + flat / 2);
+        it.scale[h] = block_scale<kDoubleQuant>(p, nested_code, flat >> p.block_shift);
+      } else {
+        it.w[h] = make_uint4(0, 0, 0, 0);
+        it.scale[h] = 0.0f;
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+      it.x[q] = (chunk_ok && has_x) ? load_x(x_row + chunk * 32 + q * 8) : make_uint4(0, 0, 0, 0);
+  };
+
+  StreamItem cur, next;
+  int64_t tile = blockIdx.x, item = 0;
+  // First item: weights and x before the table barrier (scales need the nested table).
+  if (tile < tiles && items_per_tile > 0) {
+    const int64_t chunk = warp * 4 + tig;
+    const bool chunk_ok = chunk < chunks;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t r = tile * 16 + g + h * 8;
+      cur.w[h] = (chunk_ok && r < p.rows) ? load_weights(p.packed + (r * K + chunk * 32) / 2) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+      cur.x[q] = (chunk_ok && has_x) ? load_x(x_row + chunk * 32 + q * 8) : make_uint4(0, 0, 0, 0);
+  }
+  if (threadIdx.x < 16) lut[threadIdx.x] = p.code[threadIdx.x];
+  if constexpr (kDoubleQuant) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) nested_code[i] = p.nested_code[i];
+  }
+  __syncthreads();
+  if (tile < tiles && items_per_tile > 0) {
+    const int64_t chunk = warp * 4 + tig;
+    const bool chunk_ok = chunk < chunks;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t r = tile * 16 + g + h * 8;
+      cur.scale[h] = (chunk_ok && r < p.rows)
+                         ? block_scale<kDoubleQuant>(p, nested_code, (r * K + chunk * 32) >> p.block_shift)
+                         : 0.0f;
+    }
+  }
+
+  float acc[1][4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
+  for (; tile < tiles; tile += gridDim.x) {
+    for (item = 0; item < items_per_tile; ++item) {
+      // Prefetch the following item (this tile or the block's next one).
+      int64_t next_tile = tile, next_item = item + 1;
+      if (next_item == items_per_tile) {
+        next_tile = tile + gridDim.x;
+        next_item = 0;
+      }
+      if (next_tile < tiles) load_full(next, next_tile, next_item);
+      const uint32_t* xw = reinterpret_cast<const uint32_t*>(&cur.x[0]);
+      const uint32_t* w0 = reinterpret_cast<const uint32_t*>(&cur.w[0]);
+      const uint32_t* w1 = reinterpret_cast<const uint32_t*>(&cur.w[1]);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        uint32_t a0, a1, a2, a3;
+        dequantize_four(w0[j >> 1], j & 1, lut, cur.scale[0], a0, a2);
+        dequantize_four(w1[j >> 1], j & 1, lut, cur.scale[1], a1, a3);
+        mma_bf16_16x8x16(acc[0], a0, a1, a2, a3, xw[2 * j], xw[2 * j + 1]);
+      }
+      cur = next;
+    }
+    reduce_and_store<1>(acc, tile * 16, p.rows, batch, y);
+    __syncthreads();  // the partial sums buffer is reused by the next tile
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[0][i] = 0.0f;
+  }
+}
+
 // Same structure for bf16 weights: a lane's 16-byte chunk is 8 elements, the
 // quad covers 32 per step, and the weights feed A without conversion.
 template <int kTiles, typename OutT>
@@ -350,6 +457,18 @@ bool device_has_mma(int* device_out = nullptr) {
   return cached_major[device] >= 8;
 }
 
+int multiprocessor_count() {
+  static int cached[64] = {0};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return 132;
+  if (cached[device] == 0) {
+    int count = 0;
+    if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || count <= 0) return 132;
+    cached[device] = count;
+  }
+  return cached[device];
+}
+
 bool valid_matrix(const NF4Matrix& m) {
   if (!m.packed || !m.code || m.rows <= 0 || m.cols <= 0) return false;
   if (!power_of_two(m.blocksize) || m.blocksize < 32 || m.blocksize > 4096) return false;
@@ -365,9 +484,7 @@ cudaError_t nf4_matvec_dispatch(const NF4Matrix& m, const __nv_bfloat16* x, int 
               m.nested_offset, log2_exact(m.blocksize), log2_exact(m.nested_blocksize), m.rows, m.cols};
   const bool mma_ok = device_has_mma() && m.cols % 32 == 0 && detail::aligned_to(m.packed, 16) &&
                       detail::aligned_to(x, 16);
-  if (path == MatvecPath::tensor_core_16_rows || path == MatvecPath::tensor_core_32_rows) {
-    if (!mma_ok) return cudaErrorInvalidValue;
-  }
+  if (path != MatvecPath::automatic && path != MatvecPath::simple && !mma_ok) return cudaErrorInvalidValue;
   if (path == MatvecPath::automatic) path = mma_ok ? MatvecPath::tensor_core_16_rows : MatvecPath::simple;
   for (int b0 = 0; b0 < batch; b0 += kBatchPerPass) {
     const int pass = batch - b0 < kBatchPerPass ? batch - b0 : kBatchPerPass;
@@ -381,6 +498,14 @@ cudaError_t nf4_matvec_dispatch(const NF4Matrix& m, const __nv_bfloat16* x, int 
       const unsigned blocks = ceil_div(m.rows, 16);
       if (m.double_quant) nf4_matvec_mma_kernel<1, true><<<blocks, kThreads, 0, stream>>>(p, xp, pass, yp);
       else nf4_matvec_mma_kernel<1, false><<<blocks, kThreads, 0, stream>>>(p, xp, pass, yp);
+    } else if (path == MatvecPath::tensor_core_streaming) {
+      const int64_t tiles = (m.rows + 15) / 16;
+      const int64_t resident = static_cast<int64_t>(multiprocessor_count()) * 2;
+      const unsigned blocks = static_cast<unsigned>(tiles < resident ? tiles : resident);
+      if (m.double_quant)
+        nf4_matvec_stream_kernel<true><<<blocks, kThreads, 0, stream>>>(p, xp, pass, yp, tiles);
+      else
+        nf4_matvec_stream_kernel<false><<<blocks, kThreads, 0, stream>>>(p, xp, pass, yp, tiles);
     } else {
       const unsigned blocks = ceil_div(m.rows, 32);
       if (m.double_quant) nf4_matvec_mma_kernel<2, true><<<blocks, kThreads, 0, stream>>>(p, xp, pass, yp);
@@ -397,8 +522,7 @@ cudaError_t bf16_matvec_dispatch(const __nv_bfloat16* w, int64_t rows, int64_t c
                                  int batch, OutT* y, MatvecPath path, cudaStream_t stream) {
   if (!w || !x || !y || rows <= 0 || cols <= 0 || batch <= 0) return cudaErrorInvalidValue;
   const bool mma_ok = device_has_mma() && cols % 8 == 0 && detail::aligned_to(w, 16) && detail::aligned_to(x, 16);
-  if ((path == MatvecPath::tensor_core_16_rows || path == MatvecPath::tensor_core_32_rows) && !mma_ok)
-    return cudaErrorInvalidValue;
+  if (path != MatvecPath::automatic && path != MatvecPath::simple && !mma_ok) return cudaErrorInvalidValue;
   if (path == MatvecPath::automatic) path = mma_ok ? MatvecPath::tensor_core_16_rows : MatvecPath::simple;
   for (int b0 = 0; b0 < batch; b0 += kBatchPerPass) {
     const int pass = batch - b0 < kBatchPerPass ? batch - b0 : kBatchPerPass;
@@ -406,7 +530,7 @@ cudaError_t bf16_matvec_dispatch(const __nv_bfloat16* w, int64_t rows, int64_t c
     OutT* yp = y + static_cast<int64_t>(b0) * rows;
     if (path == MatvecPath::simple) {
       bf16_matvec_simple_kernel<<<ceil_div(rows, 8), 256, 0, stream>>>(w, rows, cols, xp, pass, yp);
-    } else if (path == MatvecPath::tensor_core_16_rows) {
+    } else if (path == MatvecPath::tensor_core_16_rows || path == MatvecPath::tensor_core_streaming) {
       bf16_matvec_mma_kernel<1><<<ceil_div(rows, 16), kThreads, 0, stream>>>(w, rows, cols, xp, pass, yp);
     } else {
       bf16_matvec_mma_kernel<2><<<ceil_div(rows, 32), kThreads, 0, stream>>>(w, rows, cols, xp, pass, yp);

@@ -28,10 +28,12 @@ cudaError_t bf16_matvec(const __nv_bfloat16* weight, int64_t rows, int64_t cols,
 cudaError_t bf16_matvec(const __nv_bfloat16* weight, int64_t rows, int64_t cols, const __nv_bfloat16* x, int batch,
                         float* y, cudaStream_t stream);
 
-// Kernel selection, exposed for the tests and the benchmark (both paths must
-// agree with the reference): automatic, force the plain fp32 kernel, or force
-// the tensor-core kernel with 1 or 2 tiles of 16 rows per block.
-enum class MatvecPath { automatic, simple, tensor_core_16_rows, tensor_core_32_rows };
+// Kernel selection, exposed for the tests and the benchmark (every path must
+// agree with the reference): automatic, force the plain fp32 kernel, the
+// tensor-core kernel with 1 or 2 tiles of 16 rows per block, or (NF4 only) the
+// streaming tensor-core kernel: a persistent grid whose warps prefetch their
+// next weights across tile boundaries (bf16 treats it as 16 rows).
+enum class MatvecPath { automatic, simple, tensor_core_16_rows, tensor_core_32_rows, tensor_core_streaming };
 cudaError_t nf4_matvec_with_path(const NF4Matrix& weight, const __nv_bfloat16* x, int batch, __nv_bfloat16* y,
                                  MatvecPath path, cudaStream_t stream);
 cudaError_t bf16_matvec_with_path(const __nv_bfloat16* weight, int64_t rows, int64_t cols, const __nv_bfloat16* x,

@@ -99,8 +99,10 @@ struct Set {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Usage: layerpack-kernel-bench [repeats] [matrix name] [path name]  (filters for profiling one kernel)
   int repeats = 15;
   if (argc > 1) repeats = std::max(3, std::atoi(argv[1]));
+  const std::string only_matrix = argc > 2 ? argv[2] : "", only_path = argc > 3 ? argv[3] : "";
   cudaDeviceProp prop{};
   check(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties");
   std::printf("device: %s, %d SMs, L2 %.0f MB, compute %d.%d\n", prop.name, prop.multiProcessorCount,
@@ -137,8 +139,10 @@ int main(int argc, char** argv) {
   const Shape shapes[] = {{"q_proj", 4096, 4096},     {"k_proj", 1024, 4096},  {"v_proj", 1024, 4096},
                           {"o_proj", 4096, 4096},     {"gate_proj", 14336, 4096}, {"up_proj", 14336, 4096},
                           {"down_proj", 4096, 14336}};
-  const MatvecPath paths[] = {MatvecPath::tensor_core_16_rows, MatvecPath::tensor_core_32_rows, MatvecPath::simple};
-  const char* path_names[] = {"tc16", "tc32", "simple"};
+  constexpr int kPaths = 4;
+  const MatvecPath paths[kPaths] = {MatvecPath::tensor_core_16_rows, MatvecPath::tensor_core_32_rows,
+                                    MatvecPath::tensor_core_streaming, MatvecPath::simple};
+  const char* path_names[kPaths] = {"tc16", "tc32", "stream", "simple"};
 
   __nv_bfloat16* x = device_alloc<__nv_bfloat16>(8 * 14336);
   __nv_bfloat16* y = device_alloc<__nv_bfloat16>(8 * 14336);
@@ -146,8 +150,9 @@ int main(int argc, char** argv) {
   check(cudaGetLastError(), "fill x");
 
   std::printf("\n%-10s %-12s %5s %-7s %10s %10s %8s\n", "matrix", "shape", "batch", "path", "us", "GB/s", "of copy");
-  double layer_bytes[2][3] = {}, layer_seconds[2][3] = {};
+  double layer_bytes[2][kPaths] = {}, layer_seconds[2][kPaths] = {};
   for (const Shape& s : shapes) {
+    if (!only_matrix.empty() && only_matrix != s.name) continue;
     const int64_t n = s.rows * s.cols, blocks = n / 64, nested = (blocks + 255) / 256;
     const size_t set_bytes = n / 2 + blocks + nested * 4;
     const int sets = static_cast<int>(std::max<size_t>(4, (4 * size_t(prop.l2CacheSize)) / set_bytes + 1));
@@ -176,7 +181,8 @@ int main(int argc, char** argv) {
     check(cudaDeviceSynchronize(), "fill");
     for (int bi = 0; bi < 2; ++bi) {
       const int batch = bi == 0 ? 1 : 8;
-      for (int pi = 0; pi < 3; ++pi) {
+      for (int pi = 0; pi < kPaths; ++pi) {
+        if (!only_path.empty() && only_path != path_names[pi]) continue;
         const double bytes = set_bytes + 2.0 * batch * (s.cols + s.rows);
         const double sec = time_rotating(
             [&](int i) {
@@ -201,7 +207,7 @@ int main(int argc, char** argv) {
   }
 
   // Kept bf16 matrix: a tied lm_head (128256 x 4096, 1 GB: larger than L2 by itself).
-  {
+  if (only_matrix.empty() || only_matrix == "lm_head") {
     const int64_t rows = 128256, cols = 4096;
     __nv_bfloat16* w = device_alloc<__nv_bfloat16>(rows * cols);
     float* logits = device_alloc<float>(8 * rows);
@@ -221,7 +227,8 @@ int main(int argc, char** argv) {
 
   std::printf("\nwhole decoder layer (q,k,v,o,gate,up,down; one launch each), against copy %.1f GB/s:\n", copy_gbs);
   for (int bi = 0; bi < 2; ++bi)
-    for (int pi = 0; pi < 3; ++pi) {
+    for (int pi = 0; pi < kPaths; ++pi) {
+      if (layer_seconds[bi][pi] == 0) continue;
       const double gbs = layer_bytes[bi][pi] / layer_seconds[bi][pi] / 1e9;
       std::printf("  batch %d %-7s %8.1f us/layer %8.1f GB/s %6.1f%% of copy\n", bi == 0 ? 1 : 8, path_names[pi],
                   layer_seconds[bi][pi] * 1e6, gbs, 100.0 * gbs / copy_gbs);

@@ -125,9 +125,10 @@ TEST(NF4Matvec, MatchesReferenceOnAwkwardShapes) {
 TEST(NF4Matvec, EveryPathAgrees) {
   std::mt19937 rng(99);
   for (const Shape& s : kShapes) {
-    for (MatvecPath path : {MatvecPath::simple, MatvecPath::tensor_core_16_rows, MatvecPath::tensor_core_32_rows}) {
+    for (MatvecPath path : {MatvecPath::simple, MatvecPath::tensor_core_16_rows, MatvecPath::tensor_core_32_rows,
+                            MatvecPath::tensor_core_streaming}) {
       if (path != MatvecPath::simple && s.cols % 32 != 0) continue;
-      check_nf4_matvec(rng, s, 2, true, 64, path);
+      for (int batch : {1, 8}) check_nf4_matvec(rng, s, batch, batch == 8, 64, path);
     }
   }
 }
@@ -136,13 +137,18 @@ TEST(NF4Matvec, OtherBlocksizes) {
   std::mt19937 rng(7);
   for (uint32_t blocksize : {32u, 128u, 256u, 4096u})
     for (const Shape& s : {Shape{33, 256}, Shape{9, 4097}, Shape{64, 8192}})
-      check_nf4_matvec(rng, s, 2, blocksize != 128, blocksize, MatvecPath::automatic);
+      for (MatvecPath path : {MatvecPath::automatic, MatvecPath::tensor_core_streaming})
+        if (path == MatvecPath::automatic || s.cols % 32 == 0)
+          check_nf4_matvec(rng, s, 2, blocksize != 128, blocksize, path);
 }
 
 TEST(NF4Matvec, RealLlamaShapes) {
   std::mt19937 rng(2024);
   for (const Shape& s : kRealShapes)
-    for (int batch : {1, 8}) check_nf4_matvec(rng, s, batch, true, 64, MatvecPath::automatic);
+    for (int batch : {1, 8}) {
+      check_nf4_matvec(rng, s, batch, true, 64, MatvecPath::automatic);
+      check_nf4_matvec(rng, s, batch, batch == 1, 64, MatvecPath::tensor_core_streaming);
+    }
 }
 
 TEST(NF4Matvec, RejectsBadArguments) {
