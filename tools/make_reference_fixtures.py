@@ -104,15 +104,17 @@ def bf16_round(array):
 
 def variants():
     return [
-        # GQA, untied, default RoPE, bf16 checkpoint, with a real (trained) tokenizer.
-        dict(name="llama_gqa", cls="LlamaForCausalLM", dtype="bfloat16", with_tokenizer=True,
+        # Every checkpoint carries a real byte-level BPE tokenizer trained to its vocabulary
+        # (the converter requires one); the first also gets a text-prompt reference.
+        # GQA, untied, default RoPE, bf16 checkpoint.
+        dict(name="llama_gqa", cls="LlamaForCausalLM", dtype="bfloat16", text_test=True,
              config=dict(hidden_size=128, intermediate_size=192, num_hidden_layers=3, num_attention_heads=8,
                          num_key_value_heads=2, vocab_size=384, tie_word_embeddings=False, rms_norm_eps=1e-5,
                          rope_theta=10000.0, max_position_embeddings=256)),
         # MHA, tied head, linear RoPE scaling, float32 checkpoint (converter rounds the embedding).
         dict(name="llama_mha_tied_linear", cls="LlamaForCausalLM", dtype="float32",
              config=dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=4, vocab_size=256, tie_word_embeddings=True, rms_norm_eps=1e-6,
+                         num_key_value_heads=4, vocab_size=288, tie_word_embeddings=True, rms_norm_eps=1e-6,
                          rope_theta=10000.0, max_position_embeddings=256,
                          rope_scaling=dict(rope_type="linear", factor=2.0))),
         # llama3 RoPE scaling with wavelengths in all three regions (original context 64).
@@ -130,13 +132,13 @@ def variants():
         # Qwen3: q/k RMSNorm per head, head_dim * heads != hidden.
         dict(name="qwen3_qk_norm", cls="Qwen3ForCausalLM", dtype="bfloat16",
              config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=32, vocab_size=256, tie_word_embeddings=False,
+                         num_key_value_heads=2, head_dim=32, vocab_size=300, tie_word_embeddings=False,
                          rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=256,
                          use_sliding_window=False)),
         # Mistral with a sliding window shorter than the 48 positions compared.
         dict(name="mistral_sliding_window", cls="MistralForCausalLM", dtype="bfloat16",
              config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=1, vocab_size=256, tie_word_embeddings=False, rms_norm_eps=1e-5,
+                         num_key_value_heads=1, vocab_size=296, tie_word_embeddings=False, rms_norm_eps=1e-5,
                          rope_theta=10000.0, max_position_embeddings=256, sliding_window=16)),
     ]
 
@@ -228,12 +230,8 @@ def build_variant(variant, out_root, seed):
     if rope_scaling:
         rope_parameters.update(rope_scaling)
     config_class = getattr(transformers, variant["cls"].replace("ForCausalLM", "Config"))
-    tokenizer = None
-    if variant.get("with_tokenizer"):
-        tokenizer = build_tokenizer(config_kwargs["vocab_size"], checkpoint)
-        bos, eos = tokenizer.token_to_id("<|begin_of_text|>"), tokenizer.token_to_id("<|eot_id|>")
-    else:
-        bos, eos = 1, 2
+    tokenizer = build_tokenizer(config_kwargs["vocab_size"], checkpoint)
+    bos, eos = tokenizer.token_to_id("<|begin_of_text|>"), tokenizer.token_to_id("<|eot_id|>")
     config = config_class(**config_kwargs, rope_parameters=rope_parameters, bos_token_id=bos, eos_token_id=eos,
                           pad_token_id=None, attention_dropout=0.0)
     if variant["cls"].startswith("Qwen2"):
@@ -278,7 +276,7 @@ def build_variant(variant, out_root, seed):
         min_greedy_margin=float(min(margins)),
         note="logits row i = next-token logits after feeding token i of prompt_ids + generated_ids; "
              "float32, NF4-dequantized matrices, bf16 embedding")
-    if tokenizer is not None:
+    if variant.get("text_test"):
         result["text_test"] = text_reference(reference, tokenizer, checkpoint)
     np.asarray(logits_rows, dtype="<f4").tofile(os.path.join(directory, "reference_logits.f32"))
     with open(os.path.join(directory, "reference.json"), "w") as f:
@@ -327,7 +325,7 @@ def text_reference(model, tokenizer, checkpoint):
     generated = sequence[len(ids):]
     eos = hf_tokenizer.token_to_id("<|eot_id|>")
     shown = generated[:generated.index(eos)] if eos in generated else generated
-    return dict(prompt=text, prompt_ids=ids, steps=steps, generated_ids=generated,
+    return dict(prompt=text, prompt_ids=ids, steps=steps, generated_ids=generated, eos_ids=[eos],
                 generated_text=hf_tokenizer.decode(shown, skip_special_tokens=True))
 
 

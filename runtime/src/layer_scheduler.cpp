@@ -144,10 +144,14 @@ Status LayerStreamer::start() {
     if (!backend_.slot_host_pointer(slot.value())) need_staging = true;
   }
   if (need_staging) {
-    // One staging buffer per ring slot (at least one), each the largest payload.
+    // One staging buffer per ring slot (at least one), each the largest slot payload.
+    uint64_t largest = plan_.ring_slot_size;
+    for (UnitIndex u = 0; u < units; ++u) {
+      if (plan_.placement[u] == UnitPlacement::resident) largest = std::max(largest, pack_.payload_size(u));
+    }
     size_t count = std::max<size_t>(1, ring_.size());
     for (size_t i = 0; i < count; ++i) {
-      auto staging = backend_.allocate_staging(pack_.largest_payload_size());
+      auto staging = backend_.allocate_staging(largest);
       if (!staging) return staging.error();
       staging_.push_back(std::move(staging.value()));
       staging_ticket_.push_back(0);

@@ -1,0 +1,586 @@
+// The CUDA backend: the forward pass over layer payloads in VRAM.
+//
+// Streams and ordering (no device-wide synchronisation on the hot path):
+//   copy stream     upload(): waits for the slot's "free" event (last compute that
+//                   read it), one cudaMemcpyAsync of the whole payload from pinned
+//                   staging, then records the slot's "ready" event and the ticket's event.
+//   compute stream  run_decoder_layer / run_output wait for the slot's "ready" event,
+//                   run the kernels, then record the slot's "free" event.
+// Activations and the KV cache are bf16; accumulation is fp32 in every kernel.
+// Every tensor is slot base + TensorInfo offset: nothing is repacked or dequantized
+// into a resident copy (prefill dequantizes tiles of rows into one scratch buffer).
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cassert>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "kernels/activation.cuh"
+#include "kernels/attention.cuh"
+#include "kernels/nf4_dequantize.cuh"
+#include "kernels/nf4_matrix.h"
+#include "kernels/nf4_matvec.cuh"
+#include "kernels/norm.cuh"
+#include "kernels/rope.cuh"
+#include "layerpack/backend.h"
+#include "layerpack/cpu_backend.h"
+#include "layerpack/cuda_backend.h"
+#include "layerpack/dtype.h"
+#include "layerpack/rope.h"
+
+namespace layerpack {
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+Error cuda_error(cudaError_t err, const std::string& what) {
+  if (err == cudaErrorMemoryAllocation) {
+    return make_error(ErrorCode::out_of_memory, "CUDA: out of device memory while " + what +
+                                                    "; lower --vram, --context or the batch size");
+  }
+  return make_error(ErrorCode::cuda, std::string("CUDA: ") + what + ": " + cudaGetErrorName(err) + " (" +
+                                         cudaGetErrorString(err) + ")");
+}
+
+#define CUDA_TRY(expr, what)                                 \
+  do {                                                       \
+    cudaError_t _err = (expr);                               \
+    if (_err != cudaSuccess) return cuda_error(_err, what);  \
+  } while (0)
+
+class PinnedBuffer : public HostBuffer {
+ public:
+  PinnedBuffer(uint8_t* data, uint64_t size) : data_(data), size_(size) {}
+  ~PinnedBuffer() override { cudaFreeHost(data_); }
+  uint8_t* data() override { return data_; }
+  uint64_t size() const override { return size_; }
+
+ private:
+  uint8_t* data_;
+  uint64_t size_;
+};
+
+struct DeviceSlot {
+  uint8_t* data = nullptr;
+  uint64_t size = 0;
+  cudaEvent_t ready = nullptr;  // recorded on the copy stream after its upload
+  cudaEvent_t free = nullptr;   // recorded on the compute stream after its last reader
+};
+
+class CudaBackend : public Backend {
+ public:
+  explicit CudaBackend(const BackendOptions& options) : options_(options) {}
+  ~CudaBackend() override;
+
+  Status create();
+  std::string name() const override { return "cuda"; }
+  std::string description() const override { return description_; }
+  KVCacheDType kv_cache_dtype() const { return KVCacheDType::bf16; }
+
+  Status initialize(const ModelPack& pack, const KVCacheLayout& kv_layout, uint32_t max_batch_rows) override;
+  uint64_t reserved_bytes() const override { return reserved_bytes_; }
+
+  Result<SlotId> allocate_slot(uint64_t bytes) override;
+  uint8_t* slot_host_pointer(SlotId) override { return nullptr; }
+  Result<std::unique_ptr<HostBuffer>> allocate_staging(uint64_t bytes) override;
+  Result<UploadTicket> upload(SlotId slot, const HostBuffer& staging, uint64_t bytes) override;
+  Status wait_upload(UploadTicket ticket) override;
+  Status wait_slot_idle(SlotId slot) override;
+
+  Status embed(const TokenBatch& batch, const uint8_t* embedding_payload) override;
+  Status run_decoder_layer(uint32_t layer, SlotId slot, const TokenBatch& batch) override;
+  Status run_output(SlotId slot, const TokenBatch& batch, float* logits) override;
+
+ private:
+  template <class T>
+  Status device_alloc(T** pointer, uint64_t count, const std::string& what) {
+    CUDA_TRY(cudaMalloc(reinterpret_cast<void**>(pointer), count * sizeof(T)), "allocating " + what);
+    reserved_bytes_ += count * sizeof(T);
+    allocations_.push_back(*pointer);
+    return Status::success();
+  }
+  // y[rows, out] = x[rows, in] * W^T for an NF4 or bf16 matrix in a slot.
+  template <class Out>
+  Status linear(const TensorInfo& weight, const DeviceSlot& slot, const bf16* x, uint32_t rows, Out* y);
+  Result<const float*> vector_pointer(const TensorInfo& tensor, const DeviceSlot& slot, uint64_t expected) const;
+
+  BackendOptions options_;
+  std::string description_;
+  cudaStream_t compute_ = nullptr;
+  cudaStream_t copy_ = nullptr;
+  cublasHandle_t cublas_ = nullptr;
+  std::mutex slots_mutex_;
+  std::vector<DeviceSlot> slots_;
+  // Ticket t is tracked by ticket_events_[t % size]; waiting on a newer copy in the
+  // same entry only waits longer, never too little.
+  std::vector<cudaEvent_t> ticket_events_;
+  UploadTicket next_ticket_ = 1;
+  std::mutex ticket_mutex_;
+
+  const ModelPack* pack_ = nullptr;
+  KVCacheLayout layout_;
+  uint32_t hidden_ = 0, heads_ = 0, kv_heads_ = 0, head_dim_ = 0, intermediate_ = 0, vocab_ = 0;
+  uint32_t window_ = 0, max_rows_ = 0, max_logits_rows_ = 0;
+  float eps_ = 1e-6f;
+  uint64_t reserved_bytes_ = 0;
+  std::vector<void*> allocations_;
+
+  bf16 *keys_ = nullptr, *values_ = nullptr;
+  bf16 *hidden_state_ = nullptr, *normed_ = nullptr, *q_ = nullptr, *k_ = nullptr, *v_ = nullptr;
+  bf16 *attention_out_ = nullptr, *gate_ = nullptr, *up_ = nullptr, *delta_ = nullptr;
+  bf16* dequantize_scratch_ = nullptr;
+  size_t dequantize_scratch_elements_ = 0;
+  void* attention_workspace_ = nullptr;
+  float* inverse_frequencies_ = nullptr;
+  int32_t* positions_ = nullptr;
+  float* logits_ = nullptr;
+
+  // Pinned host staging for per-pass inputs and outputs.
+  uint16_t* host_embedding_rows_ = nullptr;
+  int32_t* host_positions_ = nullptr;
+  float* host_logits_ = nullptr;
+  cudaEvent_t inputs_consumed_ = nullptr;
+
+  // Per pass, decided in embed().
+  bool single_sequence_ = true;
+  std::vector<uint32_t> pass_positions_;
+};
+
+CudaBackend::~CudaBackend() {
+  if (compute_) cudaStreamSynchronize(compute_);
+  if (copy_) cudaStreamSynchronize(copy_);
+  for (auto& slot : slots_) {
+    cudaFree(slot.data);
+    if (slot.ready) cudaEventDestroy(slot.ready);
+    if (slot.free) cudaEventDestroy(slot.free);
+  }
+  for (void* p : allocations_) cudaFree(p);
+  for (auto event : ticket_events_) cudaEventDestroy(event);
+  if (inputs_consumed_) cudaEventDestroy(inputs_consumed_);
+  cudaFreeHost(host_embedding_rows_);
+  cudaFreeHost(host_positions_);
+  cudaFreeHost(host_logits_);
+  if (cublas_) cublasDestroy(cublas_);
+  if (compute_) cudaStreamDestroy(compute_);
+  if (copy_) cudaStreamDestroy(copy_);
+}
+
+Status CudaBackend::create() {
+  int count = 0;
+  cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess || count == 0) {
+    return make_error(ErrorCode::unsupported,
+                      std::string("--backend cuda: no usable CUDA device (") +
+                          (err != cudaSuccess ? cudaGetErrorString(err) : "none present") + "); use --backend cpu");
+  }
+  if (options_.device < 0 || options_.device >= count) {
+    return make_error(ErrorCode::invalid_argument, "CUDA device " + std::to_string(options_.device) +
+                                                       " does not exist (" + std::to_string(count) + " present)");
+  }
+  CUDA_TRY(cudaSetDevice(options_.device), "selecting the device");
+  cudaDeviceProp prop{};
+  CUDA_TRY(cudaGetDeviceProperties(&prop, options_.device), "reading device properties");
+  CUDA_TRY(cudaStreamCreateWithFlags(&compute_, cudaStreamNonBlocking), "creating the compute stream");
+  CUDA_TRY(cudaStreamCreateWithFlags(&copy_, cudaStreamNonBlocking), "creating the copy stream");
+  if (cublasCreate(&cublas_) != CUBLAS_STATUS_SUCCESS) {
+    return make_error(ErrorCode::cuda, "cuBLAS: cublasCreate failed (out of device memory or no driver)");
+  }
+  cublasSetStream(cublas_, compute_);
+  ticket_events_.resize(64);
+  for (auto& event : ticket_events_) {
+    CUDA_TRY(cudaEventCreateWithFlags(&event, cudaEventDisableTiming), "creating events");
+  }
+  CUDA_TRY(cudaEventCreateWithFlags(&inputs_consumed_, cudaEventDisableTiming), "creating events");
+  description_ = std::string("CUDA, ") + prop.name + " (sm_" + std::to_string(prop.major) +
+                 std::to_string(prop.minor) + ", " + std::to_string(prop.totalGlobalMem >> 20) +
+                 " MiB), bf16 activations and KV cache";
+  return Status::success();
+}
+
+Status CudaBackend::initialize(const ModelPack& pack, const KVCacheLayout& kv_layout, uint32_t max_batch_rows) {
+  pack_ = &pack;
+  const ModelConfig& c = pack.config();
+  if (kv_layout.dtype != KVCacheDType::bf16) {
+    return make_error(ErrorCode::unsupported, "the CUDA backend keeps a bf16 KV cache");
+  }
+  if (c.head_dim % 8 != 0 || c.head_dim > 256) {
+    return make_error(ErrorCode::unsupported, "the CUDA attention kernel needs head_dim a multiple of 8 up to 256; " +
+                                                  pack.directory() + " has " + std::to_string(c.head_dim));
+  }
+  layout_ = kv_layout;
+  hidden_ = c.hidden_size;
+  heads_ = c.num_heads;
+  kv_heads_ = c.num_kv_heads;
+  head_dim_ = c.head_dim;
+  intermediate_ = c.intermediate_size;
+  vocab_ = c.vocab_size;
+  eps_ = c.rms_norm_eps;
+  window_ = c.sliding_window;
+  max_rows_ = std::max<uint32_t>(1, max_batch_rows);
+  max_logits_rows_ = std::min<uint32_t>(max_rows_, 64);
+
+  auto inverse = rope_inverse_frequencies(c);
+  if (!inverse) return file_error(inverse.error().code, pack.directory() + "/manifest.lpk", inverse.error().message);
+
+  const uint64_t rows = max_rows_;
+  const uint64_t cache_elements = kv_layout.total_bytes() / kv_layout.element_size() / 2;
+  const uint64_t q_width = uint64_t(heads_) * head_dim_, kv_width = uint64_t(kv_heads_) * head_dim_;
+  LAYERPACK_TRY(device_alloc(&keys_, cache_elements, "the KV cache"));
+  LAYERPACK_TRY(device_alloc(&values_, cache_elements, "the KV cache"));
+  LAYERPACK_TRY(device_alloc(&hidden_state_, rows * hidden_, "activations"));
+  LAYERPACK_TRY(device_alloc(&normed_, rows * std::max<uint64_t>(hidden_, q_width), "activations"));
+  LAYERPACK_TRY(device_alloc(&q_, rows * q_width, "activations"));
+  LAYERPACK_TRY(device_alloc(&k_, rows * kv_width, "activations"));
+  LAYERPACK_TRY(device_alloc(&v_, rows * kv_width, "activations"));
+  LAYERPACK_TRY(device_alloc(&attention_out_, rows * q_width, "activations"));
+  LAYERPACK_TRY(device_alloc(&gate_, rows * intermediate_, "activations"));
+  LAYERPACK_TRY(device_alloc(&up_, rows * intermediate_, "activations"));
+  LAYERPACK_TRY(device_alloc(&delta_, rows * hidden_, "activations"));
+  LAYERPACK_TRY(device_alloc(&positions_, rows, "positions"));
+  LAYERPACK_TRY(device_alloc(&inverse_frequencies_, inverse->size(), "RoPE frequencies"));
+  LAYERPACK_TRY(device_alloc(&logits_, uint64_t(max_logits_rows_) * vocab_, "logits"));
+  // Prefill tiles: enough for one row of the widest matrix, 16 Mi elements otherwise.
+  const uint64_t widest = std::max<uint64_t>({hidden_, intermediate_, q_width});
+  dequantize_scratch_elements_ = std::max<uint64_t>(widest, uint64_t(16) << 20);
+  if (max_rows_ > 8) {
+    LAYERPACK_TRY(device_alloc(&dequantize_scratch_, dequantize_scratch_elements_, "the prefill dequantize scratch"));
+  }
+  kernels::AttentionArgs sizing;
+  sizing.queries = static_cast<int>(rows);
+  sizing.q_heads = static_cast<int>(heads_);
+  sizing.kv_heads = static_cast<int>(kv_heads_);
+  sizing.head_dim = static_cast<int>(head_dim_);
+  sizing.max_kv_length = kv_layout.capacity;
+  const size_t workspace = kernels::attention_workspace_bytes(sizing);
+  uint8_t* workspace_bytes = nullptr;
+  LAYERPACK_TRY(device_alloc(&workspace_bytes, std::max<size_t>(workspace, 256), "the attention workspace"));
+  attention_workspace_ = workspace_bytes;
+
+  CUDA_TRY(cudaMemcpy(inverse_frequencies_, inverse->data(), inverse->size() * sizeof(float), cudaMemcpyHostToDevice),
+           "uploading RoPE frequencies");
+  CUDA_TRY(cudaHostAlloc(reinterpret_cast<void**>(&host_embedding_rows_), rows * hidden_ * sizeof(uint16_t),
+                         cudaHostAllocDefault),
+           "allocating pinned host memory");
+  CUDA_TRY(cudaHostAlloc(reinterpret_cast<void**>(&host_positions_), rows * sizeof(int32_t), cudaHostAllocDefault),
+           "allocating pinned host memory");
+  CUDA_TRY(cudaHostAlloc(reinterpret_cast<void**>(&host_logits_), uint64_t(max_logits_rows_) * vocab_ * sizeof(float),
+                         cudaHostAllocDefault),
+           "allocating pinned host memory");
+  // cuBLAS keeps its own workspace; count a conservative 32 MiB for it.
+  reserved_bytes_ += uint64_t(32) << 20;
+  return Status::success();
+}
+
+Result<SlotId> CudaBackend::allocate_slot(uint64_t bytes) {
+  DeviceSlot slot;
+  slot.size = bytes;
+  cudaError_t err = cudaMalloc(reinterpret_cast<void**>(&slot.data), bytes);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    return cuda_error(err, "allocating a " + std::to_string(bytes >> 20) + " MiB layer slot");
+  }
+  CUDA_TRY(cudaEventCreateWithFlags(&slot.ready, cudaEventDisableTiming), "creating events");
+  CUDA_TRY(cudaEventCreateWithFlags(&slot.free, cudaEventDisableTiming), "creating events");
+  std::lock_guard<std::mutex> lock(slots_mutex_);
+  slots_.push_back(slot);
+  return static_cast<SlotId>(slots_.size() - 1);
+}
+
+Result<std::unique_ptr<HostBuffer>> CudaBackend::allocate_staging(uint64_t bytes) {
+  void* data = nullptr;
+  CUDA_TRY(cudaHostAlloc(&data, bytes, cudaHostAllocDefault),
+           "allocating a " + std::to_string(bytes >> 20) + " MiB pinned staging buffer");
+  return std::unique_ptr<HostBuffer>(new PinnedBuffer(static_cast<uint8_t*>(data), bytes));
+}
+
+Result<UploadTicket> CudaBackend::upload(SlotId slot_id, const HostBuffer& staging, uint64_t bytes) {
+  CUDA_TRY(cudaSetDevice(options_.device), "selecting the device");  // called from the loader thread
+  DeviceSlot slot;
+  {
+    std::lock_guard<std::mutex> lock(slots_mutex_);
+    slot = slots_[slot_id];
+  }
+  assert(bytes <= slot.size);
+  CUDA_TRY(cudaStreamWaitEvent(copy_, slot.free, 0), "ordering an upload after compute");
+  CUDA_TRY(cudaMemcpyAsync(slot.data, const_cast<HostBuffer&>(staging).data(), bytes, cudaMemcpyHostToDevice, copy_),
+           "copying a layer payload to the GPU");
+  CUDA_TRY(cudaEventRecord(slot.ready, copy_), "recording an upload");
+  std::lock_guard<std::mutex> lock(ticket_mutex_);
+  const UploadTicket ticket = next_ticket_++;
+  CUDA_TRY(cudaEventRecord(ticket_events_[ticket % ticket_events_.size()], copy_), "recording an upload");
+  return ticket;
+}
+
+Status CudaBackend::wait_upload(UploadTicket ticket) {
+  if (ticket == 0) return Status::success();
+  cudaEvent_t event;
+  {
+    std::lock_guard<std::mutex> lock(ticket_mutex_);
+    event = ticket_events_[ticket % ticket_events_.size()];
+  }
+  CUDA_TRY(cudaEventSynchronize(event), "waiting for an upload");
+  return Status::success();
+}
+
+Status CudaBackend::wait_slot_idle(SlotId slot_id) {
+  cudaEvent_t event;
+  {
+    std::lock_guard<std::mutex> lock(slots_mutex_);
+    event = slots_[slot_id].free;
+  }
+  CUDA_TRY(cudaEventSynchronize(event), "waiting for compute on a layer slot");
+  return Status::success();
+}
+
+Status CudaBackend::embed(const TokenBatch& batch, const uint8_t* embedding_payload) {
+  const uint32_t rows = static_cast<uint32_t>(batch.size());
+  if (rows == 0 || rows > max_rows_) {
+    return make_error(ErrorCode::invalid_argument, "a pass holds 1.." + std::to_string(max_rows_) + " rows, got " +
+                                                       std::to_string(rows));
+  }
+  // The pinned inputs of the previous pass must have been consumed before they are rewritten.
+  CUDA_TRY(cudaEventSynchronize(inputs_consumed_), "waiting for the previous pass");
+  const TensorInfo& table = pack_->token_embedding();
+  std::vector<float> row(hidden_);
+  for (uint32_t r = 0; r < rows; ++r) {
+    const int32_t token = batch.token_ids[r];
+    if (token < 0 || static_cast<uint32_t>(token) >= vocab_) {
+      return make_error(ErrorCode::invalid_argument, "token id " + std::to_string(token) +
+                                                         " is outside the vocabulary of " + std::to_string(vocab_));
+    }
+    uint16_t* out = host_embedding_rows_ + uint64_t(r) * hidden_;
+    if (table.dtype == DType::bf16) {  // the usual case: copy the row's bits
+      std::memcpy(out, embedding_payload + table.data.offset + uint64_t(token) * hidden_ * 2, hidden_ * 2);
+    } else {
+      cpu::dequantize_row(cpu::MatrixView{&table, embedding_payload}, static_cast<uint64_t>(token), row.data());
+      for (uint32_t i = 0; i < hidden_; ++i) out[i] = float_to_bf16(row[i]);
+    }
+    host_positions_[r] = static_cast<int32_t>(batch.positions[r]);
+  }
+  CUDA_TRY(cudaMemcpyAsync(hidden_state_, host_embedding_rows_, uint64_t(rows) * hidden_ * 2, cudaMemcpyHostToDevice,
+                           compute_),
+           "uploading embeddings");
+  CUDA_TRY(cudaMemcpyAsync(positions_, host_positions_, rows * sizeof(int32_t), cudaMemcpyHostToDevice, compute_),
+           "uploading positions");
+  CUDA_TRY(cudaEventRecord(inputs_consumed_, compute_), "recording input upload");
+
+  // One sequence with consecutive positions: one causal launch per layer. Otherwise
+  // (batched decode over several sequences) attention runs row by row.
+  single_sequence_ = true;
+  pass_positions_.assign(batch.positions.begin(), batch.positions.end());
+  for (uint32_t r = 1; r < rows; ++r) {
+    if (batch.sequences[r] != batch.sequences[0] || batch.positions[r] != batch.positions[0] + r) {
+      single_sequence_ = false;
+    }
+  }
+  return Status::success();
+}
+
+Result<const float*> CudaBackend::vector_pointer(const TensorInfo& tensor, const DeviceSlot& slot,
+                                                 uint64_t expected) const {
+  if (tensor.dtype != DType::f32 || tensor.element_count() != expected ||
+      tensor.data.offset + tensor.data.size > slot.size) {
+    return make_error(ErrorCode::unsupported, "tensor " + tensor.name + ": the CUDA backend expects f32[" +
+                                                  std::to_string(expected) + "], the pack has " +
+                                                  dtype_name(tensor.dtype) + "[" +
+                                                  std::to_string(tensor.element_count()) + "]");
+  }
+  return reinterpret_cast<const float*>(slot.data + tensor.data.offset);
+}
+
+template <class Out>
+Status CudaBackend::linear(const TensorInfo& weight, const DeviceSlot& slot, const bf16* x, uint32_t rows, Out* y) {
+  if (weight.dtype == DType::nf4) {
+    auto view = kernels::nf4_matrix_view(weight, slot.data, slot.size);
+    if (!view) return view.error();
+    if (rows <= 8 || !dequantize_scratch_) {
+      CUDA_TRY(kernels::nf4_matvec(view.value(), x, static_cast<int>(rows), y, compute_), "NF4 matvec " + weight.name);
+    } else {
+      kernels::GemmStatus status = kernels::nf4_matmul(cublas_, view.value(), x, rows, y, dequantize_scratch_,
+                                                       dequantize_scratch_elements_, compute_);
+      if (!status.ok()) {
+        if (status.cuda != cudaSuccess) return cuda_error(status.cuda, "NF4 matmul " + weight.name);
+        return make_error(ErrorCode::cuda, "cuBLAS: NF4 matmul " + weight.name + " failed with status " +
+                                               std::to_string(static_cast<int>(status.cublas)));
+      }
+    }
+    return Status::success();
+  }
+  if (weight.dtype == DType::bf16 && weight.shape.size() == 2) {
+    const auto* w = reinterpret_cast<const bf16*>(slot.data + weight.data.offset);
+    const int64_t out_features = static_cast<int64_t>(weight.shape[0]), in_features = static_cast<int64_t>(weight.shape[1]);
+    if (rows <= 8) {
+      CUDA_TRY(kernels::bf16_matvec(w, out_features, in_features, x, static_cast<int>(rows), y, compute_),
+               "bf16 matvec " + weight.name);
+    } else {
+      kernels::GemmStatus status = kernels::bf16_matmul(cublas_, w, out_features, in_features, x, rows, y, compute_);
+      if (!status.ok()) {
+        if (status.cuda != cudaSuccess) return cuda_error(status.cuda, "bf16 matmul " + weight.name);
+        return make_error(ErrorCode::cuda, "cuBLAS: bf16 matmul " + weight.name + " failed with status " +
+                                               std::to_string(static_cast<int>(status.cublas)));
+      }
+    }
+    return Status::success();
+  }
+  return make_error(ErrorCode::unsupported, "tensor " + weight.name + ": the CUDA backend multiplies NF4 or bf16 " +
+                                                "matrices, the pack has " + dtype_name(weight.dtype));
+}
+
+Status CudaBackend::run_decoder_layer(uint32_t layer, SlotId slot_id, const TokenBatch& batch) {
+  DeviceSlot slot;
+  {
+    std::lock_guard<std::mutex> lock(slots_mutex_);
+    slot = slots_[slot_id];
+  }
+  CUDA_TRY(cudaStreamWaitEvent(compute_, slot.ready, 0), "ordering compute after an upload");
+  const DecoderTensors& d = pack_->decoder(layer);
+  const uint32_t rows = static_cast<uint32_t>(batch.size());
+  const uint64_t q_width = uint64_t(heads_) * head_dim_, kv_width = uint64_t(kv_heads_) * head_dim_;
+
+  auto attention_norm = vector_pointer(*d.attention_norm, slot, hidden_);
+  if (!attention_norm) return attention_norm.error();
+  auto ffn_norm = vector_pointer(*d.ffn_norm, slot, hidden_);
+  if (!ffn_norm) return ffn_norm.error();
+
+  // Attention block. Each layer starts from the residual stream (no norm fused
+  // across layers), so resident and streamed layers mix freely.
+  CUDA_TRY(kernels::rms_norm(hidden_state_, attention_norm.value(), eps_, rows, hidden_, normed_, compute_),
+           "RMSNorm");
+  LAYERPACK_TRY(linear(*d.q_proj, slot, normed_, rows, q_));
+  LAYERPACK_TRY(linear(*d.k_proj, slot, normed_, rows, k_));
+  LAYERPACK_TRY(linear(*d.v_proj, slot, normed_, rows, v_));
+  struct Bias {
+    const TensorInfo* tensor;
+    bf16* out;
+    uint64_t width;
+  };
+  for (const Bias& b : {Bias{d.q_bias, q_, q_width}, Bias{d.k_bias, k_, kv_width}, Bias{d.v_bias, v_, kv_width}}) {
+    if (!b.tensor) continue;
+    auto bias = vector_pointer(*b.tensor, slot, b.width);
+    if (!bias) return bias.error();
+    CUDA_TRY(kernels::add_bias(b.out, bias.value(), rows, b.width, compute_), "bias add");
+  }
+  if (d.q_norm && d.k_norm) {  // Qwen3: per-head RMSNorm before RoPE
+    auto q_norm = vector_pointer(*d.q_norm, slot, head_dim_);
+    if (!q_norm) return q_norm.error();
+    auto k_norm = vector_pointer(*d.k_norm, slot, head_dim_);
+    if (!k_norm) return k_norm.error();
+    CUDA_TRY(kernels::rms_norm(q_, q_norm.value(), eps_, int64_t(rows) * heads_, head_dim_, q_, compute_), "q norm");
+    CUDA_TRY(kernels::rms_norm(k_, k_norm.value(), eps_, int64_t(rows) * kv_heads_, head_dim_, k_, compute_), "k norm");
+  }
+  CUDA_TRY(kernels::rope_apply(q_, k_, positions_, inverse_frequencies_, rows, static_cast<int>(heads_),
+                               static_cast<int>(kv_heads_), static_cast<int>(head_dim_), compute_),
+           "RoPE");
+
+  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim_));
+  auto cache = [&](bf16* base, uint32_t sequence) { return base + layout_.offset(layer, sequence, 0, 0); };
+  kernels::AttentionArgs args;
+  args.capacity = layout_.capacity;
+  args.sequence_stride = 0;
+  args.kv_lengths = nullptr;
+  args.q_heads = static_cast<int>(heads_);
+  args.kv_heads = static_cast<int>(kv_heads_);
+  args.head_dim = static_cast<int>(head_dim_);
+  args.scale = scale;
+  args.sliding_window = window_;
+  if (single_sequence_) {
+    const uint32_t sequence = batch.sequences[0];
+    CUDA_TRY(kernels::kv_cache_append(k_, v_, positions_, rows, static_cast<int>(kv_heads_), static_cast<int>(head_dim_),
+                                      layout_.capacity, 0, cache(keys_, sequence), cache(values_, sequence), nullptr,
+                                      compute_),
+             "KV-cache append");
+    args.q = q_;
+    args.k_cache = cache(keys_, sequence);
+    args.v_cache = cache(values_, sequence);
+    args.causal_start = pass_positions_[0];
+    args.max_kv_length = pass_positions_[0] + rows;
+    args.queries = static_cast<int>(rows);
+    args.out = attention_out_;
+    CUDA_TRY(kernels::attention(args, attention_workspace_, compute_), "attention");
+  } else {
+    // Every row's keys and values are stored before any row attends.
+    for (uint32_t r = 0; r < rows; ++r) {
+      const uint32_t sequence = batch.sequences[r];
+      CUDA_TRY(kernels::kv_cache_append(k_ + r * kv_width, v_ + r * kv_width, positions_ + r, 1,
+                                        static_cast<int>(kv_heads_), static_cast<int>(head_dim_), layout_.capacity, 0,
+                                        cache(keys_, sequence), cache(values_, sequence), nullptr, compute_),
+               "KV-cache append");
+    }
+    for (uint32_t r = 0; r < rows; ++r) {
+      const uint32_t sequence = batch.sequences[r];
+      args.q = q_ + r * q_width;
+      args.k_cache = cache(keys_, sequence);
+      args.v_cache = cache(values_, sequence);
+      args.causal_start = pass_positions_[r];
+      args.max_kv_length = pass_positions_[r] + 1;
+      args.queries = 1;
+      args.out = attention_out_ + r * q_width;
+      CUDA_TRY(kernels::attention(args, attention_workspace_, compute_), "attention");
+    }
+  }
+  LAYERPACK_TRY(linear(*d.o_proj, slot, attention_out_, rows, delta_));
+
+  // MLP block: hidden += o_proj(...); normed = RMSNorm(hidden); down(silu(gate) * up).
+  CUDA_TRY(kernels::add_rms_norm(hidden_state_, delta_, ffn_norm.value(), eps_, rows, hidden_, normed_, compute_),
+           "residual add + RMSNorm");
+  LAYERPACK_TRY(linear(*d.gate_proj, slot, normed_, rows, gate_));
+  LAYERPACK_TRY(linear(*d.up_proj, slot, normed_, rows, up_));
+  CUDA_TRY(kernels::swiglu(gate_, up_, int64_t(rows) * intermediate_, gate_, compute_), "SwiGLU");
+  LAYERPACK_TRY(linear(*d.down_proj, slot, gate_, rows, delta_));
+  CUDA_TRY(kernels::residual_add(hidden_state_, delta_, int64_t(rows) * hidden_, compute_), "residual add");
+  CUDA_TRY(cudaEventRecord(slot.free, compute_), "recording layer completion");
+  return Status::success();
+}
+
+Status CudaBackend::run_output(SlotId slot_id, const TokenBatch& batch, float* logits) {
+  DeviceSlot slot;
+  {
+    std::lock_guard<std::mutex> lock(slots_mutex_);
+    slot = slots_[slot_id];
+  }
+  CUDA_TRY(cudaStreamWaitEvent(compute_, slot.ready, 0), "ordering compute after an upload");
+  const OutputTensors& o = pack_->output();
+  auto final_norm = vector_pointer(*o.final_norm, slot, hidden_);
+  if (!final_norm) return final_norm.error();
+
+  // Compact the rows that want logits, in batch order, then norm + head in chunks.
+  std::vector<uint32_t> wanted;
+  for (uint32_t r = 0; r < batch.size(); ++r) {
+    if (batch.wants_logits[r]) wanted.push_back(r);
+  }
+  for (size_t first = 0; first < wanted.size(); first += max_logits_rows_) {
+    const uint32_t count = static_cast<uint32_t>(std::min<size_t>(max_logits_rows_, wanted.size() - first));
+    for (uint32_t i = 0; i < count; ++i) {
+      CUDA_TRY(cudaMemcpyAsync(delta_ + uint64_t(i) * hidden_, hidden_state_ + uint64_t(wanted[first + i]) * hidden_,
+                               hidden_ * sizeof(bf16), cudaMemcpyDeviceToDevice, compute_),
+               "gathering output rows");
+    }
+    CUDA_TRY(kernels::rms_norm(delta_, final_norm.value(), eps_, count, hidden_, normed_, compute_), "final RMSNorm");
+    LAYERPACK_TRY(linear(*o.lm_head, slot, normed_, count, logits_));
+    CUDA_TRY(cudaMemcpyAsync(host_logits_, logits_, uint64_t(count) * vocab_ * sizeof(float), cudaMemcpyDeviceToHost,
+                             compute_),
+             "copying logits to the host");
+    CUDA_TRY(cudaStreamSynchronize(compute_), "running the forward pass");
+    std::memcpy(logits + first * vocab_, host_logits_, uint64_t(count) * vocab_ * sizeof(float));
+  }
+  CUDA_TRY(cudaEventRecord(slot.free, compute_), "recording layer completion");
+  if (wanted.empty()) CUDA_TRY(cudaStreamSynchronize(compute_), "running the forward pass");
+  return Status::success();
+}
+
+}  // namespace
+
+Result<std::unique_ptr<Backend>> make_cuda_backend(const BackendOptions& options) {
+  auto backend = std::make_unique<CudaBackend>(options);
+  LAYERPACK_TRY(backend->create());
+  return std::unique_ptr<Backend>(std::move(backend));
+}
+
+}  // namespace layerpack
