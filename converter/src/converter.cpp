@@ -1037,20 +1037,22 @@ Result<ConvertSummary> run_conversion(const ConvertOptions& options) {
   }
   if (plan.generation.eos_token_ids.empty()) plan.generation.eos_token_ids = plan.config.eos_token_ids;
 
-  bool has_tokenizer = false;
-  if (!tokenizer_source.empty()) {
+  // Every pack carries its tokenizer (format/SPEC.md: the file list always holds tokenizer.lpk).
+  {
     std::error_code ec;
-    has_tokenizer = fs::exists(fs::path(tokenizer_source) / "tokenizer.json", ec) ||
-                    fs::exists(fs::path(tokenizer_source) / "tokenizer.model", ec);
-    if (!has_tokenizer && !options.tokenizer_dir.empty()) {
-      return file_error(ErrorCode::not_found, options.tokenizer_dir, "no tokenizer.json or tokenizer.model here");
+    if (tokenizer_source.empty()) {
+      return make_error(ErrorCode::invalid_argument,
+                        "--synthetic needs --tokenizer DIR (a directory with tokenizer.json or tokenizer.model): "
+                        "every pack carries a tokenizer");
+    }
+    if (!fs::exists(fs::path(tokenizer_source) / "tokenizer.json", ec) &&
+        !fs::exists(fs::path(tokenizer_source) / "tokenizer.model", ec)) {
+      return file_error(ErrorCode::not_found, tokenizer_source,
+                        "no tokenizer.json or tokenizer.model; every pack carries a tokenizer (add the tokenizer "
+                        "files to the checkpoint or pass --tokenizer DIR)");
     }
   }
-  if (!has_tokenizer) {
-    plan.warnings.push_back(
-        (tokenizer_source.empty() ? std::string("synthetic pack") : tokenizer_source) +
-        ": no tokenizer (tokenizer.json / tokenizer.model); the pack has no tokenizer.lpk and takes token ids only");
-  }
+  const bool has_tokenizer = true;
   auto warn = [&](const std::string& w) {
     if (options.progress) options.progress->message("warning: " + w);
   };
