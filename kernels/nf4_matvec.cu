@@ -215,111 +215,114 @@ __global__ void __launch_bounds__(kThreads) nf4_matvec_mma_kernel(NF4Params p, c
   reduce_and_store<kTiles>(acc, row_base, p.rows, batch, y);
 }
 
-// One item of streaming work: a lane's two 16-byte weight chunks (rows g, g+8),
-// their block scales, and its 32 x values.
-struct StreamItem {
-  uint4 w[2];
-  float scale[2];
-  uint4 x[4];
-};
+// The fast NF4 kernel (needs cols % 64 == 0 and blocksize >= 64). A quad of
+// lanes reads 64 bytes (128 elements, two blocks A and B of 64) of a row per
+// step, each lane 8 bytes of A and 8 of B, so that every mma's k16 lies in a
+// single quantization block: the mma runs on the unscaled codes (bf16) and the
+// block's absmax scales its fp32 result. Each packed byte becomes a bf16 pair
+// with one shared-memory load from a 256-entry table, replicated once per lane
+// (lane l reads copy l: bank l, no conflicts). Weights are bf16(code) * absmax
+// in fp32, summed in fp32 (kernels/nf4_matvec_reference.h, NF4Rounding::code).
+// Measured slower than nf4_matvec_mma_kernel on H200 (128 registers: 16 warps
+// per SM, and 64-bit address arithmetic per step); see kernels/NOTES.md.
+constexpr int kPairLutCopies = 32;
 
-// Streaming variant of the kernel above (one 16-row tile at a time): the grid
-// is persistent (blocks loop over tiles), and each warp loads the weights of
-// its next item before computing the current one, also across a tile
-// boundary, so the block's reduction and the LUT set-up overlap with loads.
 template <bool kDoubleQuant, typename OutT>
-__global__ void __launch_bounds__(kThreads, 2) nf4_matvec_stream_kernel(NF4Params p, const __nv_bfloat16* __restrict__ x,
-                                                                     int batch, OutT* __restrict__ y, int64_t tiles) {
-  __shared__ float lut[16];
+__global__ void __launch_bounds__(kThreads, 2) nf4_matvec_pair_lut_kernel(NF4Params p, const __nv_bfloat16* __restrict__ x,
+                                                                    int batch, OutT* __restrict__ y) {
+  __shared__ __align__(16) uint32_t pair_lut[256 * kPairLutCopies];
   __shared__ float nested_code[kDoubleQuant ? 256 : 1];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int g = lane >> 2, tig = lane & 3;
-  const int64_t K = p.cols;
-  const int64_t chunks = K / 32;
-  const int64_t steps = (chunks + 3) / 4;
-  const int64_t items_per_tile = steps > warp ? (steps - warp + kWarpsPerBlock - 1) / kWarpsPerBlock : 0;
-  const bool has_x = g < batch;
-  const __nv_bfloat16* x_row = x + static_cast<int64_t>(has_x ? g : 0) * K;
-
-  auto load_full = [&](StreamItem& it, int64_t tile, int64_t item) {
-    const int64_t chunk = (warp + item * kWarpsPerBlock) * 4 + tig;
-    const bool chunk_ok = chunk < chunks;
+  {
+    // Entry e: (code[e >> 4], code[e & 15]) as bf16, the even (high-nibble) element in the low half.
+    const int e = threadIdx.x;  // blockDim.x == 256
+    __nv_bfloat162 v = __floats2bfloat162_rn(p.code[e >> 4], p.code[e & 15]);
+    const uint32_t u = *reinterpret_cast<uint32_t*>(&v);
+    uint4* dst = reinterpret_cast<uint4*>(pair_lut + e * kPairLutCopies);
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t r = tile * 16 + g + h * 8;
-      if (chunk_ok && r < p.rows) {
-        const int64_t flat = r * K + chunk * 32;
-        it.w[h] = load_weights(p.packed + flat / 2);
-        it.scale[h] = block_scale<kDoubleQuant>(p, nested_code, flat >> p.block_shift);
-      } else {
-        it.w[h] = make_uint4(0, 0, 0, 0);
-        it.scale[h] = 0.0f;
-      }
-    }
-#pragma unroll
-    for (int q = 0; q < 4; ++q)
-      it.x[q] = (chunk_ok && has_x) ? load_x(x_row + chunk * 32 + q * 8) : make_uint4(0, 0, 0, 0);
-  };
-
-  StreamItem cur, next;
-  int64_t tile = blockIdx.x, item = 0;
-  // First item: weights and x before the table barrier (scales need the nested table).
-  if (tile < tiles && items_per_tile > 0) {
-    const int64_t chunk = warp * 4 + tig;
-    const bool chunk_ok = chunk < chunks;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t r = tile * 16 + g + h * 8;
-      cur.w[h] = (chunk_ok && r < p.rows) ? load_weights(p.packed + (r * K + chunk * 32) / 2) : make_uint4(0, 0, 0, 0);
-    }
-#pragma unroll
-    for (int q = 0; q < 4; ++q)
-      cur.x[q] = (chunk_ok && has_x) ? load_x(x_row + chunk * 32 + q * 8) : make_uint4(0, 0, 0, 0);
-  }
-  if (threadIdx.x < 16) lut[threadIdx.x] = p.code[threadIdx.x];
-  if constexpr (kDoubleQuant) {
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) nested_code[i] = p.nested_code[i];
+    for (int c = 0; c < kPairLutCopies / 4; ++c) dst[c] = make_uint4(u, u, u, u);
+    if constexpr (kDoubleQuant) nested_code[e] = p.nested_code[e];
   }
   __syncthreads();
-  if (tile < tiles && items_per_tile > 0) {
-    const int64_t chunk = warp * 4 + tig;
-    const bool chunk_ok = chunk < chunks;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t r = tile * 16 + g + h * 8;
-      cur.scale[h] = (chunk_ok && r < p.rows)
-                         ? block_scale<kDoubleQuant>(p, nested_code, (r * K + chunk * 32) >> p.block_shift)
-                         : 0.0f;
-    }
-  }
 
-  float acc[1][4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
-  for (; tile < tiles; tile += gridDim.x) {
-    for (item = 0; item < items_per_tile; ++item) {
-      // Prefetch the following item (this tile or the block's next one).
-      int64_t next_tile = tile, next_item = item + 1;
-      if (next_item == items_per_tile) {
-        next_tile = tile + gridDim.x;
-        next_item = 0;
-      }
-      if (next_tile < tiles) load_full(next, next_tile, next_item);
-      const uint32_t* xw = reinterpret_cast<const uint32_t*>(&cur.x[0]);
-      const uint32_t* w0 = reinterpret_cast<const uint32_t*>(&cur.w[0]);
-      const uint32_t* w1 = reinterpret_cast<const uint32_t*>(&cur.w[1]);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, tig = lane & 3;
+  const int64_t row_base = static_cast<int64_t>(blockIdx.x) * 16;
+  const int64_t K = p.cols;
+  const int64_t spans = (K + 127) / 128;  // 128-element steps; the last may hold only block A
+  const bool has_x = g < batch;
+  const __nv_bfloat16* x_row = x + static_cast<int64_t>(has_x ? g : 0) * K;
+  const char* lut_bytes = reinterpret_cast<const char*>(pair_lut) + lane * 4;
+
+  int64_t rows_of[2];
+  bool row_ok[2];
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        uint32_t a0, a1, a2, a3;
-        dequantize_four(w0[j >> 1], j & 1, lut, cur.scale[0], a0, a2);
-        dequantize_four(w1[j >> 1], j & 1, lut, cur.scale[1], a1, a3);
-        mma_bf16_16x8x16(acc[0], a0, a1, a2, a3, xw[2 * j], xw[2 * j + 1]);
-      }
-      cur = next;
-    }
-    reduce_and_store<1>(acc, tile * 16, p.rows, batch, y);
-    __syncthreads();  // the partial sums buffer is reused by the next tile
-#pragma unroll
-    for (int i = 0; i < 4; ++i) acc[0][i] = 0.0f;
+  for (int h = 0; h < 2; ++h) {
+    const int64_t r = row_base + g + h * 8;
+    row_ok[h] = r < p.rows;
+    rows_of[h] = row_ok[h] ? r : 0;
   }
+  float acc[1][4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
+
+  constexpr int kUnroll = 2;
+  for (int64_t span0 = warp; span0 < spans; span0 += kWarpsPerBlock * kUnroll) {
+    uint2 w[kUnroll][2][2];   // [u][row half][block part]
+    uint4 xv[kUnroll][2][2];  // [u][part][16 x values]
+    float scale[kUnroll][2][2];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t span = span0 + u * kWarpsPerBlock;
+      float my_scale = 0.0f;
+#pragma unroll
+      for (int part = 0; part < 2; ++part) {
+        const int64_t part_start = span * 128 + part * 64;
+        const bool part_ok = span < spans && part_start < K;
+        const int64_t elem0 = part_start + 16 * tig;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const bool ok = part_ok && row_ok[h];
+          w[u][h][part] = ok ? __ldg(reinterpret_cast<const uint2*>(p.packed + (rows_of[h] * K + elem0) / 2))
+                             : make_uint2(0, 0);
+          // Lane tig of the quad finds the scale of (row half tig >> 1, part tig & 1).
+          if (ok && tig == h * 2 + part)
+            my_scale = block_scale<kDoubleQuant>(p, nested_code, (rows_of[h] * K + part_start) >> p.block_shift);
+        }
+        const bool x_ok = part_ok && has_x;
+        xv[u][part][0] = x_ok ? load_x(x_row + elem0) : make_uint4(0, 0, 0, 0);
+        xv[u][part][1] = x_ok ? load_x(x_row + elem0 + 8) : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int part = 0; part < 2; ++part)
+          scale[u][h][part] = __shfl_sync(0xffffffffu, my_scale, (lane & ~3) | (h * 2 + part));
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+      for (int part = 0; part < 2; ++part) {
+        const uint32_t* xw = reinterpret_cast<const uint32_t*>(&xv[u][part][0]);  // 8 words = 16 bf16
+        const uint32_t w0[2] = {w[u][0][part].x, w[u][0][part].y};
+        const uint32_t w1[2] = {w[u][1][part].x, w[u][1][part].y};
+        float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          // Bytes 2j, 2j+1 of the lane's 8: elements 4j..4j+3.
+          const uint32_t word0 = w0[j >> 1], word1 = w1[j >> 1];
+          const uint32_t sel_lo = 0x4440 | (2 * (j & 1)), sel_hi = 0x4440 | (2 * (j & 1) + 1);
+          const uint32_t a0 = *reinterpret_cast<const uint32_t*>(lut_bytes + (__byte_perm(word0, 0, sel_lo) << 7));
+          const uint32_t a2 = *reinterpret_cast<const uint32_t*>(lut_bytes + (__byte_perm(word0, 0, sel_hi) << 7));
+          const uint32_t a1 = *reinterpret_cast<const uint32_t*>(lut_bytes + (__byte_perm(word1, 0, sel_lo) << 7));
+          const uint32_t a3 = *reinterpret_cast<const uint32_t*>(lut_bytes + (__byte_perm(word1, 0, sel_hi) << 7));
+          mma_bf16_16x8x16(c, a0, a1, a2, a3, xw[2 * j], xw[2 * j + 1]);
+        }
+        acc[0][0] = fmaf(c[0], scale[u][0][part], acc[0][0]);
+        acc[0][1] = fmaf(c[1], scale[u][0][part], acc[0][1]);
+        acc[0][2] = fmaf(c[2], scale[u][1][part], acc[0][2]);
+        acc[0][3] = fmaf(c[3], scale[u][1][part], acc[0][3]);
+      }
+    }
+  }
+  reduce_and_store<1>(acc, row_base, p.rows, batch, y);
 }
 
 // Same structure for bf16 weights: a lane's 16-byte chunk is 8 elements, the
@@ -407,7 +410,7 @@ __global__ void nf4_matvec_simple_kernel(NF4Params p, const __nv_bfloat16* __res
     const int64_t flat = row * p.cols + k;
     const uint8_t byte = p.packed[flat >> 1];
     const int nibble = (flat & 1) ? (byte & 0x0f) : (byte >> 4);
-    // Rounded to bf16 like the tensor-core path, so both compute the same function.
+    // bf16(code * absmax), the same function as the 16/32-row tensor-core kernels.
     const float w = __bfloat162float(
         __float2bfloat16_rn(lut[nibble] * block_scale<kDoubleQuant>(p, nested_code, flat >> p.block_shift)));
 #pragma unroll
@@ -457,18 +460,6 @@ bool device_has_mma(int* device_out = nullptr) {
   return cached_major[device] >= 8;
 }
 
-int multiprocessor_count() {
-  static int cached[64] = {0};
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return 132;
-  if (cached[device] == 0) {
-    int count = 0;
-    if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || count <= 0) return 132;
-    cached[device] = count;
-  }
-  return cached[device];
-}
-
 bool valid_matrix(const NF4Matrix& m) {
   if (!m.packed || !m.code || m.rows <= 0 || m.cols <= 0) return false;
   if (!power_of_two(m.blocksize) || m.blocksize < 32 || m.blocksize > 4096) return false;
@@ -484,7 +475,11 @@ cudaError_t nf4_matvec_dispatch(const NF4Matrix& m, const __nv_bfloat16* x, int 
               m.nested_offset, log2_exact(m.blocksize), log2_exact(m.nested_blocksize), m.rows, m.cols};
   const bool mma_ok = device_has_mma() && m.cols % 32 == 0 && detail::aligned_to(m.packed, 16) &&
                       detail::aligned_to(x, 16);
+  const bool pair_lut_ok = mma_ok && m.cols % 64 == 0 && m.blocksize >= 64;
+  if (path == MatvecPath::tensor_core_pair_lut && !pair_lut_ok) return cudaErrorInvalidValue;
   if (path != MatvecPath::automatic && path != MatvecPath::simple && !mma_ok) return cudaErrorInvalidValue;
+  // Both automatic choices form bf16(code * absmax) per weight (NF4Rounding::product). The
+  // pair-LUT kernel measured slower on H200 (kernels/NOTES.md), so it is not chosen here.
   if (path == MatvecPath::automatic) path = mma_ok ? MatvecPath::tensor_core_16_rows : MatvecPath::simple;
   for (int b0 = 0; b0 < batch; b0 += kBatchPerPass) {
     const int pass = batch - b0 < kBatchPerPass ? batch - b0 : kBatchPerPass;
@@ -498,14 +493,10 @@ cudaError_t nf4_matvec_dispatch(const NF4Matrix& m, const __nv_bfloat16* x, int 
       const unsigned blocks = ceil_div(m.rows, 16);
       if (m.double_quant) nf4_matvec_mma_kernel<1, true><<<blocks, kThreads, 0, stream>>>(p, xp, pass, yp);
       else nf4_matvec_mma_kernel<1, false><<<blocks, kThreads, 0, stream>>>(p, xp, pass, yp);
-    } else if (path == MatvecPath::tensor_core_streaming) {
-      const int64_t tiles = (m.rows + 15) / 16;
-      const int64_t resident = static_cast<int64_t>(multiprocessor_count()) * 2;
-      const unsigned blocks = static_cast<unsigned>(tiles < resident ? tiles : resident);
-      if (m.double_quant)
-        nf4_matvec_stream_kernel<true><<<blocks, kThreads, 0, stream>>>(p, xp, pass, yp, tiles);
-      else
-        nf4_matvec_stream_kernel<false><<<blocks, kThreads, 0, stream>>>(p, xp, pass, yp, tiles);
+    } else if (path == MatvecPath::tensor_core_pair_lut) {
+      const unsigned blocks = ceil_div(m.rows, 16);
+      if (m.double_quant) nf4_matvec_pair_lut_kernel<true><<<blocks, kThreads, 0, stream>>>(p, xp, pass, yp);
+      else nf4_matvec_pair_lut_kernel<false><<<blocks, kThreads, 0, stream>>>(p, xp, pass, yp);
     } else {
       const unsigned blocks = ceil_div(m.rows, 32);
       if (m.double_quant) nf4_matvec_mma_kernel<2, true><<<blocks, kThreads, 0, stream>>>(p, xp, pass, yp);
@@ -530,7 +521,7 @@ cudaError_t bf16_matvec_dispatch(const __nv_bfloat16* w, int64_t rows, int64_t c
     OutT* yp = y + static_cast<int64_t>(b0) * rows;
     if (path == MatvecPath::simple) {
       bf16_matvec_simple_kernel<<<ceil_div(rows, 8), 256, 0, stream>>>(w, rows, cols, xp, pass, yp);
-    } else if (path == MatvecPath::tensor_core_16_rows || path == MatvecPath::tensor_core_streaming) {
+    } else if (path == MatvecPath::tensor_core_16_rows || path == MatvecPath::tensor_core_pair_lut) {
       bf16_matvec_mma_kernel<1><<<ceil_div(rows, 16), kThreads, 0, stream>>>(w, rows, cols, xp, pass, yp);
     } else {
       bf16_matvec_mma_kernel<2><<<ceil_div(rows, 32), kThreads, 0, stream>>>(w, rows, cols, xp, pass, yp);

@@ -4,10 +4,12 @@
 // matrix ([rows, cols] row-major, e.g. a tied lm_head). Accumulation is fp32.
 //
 // x is bf16 [batch, cols], y is [batch, rows] (bf16, or f32 for logits).
-// On sm_80+ with cols % 32 == 0 (NF4) / cols % 8 == 0 (bf16) and aligned
-// pointers, a tensor-core kernel is used: each weight is dequantized to bf16
-// (code * absmax in fp32, then rounded, as bitsandbytes does) and multiplied on
-// mma.m16n8k16 with fp32 accumulation. Other shapes take a plain fp32 kernel.
+// Each weight is bf16(code * absmax): the fp32 product rounded to bf16, the
+// bitsandbytes dequantization rule; products are summed in fp32.
+// Fast path (sm_80+, cols % 32 == 0, 16-byte aligned packed weights and x): a
+// tensor-core kernel (mma.m16n8k16, fp32 accumulation, x as the n = 8 operand,
+// so batch 1..8 costs about the same). Any other shape takes a plain fp32
+// kernel with the same arithmetic. Measured figures: kernels/NOTES.md.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -28,12 +30,15 @@ cudaError_t bf16_matvec(const __nv_bfloat16* weight, int64_t rows, int64_t cols,
 cudaError_t bf16_matvec(const __nv_bfloat16* weight, int64_t rows, int64_t cols, const __nv_bfloat16* x, int batch,
                         float* y, cudaStream_t stream);
 
-// Kernel selection, exposed for the tests and the benchmark (every path must
-// agree with the reference): automatic, force the plain fp32 kernel, the
-// tensor-core kernel with 1 or 2 tiles of 16 rows per block, or (NF4 only) the
-// streaming tensor-core kernel: a persistent grid whose warps prefetch their
-// next weights across tile boundaries (bf16 treats it as 16 rows).
-enum class MatvecPath { automatic, simple, tensor_core_16_rows, tensor_core_32_rows, tensor_core_streaming };
+// Kernel selection, exposed for the tests and the benchmark: automatic (the
+// 16-row tensor-core kernel where it applies, else the plain kernel), the plain
+// fp32 kernel, the tensor-core kernel with 1 or 2 tiles of 16 rows per block,
+// or the pair-LUT tensor-core kernel (cols % 64 == 0, blocksize >= 64): it runs
+// the mma on bf16(code) and scales the fp32 result by absmax, so its weights
+// are bf16(code) * absmax (NF4Rounding::code), within 2^-8 of the others; it
+// measured slower (NOTES.md) and is kept for tuning. bf16 matvec treats the
+// pair-LUT choice as 16 rows.
+enum class MatvecPath { automatic, simple, tensor_core_16_rows, tensor_core_32_rows, tensor_core_pair_lut };
 cudaError_t nf4_matvec_with_path(const NF4Matrix& weight, const __nv_bfloat16* x, int batch, __nv_bfloat16* y,
                                  MatvecPath path, cudaStream_t stream);
 cudaError_t bf16_matvec_with_path(const __nv_bfloat16* weight, int64_t rows, int64_t cols, const __nv_bfloat16* x,

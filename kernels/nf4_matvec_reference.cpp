@@ -22,14 +22,16 @@ void nf4_dequantize(const NF4Matrix& m, float* out) {
   }
 }
 
-void nf4_matvec(const NF4Matrix& m, const uint16_t* x_bf16, int batch, float* y) {
+void nf4_matvec(const NF4Matrix& m, const uint16_t* x_bf16, int batch, float* y, NF4Rounding rounding) {
   std::vector<float> row(static_cast<size_t>(m.cols));
   for (int64_t r = 0; r < m.rows; ++r) {
     for (int64_t k = 0; k < m.cols; ++k) {
       const int64_t i = r * m.cols + k;
       const uint8_t byte = m.packed[i / 2];
       const int nibble = (i % 2 == 0) ? (byte >> 4) : (byte & 0x0f);
-      row[k] = bf16_to_float(float_to_bf16(m.code[nibble] * nf4_block_absmax(m, i / m.blocksize)));
+      const float absmax = nf4_block_absmax(m, i / m.blocksize);
+      row[k] = rounding == NF4Rounding::code ? bf16_to_float(float_to_bf16(m.code[nibble])) * absmax
+                                             : bf16_to_float(float_to_bf16(m.code[nibble] * absmax));
     }
     for (int b = 0; b < batch; ++b) {
       double sum = 0.0;

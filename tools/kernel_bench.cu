@@ -141,8 +141,8 @@ int main(int argc, char** argv) {
                           {"down_proj", 4096, 14336}};
   constexpr int kPaths = 4;
   const MatvecPath paths[kPaths] = {MatvecPath::tensor_core_16_rows, MatvecPath::tensor_core_32_rows,
-                                    MatvecPath::tensor_core_streaming, MatvecPath::simple};
-  const char* path_names[kPaths] = {"tc16", "tc32", "stream", "simple"};
+                                    MatvecPath::tensor_core_pair_lut, MatvecPath::simple};
+  const char* path_names[kPaths] = {"tc16", "tc32", "pairlut", "simple"};
 
   __nv_bfloat16* x = device_alloc<__nv_bfloat16>(8 * 14336);
   __nv_bfloat16* y = device_alloc<__nv_bfloat16>(8 * 14336);

@@ -100,16 +100,18 @@ void check_nf4_matvec(std::mt19937& rng, const Shape& s, int batch, bool dq, uin
   DeviceBuffer<float> dy32(static_cast<size_t>(batch) * s.rows);
   dx.upload(x);
   std::vector<float> ref(static_cast<size_t>(batch) * s.rows);
-  reference::nf4_matvec(w.host_view, x.data(), batch, ref.data());
+  reference::nf4_matvec(w.host_view, x.data(), batch, ref.data(),
+                        path == MatvecPath::tensor_core_pair_lut ? reference::NF4Rounding::code
+                                                                 : reference::NF4Rounding::product);
   const std::string what = name_of(s, batch, dq) + " blocksize " + std::to_string(blocksize) + " path " +
                            std::to_string(static_cast<int>(path));
   dy.poison();
   CUDA_OK(nf4_matvec_with_path(w.device_view, as_bf16(dx.get()), batch, as_bf16(dy.get()), path, nullptr));
   CUDA_OK(cudaDeviceSynchronize());
   expect_close(bf16_to_floats(dy.download()), ref, kBf16Tolerance, what + " bf16 out");
-  if (path == MatvecPath::automatic) {
+  if (path == MatvecPath::automatic || path == MatvecPath::simple) {
     dy32.poison();
-    CUDA_OK(nf4_matvec(w.device_view, as_bf16(dx.get()), batch, dy32.get(), nullptr));
+    CUDA_OK(nf4_matvec(w.device_view, as_bf16(dx.get()), batch, dy32.get(), nullptr));  // automatic path
     CUDA_OK(cudaDeviceSynchronize());
     expect_close(dy32.download(), ref, kF32Tolerance, what + " f32 out");
   }
@@ -126,8 +128,9 @@ TEST(NF4Matvec, EveryPathAgrees) {
   std::mt19937 rng(99);
   for (const Shape& s : kShapes) {
     for (MatvecPath path : {MatvecPath::simple, MatvecPath::tensor_core_16_rows, MatvecPath::tensor_core_32_rows,
-                            MatvecPath::tensor_core_streaming}) {
+                            MatvecPath::tensor_core_pair_lut}) {
       if (path != MatvecPath::simple && s.cols % 32 != 0) continue;
+      if (path == MatvecPath::tensor_core_pair_lut && s.cols % 64 != 0) continue;
       for (int batch : {1, 8}) check_nf4_matvec(rng, s, batch, batch == 8, 64, path);
     }
   }
@@ -137,8 +140,8 @@ TEST(NF4Matvec, OtherBlocksizes) {
   std::mt19937 rng(7);
   for (uint32_t blocksize : {32u, 128u, 256u, 4096u})
     for (const Shape& s : {Shape{33, 256}, Shape{9, 4097}, Shape{64, 8192}})
-      for (MatvecPath path : {MatvecPath::automatic, MatvecPath::tensor_core_streaming})
-        if (path == MatvecPath::automatic || s.cols % 32 == 0)
+      for (MatvecPath path : {MatvecPath::automatic, MatvecPath::tensor_core_pair_lut})
+        if (path == MatvecPath::automatic || (s.cols % 64 == 0 && blocksize >= 64))
           check_nf4_matvec(rng, s, 2, blocksize != 128, blocksize, path);
 }
 
@@ -147,7 +150,7 @@ TEST(NF4Matvec, RealLlamaShapes) {
   for (const Shape& s : kRealShapes)
     for (int batch : {1, 8}) {
       check_nf4_matvec(rng, s, batch, true, 64, MatvecPath::automatic);
-      check_nf4_matvec(rng, s, batch, batch == 1, 64, MatvecPath::tensor_core_streaming);
+      check_nf4_matvec(rng, s, batch, batch == 1, 64, MatvecPath::tensor_core_pair_lut);
     }
 }
 
@@ -240,7 +243,9 @@ TEST(NF4Matmul, DequantizeTilesThenCublasMatchesReference) {
       RandomNF4 w(rng, s.rows, s.cols, true);
       const auto x = random_bf16(rng, static_cast<size_t>(tokens * s.cols));
       std::vector<float> ref(static_cast<size_t>(tokens * s.rows));
-      reference::nf4_matvec(w.host_view, x.data(), static_cast<int>(tokens), ref.data());
+      // cuBLAS multiplies the bitsandbytes dequantization bf16(code * absmax).
+      reference::nf4_matvec(w.host_view, x.data(), static_cast<int>(tokens), ref.data(),
+                            reference::NF4Rounding::product);
       DeviceBuffer<uint16_t> dx(x.size()), dy(ref.size());
       DeviceBuffer<float> dy32(ref.size());
       dx.upload(x);
