@@ -89,6 +89,32 @@ TEST_P(FixtureLogitsTest, GeneratorGreedyMatchesTransformers) {
   EXPECT_EQ(result->stats.decode_passes, ref.generated_ids.size() - 1);
 }
 
+// A chat keeps the cache between turns and drops what a new rendering does not share:
+// prompt[0..20) as one turn, cut back to 15 cached tokens, then prompt[15..32) as the
+// next turn gives the same greedy continuation as the whole prompt at once.
+TEST_P(FixtureLogitsTest, KeptAndTruncatedCacheContinuesExactly) {
+  const Reference ref = load_reference(GetParam());
+  auto engine = Engine::open(converted_pack(GetParam()), EngineOptions{});
+  ASSERT_TRUE(engine.ok()) << engine.error().to_string();
+  Generator generator(**engine, nullptr);
+  auto sequence = (*engine)->kv().open_sequence();
+  ASSERT_TRUE(sequence.ok());
+  GenerationOptions options;
+  options.max_new_tokens = 3;
+  std::vector<int32_t> first(ref.prompt_ids.begin(), ref.prompt_ids.begin() + 20);
+  auto turn1 = generator.generate(sequence.value(), first, options);
+  ASSERT_TRUE(turn1.ok()) << turn1.error().to_string();
+  EXPECT_EQ(generator.history(sequence.value()).size(), 22u);  // the last sampled token is not fed yet
+  generator.truncate(sequence.value(), 15);
+  EXPECT_EQ((*engine)->kv().length(sequence.value()), 15u);
+  options.max_new_tokens = static_cast<uint32_t>(ref.generated_ids.size());
+  std::vector<int32_t> rest(ref.prompt_ids.begin() + 15, ref.prompt_ids.end());
+  auto turn2 = generator.generate(sequence.value(), rest, options);
+  ASSERT_TRUE(turn2.ok()) << turn2.error().to_string();
+  EXPECT_EQ(turn2->tokens, ref.generated_ids);
+  EXPECT_EQ(turn2->stats.prompt_tokens, rest.size());
+}
+
 // Streaming through a two-slot ring, filled via staging + upload as the GPU does,
 // with the prompt prefilled in chunks of 5 rows, gives the resident result bit for bit.
 TEST_P(FixtureLogitsTest, StreamedChunkedStagedEqualsResidentBitForBit) {

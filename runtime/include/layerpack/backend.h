@@ -8,6 +8,15 @@
 // slot base + TensorInfo offset; no per-tensor allocation, no repacking. A slot whose
 // memory the host can write (CPU) is filled by reading the file straight into it; any
 // other slot is filled from a staging buffer (pinned host memory on CUDA) by upload().
+//
+// Adding the CUDA backend (issue 6): implement this interface in runtime/src/cuda/
+// (slots = cudaMalloc'd ranges of one budgeted arena, slot_host_pointer() = nullptr,
+// allocate_staging() = cudaHostAlloc, upload() = cudaMemcpyAsync on a copy stream that
+// first waits on the slot's last-use event and records a ticket event, compute kernels
+// wait on that event; wait_slot_idle() syncs the slot's last-use event), return it
+// from make_cuda_backend() and define LAYERPACK_HAVE_CUDA_BACKEND in
+// runtime/CMakeLists.txt. The engine, LayerStreamer and plan_layers() stay as they
+// are; issue 7 passes the VRAM budget minus reserved_bytes() as the slot budget.
 #pragma once
 
 #include <cstdint>

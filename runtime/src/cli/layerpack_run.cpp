@@ -156,7 +156,9 @@ int interactive_chat(const Arguments& a, Engine& engine, Generator& generator, c
   if (a.system) messages.push_back({"system", *a.system});
   std::fprintf(stderr, "layerpack-run: chat with %s (%s). Empty line or Ctrl-D ends; /reset starts over.\n",
                engine.pack().directory().c_str(), engine.backend().description().c_str());
-  const uint32_t sequence = 0;
+  auto opened = engine.kv().open_sequence();
+  if (!opened) return fail(opened.error());
+  const uint32_t sequence = opened.value();
   while (true) {
     std::fprintf(stderr, "\n> ");
     std::fflush(stderr);
