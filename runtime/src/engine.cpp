@@ -42,11 +42,11 @@ Result<std::unique_ptr<Engine>> Engine::open(const std::string& pack_dir, const 
   layout.head_dim = c.head_dim;
   layout.max_sequences = std::max<uint32_t>(1, options.max_sequences);
   layout.capacity = context;
-  layout.dtype = KVCacheDType::f32;
-
-  std::unique_ptr<Engine> engine(new Engine(std::move(pack.value()), options, layout));
   auto backend = create_backend(options.backend, options.backend_options);
   if (!backend) return backend.error();
+  layout.dtype = backend.value()->kv_cache_dtype();
+
+  std::unique_ptr<Engine> engine(new Engine(std::move(pack.value()), options, layout));
   engine->backend_ = std::move(backend.value());
   LAYERPACK_TRY(engine->backend_->initialize(engine->pack_, layout, std::max<uint32_t>(1, options.max_batch_rows)));
 

@@ -68,6 +68,8 @@ class Backend {
   virtual ~Backend() = default;
   virtual std::string name() const = 0;
   virtual std::string description() const = 0;  // e.g. "CPU, 16 threads"
+  // The KV-cache element type this backend stores (the engine sizes the layout with it).
+  virtual KVCacheDType kv_cache_dtype() const { return KVCacheDType::f32; }
 
   // Once, before anything else: model shapes, KV-cache storage, activation space for
   // up to max_batch_rows rows per pass. The embedding payload stays on the host (the

@@ -82,7 +82,7 @@ class CudaBackend : public Backend {
   Status create();
   std::string name() const override { return "cuda"; }
   std::string description() const override { return description_; }
-  KVCacheDType kv_cache_dtype() const { return KVCacheDType::bf16; }
+  KVCacheDType kv_cache_dtype() const override { return KVCacheDType::bf16; }
 
   Status initialize(const ModelPack& pack, const KVCacheLayout& kv_layout, uint32_t max_batch_rows) override;
   uint64_t reserved_bytes() const override { return reserved_bytes_; }
