@@ -23,9 +23,7 @@
 #include "layerpack/dtype.h"
 #include "layerpack/nf4.h"
 #include "layerpack/progress.h"
-#if defined(LAYERPACK_HAVE_TOKENIZER_IMPORT)
 #include "layerpack/tokenizer_import.h"
-#endif
 #include "worker_pool.h"
 
 #ifndef LAYERPACK_VERSION
@@ -44,6 +42,8 @@ namespace {
 constexpr const char* kStateFileName = ".layerpack-convert.json";
 constexpr uint32_t kNestedBlocksize = 256;
 constexpr size_t kChunkElements = size_t{1} << 20;  // work unit per thread task
+// Payload bytes in memory at once (one being written, one being built).
+constexpr uint64_t kInFlightPayloadBudget = uint64_t{1536} << 20;
 
 uint64_t align_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
 
@@ -1100,7 +1100,6 @@ Result<ConvertSummary> run_conversion(const ConvertOptions& options) {
 
   if (has_tokenizer) {
     const std::string path = (fs::path(options.output_dir) / kTokenizerFileName).string();
-#if defined(LAYERPACK_HAVE_TOKENIZER_IMPORT)
     auto tok = import_tokenizer(tokenizer_source, path);
     if (!tok.ok()) return tok.error();
     if (tok->vocab_size > plan.config.vocab_size) {
@@ -1109,11 +1108,6 @@ Result<ConvertSummary> run_conversion(const ConvertOptions& options) {
                             std::to_string(plan.config.vocab_size));
     }
     const WrittenFile tokenizer_file = tok->written;
-#else
-    return file_error(ErrorCode::unsupported, tokenizer_source,
-                      "this build has no tokenizer import (layerpack_tokenizer_import)");
-    const WrittenFile tokenizer_file{};
-#endif
     FileEntry e;
     e.name = kTokenizerFileName;
     e.kind = FileKind::tokenizer;
@@ -1140,6 +1134,7 @@ Result<ConvertSummary> run_conversion(const ConvertOptions& options) {
     std::future<Result<WrittenFile>> result;
     const FilePlan* file = nullptr;
     uint64_t matrix_params = 0, matrix_bytes = 0;
+    uint64_t payload_bytes = 0;
   };
   std::optional<Pending> pending;
   auto finish_pending = [&]() -> Status {
@@ -1209,12 +1204,19 @@ Result<ConvertSummary> run_conversion(const ConvertOptions& options) {
         continue;
       }
     }
+    // Overlap building with the previous write only while both payloads fit
+    // the memory budget (the 70B embedding alone is 2.1 GB).
+    if (pending && pending->payload_bytes + payload_upper_bound(f, options.blocksize, options.double_quant) >
+                       kInFlightPayloadBudget) {
+      LAYERPACK_TRY(finish_pending());
+    }
     std::unique_ptr<BuiltLayer> built = build_layer(f, ctx);
     LAYERPACK_TRY(finish_pending());
     Pending next;
     next.file = &f;
     next.matrix_params = built->matrix_params;
     next.matrix_bytes = built->matrix_bytes;
+    next.payload_bytes = built->payload.bytes().size();
     next.result = std::async(std::launch::async, [path, layer = std::move(built)]() mutable {
       const size_t size = layer->payload.bytes().size();
       Result<WrittenFile> r = write_layer_file(path, layer->header, layer->payload.bytes().data(), size);
