@@ -27,9 +27,11 @@ import torch
 
 PROMPT_LENGTH = 32
 DECODE_STEPS = 16
-# Greedy steps must not hinge on a near tie: a top-2 gap below this makes the
-# fixture fragile, so the builder tries another seed.
-MIN_GREEDY_MARGIN = 1e-3
+# Greedy steps must not hinge on a near tie: a top-2 gap below this fraction of
+# the logits' standard deviation makes the fixture fragile (the CUDA backend's
+# bf16 activations move logits by about 1% of their spread), so the builder
+# tries another seed.
+MIN_GREEDY_MARGIN = 0.05
 
 NF4_CODE = np.array([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -274,6 +276,7 @@ def build_variant(variant, out_root, seed):
         prompt_ids=prompt, generated_ids=generated, vocab_size=config.vocab_size,
         positions=len(logits_rows), logits_file="reference_logits.f32",
         min_greedy_margin=float(min(margins)),
+        min_greedy_margin_over_logit_std=float(min(margins) / np.std(logits_rows)),
         note="logits row i = next-token logits after feeding token i of prompt_ids + generated_ids; "
              "float32, NF4-dequantized matrices, bf16 embedding")
     if variant.get("text_test"):
@@ -281,7 +284,7 @@ def build_variant(variant, out_root, seed):
     np.asarray(logits_rows, dtype="<f4").tofile(os.path.join(directory, "reference_logits.f32"))
     with open(os.path.join(directory, "reference.json"), "w") as f:
         json.dump(result, f, indent=1)
-    return min(margins)
+    return min(margins) / float(np.std(logits_rows))
 
 
 def greedy_reference(model, prompt):
@@ -340,15 +343,15 @@ def main():
     for variant in variants():
         if args.only and variant["name"] not in args.only:
             continue
-        for attempt in range(20):
+        for attempt in range(60):
             seed = 1234 + 97 * attempt
             margin = build_variant(variant, args.out, seed)
             if margin >= MIN_GREEDY_MARGIN:
                 break
-            print(f"{variant['name']}: seed {seed} has a greedy margin {margin:.2e}; trying another", file=sys.stderr)
+            print(f"{variant['name']}: seed {seed} has a greedy margin of {margin:.2e} logit std; trying another", file=sys.stderr)
         else:
             raise SystemExit(f"{variant['name']}: no seed with a safe greedy margin")
-        print(f"{variant['name']}: seed {seed}, min greedy margin {margin:.3g}")
+        print(f"{variant['name']}: seed {seed}, min greedy margin {margin:.3g} logit std")
 
 
 if __name__ == "__main__":
