@@ -57,6 +57,5 @@ inline std::vector<uint8_t> file_record_header(const ArchiveFileRecord& f) {
 }
 
 std::string hex64(uint64_t v);
-std::string describe_bytes(uint64_t bytes);  // "12.3 MiB"
 
 }  // namespace layerpack::archive_detail

@@ -47,7 +47,7 @@ Status write_all(int fd, const std::string& name, const uint8_t* data, size_t si
     ssize_t n = ::write(fd, data, size);
     if (n < 0) {
       if (errno == EINTR) continue;
-      return errno_error(name, "write failed", errno);
+      return errno_error(name, "write", errno);
     }
     data += n;
     size -= static_cast<size_t>(n);
@@ -94,7 +94,7 @@ class FrameWriter {
 
 Result<uint64_t> file_size_of(const std::string& path) {
   struct stat st;
-  if (::stat(path.c_str(), &st) != 0) return errno_error(path, "cannot stat", errno);
+  if (::stat(path.c_str(), &st) != 0) return errno_error(path, "stat", errno);
   if (!S_ISREG(st.st_mode)) return file_error(ErrorCode::invalid_argument, path, "not a regular file");
   return static_cast<uint64_t>(st.st_size);
 }
@@ -175,10 +175,10 @@ Result<ExportSummary> export_pack_to_fd(const std::string& pack_dir, int out_fd,
   for (const ArchiveFileRecord& rec : summary.files) {
     std::string path = pack_dir + "/" + rec.name;
     FdCloser fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-    if (fd.get() < 0) return errno_error(path, "cannot open", errno);
+    if (fd.get() < 0) return errno_error(path, "open", errno);
     ::posix_fadvise(fd.get(), 0, 0, POSIX_FADV_SEQUENTIAL);
     struct stat st;
-    if (::fstat(fd.get(), &st) != 0) return errno_error(path, "cannot stat", errno);
+    if (::fstat(fd.get(), &st) != 0) return errno_error(path, "stat", errno);
     if (static_cast<uint64_t>(st.st_size) != rec.size)
       return file_error(ErrorCode::corrupt, path,
                         "size " + std::to_string(st.st_size) + " differs from the manifest's " +
@@ -194,7 +194,7 @@ Result<ExportSummary> export_pack_to_fd(const std::string& pack_dir, int out_fd,
       ssize_t n = ::read(fd.get(), chunk.data(), want);
       if (n < 0) {
         if (errno == EINTR) continue;
-        return errno_error(path, "read failed", errno);
+        return errno_error(path, "read", errno);
       }
       if (n == 0) return file_error(ErrorCode::corrupt, path, "file shrank while being exported");
       XXH3_64bits_update(state.get(), chunk.data(), static_cast<size_t>(n));
@@ -229,13 +229,13 @@ Result<ExportSummary> export_pack(const std::string& pack_dir, const std::string
                                   const ExportOptions& options) {
   std::string partial = archive_path + ".partial";
   int fd = ::open(partial.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return errno_error(partial, "cannot create", errno);
+  if (fd < 0) return errno_error(partial, "create", errno);
   auto result = export_pack_to_fd(pack_dir, fd, archive_path, options);
   Status finish;
-  if (result.ok() && ::fsync(fd) != 0) finish = errno_error(partial, "fsync failed", errno);
-  if (::close(fd) != 0 && finish.ok() && result.ok()) finish = errno_error(partial, "close failed", errno);
+  if (result.ok() && ::fsync(fd) != 0) finish = errno_error(partial, "fsync", errno);
+  if (::close(fd) != 0 && finish.ok() && result.ok()) finish = errno_error(partial, "close", errno);
   if (result.ok() && finish.ok() && ::rename(partial.c_str(), archive_path.c_str()) != 0)
-    finish = errno_error(archive_path, "cannot rename " + partial + " to", errno);
+    finish = errno_error(archive_path, "rename from " + partial, errno);
   if (!result.ok() || !finish.ok()) {
     ::unlink(partial.c_str());
     if (!result.ok()) return result.error();

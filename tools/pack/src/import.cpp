@@ -6,6 +6,7 @@
 #define ZSTD_STATIC_LINKING_ONLY  // ZSTD_getFrameHeader, to skip frames on resume
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 #include <xxhash.h>
 #include <zstd.h>
@@ -149,7 +150,7 @@ class ArchiveStream {
       ssize_t n = ::read(fd_, in_.data(), in_.size());
       if (n < 0) {
         if (errno == EINTR) continue;
-        return errno_error(name_, "read failed", errno);
+        return errno_error(name_, "read", errno);
       }
       in_pos_ = 0;
       in_end_ = static_cast<size_t>(n);
@@ -175,11 +176,11 @@ class ArchiveStream {
 
 Status fsync_path(const std::string& path, bool directory) {
   int fd = ::open(path.c_str(), (directory ? O_RDONLY | O_DIRECTORY : O_RDONLY) | O_CLOEXEC);
-  if (fd < 0) return errno_error(path, "cannot open for fsync", errno);
+  if (fd < 0) return errno_error(path, "open (for fsync)", errno);
   int rc = ::fsync(fd);
   int err = errno;
   ::close(fd);
-  if (rc != 0) return errno_error(path, "fsync failed", err);
+  if (rc != 0) return errno_error(path, "fsync", err);
   return Status::success();
 }
 
@@ -188,7 +189,7 @@ Status write_all(int fd, const std::string& name, const uint8_t* data, size_t si
     ssize_t n = ::write(fd, data, size);
     if (n < 0) {
       if (errno == EINTR) continue;
-      return errno_error(name, "write failed", errno);
+      return errno_error(name, "write", errno);
     }
     data += n;
     size -= static_cast<size_t>(n);
@@ -324,6 +325,7 @@ Result<ImportSummary> import_archive_from_fd(int in_fd, const std::string& in_na
       return make_error(ErrorCode::corrupt, in_name + ": damaged archive header: listing does not add up");
   }
   summary.file_bytes = total_bytes;
+  if (options.on_listing) options.on_listing(summary.files);
 
   // ---- Destination: a new or empty directory, or (resume) an earlier attempt.
   std::error_code ec;
@@ -338,6 +340,23 @@ Result<ImportSummary> import_archive_from_fd(int in_fd, const std::string& in_na
   } else {
     fs::create_directories(dir, ec);
     if (ec) return file_error(ErrorCode::io, pack_dir, "cannot create directory: " + ec.message());
+  }
+  {
+    // Refuse early rather than fail at 90% with ENOSPC.
+    uint64_t needed = 0;
+    for (const auto& f : summary.files) {
+      struct stat st;
+      bool present = ::stat((pack_dir + "/" + f.name).c_str(), &st) == 0 && static_cast<uint64_t>(st.st_size) == f.size;
+      if (!present) needed += f.size;
+    }
+    struct statvfs vfs;
+    if (::statvfs(pack_dir.c_str(), &vfs) == 0) {
+      uint64_t available = static_cast<uint64_t>(vfs.f_bavail) * vfs.f_frsize;
+      if (available < needed)
+        return make_error(ErrorCode::disk_full, pack_dir + ": the archive needs " + std::to_string(needed) +
+                                                    " bytes, the file system has " + std::to_string(available) +
+                                                    " available");
+    }
   }
   std::string manifest_final = pack_dir + "/" + kManifestFileName;
   if (options.resume && ::unlink(manifest_final.c_str()) == 0) LAYERPACK_TRY(fsync_path(pack_dir, true));
@@ -365,9 +384,9 @@ Result<ImportSummary> import_archive_from_fd(int in_fd, const std::string& in_na
                                                       hex64(rec.hash));
     std::string staged = staging + "/" + kManifestFileName;
     int fd = ::open(staged.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0) return errno_error(staged, "cannot create", errno);
+    if (fd < 0) return errno_error(staged, "create", errno);
     Status w = write_all(fd, staged, bytes.data(), bytes.size());
-    if (w.ok() && ::fsync(fd) != 0) w = errno_error(staged, "fsync failed", errno);
+    if (w.ok() && ::fsync(fd) != 0) w = errno_error(staged, "fsync", errno);
     ::close(fd);
     LAYERPACK_TRY(w);
     auto manifest = read_manifest(staging);
@@ -421,7 +440,7 @@ Result<ImportSummary> import_archive_from_fd(int in_fd, const std::string& in_na
     if (!keep_existing) {
       cleanup.set_partial(partial);
       fd = ::open(partial.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-      if (fd < 0) return errno_error(partial, "cannot create", errno);
+      if (fd < 0) return errno_error(partial, "create", errno);
     }
     struct FdGuard {
       int& fd;
@@ -454,12 +473,12 @@ Result<ImportSummary> import_archive_from_fd(int in_fd, const std::string& in_na
       summary.files_skipped++;
       continue;
     }
-    if (::fsync(fd) != 0) return errno_error(partial, "fsync failed", errno);
+    if (::fsync(fd) != 0) return errno_error(partial, "fsync", errno);
     int rc = ::close(fd);
     fd = -1;
-    if (rc != 0) return errno_error(partial, "close failed", errno);
+    if (rc != 0) return errno_error(partial, "close", errno);
     if (::rename(partial.c_str(), final_path.c_str()) != 0)
-      return errno_error(final_path, "cannot rename " + partial + " to", errno);
+      return errno_error(final_path, "rename from " + partial, errno);
     cleanup.set_partial({});
   }
 
@@ -481,7 +500,7 @@ Result<ImportSummary> import_archive_from_fd(int in_fd, const std::string& in_na
   LAYERPACK_TRY(fsync_path(pack_dir, true));
   std::string staged = staging + "/" + kManifestFileName;
   if (::rename(staged.c_str(), manifest_final.c_str()) != 0)
-    return errno_error(manifest_final, "cannot rename " + staged + " to", errno);
+    return errno_error(manifest_final, "rename from " + staged, errno);
   LAYERPACK_TRY(fsync_path(pack_dir, true));
   fs::remove_all(staging, ec);
   cleanup.commit();
@@ -507,7 +526,7 @@ Result<ImportSummary> import_archive(const std::string& archive_path, const std:
                                      const ImportOptions& options) {
   if (archive_path == "-") return import_archive_from_fd(STDIN_FILENO, "<stdin>", false, pack_dir, options);
   int fd = ::open(archive_path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return errno_error(archive_path, "cannot open", errno);
+  if (fd < 0) return errno_error(archive_path, "open", errno);
   ::posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
   struct stat st;
   bool seekable = ::fstat(fd, &st) == 0 && S_ISREG(st.st_mode);

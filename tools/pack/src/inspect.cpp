@@ -8,6 +8,7 @@
 #include "archive_internal.h"
 #include "inspect.h"
 #include "layerpack/format.h"
+#include "layerpack/progress.h"
 
 namespace layerpack {
 namespace {
@@ -149,7 +150,7 @@ void print_inspect(const nlohmann::json& j, std::FILE* out) {
   std::fprintf(out, "embeddings  %s\n", m["tie_word_embeddings"].get<bool>() ? "tied" : "untied");
   const json& t = j["tokenizer"];
   if (t["present"].get<bool>())
-    std::fprintf(out, "tokenizer   present, %s\n", archive_detail::describe_bytes(t["size"].get<uint64_t>()).c_str());
+    std::fprintf(out, "tokenizer   present, %s\n", format_bytes(t["size"].get<uint64_t>()).c_str());
   else
     std::fprintf(out, "tokenizer   absent\n");
   std::string kept;
@@ -175,7 +176,7 @@ void print_inspect(const nlohmann::json& j, std::FILE* out) {
                    tj["dtype"].get<std::string>().c_str(), shape_string(tj["shape"].get<std::vector<uint64_t>>()).c_str());
   }
   std::fprintf(out, "files (%zu, %s):\n", j["files"].size(),
-               archive_detail::describe_bytes(j["total_file_bytes"].get<uint64_t>()).c_str());
+               format_bytes(j["total_file_bytes"].get<uint64_t>()).c_str());
   for (const auto& f : j["files"])
     std::fprintf(out, "  %-24s %-9s %14" PRIu64 " B  xxh3 %s\n", f["name"].get<std::string>().c_str(),
                  f["kind"].get<std::string>().c_str(), f["size"].get<uint64_t>(),

@@ -8,6 +8,7 @@
 #include <CLI/CLI.hpp>
 #include <csignal>
 #include <cstdio>
+#include <filesystem>
 #include <nlohmann/json.hpp>
 
 #include "inspect.h"
@@ -91,18 +92,24 @@ int run_import(const std::string& archive, const std::string& pack, ImportOption
   ProgressReporter progress("import", "files", 0, 0,
                             quiet ? ProgressReporter::Mode::quiet : ProgressReporter::Mode::automatic);
   ProgressBridge bridge{progress, 0, {}};
-  bool totals_set = false;
-  options.progress = [&](uint64_t d, uint64_t t, const std::string& f) {
-    if (!totals_set) {
-      progress.set_totals(0, t);
-      totals_set = true;
-    }
-    bridge(d, t, f);
+  options.on_listing = [&](const std::vector<ArchiveFileRecord>& files) {
+    uint64_t total = 0;
+    for (const auto& f : files) total += f.size;
+    progress.set_totals(files.size(), total);
   };
+  options.progress = [&](uint64_t d, uint64_t t, const std::string& f) { bridge(d, t, f); };
   auto result = import_archive(archive, pack, options);
   if (!result) {
     progress.finish("");
-    return fail(result.error());
+    int rc = fail(result.error());
+    std::error_code ec;
+    bool has_files = std::filesystem::is_directory(pack, ec) && !std::filesystem::is_empty(pack, ec);
+    if (has_files && result.error().code != ErrorCode::invalid_argument)
+      std::fprintf(stderr,
+                   "layerpack-pack: %s holds no manifest, so it is not a pack; files that arrived intact are kept: "
+                   "import again with --resume to continue\n",
+                   pack.c_str());
+    return rc;
   }
   const ImportSummary& s = *result;
   char line[512];

@@ -63,6 +63,8 @@ struct ImportOptions {
   // archive's listing. With an archive file the matching records are skipped
   // without decompressing them (each record is its own zstd frame).
   bool resume = false;
+  // Called once the header is read and checked, before any file arrives.
+  std::function<void(const std::vector<ArchiveFileRecord>& files)> on_listing;
   ArchiveProgressCallback progress;
 };
 
