@@ -127,7 +127,9 @@ TEST_P(CudaBackendTest, StreamingThroughTwoSlotsEqualsResident) {
   ASSERT_TRUE(resident);
   uint64_t largest = 0;
   for (UnitIndex u = 1; u < resident->pack().unit_count(); ++u) largest = std::max(largest, resident->pack().payload_size(u));
-  auto streamed = open_engine(pack, "cuda", 2 * largest);
+  // Two ring slots; VRAM slots are carved in 2 MiB granules.
+  const uint64_t granule = uint64_t(2) << 20;
+  auto streamed = open_engine(pack, "cuda", 2 * ((largest + granule - 1) / granule * granule));
   ASSERT_TRUE(streamed);
   ASSERT_GT(streamed->streamer().plan().streamed_count(), 0u);
   const std::vector<float> a = run_fixture(*resident, ref, 64);
