@@ -31,7 +31,9 @@ def make_checkpoint(path, shape):
     from transformers import LlamaConfig, LlamaForCausalLM
     config = LlamaConfig(**SHAPES[shape], rms_norm_eps=1e-5, tie_word_embeddings=False, torch_dtype="bfloat16")
     torch.manual_seed(0)
-    with torch.device("cpu"):
+    # Built on the GPU when there is one (initialising 8B parameters on the CPU is slow).
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     # Random, non-zero weights at a realistic scale.
     for p in model.parameters():
