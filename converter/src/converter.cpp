@@ -685,6 +685,7 @@ void build_tensor(const TensorPlan& t, BuildContext& ctx, BuiltLayer& out) {
     uint8_t* packed = b.bytes().data() + info.data.offset;
     for_chunks(*ctx.pool, n, [&](uint64_t start, size_t count) {
       thread_local std::vector<float> scratch;
+      if (!synthetic) src_file->populate(src->data + start * element_size, count * element_size);
       if (!synthetic && src->dtype == "BF16") {
         nf4::quantize_bf16(reinterpret_cast<const uint16_t*>(src->data) + start, count, bs, packed + start / 2,
                            absmax + start / bs);
@@ -720,6 +721,7 @@ void build_tensor(const TensorPlan& t, BuildContext& ctx, BuiltLayer& out) {
     info.data = b.reserve(n * 2);
     uint16_t* dst = reinterpret_cast<uint16_t*>(b.bytes().data() + info.data.offset);
     for_chunks(*ctx.pool, n, [&](uint64_t start, size_t count) {
+      if (!synthetic) src_file->populate(src->data + start * element_size, count * element_size);
       if (!synthetic && src->dtype == "BF16") {
         std::memcpy(dst + start, src->data + start * 2, count * 2);
       } else {
@@ -758,11 +760,29 @@ void build_tensor(const TensorPlan& t, BuildContext& ctx, BuiltLayer& out) {
   out.header.tensors.push_back(std::move(info));
 }
 
-std::unique_ptr<BuiltLayer> build_layer(const FilePlan& f, BuildContext& ctx) {
-  auto built = std::make_unique<BuiltLayer>();
+struct WriteOutcome {
+  Result<WrittenFile> written;
+  std::unique_ptr<BuiltLayer> layer;
+};
+
+// `recycled` (may be null) is a finished layer whose payload memory is reused:
+// fresh allocations would page-fault in every 4 KiB of every layer again.
+std::unique_ptr<BuiltLayer> build_layer(const FilePlan& f, BuildContext& ctx, std::unique_ptr<BuiltLayer> recycled) {
+  const uint64_t needed = payload_upper_bound(f, ctx.options->blocksize, ctx.options->double_quant);
+  std::unique_ptr<BuiltLayer> built;
+  if (recycled && recycled->payload.bytes().capacity() >= needed &&
+      recycled->payload.bytes().capacity() <= 2 * needed) {
+    built = std::move(recycled);
+    built->payload.bytes().clear();
+    built->header = LayerHeader{};
+    built->matrix_params = built->matrix_bytes = 0;
+  } else {
+    recycled.reset();  // too small, or far too big to keep resident (the embedding's)
+    built = std::make_unique<BuiltLayer>();
+  }
   built->header.kind = f.kind;
   built->header.layer_index = f.layer_index;
-  built->payload.bytes().reserve(payload_upper_bound(f, ctx.options->blocksize, ctx.options->double_quant));
+  built->payload.bytes().reserve(needed);
   for (const auto& t : f.tensors) build_tensor(t, ctx, *built);
   return built;
 }
@@ -1131,15 +1151,18 @@ Result<ConvertSummary> run_conversion(const ConvertOptions& options) {
   uint64_t matrix_params = 0, matrix_bytes = 0;
   // One write in flight while the next layer is built.
   struct Pending {
-    std::future<Result<WrittenFile>> result;
+    std::future<WriteOutcome> result;
     const FilePlan* file = nullptr;
     uint64_t matrix_params = 0, matrix_bytes = 0;
     uint64_t payload_bytes = 0;
   };
   std::optional<Pending> pending;
+  std::unique_ptr<BuiltLayer> spare;  // payload memory of the last written layer
   auto finish_pending = [&]() -> Status {
     if (!pending) return Status::success();
-    Result<WrittenFile> written = pending->result.get();
+    WriteOutcome outcome = pending->result.get();
+    Result<WrittenFile> written = std::move(outcome.written);
+    spare = std::move(outcome.layer);
     const FilePlan* f = pending->file;
     const uint64_t mp = pending->matrix_params, mb = pending->matrix_bytes;
     pending.reset();
@@ -1210,7 +1233,17 @@ Result<ConvertSummary> run_conversion(const ConvertOptions& options) {
                        kInFlightPayloadBudget) {
       LAYERPACK_TRY(finish_pending());
     }
-    std::unique_ptr<BuiltLayer> built = build_layer(f, ctx);
+    // Start reading the next layer from disk while this one is quantized.
+    const size_t index = static_cast<size_t>(&f - plan.files.data());
+    if (index + 1 < plan.files.size()) {
+      for (const auto& t : plan.files[index + 1].tensors) {
+        if (t.kind == SourceKind::checkpoint) t.source.file->read_ahead(t.source.tensor->data, t.source.tensor->byte_size());
+        if (t.kind == SourceKind::prequantized) {
+          t.pre.weight.file->read_ahead(t.pre.weight.tensor->data, t.pre.weight.tensor->byte_size());
+        }
+      }
+    }
+    std::unique_ptr<BuiltLayer> built = build_layer(f, ctx, std::move(spare));
     LAYERPACK_TRY(finish_pending());
     Pending next;
     next.file = &f;
@@ -1220,8 +1253,7 @@ Result<ConvertSummary> run_conversion(const ConvertOptions& options) {
     next.result = std::async(std::launch::async, [path, layer = std::move(built)]() mutable {
       const size_t size = layer->payload.bytes().size();
       Result<WrittenFile> r = write_layer_file(path, layer->header, layer->payload.bytes().data(), size);
-      layer.reset();  // free the payload before the next one is queued
-      return r;
+      return WriteOutcome{std::move(r), std::move(layer)};
     });
     pending = std::move(next);
   }

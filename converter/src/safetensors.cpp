@@ -65,6 +65,36 @@ void SafetensorsFile::release(const uint8_t* data, uint64_t size) const {
   if (last > first) madvise(mapping_ + first, last - first, MADV_DONTNEED);
 }
 
+namespace {
+// Page-aligned sub-range of the mapping covering [data, data+size).
+void page_range(const uint8_t* mapping, uint64_t mapping_size, const uint8_t* data, uint64_t size, uint64_t* first,
+                uint64_t* last) {
+  const uint64_t page = static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
+  const uint64_t begin = static_cast<uint64_t>(data - mapping);
+  *first = begin / page * page;
+  *last = std::min(begin + size, mapping_size);
+}
+}  // namespace
+
+void SafetensorsFile::populate(const uint8_t* data, uint64_t size) const {
+#ifdef MADV_POPULATE_READ
+  if (mapping_ == nullptr || size == 0) return;
+  uint64_t first = 0, last = 0;
+  page_range(mapping_, mapping_size_, data, size, &first, &last);
+  if (last > first) madvise(mapping_ + first, last - first, MADV_POPULATE_READ);  // best effort (Linux >= 5.14)
+#else
+  (void)data;
+  (void)size;
+#endif
+}
+
+void SafetensorsFile::read_ahead(const uint8_t* data, uint64_t size) const {
+  if (mapping_ == nullptr || size == 0) return;
+  uint64_t first = 0, last = 0;
+  page_range(mapping_, mapping_size_, data, size, &first, &last);
+  if (last > first) madvise(mapping_ + first, last - first, MADV_WILLNEED);
+}
+
 Result<std::unique_ptr<SafetensorsFile>> SafetensorsFile::open(const std::string& path) {
   std::unique_ptr<SafetensorsFile> file(new SafetensorsFile());
   file->path_ = path;

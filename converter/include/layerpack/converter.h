@@ -56,6 +56,10 @@ class SafetensorsFile {
   // Drops the pages of [data, data+size) from this process's resident set
   // (they stay in the page cache). Keeps RSS bounded while walking a shard.
   void release(const uint8_t* data, uint64_t size) const;
+  // Maps [data, data+size) in one call instead of one page fault per few pages.
+  void populate(const uint8_t* data, uint64_t size) const;
+  // Asks the kernel to start reading [data, data+size) into the page cache (no RSS).
+  void read_ahead(const uint8_t* data, uint64_t size) const;
 
  private:
   SafetensorsFile() = default;
