@@ -6,7 +6,7 @@
 //   tokenizer.lpk           ready tokenizer tables (schema format/schema/tokenizer.fbs)
 //   embedding.lpk           token embedding
 //   layer-00000.lpk ...     one file per decoder layer
-//   output.lpk              final norm + lm_head (lm_head absent when tied)
+//   output.lpk              final norm + lm_head (tied: a bf16 copy of the embedding)
 //
 // Every file:
 //   offset 0   48-byte preamble (little endian)
