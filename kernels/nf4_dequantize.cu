@@ -96,6 +96,15 @@ cublasStatus_t gemm_rows(cublasHandle_t cublas, const __nv_bfloat16* w, int64_t 
                       CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
 }
 
+// cublasSetStream resets a workspace given with cublasSetWorkspace to cuBLAS's own
+// pool, so the stream is only set when it changes (the runtime budgets the workspace).
+cublasStatus_t use_stream(cublasHandle_t cublas, cudaStream_t stream) {
+  cudaStream_t current = nullptr;
+  const cublasStatus_t status = cublasGetStream(cublas, &current);
+  if (status != CUBLAS_STATUS_SUCCESS) return status;
+  return current == stream ? CUBLAS_STATUS_SUCCESS : cublasSetStream(cublas, stream);
+}
+
 template <typename OutT>
 GemmStatus nf4_matmul_impl(cublasHandle_t cublas, const NF4Matrix& w, const __nv_bfloat16* x, int64_t tokens,
                            OutT* y, __nv_bfloat16* scratch, size_t scratch_elements, cudaStream_t stream) {
@@ -105,7 +114,7 @@ GemmStatus nf4_matmul_impl(cublasHandle_t cublas, const NF4Matrix& w, const __nv
     status.cuda = cudaErrorInvalidValue;
     return status;
   }
-  status.cublas = cublasSetStream(cublas, stream);
+  status.cublas = use_stream(cublas, stream);
   if (!status.ok()) return status;
   int64_t tile_rows = static_cast<int64_t>(scratch_elements) / w.cols;
   if (tile_rows > w.rows) tile_rows = w.rows;
@@ -128,7 +137,7 @@ GemmStatus bf16_matmul_impl(cublasHandle_t cublas, const __nv_bfloat16* w, int64
     status.cuda = cudaErrorInvalidValue;
     return status;
   }
-  status.cublas = cublasSetStream(cublas, stream);
+  status.cublas = use_stream(cublas, stream);
   if (!status.ok()) return status;
   status.cublas = gemm_rows(cublas, w, rows, cols, x, tokens, y, rows);
   return status;

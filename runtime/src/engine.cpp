@@ -4,8 +4,12 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <map>
+#include <optional>
 #include <sstream>
+
+#include "layerpack/device_memory.h"
 
 #include "layerpack/tokenizer.h"
 
@@ -23,6 +27,29 @@ Engine::Engine(ModelPack pack, EngineOptions options, KVCacheLayout layout)
 Engine::~Engine() {
   streamer_.reset();  // stops the loader before the backend and reader go
 }
+
+namespace {
+
+std::string mib(uint64_t bytes) {
+  char text[64];
+  std::snprintf(text, sizeof(text), "%.1f MiB", bytes / 1048576.0);
+  return text;
+}
+std::string gib(uint64_t bytes) {
+  char text[64];
+  std::snprintf(text, sizeof(text), "%.2f GiB", bytes / 1073741824.0);
+  return text;
+}
+
+// Kept free inside a GPU budget for what the driver allocates on our behalf: kernel
+// modules loaded lazily on first launch, cuBLAS handle state.
+constexpr uint64_t kDeviceCodeReserve = uint64_t(64) << 20;
+
+// Without --vram: free memory at open minus this margin (other processes, the
+// driver's own growth), at least 256 MiB or 2% of the device.
+uint64_t default_device_margin(uint64_t total) { return std::max<uint64_t>(uint64_t(256) << 20, total / 50); }
+
+}  // namespace
 
 Result<std::unique_ptr<Engine>> Engine::open(const std::string& pack_dir, const EngineOptions& options) {
   auto pack = ModelPack::open(pack_dir);
@@ -42,34 +69,118 @@ Result<std::unique_ptr<Engine>> Engine::open(const std::string& pack_dir, const 
   layout.head_dim = c.head_dim;
   layout.max_sequences = std::max<uint32_t>(1, options.max_sequences);
   layout.capacity = context;
+
+  // The device's memory before the backend allocates anything (this creates the
+  // context, so what is measured later is the runtime's own use).
+  std::optional<DeviceMemoryInfo> device_at_open;
+  if (options.backend != "cpu") {
+    auto info = query_device_memory(options.backend_options.device);
+    if (info) device_at_open = info.value();
+  }
   auto backend = create_backend(options.backend, options.backend_options);
   if (!backend) return backend.error();
   layout.dtype = backend.value()->kv_cache_dtype();
+  const bool device = backend.value()->name() != "cpu";
+  if (device && !device_at_open) {
+    auto info = query_device_memory(options.backend_options.device);
+    if (!info) return info.error();
+    device_at_open = info.value();
+  }
 
   std::unique_ptr<Engine> engine(new Engine(std::move(pack.value()), options, layout));
   engine->backend_ = std::move(backend.value());
+  MemoryReport& memory = engine->memory_;
+  memory.kv_cache_bytes = layout.total_bytes();
+  const uint64_t largest_layer = engine->pack_.largest_payload_size();
+  uint64_t slot_budget = options.slot_budget;
+  if (device) {
+    memory.device = true;
+    memory.device_total = device_at_open->total;
+    memory.device_free_at_open = device_at_open->free;
+    engine->device_used_baseline_ = device_at_open->total - device_at_open->free;
+    memory.budget_from_option = options.vram_budget > 0;
+    if (options.vram_budget > 0) {
+      memory.budget = options.vram_budget;
+    } else {
+      const uint64_t margin = default_device_margin(device_at_open->total);
+      memory.budget = device_at_open->free > margin ? device_at_open->free - margin : 0;
+    }
+    if (memory.budget > device_at_open->free) {
+      return make_error(ErrorCode::out_of_memory,
+                        "--vram " + gib(memory.budget) + " is more than the " + gib(device_at_open->free) +
+                            " the GPU has free");
+    }
+    memory.code_reserve_bytes = kDeviceCodeReserve;
+    // Checked before the KV cache is allocated, so a huge context fails fast and clearly.
+    const uint64_t floor = memory.kv_cache_bytes + kDeviceCodeReserve + 2 * largest_layer;
+    if (floor > memory.budget) {
+      return make_error(ErrorCode::out_of_memory,
+                        "GPU memory budget of " + gib(memory.budget) + " cannot hold the KV cache (" +
+                            mib(memory.kv_cache_bytes) + " for " + std::to_string(layout.max_sequences) +
+                            " sequence(s) of " + std::to_string(context) + " tokens) plus two ring slots of " +
+                            mib(largest_layer) + " and " + mib(kDeviceCodeReserve) +
+                            " for kernels; the minimum is about " + gib(floor + (uint64_t(256) << 20)) +
+                            " (or lower --context / the number of prompts)");
+    }
+  }
   LAYERPACK_TRY(engine->backend_->initialize(engine->pack_, layout, std::max<uint32_t>(1, options.max_batch_rows)));
+  memory.backend_bytes = engine->backend_->reserved_bytes();
+  if (device) {
+    const uint64_t fixed = memory.backend_bytes + memory.code_reserve_bytes;
+    const uint64_t minimum = fixed + 2 * ((largest_layer + kDeviceAllocationGranularity - 1) /
+                                          kDeviceAllocationGranularity * kDeviceAllocationGranularity);
+    if (minimum > memory.budget) {
+      return make_error(ErrorCode::out_of_memory,
+                        "GPU memory budget of " + gib(memory.budget) + " is too small: KV cache, activations and " +
+                            "workspaces take " + mib(memory.backend_bytes) + ", kernels " +
+                            mib(memory.code_reserve_bytes) + ", two ring slots " + mib(2 * largest_layer) +
+                            "; the minimum is " + gib(minimum) + " (" + std::to_string(minimum) + " bytes)");
+    }
+    slot_budget = std::min(slot_budget, memory.budget - fixed);
+  }
 
   PayloadReadOptions read_options;
   read_options.check_hash = options.verify_hashes;
   read_options.direct_io = options.direct_io;
+  read_options.threads = std::max<uint32_t>(1, options.read_threads);
   engine->reader_ = std::make_unique<PayloadReader>(read_options);
 
   SchedulerInput input;
   for (UnitIndex u = 0; u < engine->pack_.unit_count(); ++u) input.payload_sizes.push_back(engine->pack_.payload_size(u));
-  input.slot_budget = options.slot_budget;
+  input.slot_budget = slot_budget;
   input.min_ring_slots = options.min_ring_slots;
+  if (options.ring_slots) {
+    input.preferred_ring_slots = options.ring_slots;
+    input.max_ring_slots = std::max(input.max_ring_slots, options.ring_slots);
+  }
+  if (device) input.allocation_granularity = kDeviceAllocationGranularity;
   auto plan = plan_layers(input);
   if (!plan) return plan.error();
-  engine->streamer_ =
-      std::make_unique<LayerStreamer>(engine->pack_, *engine->backend_, *engine->reader_, std::move(plan.value()));
+  memory.slot_bytes = plan->slot_bytes();
+  StreamerOptions streamer_options;
+  streamer_options.host_cache_bytes = options.host_cache_bytes;
+  engine->streamer_ = std::make_unique<LayerStreamer>(engine->pack_, *engine->backend_, *engine->reader_,
+                                                      std::move(plan.value()), streamer_options);
   LAYERPACK_TRY(engine->streamer_->start());
+  engine->sample_device_memory();
   return engine;
+}
+
+void Engine::sample_device_memory() {
+  if (!memory_.device) return;
+  auto info = query_device_memory(options_.backend_options.device);
+  if (!info) return;
+  const uint64_t used = info->total - info->free;
+  memory_.measured_in_use = used > device_used_baseline_ ? used - device_used_baseline_ : 0;
+  memory_.measured_peak = std::max(memory_.measured_peak, memory_.measured_in_use);
 }
 
 EngineCounters Engine::counters() const {
   EngineCounters c = counters_;
   c.payload_bytes_read = reader_->bytes_read();
+  const StreamerStats stats = streamer_->stats();
+  c.bytes_from_host_cache = stats.bytes_from_host_cache;
+  c.bytes_uploaded = stats.bytes_uploaded;
   return c;
 }
 
@@ -79,8 +190,28 @@ std::string Engine::describe() const {
   out << "model: " << c.architecture << ", " << c.num_layers << " layers, hidden " << c.hidden_size << ", "
       << c.num_heads << " heads (" << c.num_kv_heads << " KV), vocab " << c.vocab_size << "\n";
   out << "backend: " << backend_->description() << "\n";
-  out << "context: " << context_length() << " tokens, KV cache " << kv_book_.layout().total_bytes() << " bytes\n";
+  out << "context: " << context_length() << " tokens x " << kv_book_.layout().max_sequences << " sequence(s), KV cache "
+      << mib(kv_book_.layout().total_bytes()) << "\n";
+  const MemoryReport& m = memory_;
+  if (m.device) {
+    out << "GPU budget " << gib(m.budget) << (m.budget_from_option ? " (--vram)" : " (free memory minus a margin)")
+        << " of " << gib(m.device_total) << " (" << gib(m.device_free_at_open) << " free at open): KV cache "
+        << mib(m.kv_cache_bytes) << " + activations and workspaces " << mib(m.backend_bytes - m.kv_cache_bytes)
+        << " + kernel code reserve " << mib(m.code_reserve_bytes) << " + layer slots " << mib(m.slot_bytes)
+        << " = " << mib(m.accounted_bytes()) << "; measured in use " << mib(m.measured_in_use) << "\n";
+  }
   out << streamer_->plan().explain();
+  const SchedulePlan& plan = streamer_->plan();
+  if (plan.streamed_count() > 0) {
+    const uint64_t cache = options_.host_cache_bytes;
+    out << "per pass: " << mib(plan.streamed_bytes_per_pass) << " streamed; host cache "
+        << (cache ? mib(std::min(cache, plan.streamed_bytes_per_pass)) + " of it (pinned, filled on the first pass)"
+                  : std::string("off"))
+        << "; reads " << (options_.direct_io ? "O_DIRECT" : "buffered") << ", " << reader_->options().threads
+        << " in flight per payload\n";
+  }
+  const StreamerStats stats = streamer_->stats();
+  if (!stats.host_cache_note.empty()) out << "note: " << stats.host_cache_note << "\n";
   return out.str();
 }
 
@@ -134,6 +265,7 @@ Status Engine::forward(const TokenBatch& batch, std::vector<float>& logits) {
   for (const auto& [s, end] : next_position) kv_book_.advance(s, end - kv_book_.length(s));
   counters_.passes += 1;
   counters_.rows += batch.size();
+  sample_device_memory();
   return Status::success();
 }
 
@@ -230,7 +362,9 @@ Result<GenerationResult> Generator::generate(uint32_t sequence, const std::vecto
   }
   last_logits = logits;
   auto t1 = Clock::now();
-  const uint64_t bytes1 = engine_.counters().payload_bytes_read;
+  const EngineCounters before_decode = engine_.counters();
+  const uint64_t bytes1 = before_decode.payload_bytes_read;
+  const uint64_t cache1 = before_decode.bytes_from_host_cache, uploaded1 = before_decode.bytes_uploaded;
   result.stats.prompt_tokens = static_cast<uint32_t>(new_prompt.size());
   result.stats.prefill_seconds = std::chrono::duration<double>(t1 - t0).count();
   result.stats.prefill_bytes_read = bytes1 - bytes0;
@@ -299,8 +433,189 @@ Result<GenerationResult> Generator::generate(uint32_t sequence, const std::vecto
   auto t2 = Clock::now();
   result.stats.generated_tokens = static_cast<uint32_t>(result.tokens.size());
   result.stats.decode_seconds = std::chrono::duration<double>(t2 - t1).count();
-  result.stats.decode_bytes_read = engine_.counters().payload_bytes_read - bytes1;
+  const EngineCounters after = engine_.counters();
+  result.stats.decode_bytes_read = after.payload_bytes_read - bytes1;
+  result.stats.decode_bytes_from_host_cache = after.bytes_from_host_cache - cache1;
+  result.stats.decode_bytes_uploaded = after.bytes_uploaded - uploaded1;
   return result;
+}
+
+// ---- batched generation ------------------------------------------------------------
+
+Result<std::vector<GenerationResult>> generate_batch(Engine& engine, const Tokenizer* tokenizer,
+                                                     const std::vector<std::vector<int32_t>>& prompts,
+                                                     const GenerationOptions& options, BatchGenerationStats* stats) {
+  using Clock = std::chrono::steady_clock;
+  KVCacheBook& kv = engine.kv();
+  if (prompts.empty()) return make_error(ErrorCode::invalid_argument, "batch generation needs at least one prompt");
+  if (!options.stop_strings.empty() && !tokenizer) {
+    return make_error(ErrorCode::invalid_argument, "stop strings need the pack's tokenizer");
+  }
+  if (prompts.size() > kv.layout().max_sequences) {
+    return make_error(ErrorCode::invalid_argument, std::to_string(prompts.size()) + " prompts but the engine holds " +
+                                                       std::to_string(kv.layout().max_sequences) + " sequences");
+  }
+  const uint32_t max_rows = engine.options().max_batch_rows;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    if (prompts[i].empty()) {
+      return make_error(ErrorCode::invalid_argument, "prompt " + std::to_string(i + 1) + " encodes to no tokens");
+    }
+    if (prompts[i].size() >= engine.context_length()) {
+      return make_error(ErrorCode::invalid_argument,
+                        "prompt " + std::to_string(i + 1) + " has " + std::to_string(prompts[i].size()) +
+                            " tokens, the context holds " + std::to_string(engine.context_length()) + " (--context)");
+    }
+  }
+  struct SequenceState {
+    uint32_t sequence = 0;
+    Sampler sampler;
+    std::vector<int32_t> penalty_context;
+    std::unique_ptr<StreamingDecoder> decoder;
+    std::string pending;
+    bool done = false;
+    GenerationResult result;
+    explicit SequenceState(const SamplingParams& p) : sampler(p) {}
+  };
+  std::vector<std::unique_ptr<SequenceState>> states;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    SamplingParams params = options.sampling;
+    params.seed += i;  // a different draw per sequence, reproducible from the seed
+    auto state = std::make_unique<SequenceState>(params);
+    auto sequence = kv.open_sequence();
+    if (!sequence) {
+      for (auto& opened : states) kv.close_sequence(opened->sequence);
+      return sequence.error();
+    }
+    state->sequence = sequence.value();
+    state->penalty_context = options.penalty_context;
+    state->penalty_context.insert(state->penalty_context.end(), prompts[i].begin(), prompts[i].end());
+    if (tokenizer) state->decoder = std::make_unique<StreamingDecoder>(*tokenizer, true);
+    state->result.stats.prompt_tokens = static_cast<uint32_t>(prompts[i].size());
+    states.push_back(std::move(state));
+  }
+  struct CloseAll {
+    KVCacheBook& kv;
+    std::vector<std::unique_ptr<SequenceState>>& states;
+    ~CloseAll() {
+      for (auto& state : states) kv.close_sequence(state->sequence);
+    }
+  } close_all{kv, states};
+
+  BatchGenerationStats totals;
+  totals.sequences = static_cast<uint32_t>(prompts.size());
+  const uint32_t vocab = engine.config().vocab_size;
+  std::vector<std::vector<float>> last_logits(prompts.size());
+  std::vector<float> logits;
+
+  // Prefill: rows of every prompt packed into shared passes.
+  const auto t0 = Clock::now();
+  const EngineCounters c0 = engine.counters();
+  {
+    TokenBatch batch;
+    std::vector<size_t> owners;  // prompt of each logits row of the batch
+    auto flush = [&]() -> Status {
+      if (batch.size() == 0) return Status::success();
+      LAYERPACK_TRY(engine.forward(batch, logits));
+      for (size_t r = 0; r < owners.size(); ++r) {
+        last_logits[owners[r]].assign(logits.begin() + r * vocab, logits.begin() + (r + 1) * vocab);
+      }
+      batch = TokenBatch();
+      owners.clear();
+      return Status::success();
+    };
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      const uint32_t sequence = states[i]->sequence;
+      for (size_t t = 0; t < prompts[i].size(); ++t) {
+        if (batch.size() == max_rows) LAYERPACK_TRY(flush());
+        const bool last = t + 1 == prompts[i].size();
+        batch.add(prompts[i][t], sequence, static_cast<uint32_t>(t), last);
+        if (last) owners.push_back(i);
+      }
+      totals.prompt_tokens += static_cast<uint32_t>(prompts[i].size());
+    }
+    LAYERPACK_TRY(flush());
+  }
+  const auto t1 = Clock::now();
+  const EngineCounters c1 = engine.counters();
+  totals.prefill_seconds = std::chrono::duration<double>(t1 - t0).count();
+  totals.prefill_bytes_read = c1.payload_bytes_read - c0.payload_bytes_read;
+
+  // Samples the next token of sequence i from its last logits; false when it stopped.
+  auto step = [&](size_t i) -> bool {
+    SequenceState& st = *states[i];
+    const int32_t token = st.sampler.sample(last_logits[i].data(), vocab, st.penalty_context);
+    st.result.tokens.push_back(token);
+    if (std::find(options.eos_ids.begin(), options.eos_ids.end(), token) != options.eos_ids.end()) {
+      st.result.stop_reason = StopReason::eos;
+      return false;
+    }
+    st.penalty_context.push_back(token);
+    if (st.decoder) {
+      st.pending += st.decoder->push(token);
+      for (const auto& stop : options.stop_strings) {
+        const size_t at = st.pending.find(stop);
+        if (!stop.empty() && at != std::string::npos) {
+          st.pending.resize(at);
+          st.result.stop_reason = StopReason::stop_string;
+          return false;
+        }
+      }
+    }
+    if (st.result.tokens.size() >= options.max_new_tokens) {
+      st.result.stop_reason = StopReason::token_limit;
+      return false;
+    }
+    if (kv.length(st.sequence) + 1 > engine.context_length()) {
+      st.result.stop_reason = StopReason::context_full;
+      return false;
+    }
+    return true;
+  };
+
+  std::vector<size_t> active;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    if (step(i)) active.push_back(i);
+  }
+  while (!active.empty()) {
+    TokenBatch batch;
+    for (size_t i : active) {
+      const uint32_t sequence = states[i]->sequence;
+      batch.add(states[i]->result.tokens.back(), sequence, kv.length(sequence), true);
+    }
+    LAYERPACK_TRY(engine.forward(batch, logits));
+    totals.decode_passes += 1;
+    totals.decode_tokens += static_cast<uint32_t>(active.size());
+    std::vector<size_t> still;
+    for (size_t r = 0; r < active.size(); ++r) {
+      const size_t i = active[r];
+      last_logits[i].assign(logits.begin() + r * vocab, logits.begin() + (r + 1) * vocab);
+      states[i]->result.stats.decode_passes += 1;
+      if (step(i)) still.push_back(i);
+    }
+    active.swap(still);
+  }
+  const auto t2 = Clock::now();
+  const EngineCounters c2 = engine.counters();
+  totals.decode_seconds = std::chrono::duration<double>(t2 - t1).count();
+  totals.decode_bytes_read = c2.payload_bytes_read - c1.payload_bytes_read;
+  totals.decode_bytes_from_host_cache = c2.bytes_from_host_cache - c1.bytes_from_host_cache;
+  totals.decode_bytes_uploaded = c2.bytes_uploaded - c1.bytes_uploaded;
+
+  std::vector<GenerationResult> results;
+  for (auto& state : states) {
+    GenerationResult& r = state->result;
+    if (state->decoder) {
+      if (r.stop_reason != StopReason::stop_string) state->pending += state->decoder->flush();
+      r.text = state->pending;
+    }
+    r.stats.generated_tokens = static_cast<uint32_t>(r.tokens.size());
+    r.stats.prefill_seconds = totals.prefill_seconds;
+    r.stats.decode_seconds = totals.decode_seconds;
+    totals.generated_tokens += r.stats.generated_tokens;
+    results.push_back(std::move(r));
+  }
+  if (stats) *stats = totals;
+  return results;
 }
 
 }  // namespace layerpack

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cassert>
 #include <chrono>
+#include <cstring>
 #include <sstream>
 
 namespace layerpack {
@@ -22,76 +23,158 @@ std::string SchedulePlan::explain() const {
     if (u == last) return std::string("output");
     return "layer " + std::to_string(u - 1);
   };
-  out << "layer plan: " << resident_count() << " resident (" << resident_bytes << " bytes), " << streamed_count()
-      << " streamed through " << ring_slots << " ring slots of " << ring_slot_size << " bytes (" << ring_bytes
-      << " bytes), " << streamed_bytes_per_pass << " bytes loaded per pass\n";
-  for (size_t u = 0; u < placement.size(); ++u) {
-    const char* what = placement[u] == UnitPlacement::host ? "host (rows gathered per token)"
+  auto mib = [](uint64_t bytes) {
+    std::ostringstream m;
+    m.setf(std::ios::fixed);
+    m.precision(1);
+    m << bytes / 1048576.0 << " MiB";
+    return m.str();
+  };
+  out << "layer plan: " << resident_count() << " resident (" << mib(resident_bytes) << "), " << streamed_count()
+      << " streamed through " << ring_slots << " ring slots of " << mib(ring_slot_size) << " (" << mib(ring_bytes)
+      << "); " << mib(streamed_bytes_per_pass) << " loaded per pass\n";
+  if (slot_budget != UINT64_MAX) {
+    out << "  layer memory budget " << mib(slot_budget) << ": resident " << mib(resident_bytes) << " + ring "
+        << mib(ring_bytes) << " + unused " << mib(slot_budget - std::min(slot_budget, slot_bytes())) << "\n";
+  }
+  if (ring_slots) {
+    out << "  ring depth " << ring_slots
+        << (ring_slots >= 3 ? ": one slot computing, one filling over the link, one filled ahead"
+                            : ": one slot computing while the other fills (budget allows no deeper ring)")
+        << "\n";
+  }
+  // Runs of units with the same placement, so an 80-layer plan stays readable.
+  size_t u = 0;
+  while (u < placement.size()) {
+    size_t v = u;
+    while (v + 1 < last && u >= 1 && u < last && placement[v + 1] == placement[u]) ++v;
+    const char* what = placement[u] == UnitPlacement::host       ? "host (rows gathered per token)"
                        : placement[u] == UnitPlacement::resident ? "resident"
                                                                  : "streamed";
-    out << "  " << unit_name(u) << ": " << what << "\n";
+    if (v == u) {
+      out << "  " << unit_name(u) << ": " << what << "\n";
+    } else {
+      out << "  layers " << (u - 1) << "-" << (v - 1) << ": " << what << "\n";
+    }
+    u = v + 1;
   }
   return out.str();
 }
 
+namespace {
+
+uint64_t round_up(uint64_t bytes, uint64_t granularity) {
+  return granularity <= 1 ? bytes : (bytes + granularity - 1) / granularity * granularity;
+}
+
+// One candidate: ring slots of `slot_size`, `depth` of them, residents filled greedily
+// in preference order from what is left. Returns false when even the ring does not fit.
+bool try_plan(const std::vector<uint64_t>& sizes, uint64_t budget, uint64_t slot_size, uint32_t depth,
+              bool output_must_be_resident, SchedulePlan* plan) {
+  const size_t units = sizes.size();
+  const size_t output = units - 1;
+  uint64_t need = uint64_t(depth) * slot_size;
+  if (output_must_be_resident) need += sizes[output];
+  if (need > budget) return false;
+  plan->placement.assign(units, UnitPlacement::streamed);
+  plan->placement[0] = UnitPlacement::host;
+  plan->resident_bytes = 0;
+  uint64_t left = budget - uint64_t(depth) * slot_size;
+  std::vector<size_t> order;
+  order.push_back(output);
+  for (size_t u = 1; u < output; ++u) order.push_back(u);
+  for (size_t u : order) {
+    if (sizes[u] <= left) {
+      plan->placement[u] = UnitPlacement::resident;
+      left -= sizes[u];
+      plan->resident_bytes += sizes[u];
+    } else if (sizes[u] > slot_size) {
+      return false;  // a streamed unit must fit a ring slot
+    }
+  }
+  plan->streamed_bytes_per_pass = 0;
+  uint64_t largest_streamed = 0;
+  uint32_t streamed = 0;
+  for (size_t u = 1; u < units; ++u) {
+    if (plan->placement[u] != UnitPlacement::streamed) continue;
+    plan->streamed_bytes_per_pass += sizes[u];
+    largest_streamed = std::max(largest_streamed, sizes[u]);
+    ++streamed;
+  }
+  plan->ring_slots = streamed ? depth : 0;
+  plan->ring_slot_size = streamed ? largest_streamed : 0;
+  plan->ring_bytes = uint64_t(plan->ring_slots) * plan->ring_slot_size;
+  return true;
+}
+
+}  // namespace
+
 Result<SchedulePlan> plan_layers(const SchedulerInput& input) {
   const size_t units = input.payload_sizes.size();
   if (units < 2) return make_error(ErrorCode::invalid_argument, "layer plan needs an embedding and an output unit");
+  std::vector<uint64_t> sizes(units);
+  for (size_t u = 0; u < units; ++u) sizes[u] = round_up(input.payload_sizes[u], input.allocation_granularity);
   SchedulePlan plan;
+  plan.slot_budget = input.slot_budget;
   plan.placement.assign(units, UnitPlacement::resident);
   plan.placement[0] = UnitPlacement::host;
-  uint64_t total = 0, largest = 0;
+  uint64_t total = 0, largest = 0, largest_decoder = 0;
   for (size_t u = 1; u < units; ++u) {
-    total += input.payload_sizes[u];
-    largest = std::max(largest, input.payload_sizes[u]);
+    total += sizes[u];
+    largest = std::max(largest, sizes[u]);
+    if (u + 1 < units) largest_decoder = std::max(largest_decoder, sizes[u]);
   }
   if (total <= input.slot_budget) {
     plan.resident_bytes = total;
     return plan;
   }
   const uint32_t min_slots = std::max<uint32_t>(2, input.min_ring_slots);
-  if (largest == 0 || input.slot_budget / largest < min_slots) {
+  const uint32_t max_slots = std::max(min_slots, input.max_ring_slots);
+  const uint32_t preferred = std::min(max_slots, std::max(min_slots, input.preferred_ring_slots));
+  const uint64_t output_size = sizes[units - 1];
+
+  struct Candidate {
+    uint64_t slot_size;
+    bool output_resident;
+  };
+  std::vector<Candidate> candidates = {{largest, false}};
+  if (output_size > largest_decoder && largest_decoder > 0) candidates.push_back({largest_decoder, true});
+
+  bool found = false;
+  SchedulePlan best;
+  uint64_t minimum = UINT64_MAX;
+  for (const Candidate& c : candidates) {
+    minimum = std::min(minimum, uint64_t(min_slots) * c.slot_size + (c.output_resident ? output_size : 0));
+    // The preferred depth when it fits, else the deepest ring down to the minimum.
+    for (uint32_t depth = preferred; depth >= min_slots; --depth) {
+      SchedulePlan candidate = plan;
+      if (!try_plan(sizes, input.slot_budget, c.slot_size, depth, c.output_resident, &candidate)) continue;
+      // A ring deeper than the streamed units would only idle: give the slots back to residents.
+      const uint32_t streamed = candidate.streamed_count();
+      if (streamed > 0 && streamed < depth && depth > min_slots) continue;
+      if (!found || candidate.streamed_bytes_per_pass < best.streamed_bytes_per_pass ||
+          (candidate.streamed_bytes_per_pass == best.streamed_bytes_per_pass &&
+           candidate.ring_slots > best.ring_slots)) {
+        best = candidate;
+        found = true;
+      }
+      break;
+    }
+  }
+  if (!found) {
     return make_error(ErrorCode::out_of_memory,
                       "layer memory budget of " + std::to_string(input.slot_budget) + " bytes cannot hold " +
                           std::to_string(min_slots) + " ring slots of the largest layer (" + std::to_string(largest) +
-                          " bytes); the minimum is " + std::to_string(uint64_t(min_slots) * largest) + " bytes");
+                          " bytes); the minimum is " + std::to_string(minimum) + " bytes");
   }
-  // Slots are sized to the largest payload so any layer fits any slot. As many slots
-  // as the budget allows (up to max) deepen the prefetch; the rest holds residents.
-  uint32_t slots = static_cast<uint32_t>(
-      std::min<uint64_t>(std::max(min_slots, input.max_ring_slots), input.slot_budget / largest));
-  slots = std::max(slots, min_slots);
-  uint64_t left = input.slot_budget - uint64_t(slots) * largest;
-  for (size_t u = 1; u < units; ++u) plan.placement[u] = UnitPlacement::streamed;
-  // Residents: output first, then decoder layers in order.
-  std::vector<size_t> order;
-  order.push_back(units - 1);
-  for (size_t u = 1; u + 1 < units; ++u) order.push_back(u);
-  for (size_t u : order) {
-    if (input.payload_sizes[u] <= left) {
-      plan.placement[u] = UnitPlacement::resident;
-      left -= input.payload_sizes[u];
-      plan.resident_bytes += input.payload_sizes[u];
-    }
-  }
-  for (size_t u = 1; u < units; ++u) {
-    if (plan.placement[u] == UnitPlacement::streamed) plan.streamed_bytes_per_pass += input.payload_sizes[u];
-  }
-  if (plan.streamed_bytes_per_pass == 0) {  // everything fitted after all (only reachable by rounding)
-    return plan;
-  }
-  // Fewer slots than streamed layers is the point of a ring; more would idle.
-  plan.ring_slots = std::min<uint32_t>(slots, plan.streamed_count());
-  plan.ring_slots = std::max(plan.ring_slots, std::min<uint32_t>(min_slots, plan.streamed_count()));
-  plan.ring_slot_size = largest;
-  plan.ring_bytes = uint64_t(plan.ring_slots) * largest;
-  return plan;
+  return best;
 }
 
 // ---- LayerStreamer ------------------------------------------------------------------
 
-LayerStreamer::LayerStreamer(const ModelPack& pack, Backend& backend, PayloadReader& reader, SchedulePlan plan)
-    : pack_(pack), backend_(backend), reader_(reader), plan_(std::move(plan)) {}
+LayerStreamer::LayerStreamer(const ModelPack& pack, Backend& backend, PayloadReader& reader, SchedulePlan plan,
+                             StreamerOptions options)
+    : pack_(pack), backend_(backend), reader_(reader), plan_(std::move(plan)), options_(options) {}
 
 LayerStreamer::~LayerStreamer() {
   {
@@ -102,18 +185,77 @@ LayerStreamer::~LayerStreamer() {
   if (loader_.joinable()) loader_.join();
 }
 
-Status LayerStreamer::load_into(UnitIndex unit, SlotId slot, size_t staging_index) {
+namespace {
+double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+}  // namespace
+
+Status LayerStreamer::load_into(UnitIndex unit, SlotId slot, size_t staging_index, StreamerStats* stats) {
   const LayerFileInfo& file = pack_.unit(unit);
-  if (uint8_t* direct = backend_.slot_host_pointer(slot)) {
+  const uint64_t bytes = file.payload_size;
+  uint8_t* direct = backend_.slot_host_pointer(slot);
+  const bool streamed = plan_.placement[unit] == UnitPlacement::streamed;
+
+  // Host cache: payloads of streamed units kept in pinned memory after the first read.
+  if (streamed && options_.host_cache_bytes > 0) {
+    if (!host_cache_[unit] && !host_cache_failed_ && host_cache_used_ + bytes <= options_.host_cache_bytes) {
+      auto buffer = backend_.allocate_staging(bytes);
+      if (buffer) {
+        const auto start = std::chrono::steady_clock::now();
+        Status read = reader_.read(file, buffer.value()->data());
+        stats->read_seconds += seconds_since(start);
+        if (!read.ok()) return read;
+        stats->bytes_from_file += bytes;
+        host_cache_[unit] = std::move(buffer.value());
+        host_cache_used_ += bytes;
+        std::lock_guard<std::mutex> lock(mutex_);
+        stats_.host_cache_bytes = host_cache_used_;
+        stats_.host_cache_units += 1;
+      } else {
+        // Out of pinned memory: keep what is cached, stream the rest from the files.
+        host_cache_failed_ = true;
+        std::lock_guard<std::mutex> lock(mutex_);
+        stats_.host_cache_note = "host cache stopped at " + std::to_string(host_cache_used_) + " bytes: " +
+                                 buffer.error().message + "; the remaining layers are read from the files";
+      }
+    } else if (host_cache_[unit]) {
+      stats->bytes_from_host_cache += bytes;
+    }
+    if (host_cache_[unit]) {
+      HostBuffer& cached = *host_cache_[unit];
+      if (direct) {
+        LAYERPACK_TRY(backend_.wait_slot_idle(slot));
+        std::memcpy(direct, cached.data(), bytes);
+        return Status::success();
+      }
+      // One DMA straight from the cached pinned copy; it is never rewritten, so there
+      // is no ticket to wait for.
+      auto ticket = backend_.upload(slot, cached, bytes);
+      if (!ticket) return ticket.error();
+      stats->bytes_uploaded += bytes;
+      return Status::success();
+    }
+  }
+
+  if (direct) {
     LAYERPACK_TRY(backend_.wait_slot_idle(slot));
-    return reader_.read(file, direct);
+    const auto start = std::chrono::steady_clock::now();
+    Status read = reader_.read(file, direct);
+    stats->read_seconds += seconds_since(start);
+    if (read.ok()) stats->bytes_from_file += bytes;
+    return read;
   }
   HostBuffer& staging = *staging_[staging_index];
   LAYERPACK_TRY(backend_.wait_upload(staging_ticket_[staging_index]));
+  const auto start = std::chrono::steady_clock::now();
   LAYERPACK_TRY(reader_.read(file, staging.data()));
-  auto ticket = backend_.upload(slot, staging, file.payload_size);
+  stats->read_seconds += seconds_since(start);
+  stats->bytes_from_file += bytes;
+  auto ticket = backend_.upload(slot, staging, bytes);
   if (!ticket) return ticket.error();
   staging_ticket_[staging_index] = ticket.value();
+  stats->bytes_uploaded += bytes;
   return Status::success();
 }
 
@@ -121,13 +263,16 @@ Status LayerStreamer::start() {
   const uint32_t units = pack_.unit_count();
   resident_slot_.assign(units, 0);
   host_units_.resize(units);
+  host_cache_.resize(units);
   bool need_staging = false;
+  StreamerStats startup;
   for (UnitIndex u = 0; u < units; ++u) {
     if (plan_.placement[u] == UnitPlacement::host) {
       auto buffer = AlignedBuffer::allocate(pack_.payload_size(u), pack_.unit(u).path);
       if (!buffer) return buffer.error();
       host_units_[u] = std::move(buffer.value());
       LAYERPACK_TRY(reader_.read(pack_.unit(u), host_units_[u].data()));
+      startup.bytes_from_file += pack_.payload_size(u);
     } else if (plan_.placement[u] == UnitPlacement::resident) {
       auto slot = backend_.allocate_slot(pack_.payload_size(u));
       if (!slot) return slot.error();
@@ -144,12 +289,12 @@ Status LayerStreamer::start() {
     if (!backend_.slot_host_pointer(slot.value())) need_staging = true;
   }
   if (need_staging) {
-    // One staging buffer per ring slot (at least one), each the largest slot payload.
-    uint64_t largest = plan_.ring_slot_size;
-    for (UnitIndex u = 0; u < units; ++u) {
-      if (plan_.placement[u] == UnitPlacement::resident) largest = std::max(largest, pack_.payload_size(u));
+    // Double-buffered staging, each the largest payload that goes through it.
+    uint64_t largest = 0;
+    for (UnitIndex u = 1; u < units; ++u) {
+      if (plan_.placement[u] != UnitPlacement::host) largest = std::max(largest, pack_.payload_size(u));
     }
-    size_t count = std::max<size_t>(1, ring_.size());
+    const size_t count = ring_.empty() ? 1 : std::max<uint32_t>(1, options_.staging_buffers);
     for (size_t i = 0; i < count; ++i) {
       auto staging = backend_.allocate_staging(largest);
       if (!staging) return staging.error();
@@ -157,9 +302,21 @@ Status LayerStreamer::start() {
       staging_ticket_.push_back(0);
     }
   }
-  // Resident loads, in unit order, through staging buffer 0 when needed.
+  // Resident loads, in unit order, alternating staging buffers so a read overlaps
+  // the previous upload.
+  size_t resident_index = 0;
   for (UnitIndex u = 0; u < units; ++u) {
-    if (plan_.placement[u] == UnitPlacement::resident) LAYERPACK_TRY(load_into(u, resident_slot_[u], 0));
+    if (plan_.placement[u] != UnitPlacement::resident) continue;
+    StreamerStats ignored;
+    LAYERPACK_TRY(load_into(u, resident_slot_[u], staging_.empty() ? 0 : resident_index++ % staging_.size(), &ignored));
+    startup.bytes_from_file += pack_.payload_size(u);
+  }
+  // Resident uploads complete before start() returns, so a later failure cannot
+  // leave a copy in flight into a slot being freed.
+  for (UploadTicket ticket : staging_ticket_) LAYERPACK_TRY(backend_.wait_upload(ticket));
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stats_.startup_bytes_read = startup.bytes_from_file;
   }
   if (!stream_order_.empty()) loader_ = std::thread([this] { loader_loop(); });
   return Status::success();
@@ -177,7 +334,8 @@ void LayerStreamer::loader_loop() {
     entry.slot = ring_[k % ring];
     window_.push_back(entry);
     lock.unlock();
-    Status status = load_into(entry.unit, entry.slot, k % std::max<size_t>(1, staging_.size()));
+    StreamerStats load;
+    Status status = load_into(entry.unit, entry.slot, k % std::max<size_t>(1, staging_.size()), &load);
     lock.lock();
     RingEntry& done = window_[k - first_in_window_];
     done.loaded = true;
@@ -185,6 +343,10 @@ void LayerStreamer::loader_loop() {
     if (status.ok()) {
       stats_.loads += 1;
       stats_.bytes_loaded += pack_.payload_size(entry.unit);
+      stats_.bytes_from_file += load.bytes_from_file;
+      stats_.bytes_from_host_cache += load.bytes_from_host_cache;
+      stats_.bytes_uploaded += load.bytes_uploaded;
+      stats_.read_seconds += load.read_seconds;
     } else {
       loader_failed_ = true;
     }

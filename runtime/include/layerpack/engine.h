@@ -26,8 +26,16 @@ struct EngineOptions {
   BackendOptions backend_options;
   bool verify_hashes = false;   // check every payload's XXH3-64 as it is read
   bool direct_io = false;       // O_DIRECT payload reads
+  uint32_t read_threads = 8;    // reads in flight per payload (chunks of one payload)
   uint64_t slot_budget = UINT64_MAX;  // bytes for layer slots; less than the model: streaming
+  // GPU backends: cap on everything the runtime allocates on the device (KV cache,
+  // activations, cuBLAS and kernel workspaces, resident layers, ring slots, and a
+  // reserve for the kernels' code and library state). 0: the device's free memory at
+  // open minus a margin. Ignored by the CPU backend (slot_budget applies there).
+  uint64_t vram_budget = 0;
+  uint64_t host_cache_bytes = 0;  // pinned host copies of streamed payloads (--host-cache)
   uint32_t min_ring_slots = 2;
+  uint32_t ring_slots = 0;        // 0: automatic (3 when the budget allows, else 2)
   uint32_t context_length = 0;  // 0: min(max_position_embeddings, 4096)
   uint32_t max_sequences = 1;
   uint32_t max_batch_rows = 256;  // longer prompts are prefilled in chunks of this many rows
@@ -37,6 +45,27 @@ struct EngineCounters {
   uint64_t passes = 0;
   uint64_t rows = 0;
   uint64_t payload_bytes_read = 0;  // from files, all time (includes resident loads at open)
+  uint64_t bytes_from_host_cache = 0;  // streamed payload bytes taken from the host cache
+  uint64_t bytes_uploaded = 0;         // streamed payload bytes copied over the host-device link
+};
+
+// How the memory budget is split, and (GPU) what the device says is in use.
+struct MemoryReport {
+  bool device = false;             // a GPU budget applies
+  bool budget_from_option = false; // --vram given (else free memory minus a margin)
+  uint64_t budget = UINT64_MAX;    // bytes everything below must fit in
+  uint64_t kv_cache_bytes = 0;
+  uint64_t backend_bytes = 0;      // backend allocations besides slots (KV cache included)
+  uint64_t code_reserve_bytes = 0; // kept free for kernel code and library state (GPU)
+  uint64_t slot_bytes = 0;         // resident layers + ring slots
+  uint64_t accounted_bytes() const { return backend_bytes + code_reserve_bytes + slot_bytes; }
+  // GPU: cudaMemGetInfo before the backend was created, and device memory in use by
+  // this runtime since then (now, and the largest value sampled after open and after
+  // every forward pass).
+  uint64_t device_total = 0;
+  uint64_t device_free_at_open = 0;
+  uint64_t measured_in_use = 0;
+  uint64_t measured_peak = 0;
 };
 
 class Engine {
@@ -58,11 +87,14 @@ class Engine {
   // on success the KV book advances. logits: logits_rows() x vocab_size floats.
   Status forward(const TokenBatch& batch, std::vector<float>& logits);
   EngineCounters counters() const;
+  // Budget split and measured device memory (peak updated after every pass).
+  MemoryReport memory() const { return memory_; }
   // Human-readable plan (backend, layer placement, memory), for --verbose.
   std::string describe() const;
 
  private:
   Engine(ModelPack pack, EngineOptions options, KVCacheLayout layout);
+  void sample_device_memory();
   ModelPack pack_;
   EngineOptions options_;
   KVCacheBook kv_book_;
@@ -70,6 +102,8 @@ class Engine {
   std::unique_ptr<PayloadReader> reader_;
   std::unique_ptr<LayerStreamer> streamer_;
   EngineCounters counters_;
+  MemoryReport memory_;
+  uint64_t device_used_baseline_ = 0;  // total - free before the backend allocated anything
   // An error inside a pass leaves the streamer mid-sequence; later passes repeat it.
   std::unique_ptr<Error> broken_;
 };
@@ -97,7 +131,9 @@ struct GenerationStats {
   double prefill_seconds = 0;
   double decode_seconds = 0;         // after the first token
   uint64_t prefill_bytes_read = 0;
-  uint64_t decode_bytes_read = 0;
+  uint64_t decode_bytes_read = 0;          // from the pack files
+  uint64_t decode_bytes_from_host_cache = 0;
+  uint64_t decode_bytes_uploaded = 0;      // over the host-device link
   double prefill_tokens_per_second() const;
   double decode_tokens_per_second() const;
   double decode_seconds_per_token() const;
@@ -129,6 +165,30 @@ class Generator {
   const Tokenizer* tokenizer_;
   std::vector<std::vector<int32_t>> history_;
 };
+
+// Several prompts decoded together: the prompts are prefilled in shared passes (rows
+// of several sequences per pass, up to max_batch_rows), then every decode pass carries
+// one row per unfinished sequence, so one pass over the weights serves all of them.
+// Each sequence stops on its own (EOS, stop string, token limit, context) and samples
+// with its own sampler (seed + index). Needs max_sequences >= prompts.size().
+struct BatchGenerationStats {
+  uint32_t sequences = 0;
+  uint32_t prompt_tokens = 0;
+  uint32_t generated_tokens = 0;   // over all sequences
+  uint32_t decode_passes = 0;
+  uint32_t decode_tokens = 0;      // tokens produced by decode passes (all sequences)
+  double prefill_seconds = 0;
+  double decode_seconds = 0;
+  uint64_t prefill_bytes_read = 0;
+  uint64_t decode_bytes_read = 0;
+  uint64_t decode_bytes_from_host_cache = 0;
+  uint64_t decode_bytes_uploaded = 0;
+  double decode_tokens_per_second() const { return decode_seconds > 0 ? decode_tokens / decode_seconds : 0; }
+  double decode_seconds_per_pass() const { return decode_passes ? decode_seconds / decode_passes : 0; }
+};
+Result<std::vector<GenerationResult>> generate_batch(Engine& engine, const Tokenizer* tokenizer,
+                                                     const std::vector<std::vector<int32_t>>& prompts,
+                                                     const GenerationOptions& options, BatchGenerationStats* stats);
 
 // Peak resident set size of this process in bytes (getrusage).
 uint64_t peak_rss_bytes();

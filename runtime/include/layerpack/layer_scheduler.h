@@ -1,9 +1,15 @@
 // The layer scheduler decides which layers stay resident and which stream through a
 // ring of reusable slots, and the LayerStreamer carries that plan out: it loads
-// payloads in compute order, ahead of compute by up to ring_slots - 1 layers, on a
-// loader thread, while the backend computes. Both are backend-agnostic: the CPU backend
-// uses them with host slots; the CUDA backend with VRAM slots, pinned staging buffers
-// and asynchronous uploads (issue 7), under a VRAM budget.
+// payloads in compute order, ahead of compute by up to ring_slots layers, on a loader
+// thread, while the backend computes. Both are backend-agnostic: the CPU backend uses
+// them with host slots; the CUDA backend with VRAM slots, pinned staging buffers and
+// asynchronous uploads, under a VRAM budget.
+//
+// Where a streamed payload comes from, per load:
+//   host cache  pinned host memory kept from an earlier pass: one DMA, no read
+//   file        parallel chunked read (payload_reader.h) into a pinned staging buffer
+//               (or into the host cache on first use), then one DMA
+// On the CPU (host-writable slots) the file is read straight into the slot.
 #pragma once
 
 #include <condition_variable>
@@ -33,32 +39,59 @@ struct SchedulerInput {
   // Bytes the layer slots may use (resident + ring); UINT64_MAX: no limit.
   uint64_t slot_budget = UINT64_MAX;
   uint32_t min_ring_slots = 2;  // >= 2 so one slot loads while another computes
-  uint32_t max_ring_slots = 4;  // deeper prefetch when the budget allows
+  // Ring depth wanted when the budget allows it. Three: one slot being computed, one
+  // being filled over the link, one already filled, so a slow read or a long compute
+  // (prefill) never stalls the other side; each further slot costs a resident layer.
+  uint32_t preferred_ring_slots = 3;
+  uint32_t max_ring_slots = 4;
+  // Device allocations are rounded up to this (CUDA: 2 MiB pages), so the plan's
+  // bytes are what the allocator really takes from the budget.
+  uint64_t allocation_granularity = 1;
 };
 
 struct SchedulePlan {
   std::vector<UnitPlacement> placement;  // per unit
   uint32_t ring_slots = 0;               // 0 when everything is resident
-  uint64_t ring_slot_size = 0;           // largest streamed payload
-  uint64_t resident_bytes = 0;
+  uint64_t ring_slot_size = 0;           // largest streamed payload (rounded to the granularity)
+  uint64_t resident_bytes = 0;           // allocated, rounded to the granularity
   uint64_t ring_bytes = 0;
+  uint64_t slot_budget = UINT64_MAX;     // what the plan had to fit in
   uint64_t streamed_bytes_per_pass = 0;  // payload bytes loaded per forward pass
+  uint64_t slot_bytes() const { return resident_bytes + ring_bytes; }
   uint32_t resident_count() const;
   uint32_t streamed_count() const;
   std::string explain() const;  // one line per decision, for --verbose
 };
 
 // All resident when everything fits. Otherwise a ring of slots sized to the largest
-// streamed payload (as many as the budget allows, min..max), and the remaining budget
-// filled with resident layers, the output layer first (it is read every pass and is
-// usually the largest), then decoder layers from the first. Error when the budget
-// cannot hold min_ring_slots slots; the message gives the minimum.
+// streamed payload (preferred_ring_slots deep when the budget allows, else fewer, never
+// under min_ring_slots), and the remaining budget filled with resident layers, the
+// output layer first (it is read every pass and is usually the largest, so keeping it
+// resident also shrinks the ring slots to the decoder layer size), then decoder layers
+// from the first. Of the two slot sizes (largest unit, or largest decoder layer with
+// the output resident) the plan that streams fewer bytes per pass wins. Error when
+// the budget cannot hold min_ring_slots slots; the message gives the minimum.
 Result<SchedulePlan> plan_layers(const SchedulerInput& input);
 
+struct StreamerOptions {
+  // Pinned host memory for payloads kept after their first read (--host-cache).
+  // Streamed units are cached in compute order until it is full.
+  uint64_t host_cache_bytes = 0;
+  uint32_t staging_buffers = 2;  // read one payload while the previous one is in DMA
+};
+
 struct StreamerStats {
-  uint64_t loads = 0;
-  uint64_t bytes_loaded = 0;
-  double wait_seconds = 0;  // compute thread waiting for a load
+  uint64_t loads = 0;                  // streamed loads (not the resident loads at start)
+  uint64_t bytes_loaded = 0;           // payload bytes of those loads
+  uint64_t bytes_from_file = 0;        // ... read from the pack files
+  uint64_t bytes_from_host_cache = 0;  // ... taken from the host cache
+  uint64_t bytes_uploaded = 0;         // ... copied over the host-device link
+  uint64_t startup_bytes_read = 0;     // resident units and host units at start()
+  double wait_seconds = 0;             // compute thread waiting for a load
+  double read_seconds = 0;             // loader reading files
+  uint64_t host_cache_bytes = 0;       // pinned bytes held by the host cache
+  uint32_t host_cache_units = 0;
+  std::string host_cache_note;         // why the host cache holds less than asked, if it does
 };
 
 // Owns the slots of a plan and keeps them filled. Units are requested in compute
@@ -66,7 +99,8 @@ struct StreamerStats {
 // back to the ring by release() once compute has been issued on it.
 class LayerStreamer {
  public:
-  LayerStreamer(const ModelPack& pack, Backend& backend, PayloadReader& reader, SchedulePlan plan);
+  LayerStreamer(const ModelPack& pack, Backend& backend, PayloadReader& reader, SchedulePlan plan,
+                StreamerOptions options = {});
   ~LayerStreamer();
   // Allocates slots and staging, loads the resident units, starts the loader thread.
   Status start();
@@ -89,13 +123,18 @@ class LayerStreamer {
     bool released = false;
     Status status;
   };
-  Status load_into(UnitIndex unit, SlotId slot, size_t staging_index);
+  // `stats` (under mutex_) receives the byte counts of a streamed load.
+  Status load_into(UnitIndex unit, SlotId slot, size_t staging_index, StreamerStats* stats);
   void loader_loop();
 
   const ModelPack& pack_;
   Backend& backend_;
   PayloadReader& reader_;
   SchedulePlan plan_;
+  StreamerOptions options_;
+  std::vector<std::unique_ptr<HostBuffer>> host_cache_;  // per unit, set once cached (loader thread only)
+  uint64_t host_cache_used_ = 0;
+  bool host_cache_failed_ = false;
   std::vector<SlotId> resident_slot_;      // per unit, valid when resident
   std::vector<AlignedBuffer> host_units_;  // per unit, non-empty when placed on the host
   std::vector<UnitIndex> stream_order_;    // streamed units in compute order

@@ -1,14 +1,18 @@
 // layerpack-run: generate text from a pack.
 //   layerpack-run PACK -p "..." [-n 128] [--chat] [--system "..."] [sampling] [--backend cpu|cuda]
+//                 [--vram 8GiB] [--host-cache 48GiB] [--batch-file prompts.txt] [-v] [--json]
 // Text streams to stdout; statistics go to stderr at the end (--json: one JSON object
 // on stdout instead). Without -p on a terminal: an interactive chat that keeps the KV
 // cache between turns. Without -p and stdin not a terminal: the prompt is read from stdin.
+// --batch-file: one prompt per line, all decoded together (one pass over the weights
+// per step serves every sequence); the output is given per prompt.
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <fstream>
 #include <iostream>
 #include <iterator>
 #include <nlohmann/json.hpp>
@@ -41,6 +45,12 @@ struct Arguments {
   uint32_t threads = 0;
   uint32_t context = 0;
   std::string layer_budget;
+  std::string vram;
+  std::string host_cache;
+  std::string batch_file;
+  uint32_t read_threads = 8;
+  uint32_t ring_slots = 0;
+  uint32_t max_batch_rows = 256;
   bool direct_io = false;
   bool json = false;
   bool verify_hashes = false;
@@ -123,6 +133,52 @@ std::vector<int32_t> eos_ids_for(const Engine& engine, const Tokenizer* tokenize
   return ids;
 }
 
+nlohmann::json memory_json(const Engine& engine) {
+  const MemoryReport m = engine.memory();
+  const SchedulePlan& plan = engine.streamer().plan();
+  const StreamerStats streamer = engine.streamer().stats();
+  nlohmann::json j = {{"resident_layers", plan.resident_count()},
+                      {"streamed_layers", plan.streamed_count()},
+                      {"ring_slots", plan.ring_slots},
+                      {"ring_slot_bytes", plan.ring_slot_size},
+                      {"resident_bytes", plan.resident_bytes},
+                      {"ring_bytes", plan.ring_bytes},
+                      {"streamed_bytes_per_pass", plan.streamed_bytes_per_pass},
+                      {"kv_cache_bytes", m.kv_cache_bytes},
+                      {"host_cache_bytes", streamer.host_cache_bytes},
+                      {"host_cache_units", streamer.host_cache_units}};
+  if (!streamer.host_cache_note.empty()) j["host_cache_note"] = streamer.host_cache_note;
+  if (m.device) {
+    j["vram_budget_bytes"] = m.budget;
+    j["vram_budget_from_option"] = m.budget_from_option;
+    j["backend_bytes"] = m.backend_bytes;
+    j["code_reserve_bytes"] = m.code_reserve_bytes;
+    j["slot_bytes"] = m.slot_bytes;
+    j["accounted_bytes"] = m.accounted_bytes();
+    j["device_total_bytes"] = m.device_total;
+    j["device_free_at_open_bytes"] = m.device_free_at_open;
+    j["device_in_use_bytes"] = m.measured_in_use;
+    j["device_peak_bytes"] = m.measured_peak;
+  }
+  return j;
+}
+
+// Per decode pass: bytes read from the pack files, taken from the host cache, sent over the link.
+void print_traffic(uint32_t passes, uint64_t from_file, uint64_t from_cache, uint64_t uploaded, const Engine& engine) {
+  if (!passes) return;
+  const MemoryReport m = engine.memory();
+  std::fprintf(stderr, "[layerpack-run] per decode pass: %.1f MiB from the pack files, %.1f MiB from the host cache, "
+                       "%.1f MiB over the link",
+               from_file / 1048576.0 / passes, from_cache / 1048576.0 / passes, uploaded / 1048576.0 / passes);
+  if (m.device) {
+    std::fprintf(stderr, "; GPU memory peak %.1f MiB of the %.1f MiB budget (accounted %.1f MiB)",
+                 m.measured_peak / 1048576.0, m.budget / 1048576.0, m.accounted_bytes() / 1048576.0);
+  }
+  const StreamerStats s = engine.streamer().stats();
+  std::fprintf(stderr, "; compute waited %.3f s for loads\n", s.wait_seconds);
+  if (!s.host_cache_note.empty()) std::fprintf(stderr, "[layerpack-run] note: %s\n", s.host_cache_note.c_str());
+}
+
 void print_stats(const GenerationResult& r, const Engine& engine, const SamplingParams& sampling) {
   const GenerationStats& s = r.stats;
   std::fprintf(stderr,
@@ -147,7 +203,24 @@ nlohmann::json stats_json(const GenerationResult& r) {
           {"prefill_bytes_read", s.prefill_bytes_read},
           {"decode_bytes_read", s.decode_bytes_read},
           {"decode_bytes_per_token", s.decode_bytes_per_token()},
+          {"decode_bytes_from_host_cache", s.decode_bytes_from_host_cache},
+          {"decode_bytes_uploaded", s.decode_bytes_uploaded},
+          {"decode_bytes_uploaded_per_token",
+           s.decode_passes ? static_cast<double>(s.decode_bytes_uploaded) / s.decode_passes : 0.0},
           {"peak_rss_bytes", peak_rss_bytes()}};
+}
+
+Result<std::vector<std::string>> read_prompt_lines(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return make_error(ErrorCode::not_found, path + ": cannot open the batch file");
+  std::vector<std::string> lines;
+  std::string line;
+  while (std::getline(in, line)) {
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (!line.empty()) lines.push_back(line);
+  }
+  if (lines.empty()) return make_error(ErrorCode::invalid_argument, path + ": no prompts (one per line)");
+  return lines;
 }
 
 int interactive_chat(const Arguments& a, Engine& engine, Generator& generator, const Tokenizer& tokenizer,
@@ -222,6 +295,18 @@ int main(int argc, char** argv) {
   app.add_option("--context", a.context, "context length in tokens (default: model maximum, at most 4096)");
   app.add_option("--layer-budget", a.layer_budget,
                  "memory for layer buffers, e.g. 2GiB; smaller than the model streams layers through a ring");
+  app.add_option("--vram", a.vram,
+                 "cap on GPU memory for everything the runtime allocates, e.g. 8GiB (default: free memory minus a "
+                 "margin); layers that do not fit stream through a ring of slots");
+  app.add_option("--host-cache", a.host_cache,
+                 "pinned host memory keeping streamed layers after their first read, e.g. 48GiB (later passes: one "
+                 "DMA per layer, no file read)");
+  app.add_option("--batch-file", a.batch_file, "file with one prompt per line, decoded together");
+  app.add_option("--read-threads", a.read_threads, "reads in flight per layer payload")->check(CLI::Range(1, 64));
+  app.add_option("--ring-slots", a.ring_slots, "ring slots for streamed layers (0: automatic)")
+      ->check(CLI::Range(0, 16));
+  app.add_option("--max-batch-rows", a.max_batch_rows, "most token rows per forward pass (prefill chunk)")
+      ->check(CLI::Range(1, 4096));
   app.add_flag("--direct-io", a.direct_io, "read layer payloads with O_DIRECT (bypass the page cache)");
   app.add_flag("--json", a.json, "print one JSON object (text, ids, statistics) instead of streaming text");
   app.add_flag("--verify-hashes", a.verify_hashes, "check every payload's XXH3-64 as it is read");
@@ -234,10 +319,24 @@ int main(int argc, char** argv) {
   options.verify_hashes = a.verify_hashes;
   options.direct_io = a.direct_io;
   options.context_length = a.context;
+  options.read_threads = a.read_threads;
+  options.ring_slots = a.ring_slots;
+  options.max_batch_rows = a.max_batch_rows;
   if (!a.layer_budget.empty()) {
     auto budget = parse_size(a.layer_budget);
     if (!budget) return fail(budget.error());
     options.slot_budget = budget.value();
+  }
+  if (!a.vram.empty()) {
+    auto budget = parse_size(a.vram);
+    if (!budget) return fail(budget.error());
+    if (budget.value() == 0) return fail("--vram must be more than 0");
+    options.vram_budget = budget.value();
+  }
+  if (!a.host_cache.empty()) {
+    auto bytes = parse_size(a.host_cache);
+    if (!bytes) return fail(bytes.error());
+    options.host_cache_bytes = bytes.value();
   }
 
   // Tokenizer first: a pack whose tokenizer is unusable is rejected before the weights load.
@@ -256,6 +355,100 @@ int main(int argc, char** argv) {
       return fail(tokenizer_path + ": tokenizer has " + std::to_string(tokenizer->vocab_size()) +
                   " tokens, more than the model's vocabulary of " + std::to_string(pack_check->config().vocab_size));
     }
+  }
+
+  if (!a.batch_file.empty()) {
+    if (a.prompt || !a.prompt_ids.empty()) return fail("--batch-file replaces -p and --prompt-ids");
+    if (!tokenizer) return fail(a.pack + ": --batch-file needs the pack's tokenizer.lpk");
+    auto lines = read_prompt_lines(a.batch_file);
+    if (!lines) return fail(lines.error());
+    std::vector<std::vector<int32_t>> prompts;
+    size_t longest = 0;
+    for (const std::string& line : lines.value()) {
+      std::vector<int32_t> ids;
+      if (a.chat || a.system) {
+        std::vector<ChatMessage> messages;
+        if (a.system) messages.push_back({"system", *a.system});
+        messages.push_back({"user", line});
+        auto rendered = tokenizer->apply_chat_template(messages, true);
+        if (!rendered) return fail(tokenizer_path + ": " + rendered.error().message);
+        ids = tokenizer->encode(rendered.value(), false);
+      } else {
+        ids = tokenizer->encode(line, true);
+      }
+      longest = std::max(longest, ids.size());
+      prompts.push_back(std::move(ids));
+    }
+    options.max_sequences = static_cast<uint32_t>(prompts.size());
+    if (options.context_length == 0) {
+      // Every sequence holds its prompt and its tokens; no more, so the KV cache of
+      // the whole batch stays small enough for the budget.
+      const uint64_t model_max = pack_check->config().max_position_embeddings
+                                     ? pack_check->config().max_position_embeddings
+                                     : 4096;
+      const uint64_t needed = (longest + a.max_new_tokens + 63) / 64 * 64;
+      options.context_length = static_cast<uint32_t>(std::min<uint64_t>(model_max, needed));
+    }
+    auto engine_result = Engine::open(a.pack, options);
+    if (!engine_result) return fail(engine_result.error());
+    Engine& engine = *engine_result.value();
+    if (a.verbose) std::fprintf(stderr, "%s", engine.describe().c_str());
+    GenerationOptions generation;
+    generation.max_new_tokens = a.max_new_tokens;
+    generation.sampling = sampling_from(a, engine.pack().manifest().generation);
+    if (!a.ignore_eos) generation.eos_ids = eos_ids_for(engine, tokenizer.get());
+    generation.stop_strings = a.stop;
+    BatchGenerationStats stats;
+    auto results = generate_batch(engine, tokenizer.get(), prompts, generation, &stats);
+    if (!results) return fail(results.error());
+    if (a.json) {
+      nlohmann::json list = nlohmann::json::array();
+      for (size_t i = 0; i < results->size(); ++i) {
+        const GenerationResult& r = (*results)[i];
+        list.push_back({{"prompt", lines.value()[i]},
+                        {"prompt_ids", prompts[i]},
+                        {"generated_ids", r.tokens},
+                        {"text", r.text},
+                        {"stop_reason", stop_reason_name(r.stop_reason)}});
+      }
+      nlohmann::json out = {
+          {"pack", a.pack},
+          {"backend", engine.backend().name()},
+          {"seed", generation.sampling.seed},
+          {"results", list},
+          {"stats",
+           {{"sequences", stats.sequences},
+            {"prompt_tokens", stats.prompt_tokens},
+            {"generated_tokens", stats.generated_tokens},
+            {"prefill_seconds", stats.prefill_seconds},
+            {"decode_passes", stats.decode_passes},
+            {"decode_tokens", stats.decode_tokens},
+            {"decode_seconds", stats.decode_seconds},
+            {"decode_tokens_per_second", stats.decode_tokens_per_second()},
+            {"decode_seconds_per_pass", stats.decode_seconds_per_pass()},
+            {"decode_bytes_read", stats.decode_bytes_read},
+            {"decode_bytes_from_host_cache", stats.decode_bytes_from_host_cache},
+            {"decode_bytes_uploaded", stats.decode_bytes_uploaded},
+            {"peak_rss_bytes", peak_rss_bytes()}}},
+          {"memory", memory_json(engine)}};
+      std::printf("%s\n", out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
+    } else {
+      for (size_t i = 0; i < results->size(); ++i) {
+        std::printf("=== prompt %zu: %s\n%s\n", i + 1, lines.value()[i].c_str(), (*results)[i].text.c_str());
+      }
+      std::fflush(stdout);
+      std::fprintf(stderr,
+                   "\n[layerpack-run] batch of %u: %u prompt tokens prefilled in %.3f s; %u tokens in %u decode passes "
+                   "(%.3f s): %.2f tokens/s over all sequences, %.4f s per pass; peak RSS %.1f MiB; backend %s\n",
+                   stats.sequences, stats.prompt_tokens, stats.prefill_seconds, stats.decode_tokens, stats.decode_passes,
+                   stats.decode_seconds, stats.decode_tokens_per_second(), stats.decode_seconds_per_pass(),
+                   peak_rss_bytes() / 1048576.0, engine.backend().name().c_str());
+    }
+    if (a.verbose || !a.json) {
+      print_traffic(stats.decode_passes, stats.decode_bytes_read, stats.decode_bytes_from_host_cache,
+                    stats.decode_bytes_uploaded, engine);
+    }
+    return 0;
   }
 
   auto engine_result = Engine::open(a.pack, options);
@@ -338,11 +531,17 @@ int main(int argc, char** argv) {
                           {"generated_ids", result->tokens},
                           {"text", result->text},
                           {"stop_reason", stop_reason_name(result->stop_reason)},
-                          {"stats", stats_json(result.value())}};
+                          {"stats", stats_json(result.value())},
+                          {"memory", memory_json(engine)}};
     std::printf("%s\n", out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
   } else {
     std::printf("\n");
     print_stats(result.value(), engine, generation.sampling);
+  }
+  if (a.verbose || !a.json) {
+    const GenerationStats& s = result->stats;
+    print_traffic(s.decode_passes, s.decode_bytes_read, s.decode_bytes_from_host_cache, s.decode_bytes_uploaded,
+                  engine);
   }
   return 0;
 }

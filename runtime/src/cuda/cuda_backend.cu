@@ -102,7 +102,9 @@ class CudaBackend : public Backend {
   template <class T>
   Status device_alloc(T** pointer, uint64_t count, const std::string& what) {
     CUDA_TRY(cudaMalloc(reinterpret_cast<void**>(pointer), count * sizeof(T)), "allocating " + what);
-    reserved_bytes_ += count * sizeof(T);
+    // Counted as the allocator takes it (2 MiB pages), so the VRAM budget is honest.
+    constexpr uint64_t kPage = uint64_t(2) << 20;
+    reserved_bytes_ += (count * sizeof(T) + kPage - 1) / kPage * kPage;
     allocations_.push_back(*pointer);
     return Status::success();
   }
@@ -273,8 +275,14 @@ Status CudaBackend::initialize(const ModelPack& pack, const KVCacheLayout& kv_la
   CUDA_TRY(cudaHostAlloc(reinterpret_cast<void**>(&host_logits_), uint64_t(max_logits_rows_) * vocab_ * sizeof(float),
                          cudaHostAllocDefault),
            "allocating pinned host memory");
-  // cuBLAS keeps its own workspace; count a conservative 32 MiB for it.
-  reserved_bytes_ += uint64_t(32) << 20;
+  // cuBLAS works in a workspace we allocate and count (32 MiB, what it uses by
+  // default on Hopper) instead of its own pool outside the budget.
+  constexpr uint64_t kCublasWorkspace = uint64_t(32) << 20;
+  uint8_t* cublas_workspace = nullptr;
+  LAYERPACK_TRY(device_alloc(&cublas_workspace, kCublasWorkspace, "the cuBLAS workspace"));
+  if (cublasSetWorkspace(cublas_, cublas_workspace, kCublasWorkspace) != CUBLAS_STATUS_SUCCESS) {
+    return make_error(ErrorCode::cuda, "cuBLAS: cublasSetWorkspace failed");
+  }
   return Status::success();
 }
 

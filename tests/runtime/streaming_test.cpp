@@ -1,0 +1,424 @@
+// Streaming engine on the CPU backend (force_staging exercises the staging + upload
+// path the GPU takes): parallel chunked reads equal single reads, the host cache
+// serves every pass after the first (no file reads), the budget split and plan,
+// batched generation equals per-prompt generation (greedy), and the command line's
+// --batch-file / --host-cache / --json figures.
+#include <gtest/gtest.h>
+#include <stdio.h>
+#include <sys/wait.h>
+
+#include <algorithm>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "layerpack/engine.h"
+#include "layerpack/layer_scheduler.h"
+#include "layerpack/payload_reader.h"
+#include "runtime_test_util.h"
+
+namespace layerpack {
+namespace {
+
+namespace fs = std::filesystem;
+using testing::converted_pack;
+using testing::copy_pack;
+using testing::load_reference;
+using testing::make_temp_dir;
+using testing::Reference;
+
+// ---- chunked reads ---------------------------------------------------------------
+
+TEST(ChunkPlan, CoversThePayloadInAlignedChunks) {
+  for (uint64_t bytes : {uint64_t(4096), uint64_t(8192), uint64_t(40960), uint64_t(1) << 30, (uint64_t(1) << 30) + 4096}) {
+    for (uint32_t threads : {1u, 3u, 8u}) {
+      const ChunkPlan plan = plan_chunks(bytes, threads, 4096);
+      ASSERT_GT(plan.chunks, 0u);
+      EXPECT_LE(plan.chunks, threads);
+      EXPECT_EQ(plan.chunk_bytes % 4096, 0u);
+      EXPECT_GE(uint64_t(plan.chunks) * plan.chunk_bytes, bytes);
+      EXPECT_LT(uint64_t(plan.chunks - 1) * plan.chunk_bytes, bytes);
+    }
+  }
+  // Small payloads are not split below the minimum chunk.
+  EXPECT_EQ(plan_chunks(uint64_t(6) << 20, 8, uint64_t(4) << 20).chunks, 2u);
+  EXPECT_EQ(plan_chunks(uint64_t(1) << 20, 8, uint64_t(4) << 20).chunks, 1u);
+}
+
+TEST(PayloadReader, ParallelChunkedReadsEqualSingleReads) {
+  const std::string pack_dir = converted_pack("llama_gqa");
+  auto pack = ModelPack::open(pack_dir);
+  ASSERT_TRUE(pack.ok()) << pack.error().to_string();
+  for (bool direct : {false, true}) {
+    PayloadReadOptions single_options;
+    single_options.threads = 1;
+    single_options.direct_io = direct;
+    PayloadReadOptions chunked_options;
+    chunked_options.threads = 5;
+    chunked_options.min_chunk_bytes = 4096;  // the fixture's payloads are small: force several chunks
+    chunked_options.direct_io = direct;
+    chunked_options.check_hash = true;
+    PayloadReader single(single_options), chunked(chunked_options);
+    for (UnitIndex u = 0; u < pack->unit_count(); ++u) {
+      const LayerFileInfo& info = pack->unit(u);
+      auto a = AlignedBuffer::allocate(info.payload_size, "test");
+      auto b = AlignedBuffer::allocate(info.payload_size, "test");
+      ASSERT_TRUE(a.ok() && b.ok());
+      std::memset(b->data(), 0xa5, info.payload_size);  // poisoned: every byte must be written
+      ASSERT_TRUE(single.read(info, a->data()).ok());
+      Status s = chunked.read(info, b->data());
+      ASSERT_TRUE(s.ok()) << s.error().to_string();
+      EXPECT_EQ(0, std::memcmp(a->data(), b->data(), info.payload_size)) << info.path;
+    }
+    EXPECT_EQ(single.bytes_read(), chunked.bytes_read());
+  }
+}
+
+TEST(PayloadReader, FileCutShortOrRemovedWhileRunningIsAnErrorNamingIt) {
+  const std::string pack_dir = copy_pack(converted_pack("llama_gqa"), "cut");
+  auto pack = ModelPack::open(pack_dir);
+  ASSERT_TRUE(pack.ok());
+  const LayerFileInfo& info = pack->unit(pack->decoder_unit(1));
+  auto buffer = AlignedBuffer::allocate(info.payload_size, "test");
+  ASSERT_TRUE(buffer.ok());
+  PayloadReadOptions options;
+  options.threads = 4;
+  options.min_chunk_bytes = 4096;
+  PayloadReader reader(options);
+  fs::resize_file(info.path, info.file_size - 8192);
+  Status truncated = reader.read(info, buffer->data());
+  ASSERT_FALSE(truncated.ok());
+  EXPECT_NE(truncated.error().message.find(info.path), std::string::npos) << truncated.error().message;
+  fs::remove(info.path);
+  Status removed = reader.read(info, buffer->data());
+  ASSERT_FALSE(removed.ok());
+  EXPECT_NE(removed.error().message.find(info.path), std::string::npos) << removed.error().message;
+}
+
+// A pack file removed mid-run surfaces as an error from forward(), not a hang.
+TEST(Streaming, LayerFileRemovedMidRunFailsThePass) {
+  const std::string pack_dir = copy_pack(converted_pack("llama_gqa"), "removed");
+  EngineOptions options;
+  options.backend_options.force_staging = true;
+  auto probe = ModelPack::open(pack_dir);
+  ASSERT_TRUE(probe.ok());
+  options.slot_budget = 2 * probe->largest_payload_size();
+  auto engine = Engine::open(pack_dir, options);
+  ASSERT_TRUE(engine.ok()) << engine.error().to_string();
+  auto sequence = (*engine)->kv().open_sequence();
+  ASSERT_TRUE(sequence.ok());
+  fs::remove(pack_dir + "/layer-00002.lpk");
+  std::vector<float> logits;
+  Status failed = Status::success();
+  for (uint32_t position = 0; position < 4 && failed.ok(); ++position) {
+    TokenBatch batch;
+    batch.add(5, sequence.value(), position, true);
+    failed = (*engine)->forward(batch, logits);
+  }
+  ASSERT_FALSE(failed.ok());
+  EXPECT_NE(failed.error().message.find("layer-00002.lpk"), std::string::npos) << failed.error().message;
+}
+
+// ---- plan and budget ---------------------------------------------------------------
+
+TEST(StreamingPlan, OutputResidentShrinksTheRingSlots) {
+  // Decoder layers of 100, an output of 300: with the output resident the slots are 100.
+  SchedulerInput in;
+  in.payload_sizes = {1000, 100, 100, 100, 100, 100, 100, 300};
+  in.slot_budget = 300 + 3 * 100 + 100;
+  auto plan = plan_layers(in);
+  ASSERT_TRUE(plan.ok());
+  EXPECT_EQ(plan->placement[7], UnitPlacement::resident);
+  EXPECT_EQ(plan->ring_slot_size, 100u);
+  EXPECT_EQ(plan->ring_slots, 3u);
+  EXPECT_EQ(plan->placement[1], UnitPlacement::resident);
+  EXPECT_EQ(plan->streamed_bytes_per_pass, 500u);
+  EXPECT_LE(plan->slot_bytes(), in.slot_budget);
+}
+
+TEST(StreamingPlan, GranularityRoundsEverySlotAndStaysInTheBudget) {
+  SchedulerInput in;
+  in.payload_sizes = {5000, 3000, 3000, 3000, 3000, 3500};
+  in.allocation_granularity = 2048;
+  for (uint64_t budget : {8192u, 10240u, 12288u, 14336u, 16384u, 18432u}) {
+    in.slot_budget = budget;
+    auto plan = plan_layers(in);
+    ASSERT_TRUE(plan.ok()) << budget << ": " << plan.error().message;
+    EXPECT_EQ(plan->ring_slot_size % 2048, 0u);
+    EXPECT_EQ(plan->resident_bytes % 2048, 0u);
+    EXPECT_LE(plan->slot_bytes(), budget);
+    EXPECT_GE(plan->ring_slots, 2u);
+  }
+  in.slot_budget = 8191;  // two slots of 4096 do not fit
+  auto plan = plan_layers(in);
+  ASSERT_FALSE(plan.ok());
+  EXPECT_NE(plan.error().message.find("minimum is 8192"), std::string::npos) << plan.error().message;
+}
+
+TEST(StreamingPlan, RingNeverDeeperThanTheStreamedLayers) {
+  SchedulerInput in;
+  in.payload_sizes = {10, 100, 100, 100, 100};
+  in.slot_budget = 399;  // everything would need 400
+  auto plan = plan_layers(in);
+  ASSERT_TRUE(plan.ok());
+  EXPECT_LE(plan->ring_slots, std::max<uint32_t>(2, plan->streamed_count()));
+  EXPECT_LE(plan->slot_bytes(), 399u);
+}
+
+TEST(StreamingPlan, EngineReportsTheBudgetSplit) {
+  const std::string pack_dir = converted_pack("llama_gqa");
+  auto probe = ModelPack::open(pack_dir);
+  ASSERT_TRUE(probe.ok());
+  EngineOptions options;
+  options.slot_budget = 2 * probe->largest_payload_size() + 4096;
+  auto engine = Engine::open(pack_dir, options);
+  ASSERT_TRUE(engine.ok()) << engine.error().to_string();
+  const MemoryReport m = (*engine)->memory();
+  EXPECT_FALSE(m.device);
+  EXPECT_EQ(m.kv_cache_bytes, (*engine)->kv().layout().total_bytes());
+  EXPECT_EQ(m.slot_bytes, (*engine)->streamer().plan().slot_bytes());
+  EXPECT_LE(m.slot_bytes, options.slot_budget);
+  const std::string text = (*engine)->describe();
+  EXPECT_NE(text.find("layer memory budget"), std::string::npos) << text;
+  EXPECT_NE(text.find("ring depth"), std::string::npos) << text;
+
+  options.slot_budget = probe->largest_payload_size();
+  auto too_small = Engine::open(pack_dir, options);
+  ASSERT_FALSE(too_small.ok());
+  EXPECT_EQ(too_small.error().code, ErrorCode::out_of_memory);
+  EXPECT_NE(too_small.error().message.find("minimum"), std::string::npos) << too_small.error().message;
+}
+
+TEST(StreamingPlan, VramOnTheCpuBackendIsIgnored) {
+  EngineOptions options;
+  options.vram_budget = 1;  // CPU backend: no device budget
+  auto engine = Engine::open(converted_pack("llama_gqa"), options);
+  ASSERT_TRUE(engine.ok()) << engine.error().to_string();
+  EXPECT_FALSE((*engine)->memory().device);
+}
+
+// ---- host cache ------------------------------------------------------------------
+
+std::vector<float> run_prompt(Engine& engine, const std::vector<int32_t>& ids, size_t passes_of_decode) {
+  auto sequence = engine.kv().open_sequence();
+  EXPECT_TRUE(sequence.ok());
+  std::vector<float> all, logits;
+  TokenBatch prompt;
+  for (size_t i = 0; i < ids.size(); ++i) prompt.add(ids[i], sequence.value(), static_cast<uint32_t>(i), true);
+  EXPECT_TRUE(engine.forward(prompt, logits).ok());
+  all.insert(all.end(), logits.begin(), logits.end());
+  for (size_t step = 0; step < passes_of_decode; ++step) {
+    TokenBatch batch;
+    batch.add(ids[step % ids.size()], sequence.value(), static_cast<uint32_t>(ids.size() + step), true);
+    EXPECT_TRUE(engine.forward(batch, logits).ok());
+    all.insert(all.end(), logits.begin(), logits.end());
+  }
+  engine.kv().close_sequence(sequence.value());
+  return all;
+}
+
+TEST(HostCache, SecondPassReadsNothingFromTheFilesAndGivesTheSameLogits) {
+  const Reference ref = load_reference("llama3_rope");
+  const std::string pack_dir = converted_pack("llama3_rope");
+  auto resident = Engine::open(pack_dir, EngineOptions{});
+  ASSERT_TRUE(resident.ok());
+  const std::vector<float> expected = run_prompt(**resident, ref.prompt_ids, 6);
+
+  EngineOptions options;
+  options.backend_options.force_staging = true;
+  options.slot_budget = 2 * (*resident)->pack().largest_payload_size();
+  options.host_cache_bytes = uint64_t(1) << 30;
+  auto engine = Engine::open(pack_dir, options);
+  ASSERT_TRUE(engine.ok()) << engine.error().to_string();
+  const SchedulePlan& plan = (*engine)->streamer().plan();
+  ASSERT_GT(plan.streamed_count(), 0u);
+
+  // First pass: every streamed layer comes from the files once, into the cache.
+  auto sequence = (*engine)->kv().open_sequence();
+  ASSERT_TRUE(sequence.ok());
+  std::vector<float> logits, all;
+  TokenBatch prompt;
+  for (size_t i = 0; i < ref.prompt_ids.size(); ++i) {
+    prompt.add(ref.prompt_ids[i], sequence.value(), static_cast<uint32_t>(i), true);
+  }
+  ASSERT_TRUE((*engine)->forward(prompt, logits).ok());
+  all.insert(all.end(), logits.begin(), logits.end());
+  // (The loader prefetches the next pass as soon as slots free up: those are cache hits.)
+  const EngineCounters first = (*engine)->counters();
+  const uint64_t at_open = (*engine)->streamer().stats().startup_bytes_read;
+  EXPECT_EQ(first.payload_bytes_read - at_open, plan.streamed_bytes_per_pass);
+  for (size_t step = 0; step < 6; ++step) {
+    TokenBatch batch;
+    batch.add(ref.prompt_ids[step % ref.prompt_ids.size()], sequence.value(),
+              static_cast<uint32_t>(ref.prompt_ids.size() + step), true);
+    ASSERT_TRUE((*engine)->forward(batch, logits).ok());
+    all.insert(all.end(), logits.begin(), logits.end());
+  }
+  const EngineCounters later = (*engine)->counters();
+  EXPECT_EQ(later.payload_bytes_read, first.payload_bytes_read);  // warm passes: no file reads
+  EXPECT_GE(later.bytes_from_host_cache - first.bytes_from_host_cache, 6 * plan.streamed_bytes_per_pass);
+  EXPECT_GE(later.bytes_uploaded - first.bytes_uploaded, 6 * plan.streamed_bytes_per_pass);
+  const StreamerStats stats = (*engine)->streamer().stats();
+  EXPECT_EQ(stats.host_cache_units, plan.streamed_count());
+  EXPECT_TRUE(stats.host_cache_note.empty());
+  ASSERT_EQ(all.size(), expected.size());
+  EXPECT_EQ(0, std::memcmp(all.data(), expected.data(), all.size() * sizeof(float)));
+}
+
+TEST(HostCache, PartialCacheReadsOnlyTheUncachedLayers) {
+  const std::string pack_dir = converted_pack("llama_gqa");
+  auto probe = ModelPack::open(pack_dir);
+  ASSERT_TRUE(probe.ok());
+  EngineOptions options;
+  options.backend_options.force_staging = true;
+  options.slot_budget = 2 * probe->largest_payload_size();
+  auto engine_plain = Engine::open(pack_dir, options);
+  ASSERT_TRUE(engine_plain.ok());
+  const SchedulePlan& plan = (*engine_plain)->streamer().plan();
+  // Room for the first streamed layer only.
+  UnitIndex first_streamed = 1;
+  while (plan.placement[first_streamed] != UnitPlacement::streamed) ++first_streamed;
+  options.host_cache_bytes = probe->payload_size(first_streamed);
+  auto engine = Engine::open(pack_dir, options);
+  ASSERT_TRUE(engine.ok());
+  std::vector<int32_t> ids = {3, 17, 42};
+  run_prompt(**engine, ids, 0);
+  const uint64_t after_first = (*engine)->counters().payload_bytes_read;
+  run_prompt(**engine, ids, 3);
+  // Four more passes read the uncached layers each time, plus at most a ring's worth
+  // of prefetch into the pass after the last.
+  const uint64_t uncached = plan.streamed_bytes_per_pass - probe->payload_size(first_streamed);
+  const uint64_t read = (*engine)->counters().payload_bytes_read - after_first;
+  EXPECT_GE(read, 4 * uncached);
+  EXPECT_LE(read, 4 * uncached + plan.ring_slots * plan.ring_slot_size);
+  EXPECT_EQ((*engine)->streamer().stats().host_cache_units, 1u);
+}
+
+// ---- batched generation --------------------------------------------------------------
+
+TEST(BatchGeneration, EqualsPerPromptGreedyGeneration) {
+  const Reference ref = load_reference("llama_gqa");
+  const std::string pack_dir = converted_pack("llama_gqa");
+  std::vector<std::vector<int32_t>> prompts;
+  const auto& p = ref.prompt_ids;
+  prompts.push_back(std::vector<int32_t>(p.begin(), p.end()));
+  prompts.push_back(std::vector<int32_t>(p.begin() + 2, p.begin() + 7));
+  prompts.push_back(std::vector<int32_t>(p.rbegin(), p.rend()));
+  prompts.push_back({p[1]});
+  GenerationOptions generation;
+  generation.max_new_tokens = 10;
+  generation.sampling.temperature = 0;
+
+  EngineOptions single_options;
+  auto single = Engine::open(pack_dir, single_options);
+  ASSERT_TRUE(single.ok());
+  std::vector<std::vector<int32_t>> expected;
+  {
+    Generator generator(**single, nullptr);
+    for (const auto& prompt : prompts) {
+      auto sequence = (*single)->kv().open_sequence();
+      ASSERT_TRUE(sequence.ok());
+      auto result = generator.generate(sequence.value(), prompt, generation);
+      ASSERT_TRUE(result.ok()) << result.error().to_string();
+      expected.push_back(result->tokens);
+      (*single)->kv().close_sequence(sequence.value());
+    }
+  }
+  // Batched, streamed through staging, prefill packed 6 rows per pass across prompts.
+  EngineOptions batch_options;
+  batch_options.max_sequences = static_cast<uint32_t>(prompts.size());
+  batch_options.max_batch_rows = 6;
+  batch_options.backend_options.force_staging = true;
+  batch_options.slot_budget = 2 * (*single)->pack().largest_payload_size();
+  batch_options.host_cache_bytes = uint64_t(1) << 20;
+  auto batch = Engine::open(pack_dir, batch_options);
+  ASSERT_TRUE(batch.ok()) << batch.error().to_string();
+  BatchGenerationStats stats;
+  auto results = generate_batch(**batch, nullptr, prompts, generation, &stats);
+  ASSERT_TRUE(results.ok()) << results.error().to_string();
+  ASSERT_EQ(results->size(), prompts.size());
+  for (size_t i = 0; i < prompts.size(); ++i) EXPECT_EQ((*results)[i].tokens, expected[i]) << "prompt " << i;
+  EXPECT_EQ(stats.sequences, prompts.size());
+  EXPECT_EQ(stats.generated_tokens, 4u * 10u);
+  EXPECT_EQ(stats.decode_passes, 9u);  // the first token of each comes from the prefill
+  EXPECT_EQ(stats.decode_tokens, 4u * 9u);
+  // One pass over the weights serves all sequences: passes, not tokens, move bytes.
+  EXPECT_EQ((*batch)->counters().passes, 9u + (prompts[0].size() + 5 + prompts[2].size() + 1 + 5) / 6);
+}
+
+TEST(BatchGeneration, TooManyPromptsForTheEngineIsAClearError) {
+  auto engine = Engine::open(converted_pack("llama_gqa"), EngineOptions{});
+  ASSERT_TRUE(engine.ok());
+  GenerationOptions generation;
+  auto results = generate_batch(**engine, nullptr, {{1, 2}, {3}}, generation, nullptr);
+  ASSERT_FALSE(results.ok());
+  EXPECT_NE(results.error().message.find("2 prompts"), std::string::npos) << results.error().message;
+}
+
+// ---- command line ----------------------------------------------------------------
+
+struct RunResult {
+  int exit_code = -1;
+  std::string output, errors;
+};
+
+RunResult run_cli(const std::string& args) {
+  const std::string dir = make_temp_dir("cli");
+  const std::string command =
+      std::string(LAYERPACK_RUN_EXECUTABLE) + " " + args + " > " + dir + "/out 2> " + dir + "/err";
+  RunResult r;
+  const int status = std::system(command.c_str());
+  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  std::ifstream out(dir + "/out"), err(dir + "/err");
+  r.output.assign(std::istreambuf_iterator<char>(out), std::istreambuf_iterator<char>());
+  r.errors.assign(std::istreambuf_iterator<char>(err), std::istreambuf_iterator<char>());
+  return r;
+}
+
+TEST(StreamingCli, BatchFileWithHostCacheReportsPerPromptResultsAndTraffic) {
+  const std::string pack_dir = converted_pack("llama_gqa");
+  auto probe = ModelPack::open(pack_dir);
+  ASSERT_TRUE(probe.ok());
+  const std::string dir = make_temp_dir("batch");
+  {
+    std::ofstream prompts(dir + "/prompts.txt");
+    prompts << "Once upon a time\n\nThe cat\r\nA long time ago in a land far away\n";
+  }
+  const std::string budget = std::to_string(2 * probe->largest_payload_size());
+  RunResult r = run_cli("'" + pack_dir + "' --batch-file " + dir + "/prompts.txt -n 5 --temp 0 --ignore-eos --json -v" +
+                        " --layer-budget " + budget + " --host-cache 64MiB --read-threads 3");
+  ASSERT_EQ(r.exit_code, 0) << r.errors;
+  nlohmann::json j = nlohmann::json::parse(r.output);
+  ASSERT_EQ(j["results"].size(), 3u);  // the empty line is skipped
+  EXPECT_EQ(j["results"][1]["prompt"], "The cat");
+  for (const auto& item : j["results"]) EXPECT_EQ(item["generated_ids"].size(), 5u);
+  EXPECT_EQ(j["stats"]["sequences"], 3);
+  EXPECT_EQ(j["stats"]["decode_tokens"], 12);
+  EXPECT_EQ(j["stats"]["decode_bytes_read"], 0);  // the prefill pass filled the host cache
+  EXPECT_GT(j["stats"]["decode_bytes_from_host_cache"].get<uint64_t>(), 0u);
+  EXPECT_GT(j["memory"]["streamed_layers"].get<int>(), 0);
+  EXPECT_NE(r.errors.find("ring depth"), std::string::npos) << r.errors;
+  EXPECT_NE(r.errors.find("from the host cache"), std::string::npos) << r.errors;
+
+  // The same prompts one at a time give the same tokens.
+  const std::vector<std::string> lines = {"Once upon a time", "The cat", "A long time ago in a land far away"};
+  for (size_t i = 0; i < lines.size(); ++i) {
+    RunResult one = run_cli("'" + pack_dir + "' -p '" + lines[i] + "' -n 5 --temp 0 --ignore-eos --json");
+    ASSERT_EQ(one.exit_code, 0) << one.errors;
+    EXPECT_EQ(nlohmann::json::parse(one.output)["generated_ids"], j["results"][i]["generated_ids"]) << lines[i];
+  }
+}
+
+TEST(StreamingCli, MissingBatchFileAndBadSizesAreClearErrors) {
+  const std::string pack_dir = converted_pack("llama_gqa");
+  RunResult missing = run_cli("'" + pack_dir + "' --batch-file /nonexistent/prompts.txt");
+  EXPECT_NE(missing.exit_code, 0);
+  EXPECT_NE(missing.errors.find("/nonexistent/prompts.txt"), std::string::npos) << missing.errors;
+  RunResult bad = run_cli("'" + pack_dir + "' -p hi --host-cache lots");
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.errors.find("lots"), std::string::npos) << bad.errors;
+}
+
+}  // namespace
+}  // namespace layerpack
