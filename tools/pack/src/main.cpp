@@ -98,6 +98,9 @@ int run_import(const std::string& archive, const std::string& pack, ImportOption
     progress.set_totals(files.size(), total);
   };
   options.progress = [&](uint64_t d, uint64_t t, const std::string& f) { bridge(d, t, f); };
+  if (archive == "-" && isatty(STDIN_FILENO))
+    return fail(make_error(ErrorCode::invalid_argument, "standard input is a terminal, not an archive; pipe one in "
+                                                         "(… | layerpack-pack import - -o PACK) or name the file"));
   auto result = import_archive(archive, pack, options);
   if (!result) {
     progress.finish("");

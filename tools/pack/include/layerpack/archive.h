@@ -24,7 +24,7 @@ constexpr uint16_t kArchiveVersionMajor = 1;
 constexpr uint16_t kArchiveVersionMinor = 0;
 // Largest manifest an importer holds in memory (real ones are a few KiB).
 constexpr uint64_t kArchiveMaxManifestSize = 64ull << 20;
-constexpr uint32_t kArchiveMaxFileCount = 1u << 20;
+constexpr uint32_t kArchiveMaxFileCount = 1u << 16;  // a 1000-layer model has ~1000
 
 // Called as bytes move: done/total count uncompressed file bytes.
 // `file` is the file being read or written.
