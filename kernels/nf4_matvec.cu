@@ -2,6 +2,8 @@
 
 #include "kernels/device_common.cuh"
 
+#include <algorithm>
+
 namespace layerpack::kernels {
 namespace {
 
@@ -215,114 +217,269 @@ __global__ void __launch_bounds__(kThreads) nf4_matvec_mma_kernel(NF4Params p, c
   reduce_and_store<kTiles>(acc, row_base, p.rows, batch, y);
 }
 
-// The fast NF4 kernel (needs cols % 64 == 0 and blocksize >= 64). A quad of
-// lanes reads 64 bytes (128 elements, two blocks A and B of 64) of a row per
-// step, each lane 8 bytes of A and 8 of B, so that every mma's k16 lies in a
-// single quantization block: the mma runs on the unscaled codes (bf16) and the
-// block's absmax scales its fp32 result. Each packed byte becomes a bf16 pair
-// with one shared-memory load from a 256-entry table, replicated once per lane
-// (lane l reads copy l: bank l, no conflicts). Weights are bf16(code) * absmax
-// in fp32, summed in fp32 (kernels/nf4_matvec_reference.h, NF4Rounding::code).
-// Measured slower than nf4_matvec_mma_kernel on H200 (128 registers: 16 warps
-// per SM, and 64-bit address arithmetic per step); see kernels/NOTES.md.
-constexpr int kPairLutCopies = 32;
+// Pair-LUT tensor-core kernel (v4), the automatic choice where it applies
+// (cols % 128 == 0, blocksize >= 64). Designed for few instructions per weight:
+// - A quad of lanes reads 32 bytes (one 64-element part, inside one
+//   quantization block) of a row per mma group, each lane 8 bytes, so every
+//   mma's k16 lies in one block: the mma runs on bf16(code) and the block's
+//   absmax scales its fp32 result once per part.
+// - Each packed byte becomes the mma's bf16 pair with ONE PRMT and ONE shared
+//   load: PRMT(word, lane * 4) builds (byte << 8) | lane * 4, the offset of the
+//   lane's own copy of the entry in a 256-entry table (entry stride 256 bytes,
+//   32 copies of 4 bytes): no bank conflicts, the base in a uniform register.
+// - Persistent blocks (the 64 KB table is built once per block), 16-row tiles
+//   handed out block-cyclically; the warps of a block split K in items of 256
+//   elements; each warp loads its next item (possibly in its next tile) before
+//   computing the current one (two register stages, ping-pong, no copies), so
+//   loads stay in flight across tiles.
+// - Per-row pointers once per tile, 32-bit offsets inside a row.
+// Weights are bf16(code) * absmax in fp32, summed in fp32 (NF4Rounding::code).
+constexpr int kPairLutEntryBytes = 256;
+constexpr int kPairLutTableBytes = 256 * kPairLutEntryBytes;
 
-template <bool kDoubleQuant, typename OutT>
-__global__ void __launch_bounds__(kThreads, 2) nf4_matvec_pair_lut_kernel(NF4Params p, const __nv_bfloat16* __restrict__ x,
-                                                                    int batch, OutT* __restrict__ y) {
-  __shared__ __align__(16) uint32_t pair_lut[256 * kPairLutCopies];
-  __shared__ float nested_code[kDoubleQuant ? 256 : 1];
-  {
-    // Entry e: (code[e >> 4], code[e & 15]) as bf16, the even (high-nibble) element in the low half.
-    const int e = threadIdx.x;  // blockDim.x == 256
-    __nv_bfloat162 v = __floats2bfloat162_rn(p.code[e >> 4], p.code[e & 15]);
-    const uint32_t u = *reinterpret_cast<uint32_t*>(&v);
-    uint4* dst = reinterpret_cast<uint4*>(pair_lut + e * kPairLutCopies);
+template <int kWarps>
+struct PairLutLayout {
+  static constexpr int nested_code = kPairLutTableBytes;   // f32[256]
+  static constexpr int partial = nested_code + 256 * 4;  // f32[2][kWarps][4][32], by tile parity
+  static constexpr int bytes = partial + 2 * kWarps * 4 * 32 * 4;
+};
+
+// 8 bytes of weights read once: keep them out of L1.
+__device__ __forceinline__ uint2 load_weights8(const uint8_t* ptr) {
+  uint2 v;
+  asm("ld.global.nc.L1::no_allocate.L2::256B.v2.u32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(ptr));
+  return v;
+}
+
+// One item: 2 steps of 128 elements of the lane's two rows (g, g + 8).
+struct PairLutStage {
+  uint2 w[2][2][2];          // [step][row half][part]: 8 bytes each
+  uint32_t scale_bits[2];    // per step: f32 absmax bits, or the u8 absmax (double quant)
+  float nested[2];           // per step: nested absmax (double quant)
+};
+
+// Where a warp's lane reads in its current tile.
+struct PairLutRows {
+  const uint8_t* row0;    // packed row g of the tile, + 8 * tig
+  const uint8_t* row1;    // packed row g + 8, + 8 * tig
+  uint32_t scale_step0;   // (row of this lane's scale) * K / 128
+};
+
+// Absmax block of (scale row, part tig & 1, step): with K % 128 == 0 the
+// element is (scale_step0 + step) * 128 + part * 64, so for blocksize <= 128
+// the block is ((scale_step0 + step) << (7 - shift)) + part * 64 >> shift and
+// for larger blocks (scale_step0 + step) >> (shift - 7).
+struct PairLutScaleIndex {
+  uint32_t left, right, part_term;
+};
+
+template <bool kDoubleQuant>
+__device__ __forceinline__ void pair_lut_load(PairLutStage& st, const NF4Params& p, const PairLutRows& rows,
+                                              const PairLutScaleIndex& si, uint32_t item, uint32_t steps) {
+  const uint32_t offset = item * 128;
+  const uint8_t* r0 = rows.row0 + offset;
+  const uint8_t* r1 = rows.row1 + offset;
+  // The item's second step exists unless K / 128 is odd and this is the last item.
+  const bool second = 2 * item + 1 < steps;
+  st.w[0][0][0] = load_weights8(r0);
+  st.w[0][0][1] = load_weights8(r0 + 32);
+  st.w[0][1][0] = load_weights8(r1);
+  st.w[0][1][1] = load_weights8(r1 + 32);
+  if (second) {
+    st.w[1][0][0] = load_weights8(r0 + 64);
+    st.w[1][0][1] = load_weights8(r0 + 96);
+    st.w[1][1][0] = load_weights8(r1 + 64);
+    st.w[1][1][1] = load_weights8(r1 + 96);
+  }
 #pragma unroll
-    for (int c = 0; c < kPairLutCopies / 4; ++c) dst[c] = make_uint4(u, u, u, u);
-    if constexpr (kDoubleQuant) nested_code[e] = p.nested_code[e];
+  for (int s = 0; s < 2; ++s) {
+    const uint32_t step = 2 * item + (second ? s : 0);
+    const uint32_t block = (((rows.scale_step0 + step) << si.left) >> si.right) + si.part_term;
+    if constexpr (kDoubleQuant) {
+      st.scale_bits[s] = __ldg(p.absmax_u8 + block);
+      st.nested[s] = __ldg(p.nested_absmax + (block >> p.nested_shift));
+    } else {
+      st.scale_bits[s] = __float_as_uint(__ldg(p.absmax_f32 + block));
+      st.nested[s] = 0.0f;
+    }
+  }
+}
+
+template <int kWarps, typename OutT>
+__device__ __forceinline__ void pair_lut_finish_tile(uint8_t* smem, float (&acc)[4], int parity, uint32_t tile,
+                                                     uint32_t rows, int batch, int warp, int lane, OutT* y) {
+  // Sum the warps' accumulators (buffer by tile parity: one barrier per tile).
+  float* partial = reinterpret_cast<float*>(smem + PairLutLayout<kWarps>::partial) + parity * kWarps * 128;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) partial[(warp * 4 + i) * 32 + lane] = acc[i];
+  __syncthreads();
+  const int outputs = 16 * batch;
+  for (int o = threadIdx.x; o < outputs; o += kWarps * 32) {
+    const int m = o & 15, n = o >> 4;
+    const int i = (m >= 8 ? 2 : 0) + (n & 1), l = (m & 7) * 4 + (n >> 1);
+    float sum = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) sum += partial[(w * 4 + i) * 32 + l];
+    const uint32_t row = tile * 16 + m;
+    if (row < rows) store_output(y, static_cast<int64_t>(n) * rows + row, sum);
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) acc[i] = 0.0f;
+}
+
+template <int kWarps, int kBlocksPerSM, bool kXFirst, bool kDoubleQuant, typename OutT>
+__global__ void __launch_bounds__(kWarps * 32, kBlocksPerSM)
+    nf4_matvec_pair_lut_kernel(NF4Params p, const __nv_bfloat16* __restrict__ x, int batch, OutT* __restrict__ y) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  // The warp index through a shuffle: provably warp-uniform, so the loops over
+  // items stay uniform and the table base can live in a uniform register
+  // (LDS [R + UR]: the PRMT result is the whole per-lane offset).
+  const int lane = threadIdx.x & 31, warp = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x >> 5), 0);
+  const int g = lane >> 2, tig = lane & 3;
+  const uint32_t K = static_cast<uint32_t>(p.cols);
+  const uint32_t row_bytes = K / 2, steps = K / 128, items = (steps + 1) / 2;
+  const uint32_t rows = static_cast<uint32_t>(p.rows), tiles = (rows + 15) / 16;
+  PairLutScaleIndex scale_index;
+  if (p.block_shift <= 7) {
+    scale_index = {static_cast<uint32_t>(7 - p.block_shift), 0u, static_cast<uint32_t>((tig & 1) * 64) >> p.block_shift};
+  } else {
+    scale_index = {0u, static_cast<uint32_t>(p.block_shift - 7), 0u};
+  }
+  auto rows_of = [&](uint32_t tile) {
+    const uint32_t r0 = min(tile * 16 + g, rows - 1), r1 = min(tile * 16 + g + 8, rows - 1);
+    PairLutRows r;
+    r.row0 = p.packed + static_cast<uint64_t>(r0) * row_bytes + tig * 8;
+    r.row1 = p.packed + static_cast<uint64_t>(r1) * row_bytes + tig * 8;
+    r.scale_step0 = ((tig >> 1) ? r1 : r0) * steps;
+    return r;
+  };
+
+  PairLutStage stage_a, stage_b;
+  PairLutRows load_rows = rows_of(blockIdx.x < tiles ? blockIdx.x : 0);
+  const bool warp_works = static_cast<uint32_t>(warp) < items;
+  if (warp_works && blockIdx.x < tiles) pair_lut_load<kDoubleQuant>(stage_a, p, load_rows, scale_index, warp, steps);
+
+  // Table fill while the first loads are in flight: 8 lanes write one entry's 128 bytes.
+  for (int chunk = threadIdx.x; chunk < 256 * 8; chunk += kWarps * 32) {
+    const int entry = chunk >> 3;
+    __nv_bfloat162 v = __floats2bfloat162_rn(__ldg(p.code + (entry >> 4)), __ldg(p.code + (entry & 15)));
+    const uint32_t u = *reinterpret_cast<uint32_t*>(&v);
+    *reinterpret_cast<uint4*>(smem + entry * kPairLutEntryBytes + (chunk & 7) * 16) = make_uint4(u, u, u, u);
+  }
+  float* nested_code = reinterpret_cast<float*>(smem + PairLutLayout<kWarps>::nested_code);
+  if constexpr (kDoubleQuant) {
+    for (int i = threadIdx.x; i < 256; i += kWarps * 32) nested_code[i] = __ldg(p.nested_code + i);
   }
   __syncthreads();
 
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int g = lane >> 2, tig = lane & 3;
-  const int64_t row_base = static_cast<int64_t>(blockIdx.x) * 16;
-  const int64_t K = p.cols;
-  const int64_t spans = (K + 127) / 128;  // 128-element steps; the last may hold only block A
-  const bool has_x = g < batch;
-  const __nv_bfloat16* x_row = x + static_cast<int64_t>(has_x ? g : 0) * K;
-  const char* lut_bytes = reinterpret_cast<const char*>(pair_lut) + lane * 4;
-
-  int64_t rows_of[2];
-  bool row_ok[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int64_t r = row_base + g + h * 8;
-    row_ok[h] = r < p.rows;
-    rows_of[h] = row_ok[h] ? r : 0;
+  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  int parity = 0;
+  if (!warp_works) {  // K too short for every warp: take part in the tiles' barriers only
+    for (uint32_t tile = blockIdx.x; tile < tiles; tile += gridDim.x, parity ^= 1)
+      pair_lut_finish_tile<kWarps>(smem, acc, parity, tile, rows, batch, warp, lane, y);
+    return;
   }
-  float acc[1][4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
 
-  constexpr int kUnroll = 2;
-  for (int64_t span0 = warp; span0 < spans; span0 += kWarpsPerBlock * kUnroll) {
-    uint2 w[kUnroll][2][2];   // [u][row half][block part]
-    uint4 xv[kUnroll][2][2];  // [u][part][16 x values]
-    float scale[kUnroll][2][2];
+  const uint32_t lane_offset = lane * 4;  // byte 0 of the PRMT's second source; bytes 1..3 are zero
+  const bool has_x = g < batch;
+  const __nv_bfloat16* x_lane = x + static_cast<uint64_t>(has_x ? g : 0) * K + tig * 16;
+
+  auto compute = [&](const PairLutStage& st, uint32_t item) {
+    const __nv_bfloat16* x_item = x_lane + item * 256;
+    // kXFirst: all of the item's x loads issued before any use (32 registers),
+    // so their latency overlaps the scale shuffles and the first table loads.
+    uint4 x_first[2][2][2];
+    if constexpr (kXFirst) {
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t span = span0 + u * kWarpsPerBlock;
-      float my_scale = 0.0f;
+      for (int s = 0; s < 2; ++s)
 #pragma unroll
-      for (int part = 0; part < 2; ++part) {
-        const int64_t part_start = span * 128 + part * 64;
-        const bool part_ok = span < spans && part_start < K;
-        const int64_t elem0 = part_start + 16 * tig;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const bool ok = part_ok && row_ok[h];
-          w[u][h][part] = ok ? __ldg(reinterpret_cast<const uint2*>(p.packed + (rows_of[h] * K + elem0) / 2))
-                             : make_uint2(0, 0);
-          // Lane tig of the quad finds the scale of (row half tig >> 1, part tig & 1).
-          if (ok && tig == h * 2 + part)
-            my_scale = block_scale<kDoubleQuant>(p, nested_code, (rows_of[h] * K + part_start) >> p.block_shift);
+        for (int part = 0; part < 2; ++part) {
+          x_first[s][part][0] = make_uint4(0, 0, 0, 0);
+          x_first[s][part][1] = make_uint4(0, 0, 0, 0);
+          if (has_x && (s == 0 || 2 * item + 1 < steps)) {
+            x_first[s][part][0] = load_x(x_item + s * 128 + part * 64);
+            x_first[s][part][1] = load_x(x_item + s * 128 + part * 64 + 8);
+          }
         }
-        const bool x_ok = part_ok && has_x;
-        xv[u][part][0] = x_ok ? load_x(x_row + elem0) : make_uint4(0, 0, 0, 0);
-        xv[u][part][1] = x_ok ? load_x(x_row + elem0 + 8) : make_uint4(0, 0, 0, 0);
-      }
+    }
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+      if (s == 1 && 2 * item + 1 >= steps) break;
+      // Lane tig holds the scale of (row half tig >> 1, part tig & 1); the quad shares them.
+      const float mine = kDoubleQuant
+                             ? __fadd_rn(__fmul_rn(nested_code[st.scale_bits[s]], st.nested[s]), p.nested_offset)
+                             : __uint_as_float(st.scale_bits[s]);
+      float scale[2][2];
 #pragma unroll
       for (int h = 0; h < 2; ++h)
 #pragma unroll
         for (int part = 0; part < 2; ++part)
-          scale[u][h][part] = __shfl_sync(0xffffffffu, my_scale, (lane & ~3) | (h * 2 + part));
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+          scale[h][part] = __shfl_sync(0xffffffffu, mine, (lane & ~3) | (h * 2 + part));
 #pragma unroll
       for (int part = 0; part < 2; ++part) {
-        const uint32_t* xw = reinterpret_cast<const uint32_t*>(&xv[u][part][0]);  // 8 words = 16 bf16
-        const uint32_t w0[2] = {w[u][0][part].x, w[u][0][part].y};
-        const uint32_t w1[2] = {w[u][1][part].x, w[u][1][part].y};
+        uint4 xv[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
+        if constexpr (kXFirst) {
+          xv[0] = x_first[s][part][0];
+          xv[1] = x_first[s][part][1];
+        } else if (has_x) {
+          xv[0] = load_x(x_item + s * 128 + part * 64);
+          xv[1] = load_x(x_item + s * 128 + part * 64 + 8);
+        }
+        const uint32_t* xw = reinterpret_cast<const uint32_t*>(xv);  // 8 words = 16 bf16
+        const uint2 w0 = st.w[s][0][part], w1 = st.w[s][1][part];
         float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          // Bytes 2j, 2j+1 of the lane's 8: elements 4j..4j+3.
-          const uint32_t word0 = w0[j >> 1], word1 = w1[j >> 1];
-          const uint32_t sel_lo = 0x4440 | (2 * (j & 1)), sel_hi = 0x4440 | (2 * (j & 1) + 1);
-          const uint32_t a0 = *reinterpret_cast<const uint32_t*>(lut_bytes + (__byte_perm(word0, 0, sel_lo) << 7));
-          const uint32_t a2 = *reinterpret_cast<const uint32_t*>(lut_bytes + (__byte_perm(word0, 0, sel_hi) << 7));
-          const uint32_t a1 = *reinterpret_cast<const uint32_t*>(lut_bytes + (__byte_perm(word1, 0, sel_lo) << 7));
-          const uint32_t a3 = *reinterpret_cast<const uint32_t*>(lut_bytes + (__byte_perm(word1, 0, sel_hi) << 7));
+          // Bytes 2j, 2j + 1 of the lane's 8: elements 4j .. 4j + 3 of its 16.
+          const uint32_t word0 = (j >> 1) ? w0.y : w0.x, word1 = (j >> 1) ? w1.y : w1.x;
+          const uint32_t sel_low = 0x5504u | ((2 * (j & 1)) << 4), sel_high = 0x5504u | ((2 * (j & 1) + 1) << 4);
+          const uint32_t a0 = *reinterpret_cast<const uint32_t*>(smem + __byte_perm(word0, lane_offset, sel_low));
+          const uint32_t a2 = *reinterpret_cast<const uint32_t*>(smem + __byte_perm(word0, lane_offset, sel_high));
+          const uint32_t a1 = *reinterpret_cast<const uint32_t*>(smem + __byte_perm(word1, lane_offset, sel_low));
+          const uint32_t a3 = *reinterpret_cast<const uint32_t*>(smem + __byte_perm(word1, lane_offset, sel_high));
           mma_bf16_16x8x16(c, a0, a1, a2, a3, xw[2 * j], xw[2 * j + 1]);
         }
-        acc[0][0] = fmaf(c[0], scale[u][0][part], acc[0][0]);
-        acc[0][1] = fmaf(c[1], scale[u][0][part], acc[0][1]);
-        acc[0][2] = fmaf(c[2], scale[u][1][part], acc[0][2]);
-        acc[0][3] = fmaf(c[3], scale[u][1][part], acc[0][3]);
+        acc[0] = fmaf(c[0], scale[0][part], acc[0]);
+        acc[1] = fmaf(c[1], scale[0][part], acc[1]);
+        acc[2] = fmaf(c[2], scale[1][part], acc[2]);
+        acc[3] = fmaf(c[3], scale[1][part], acc[3]);
       }
     }
+  };
+
+  // Two cursors over this warp's (tile, item) sequence: the one being loaded
+  // runs one item ahead of the one being computed.
+  uint32_t tile = blockIdx.x, item = warp;
+  uint32_t load_tile = tile, load_item = item;
+  auto advance_load = [&]() {
+    load_item += kWarps;
+    if (load_item >= items) {
+      load_item = warp;
+      load_tile += gridDim.x;
+      if (load_tile < tiles) load_rows = rows_of(load_tile);
+    }
+  };
+  // After computing `item`: the tile is done when it was this warp's last item in it.
+  auto advance_compute = [&]() {
+    item += kWarps;
+    if (item >= items) {
+      pair_lut_finish_tile<kWarps>(smem, acc, parity, tile, rows, batch, warp, lane, y);
+      parity ^= 1;
+      item = warp;
+      tile += gridDim.x;
+    }
+  };
+  while (tile < tiles) {
+    advance_load();
+    if (load_tile < tiles) pair_lut_load<kDoubleQuant>(stage_b, p, load_rows, scale_index, load_item, steps);
+    compute(stage_a, item);
+    advance_compute();
+    if (tile >= tiles) break;
+    advance_load();
+    if (load_tile < tiles) pair_lut_load<kDoubleQuant>(stage_a, p, load_rows, scale_index, load_item, steps);
+    compute(stage_b, item);
+    advance_compute();
   }
-  reduce_and_store<1>(acc, row_base, p.rows, batch, y);
 }
 
 // Same structure for bf16 weights: a lane's 16-byte chunk is 8 elements, the
@@ -467,24 +624,110 @@ bool valid_matrix(const NF4Matrix& m) {
   return m.absmax_f32 != nullptr;
 }
 
+bool mma_applies(const NF4Matrix& m, const __nv_bfloat16* x) {
+  return device_has_mma() && m.cols % 32 == 0 && detail::aligned_to(m.packed, 16) && detail::aligned_to(x, 16);
+}
+
+// The pair-LUT kernel's conditions: whole 128-element steps per row, blocks of
+// at least 64 elements (a part never straddles two), 32-bit row, column and
+// 64-element-block counts (its index arithmetic is 32-bit inside a matrix).
+bool pair_lut_applies(const NF4Matrix& m, const __nv_bfloat16* x) {
+  return mma_applies(m, x) && m.cols % 128 == 0 && m.blocksize >= 64 && m.cols < (int64_t{1} << 31) &&
+         m.rows < (int64_t{1} << 31) && m.element_count() / 64 < (int64_t{1} << 32);
+}
+
+// Launches the pair-LUT kernel with a persistent grid: as many blocks as fit on
+// the device at once (the 64 KB table is built once per block), at most one per tile.
+template <int kWarps, int kBlocksPerSM, bool kXFirst, bool kDoubleQuant, typename OutT>
+cudaError_t launch_pair_lut(const NF4Params& p, const __nv_bfloat16* x, int batch, OutT* y, cudaStream_t stream) {
+  constexpr int kBytes = PairLutLayout<kWarps>::bytes;
+  static int resident_blocks[64] = {0};  // per device: blocks per SM * SMs
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  if (device < 0 || device >= 64) return cudaErrorInvalidDevice;
+  auto kernel = nf4_matvec_pair_lut_kernel<kWarps, kBlocksPerSM, kXFirst, kDoubleQuant, OutT>;
+  if (resident_blocks[device] == 0) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
+    if (err != cudaSuccess) return err;
+    int per_sm = 0, sms = 0;
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, kBytes);
+    if (err != cudaSuccess) return err;
+    err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    if (err != cudaSuccess) return err;
+    if (per_sm < 1) return cudaErrorInvalidConfiguration;
+    resident_blocks[device] = per_sm * sms;
+  }
+  const int64_t tiles = (p.rows + 15) / 16;
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(tiles, resident_blocks[device]));
+  kernel<<<blocks, kWarps * 32, kBytes, stream>>>(p, x, batch, y);
+  return detail::last_launch_error();
+}
+
+// Block shapes of the pair-LUT kernel: warps per block x blocks per SM (the
+// register cap follows: 65536 / threads per SM). Measured on H200 (NOTES.md).
+struct PairLutShape {
+  int warps, blocks_per_sm;
+  bool x_first = false;
+};
+// Fastest measured (H200, NOTES.md v4): 8 warps x 2 blocks per SM with the x loads
+// first (123 registers) when there are at least as many 16-row tiles as SMs;
+// else 16 warps x 1 block (k/v: 64 tiles on 132 SMs).
+PairLutShape pair_lut_automatic_shape(const NF4Params& p) {
+  static int sms[64] = {0};
+  int device = 0;
+  if (cudaGetDevice(&device) == cudaSuccess && device >= 0 && device < 64 && sms[device] == 0)
+    cudaDeviceGetAttribute(&sms[device], cudaDevAttrMultiProcessorCount, device);
+  const int count = device >= 0 && device < 64 && sms[device] > 0 ? sms[device] : 132;
+  return (p.rows + 15) / 16 < count ? PairLutShape{16, 1, false} : PairLutShape{8, 2, true};
+}
+
+template <bool kDoubleQuant, typename OutT>
+cudaError_t launch_pair_lut_shape(PairLutShape shape, const NF4Params& p, const __nv_bfloat16* x, int batch, OutT* y,
+                                  cudaStream_t stream) {
+  const int w = shape.warps, b = shape.blocks_per_sm;
+  if (shape.x_first) {
+    if (w == 8 && b == 2) return launch_pair_lut<8, 2, true, kDoubleQuant>(p, x, batch, y, stream);
+    if (w == 16 && b == 1) return launch_pair_lut<16, 1, true, kDoubleQuant>(p, x, batch, y, stream);
+    return cudaErrorInvalidValue;
+  }
+  if (w == 8 && b == 3) return launch_pair_lut<8, 3, false, kDoubleQuant>(p, x, batch, y, stream);
+  if (w == 8 && b == 2) return launch_pair_lut<8, 2, false, kDoubleQuant>(p, x, batch, y, stream);
+  if (w == 16 && b == 1) return launch_pair_lut<16, 1, false, kDoubleQuant>(p, x, batch, y, stream);
+  return cudaErrorInvalidValue;
+}
+
+template <typename OutT>
+cudaError_t pair_lut_dispatch(const NF4Params& p, bool double_quant, const __nv_bfloat16* x, int batch, OutT* y,
+                              PairLutShape shape, cudaStream_t stream) {
+  if (shape.warps == 0) shape = pair_lut_automatic_shape(p);
+  return double_quant ? launch_pair_lut_shape<true>(shape, p, x, batch, y, stream)
+                      : launch_pair_lut_shape<false>(shape, p, x, batch, y, stream);
+}
+
+MatvecPath resolve_path(const NF4Matrix& m, const __nv_bfloat16* x) {
+  if (pair_lut_applies(m, x)) return MatvecPath::tensor_core_pair_lut;
+  return mma_applies(m, x) ? MatvecPath::tensor_core_16_rows : MatvecPath::simple;
+}
+
 template <typename OutT>
 cudaError_t nf4_matvec_dispatch(const NF4Matrix& m, const __nv_bfloat16* x, int batch, OutT* y, MatvecPath path,
-                                cudaStream_t stream) {
+                                cudaStream_t stream, PairLutShape pair_lut_shape = {0, 0}) {
   if (!valid_matrix(m) || !x || !y || batch <= 0) return cudaErrorInvalidValue;
   NF4Params p{m.packed,      m.code,        m.absmax_f32, m.absmax_u8, m.nested_absmax, m.nested_code,
               m.nested_offset, log2_exact(m.blocksize), log2_exact(m.nested_blocksize), m.rows, m.cols};
-  const bool mma_ok = device_has_mma() && m.cols % 32 == 0 && detail::aligned_to(m.packed, 16) &&
-                      detail::aligned_to(x, 16);
-  const bool pair_lut_ok = mma_ok && m.cols % 64 == 0 && m.blocksize >= 64;
-  if (path == MatvecPath::tensor_core_pair_lut && !pair_lut_ok) return cudaErrorInvalidValue;
-  if (path != MatvecPath::automatic && path != MatvecPath::simple && !mma_ok) return cudaErrorInvalidValue;
-  // Both automatic choices form bf16(code * absmax) per weight (NF4Rounding::product). The
-  // pair-LUT kernel measured slower on H200 (kernels/NOTES.md), so it is not chosen here.
-  if (path == MatvecPath::automatic) path = mma_ok ? MatvecPath::tensor_core_16_rows : MatvecPath::simple;
+  if (path == MatvecPath::tensor_core_pair_lut && !pair_lut_applies(m, x)) return cudaErrorInvalidValue;
+  if (path != MatvecPath::automatic && path != MatvecPath::simple && !mma_applies(m, x)) return cudaErrorInvalidValue;
+  if (path == MatvecPath::automatic) path = resolve_path(m, x);
   for (int b0 = 0; b0 < batch; b0 += kBatchPerPass) {
     const int pass = batch - b0 < kBatchPerPass ? batch - b0 : kBatchPerPass;
     const __nv_bfloat16* xp = x + static_cast<int64_t>(b0) * m.cols;
     OutT* yp = y + static_cast<int64_t>(b0) * m.rows;
+    if (path == MatvecPath::tensor_core_pair_lut) {
+      const cudaError_t err = pair_lut_dispatch(p, m.double_quant, xp, pass, yp, pair_lut_shape, stream);
+      if (err != cudaSuccess) return err;
+      continue;
+    }
     if (path == MatvecPath::simple) {
       const unsigned blocks = ceil_div(m.rows, 8);
       if (m.double_quant) nf4_matvec_simple_kernel<true><<<blocks, 256, 0, stream>>>(p, xp, pass, yp);
@@ -493,10 +736,6 @@ cudaError_t nf4_matvec_dispatch(const NF4Matrix& m, const __nv_bfloat16* x, int 
       const unsigned blocks = ceil_div(m.rows, 16);
       if (m.double_quant) nf4_matvec_mma_kernel<1, true><<<blocks, kThreads, 0, stream>>>(p, xp, pass, yp);
       else nf4_matvec_mma_kernel<1, false><<<blocks, kThreads, 0, stream>>>(p, xp, pass, yp);
-    } else if (path == MatvecPath::tensor_core_pair_lut) {
-      const unsigned blocks = ceil_div(m.rows, 16);
-      if (m.double_quant) nf4_matvec_pair_lut_kernel<true><<<blocks, kThreads, 0, stream>>>(p, xp, pass, yp);
-      else nf4_matvec_pair_lut_kernel<false><<<blocks, kThreads, 0, stream>>>(p, xp, pass, yp);
     } else {
       const unsigned blocks = ceil_div(m.rows, 32);
       if (m.double_quant) nf4_matvec_mma_kernel<2, true><<<blocks, kThreads, 0, stream>>>(p, xp, pass, yp);
@@ -544,6 +783,18 @@ cudaError_t nf4_matvec(const NF4Matrix& weight, const __nv_bfloat16* x, int batc
 cudaError_t nf4_matvec_with_path(const NF4Matrix& weight, const __nv_bfloat16* x, int batch, __nv_bfloat16* y,
                                  MatvecPath path, cudaStream_t stream) {
   return nf4_matvec_dispatch(weight, x, batch, y, path, stream);
+}
+cudaError_t nf4_matvec_with_path(const NF4Matrix& weight, const __nv_bfloat16* x, int batch, float* y,
+                                 MatvecPath path, cudaStream_t stream) {
+  return nf4_matvec_dispatch(weight, x, batch, y, path, stream);
+}
+cudaError_t nf4_matvec_pair_lut(const NF4Matrix& weight, const __nv_bfloat16* x, int batch, __nv_bfloat16* y,
+                                int warps_per_block, int blocks_per_sm, bool x_first, cudaStream_t stream) {
+  return nf4_matvec_dispatch(weight, x, batch, y, MatvecPath::tensor_core_pair_lut, stream,
+                             PairLutShape{warps_per_block, blocks_per_sm, x_first});
+}
+MatvecPath nf4_matvec_automatic_path(const NF4Matrix& weight, const __nv_bfloat16* x) {
+  return resolve_path(weight, x);
 }
 
 cudaError_t bf16_matvec(const __nv_bfloat16* weight, int64_t rows, int64_t cols, const __nv_bfloat16* x, int batch,

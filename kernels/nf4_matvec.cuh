@@ -4,12 +4,17 @@
 // matrix ([rows, cols] row-major, e.g. a tied lm_head). Accumulation is fp32.
 //
 // x is bf16 [batch, cols], y is [batch, rows] (bf16, or f32 for logits).
-// Each weight is bf16(code * absmax): the fp32 product rounded to bf16, the
-// bitsandbytes dequantization rule; products are summed in fp32.
-// Fast path (sm_80+, cols % 32 == 0, 16-byte aligned packed weights and x): a
-// tensor-core kernel (mma.m16n8k16, fp32 accumulation, x as the n = 8 operand,
-// so batch 1..8 costs about the same). Any other shape takes a plain fp32
-// kernel with the same arithmetic. Measured figures: kernels/NOTES.md.
+// Automatic choice (nf4_matvec_automatic_path says which; kernels/NOTES.md has
+// the measurements):
+// - cols % 128 == 0, blocksize >= 64, sm_80+, 16-byte aligned packed weights
+//   and x: the pair-LUT tensor-core kernel. Each weight is bf16(code) * absmax:
+//   the mma multiplies bf16 codes by x and the block's absmax scales the fp32
+//   sum once per block (reference: NF4Rounding::code; within 2^-8 of the
+//   bitsandbytes bf16(code * absmax) per weight).
+// - else, cols % 32 == 0 and the same alignment: the 16-row tensor-core kernel
+//   (mma.m16n8k16, x as the n = 8 operand), weights bf16(code * absmax), the
+//   bitsandbytes dequantization (NF4Rounding::product).
+// - else a plain fp32 kernel with the same arithmetic as the 16-row kernel.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -30,17 +35,25 @@ cudaError_t bf16_matvec(const __nv_bfloat16* weight, int64_t rows, int64_t cols,
 cudaError_t bf16_matvec(const __nv_bfloat16* weight, int64_t rows, int64_t cols, const __nv_bfloat16* x, int batch,
                         float* y, cudaStream_t stream);
 
-// Kernel selection, exposed for the tests and the benchmark: automatic (the
-// 16-row tensor-core kernel where it applies, else the plain kernel), the plain
-// fp32 kernel, the tensor-core kernel with 1 or 2 tiles of 16 rows per block,
-// or the pair-LUT tensor-core kernel (cols % 64 == 0, blocksize >= 64): it runs
-// the mma on bf16(code) and scales the fp32 result by absmax, so its weights
-// are bf16(code) * absmax (NF4Rounding::code), within 2^-8 of the others; it
-// measured slower (NOTES.md) and is kept for tuning. bf16 matvec treats the
-// pair-LUT choice as 16 rows.
+// Kernel selection, exposed for the tests and the benchmark: automatic, the
+// plain fp32 kernel, the tensor-core kernel with 1 or 2 tiles of 16 rows per
+// block (bf16(code * absmax) per weight), or the pair-LUT tensor-core kernel
+// (cols % 128 == 0, blocksize >= 64; bf16(code) * absmax per weight). A path
+// that does not apply to the matrix returns cudaErrorInvalidValue. bf16 matvec
+// treats the pair-LUT choice as 16 rows.
 enum class MatvecPath { automatic, simple, tensor_core_16_rows, tensor_core_32_rows, tensor_core_pair_lut };
 cudaError_t nf4_matvec_with_path(const NF4Matrix& weight, const __nv_bfloat16* x, int batch, __nv_bfloat16* y,
                                  MatvecPath path, cudaStream_t stream);
+cudaError_t nf4_matvec_with_path(const NF4Matrix& weight, const __nv_bfloat16* x, int batch, float* y,
+                                 MatvecPath path, cudaStream_t stream);
+// The concrete kernel nf4_matvec picks for this matrix and x on the current device.
+MatvecPath nf4_matvec_automatic_path(const NF4Matrix& weight, const __nv_bfloat16* x);
+// The pair-LUT kernel with a fixed block shape, for tuning: (warps per block,
+// blocks per SM) one of (8, 3), (8, 2), (16, 1); x_first (with (8, 2) or
+// (16, 1) only) issues all of an item's x loads before its first use. (0, 0,
+// false) is the automatic choice. Others return cudaErrorInvalidValue.
+cudaError_t nf4_matvec_pair_lut(const NF4Matrix& weight, const __nv_bfloat16* x, int batch, __nv_bfloat16* y,
+                                int warps_per_block, int blocks_per_sm, bool x_first, cudaStream_t stream);
 cudaError_t bf16_matvec_with_path(const __nv_bfloat16* weight, int64_t rows, int64_t cols, const __nv_bfloat16* x,
                                   int batch, __nv_bfloat16* y, MatvecPath path, cudaStream_t stream);
 

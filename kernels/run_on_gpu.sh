@@ -14,14 +14,14 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,clocks.mem,temp
 cat "$OUT/gpu.txt"
 for t in $TESTS; do
   echo "=== $t"
-  timeout 200 "$B/tests/kernels/$t"
+  timeout 180 "$B/tests/kernels/$t"
   echo "$t rc=$?"
 done > "$OUT/tests.log" 2>&1
 grep -E "rc=|FAILED|Failure" "$OUT/tests.log" | head -30
-timeout 150 "$B/tools/layerpack-kernel-bench" 15 > "$OUT/bench.txt" 2>&1
+timeout 120 "$B/tools/layerpack-kernel-bench" 15 > "$OUT/bench.txt" 2>&1
 echo "bench rc=$?"
 {
-  for p in tc16 pairlut; do
+  for p in ${NCU_PATHS:-pl8x2 pl8x2xf}; do
     echo "##### path $p"
     timeout 60 ncu --clock-control none --kernel-name regex:nf4_matvec --launch-skip 20 --launch-count 1 \
       --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
@@ -34,10 +34,12 @@ echo "bench rc=$?"
 } > "$OUT/ncu.txt" 2>&1
 grep -E "#####|DRAM Throughput|Duration|Compute \(SM\) Throughput|Achieved Occupancy|Issued Warp|Registers Per|stalled|inst_executed|hmma|dram__bytes" "$OUT/ncu.txt" | head -60
 {
-  timeout 90 compute-sanitizer --tool memcheck "$B/tests/kernels/test_kernels_matvec" --gtest_filter='NF4Matvec.EveryPathAgrees:NF4Matvec.OtherBlocksizes:NF4Dequantize.*'
+  timeout 150 compute-sanitizer --tool memcheck "$B/tests/kernels/test_kernels_matvec" --gtest_filter='NF4Matvec.EveryPathAgrees:NF4Matvec.OtherBlocksizes:NF4Matvec.PairLutBlockSizesAndManyTiles:NF4Dequantize.*'
+  # Shared-memory races in the pair-LUT kernel (table fill, per-tile partial sums by parity).
+  timeout 150 compute-sanitizer --tool racecheck "$B/tests/kernels/test_kernels_matvec" --gtest_filter='NF4Matvec.PairLutBlockSizesAndManyTiles'
   timeout 60 compute-sanitizer --tool memcheck "$B/tests/kernels/test_kernels_elementwise"
   timeout 60 compute-sanitizer --tool memcheck "$B/tests/kernels/test_kernels_sampling" --gtest_filter='Argmax.*:Sampling.*'
 } > "$OUT/sanitizer.log" 2>&1
-grep -E "ERROR SUMMARY|PASSED|FAILED" "$OUT/sanitizer.log"
+grep -E "ERROR SUMMARY|RACECHECK SUMMARY|PASSED|FAILED" "$OUT/sanitizer.log"
 cuobjdump --dump-sass "$B/kernels/CMakeFiles/layerpack_kernels.dir/nf4_matvec.cu.o" > "$OUT/sass.txt" 2>&1
 tail -30 "$OUT/bench.txt"

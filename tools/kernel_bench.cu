@@ -139,10 +139,17 @@ int main(int argc, char** argv) {
   const Shape shapes[] = {{"q_proj", 4096, 4096},     {"k_proj", 1024, 4096},  {"v_proj", 1024, 4096},
                           {"o_proj", 4096, 4096},     {"gate_proj", 14336, 4096}, {"up_proj", 14336, 4096},
                           {"down_proj", 4096, 14336}};
-  constexpr int kPaths = 4;
-  const MatvecPath paths[kPaths] = {MatvecPath::tensor_core_16_rows, MatvecPath::tensor_core_32_rows,
-                                    MatvecPath::tensor_core_pair_lut, MatvecPath::simple};
-  const char* path_names[kPaths] = {"tc16", "tc32", "pairlut", "simple"};
+  // Variants: the 16-row tensor-core kernel (v1), the pair-LUT kernel with each
+  // block shape (warps per block x blocks per SM), and nf4_matvec's choice.
+  constexpr int kPaths = 7;
+  const MatvecPath paths[kPaths] = {MatvecPath::tensor_core_16_rows, MatvecPath::tensor_core_pair_lut,
+                                    MatvecPath::tensor_core_pair_lut, MatvecPath::tensor_core_pair_lut,
+                                    MatvecPath::tensor_core_pair_lut, MatvecPath::tensor_core_pair_lut,
+                                    MatvecPath::automatic};
+  const int pair_lut_warps[kPaths] = {0, 8, 8, 16, 8, 16, 0};
+  const int pair_lut_blocks_per_sm[kPaths] = {0, 3, 2, 1, 2, 1, 0};
+  const bool pair_lut_x_first[kPaths] = {false, false, false, false, true, true, false};
+  const char* path_names[kPaths] = {"tc16", "pl8x3", "pl8x2", "pl16x1", "pl8x2xf", "pl16x1xf", "auto"};
 
   __nv_bfloat16* x = device_alloc<__nv_bfloat16>(8 * 14336);
   __nv_bfloat16* y = device_alloc<__nv_bfloat16>(8 * 14336);
@@ -179,6 +186,8 @@ int main(int argc, char** argv) {
       m.cols = s.cols;
     }
     check(cudaDeviceSynchronize(), "fill");
+    std::printf("%-10s automatic path: %d\n", s.name,
+                static_cast<int>(layerpack::kernels::nf4_matvec_automatic_path(w[0].m, x)));
     for (int bi = 0; bi < 2; ++bi) {
       const int batch = bi == 0 ? 1 : 8;
       for (int pi = 0; pi < kPaths; ++pi) {
@@ -186,7 +195,12 @@ int main(int argc, char** argv) {
         const double bytes = set_bytes + 2.0 * batch * (s.cols + s.rows);
         const double sec = time_rotating(
             [&](int i) {
-              check(layerpack::kernels::nf4_matvec_with_path(w[i].m, x, batch, y, paths[pi], nullptr), "nf4_matvec");
+              check(pair_lut_warps[pi] != 0
+                        ? layerpack::kernels::nf4_matvec_pair_lut(w[i].m, x, batch, y, pair_lut_warps[pi],
+                                                                  pair_lut_blocks_per_sm[pi], pair_lut_x_first[pi],
+                                                                  nullptr)
+                        : layerpack::kernels::nf4_matvec_with_path(w[i].m, x, batch, y, paths[pi], nullptr),
+                    "nf4_matvec");
             },
             sets, sets * std::max(1, 64 / sets), repeats);
         const double gbs = bytes / sec / 1e9;

@@ -87,31 +87,65 @@ std::string name_of(const Shape& s, int batch, bool dq) {
          (dq ? " double-quant" : " f32-absmax");
 }
 
-// Awkward shapes (odd element counts, blocks straddling rows, K % 128 != 0) and real ones.
-const Shape kShapes[] = {{1, 32},   {3, 64},     {7, 96},      {733, 4096}, {4097, 128}, {1, 7},
-                         {3, 733},  {733, 733},  {5, 4097},    {17, 160},   {1024, 4096}};
+// Awkward shapes (odd element counts, blocks straddling rows, K % 128 != 0,
+// odd K / 128 for the pair-LUT kernel's half items) and real ones.
+const Shape kShapes[] = {{1, 32},   {3, 64},    {7, 96},     {733, 4096}, {4097, 128}, {1, 7},     {3, 733},
+                         {733, 733}, {5, 4097}, {17, 160},   {1024, 4096}, {5, 384},   {31, 1152}, {2, 256}};
+// More 16-row tiles than the pair-LUT kernel keeps resident (several tiles per
+// block, both partial-sum buffers), with K of 1 and of 5 steps.
+const Shape kManyTileShapes[] = {{8200, 128}, {6403, 640}};
 const Shape kRealShapes[] = {{4096, 14336}, {14336, 4096}};
 
+// The reference's weight rule for a kernel: the pair-LUT kernel multiplies
+// bf16(code) by x and scales each block's fp32 sum by absmax, so its weights
+// are bf16(code) * absmax (NF4Rounding::code); the others form the bitsandbytes
+// bf16(code * absmax) per weight (NF4Rounding::product).
+reference::NF4Rounding rounding_of(MatvecPath path) {
+  return path == MatvecPath::tensor_core_pair_lut ? reference::NF4Rounding::code : reference::NF4Rounding::product;
+}
+
+// Pair-LUT block shapes the tuning entry point accepts: {warps per block, blocks per SM}.
+struct BlockShape {
+  int warps = 0, blocks_per_sm = 0;
+  bool x_first = false;
+};
+const BlockShape kPairLutShapes[] = {{8, 3}, {8, 2}, {16, 1}, {8, 2, true}, {16, 1, true}};
+
+// block.warps == 0 runs `path` through nf4_matvec_with_path; otherwise the
+// pair-LUT kernel with that block shape.
 void check_nf4_matvec(std::mt19937& rng, const Shape& s, int batch, bool dq, uint32_t blocksize,
-                      MatvecPath path) {
+                      MatvecPath path, BlockShape block = {}) {
+  const int pair_lut_warps = block.warps;
   RandomNF4 w(rng, s.rows, s.cols, dq, blocksize);
   const auto x = random_bf16(rng, static_cast<size_t>(batch) * s.cols);
   DeviceBuffer<uint16_t> dx(x.size()), dy(static_cast<size_t>(batch) * s.rows);
   DeviceBuffer<float> dy32(static_cast<size_t>(batch) * s.rows);
   dx.upload(x);
+  const MatvecPath kernel =
+      path == MatvecPath::automatic ? nf4_matvec_automatic_path(w.device_view, as_bf16(dx.get())) : path;
   std::vector<float> ref(static_cast<size_t>(batch) * s.rows);
-  reference::nf4_matvec(w.host_view, x.data(), batch, ref.data(),
-                        path == MatvecPath::tensor_core_pair_lut ? reference::NF4Rounding::code
-                                                                 : reference::NF4Rounding::product);
+  reference::nf4_matvec(w.host_view, x.data(), batch, ref.data(), rounding_of(kernel));
   const std::string what = name_of(s, batch, dq) + " blocksize " + std::to_string(blocksize) + " path " +
-                           std::to_string(static_cast<int>(path));
+                           std::to_string(static_cast<int>(path)) + " kernel " +
+                           std::to_string(static_cast<int>(kernel)) + " block " + std::to_string(block.warps) + "x" +
+                           std::to_string(block.blocks_per_sm) + (block.x_first ? " x first" : "");
   dy.poison();
-  CUDA_OK(nf4_matvec_with_path(w.device_view, as_bf16(dx.get()), batch, as_bf16(dy.get()), path, nullptr));
+  if (pair_lut_warps != 0) {
+    CUDA_OK(nf4_matvec_pair_lut(w.device_view, as_bf16(dx.get()), batch, as_bf16(dy.get()), block.warps,
+                                block.blocks_per_sm, block.x_first, nullptr));
+  } else {
+    CUDA_OK(nf4_matvec_with_path(w.device_view, as_bf16(dx.get()), batch, as_bf16(dy.get()), path, nullptr));
+  }
   CUDA_OK(cudaDeviceSynchronize());
   expect_close(bf16_to_floats(dy.download()), ref, kBf16Tolerance, what + " bf16 out");
-  if (path == MatvecPath::automatic || path == MatvecPath::simple) {
+  if (pair_lut_warps == 0) {
+    // f32 outputs: only the summation order differs from the reference.
     dy32.poison();
-    CUDA_OK(nf4_matvec(w.device_view, as_bf16(dx.get()), batch, dy32.get(), nullptr));  // automatic path
+    if (path == MatvecPath::automatic) {
+      CUDA_OK(nf4_matvec(w.device_view, as_bf16(dx.get()), batch, dy32.get(), nullptr));
+    } else {
+      CUDA_OK(nf4_matvec_with_path(w.device_view, as_bf16(dx.get()), batch, dy32.get(), path, nullptr));
+    }
     CUDA_OK(cudaDeviceSynchronize());
     expect_close(dy32.download(), ref, kF32Tolerance, what + " f32 out");
   }
@@ -124,24 +158,43 @@ TEST(NF4Matvec, MatchesReferenceOnAwkwardShapes) {
       for (bool dq : {false, true}) check_nf4_matvec(rng, s, batch, dq, 64, MatvecPath::automatic);
 }
 
+TEST(NF4Matvec, AutomaticPathTakesPairLutWhereItApplies) {
+  std::mt19937 rng(3);
+  RandomNF4 fits(rng, 64, 256, true), odd(rng, 64, 96, true);
+  DeviceBuffer<uint16_t> dx(256);
+  EXPECT_EQ(nf4_matvec_automatic_path(fits.device_view, as_bf16(dx.get())), MatvecPath::tensor_core_pair_lut);
+  EXPECT_EQ(nf4_matvec_automatic_path(odd.device_view, as_bf16(dx.get())), MatvecPath::tensor_core_16_rows);
+  RandomNF4 small_blocks(rng, 64, 256, true, 32);
+  EXPECT_EQ(nf4_matvec_automatic_path(small_blocks.device_view, as_bf16(dx.get())), MatvecPath::tensor_core_16_rows);
+}
+
 TEST(NF4Matvec, EveryPathAgrees) {
   std::mt19937 rng(99);
   for (const Shape& s : kShapes) {
     for (MatvecPath path : {MatvecPath::simple, MatvecPath::tensor_core_16_rows, MatvecPath::tensor_core_32_rows,
                             MatvecPath::tensor_core_pair_lut}) {
       if (path != MatvecPath::simple && s.cols % 32 != 0) continue;
-      if (path == MatvecPath::tensor_core_pair_lut && s.cols % 64 != 0) continue;
+      if (path == MatvecPath::tensor_core_pair_lut && s.cols % 128 != 0) continue;
       for (int batch : {1, 8}) check_nf4_matvec(rng, s, batch, batch == 8, 64, path);
     }
   }
 }
 
+TEST(NF4Matvec, PairLutBlockSizesAndManyTiles) {
+  std::mt19937 rng(77);
+  for (const Shape& s : {Shape{733, 4096}, Shape{5, 384}, Shape{1024, 4096}, Shape{8200, 128}})
+    for (const BlockShape& block : kPairLutShapes)
+      for (int batch : {1, 5}) check_nf4_matvec(rng, s, batch, batch == 1, 64, MatvecPath::tensor_core_pair_lut, block);
+  for (const Shape& s : kManyTileShapes)
+    for (int batch : {1, 8, 9}) check_nf4_matvec(rng, s, batch, batch != 8, 64, MatvecPath::automatic);
+}
+
 TEST(NF4Matvec, OtherBlocksizes) {
   std::mt19937 rng(7);
   for (uint32_t blocksize : {32u, 128u, 256u, 4096u})
-    for (const Shape& s : {Shape{33, 256}, Shape{9, 4097}, Shape{64, 8192}})
+    for (const Shape& s : {Shape{33, 256}, Shape{9, 4097}, Shape{64, 8192}, Shape{21, 384}})
       for (MatvecPath path : {MatvecPath::automatic, MatvecPath::tensor_core_pair_lut})
-        if (path == MatvecPath::automatic || (s.cols % 64 == 0 && blocksize >= 64))
+        if (path == MatvecPath::automatic || (s.cols % 128 == 0 && blocksize >= 64))
           check_nf4_matvec(rng, s, 2, blocksize != 128, blocksize, path);
 }
 
@@ -150,7 +203,7 @@ TEST(NF4Matvec, RealLlamaShapes) {
   for (const Shape& s : kRealShapes)
     for (int batch : {1, 8}) {
       check_nf4_matvec(rng, s, batch, true, 64, MatvecPath::automatic);
-      check_nf4_matvec(rng, s, batch, batch == 1, 64, MatvecPath::tensor_core_pair_lut);
+      check_nf4_matvec(rng, s, batch, batch == 1, 64, MatvecPath::tensor_core_16_rows);
     }
 }
 
