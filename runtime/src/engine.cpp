@@ -42,7 +42,8 @@ std::string gib(uint64_t bytes) {
 }
 
 // Kept free inside a GPU budget for what the driver allocates on our behalf: kernel
-// modules loaded lazily on first launch, cuBLAS handle state.
+// modules loaded lazily on first launch, cuBLAS handle state (plus, computed at open,
+// page tables for pinned host memory).
 constexpr uint64_t kDeviceCodeReserve = uint64_t(64) << 20;
 
 // Without --vram: free memory at open minus this margin (other processes, the
@@ -126,6 +127,15 @@ Result<std::unique_ptr<Engine>> Engine::open(const std::string& pack_dir, const 
   LAYERPACK_TRY(engine->backend_->initialize(engine->pack_, layout, std::max<uint32_t>(1, options.max_batch_rows)));
   memory.backend_bytes = engine->backend_->reserved_bytes();
   if (device) {
+    // Pinned host memory (host cache, staging) is mapped into the GPU's address space,
+    // and the driver's page tables for it come out of device memory: measured on an
+    // H200, 56 MiB for 29 GB pinned. Reserve 2 MiB per GiB of what may be pinned.
+    uint64_t slot_payloads = 0;  // decoder layers and output: all that could ever be host-cached
+    for (UnitIndex u = 1; u < engine->pack_.unit_count(); ++u) slot_payloads += engine->pack_.payload_size(u);
+    const uint64_t pinned = std::min(options.host_cache_bytes, slot_payloads) + 2 * largest_layer;
+    const uint64_t mapping = (pinned / 512 + kDeviceAllocationGranularity - 1) / kDeviceAllocationGranularity *
+                             kDeviceAllocationGranularity;
+    memory.code_reserve_bytes += mapping;
     const uint64_t fixed = memory.backend_bytes + memory.code_reserve_bytes;
     const uint64_t minimum = fixed + 2 * ((largest_layer + kDeviceAllocationGranularity - 1) /
                                           kDeviceAllocationGranularity * kDeviceAllocationGranularity);
@@ -197,7 +207,7 @@ std::string Engine::describe() const {
     out << "GPU budget " << gib(m.budget) << (m.budget_from_option ? " (--vram)" : " (free memory minus a margin)")
         << " of " << gib(m.device_total) << " (" << gib(m.device_free_at_open) << " free at open): KV cache "
         << mib(m.kv_cache_bytes) << " + activations and workspaces " << mib(m.backend_bytes - m.kv_cache_bytes)
-        << " + kernel code reserve " << mib(m.code_reserve_bytes) << " + layer slots " << mib(m.slot_bytes)
+        << " + driver reserve (kernel code, pinned-memory mappings) " << mib(m.code_reserve_bytes) << " + layer slots " << mib(m.slot_bytes)
         << " = " << mib(m.accounted_bytes()) << "; measured in use " << mib(m.measured_in_use) << "\n";
   }
   out << streamer_->plan().explain();

@@ -69,8 +69,10 @@ uint64_t round_up(uint64_t bytes, uint64_t granularity) {
 
 // One candidate: ring slots of `slot_size`, `depth` of them, residents filled greedily
 // in preference order from what is left. Returns false when even the ring does not fit.
-bool try_plan(const std::vector<uint64_t>& sizes, uint64_t budget, uint64_t slot_size, uint32_t depth,
-              bool output_must_be_resident, SchedulePlan* plan) {
+// `sizes` are rounded to the allocation granularity (what slots take from the budget);
+// `payload_sizes` are the bytes actually loaded per pass.
+bool try_plan(const std::vector<uint64_t>& sizes, const std::vector<uint64_t>& payload_sizes, uint64_t budget,
+              uint64_t slot_size, uint32_t depth, bool output_must_be_resident, SchedulePlan* plan) {
   const size_t units = sizes.size();
   const size_t output = units - 1;
   uint64_t need = uint64_t(depth) * slot_size;
@@ -97,7 +99,7 @@ bool try_plan(const std::vector<uint64_t>& sizes, uint64_t budget, uint64_t slot
   uint32_t streamed = 0;
   for (size_t u = 1; u < units; ++u) {
     if (plan->placement[u] != UnitPlacement::streamed) continue;
-    plan->streamed_bytes_per_pass += sizes[u];
+    plan->streamed_bytes_per_pass += payload_sizes[u];
     largest_streamed = std::max(largest_streamed, sizes[u]);
     ++streamed;
   }
@@ -148,7 +150,10 @@ Result<SchedulePlan> plan_layers(const SchedulerInput& input) {
     // The preferred depth when it fits, else the deepest ring down to the minimum.
     for (uint32_t depth = preferred; depth >= min_slots; --depth) {
       SchedulePlan candidate = plan;
-      if (!try_plan(sizes, input.slot_budget, c.slot_size, depth, c.output_resident, &candidate)) continue;
+      if (!try_plan(sizes, input.payload_sizes, input.slot_budget, c.slot_size, depth, c.output_resident,
+                    &candidate)) {
+        continue;
+      }
       // A ring deeper than the streamed units would only idle: give the slots back to residents.
       const uint32_t streamed = candidate.streamed_count();
       if (streamed > 0 && streamed < depth && depth > min_slots) continue;

@@ -125,35 +125,88 @@ TEST(CudaStreaming, BudgetTooSmallNamesTheMinimum) {
   EXPECT_NE(engine.error().message.find("minimum"), std::string::npos) << engine.error().message;
 }
 
-TEST(CudaStreaming, BatchOfSequencesEqualsOneByOne) {
+// Several sequences in one pass (prefill rows of three prompts packed together, then
+// decode rows of all three) against each sequence alone, teacher-forced so both see the
+// same tokens. Different row counts take different kernels (NF4 matvec up to 8 rows,
+// dequantize + cuBLAS above), so the rule is a bf16 tolerance, not bit equality;
+// greedy tokens of a random-weight model sit too close to ties to compare.
+// Named rule: bf16 activations through 8 random-weight layers, batched rows against
+// single rows: normalized error within 5e-2 (measured 1.8e-2 to 2.3e-2 on an H200). A
+// row mixed up with another sequence's is off by O(1), which the second check
+// catches: every row is at least 5x closer to its own sequence than to another's.
+constexpr double kBatchedRowsTolerance = 5e-2;
+
+TEST(CudaStreaming, BatchOfSequencesMatchesOneByOne) {
   const std::string pack = synthetic_pack();
-  std::vector<std::vector<int32_t>> prompts = {{5, 9, 200, 31, 7}, {42}, {300, 301, 302, 17, 18, 19, 20, 21, 22, 23}};
-  GenerationOptions generation;
-  generation.max_new_tokens = 6;
-  generation.sampling.temperature = 0;
-  auto single = Engine::open(pack, cuda_options(uint64_t(320) << 20, 0));
-  ASSERT_TRUE(single.ok()) << single.error().to_string();
-  std::vector<std::vector<int32_t>> expected;
-  Generator generator(**single, nullptr);
-  for (const auto& prompt : prompts) {
-    auto sequence = (*single)->kv().open_sequence();
-    ASSERT_TRUE(sequence.ok());
-    auto result = generator.generate(sequence.value(), prompt, generation);
-    ASSERT_TRUE(result.ok()) << result.error().to_string();
-    expected.push_back(result->tokens);
-    (*single)->kv().close_sequence(sequence.value());
+  const std::vector<std::vector<int32_t>> prompts = {
+      {5, 9, 200, 31, 7}, {42}, {300, 301, 302, 17, 18, 19, 20, 21, 22, 23}};
+  const std::vector<std::vector<int32_t>> forced = {{11, 12, 13, 14}, {99, 98, 97, 96}, {7, 7, 8, 9}};
+  const uint32_t vocab = 384;
+  // rows[i]: logits after the prompt, then after each forced token.
+  std::vector<std::vector<float>> single_rows(prompts.size());
+  {
+    auto single = Engine::open(pack, cuda_options(uint64_t(320) << 20, 0));
+    ASSERT_TRUE(single.ok()) << single.error().to_string();
+    std::vector<float> logits;
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      auto sequence = (*single)->kv().open_sequence();
+      ASSERT_TRUE(sequence.ok());
+      TokenBatch prompt;
+      for (size_t t = 0; t < prompts[i].size(); ++t) {
+        prompt.add(prompts[i][t], sequence.value(), static_cast<uint32_t>(t), t + 1 == prompts[i].size());
+      }
+      ASSERT_TRUE((*single)->forward(prompt, logits).ok());
+      single_rows[i] = logits;
+      for (size_t step = 0; step < forced[i].size(); ++step) {
+        TokenBatch batch;
+        batch.add(forced[i][step], sequence.value(), static_cast<uint32_t>(prompts[i].size() + step), true);
+        ASSERT_TRUE((*single)->forward(batch, logits).ok());
+        single_rows[i].insert(single_rows[i].end(), logits.begin(), logits.end());
+      }
+      (*single)->kv().close_sequence(sequence.value());
+    }
   }
   EngineOptions options = cuda_options(uint64_t(320) << 20, uint64_t(1) << 30);
   options.max_sequences = static_cast<uint32_t>(prompts.size());
-  auto batch = Engine::open(pack, options);
-  ASSERT_TRUE(batch.ok()) << batch.error().to_string();
-  BatchGenerationStats stats;
-  auto results = generate_batch(**batch, nullptr, prompts, generation, &stats);
-  ASSERT_TRUE(results.ok()) << results.error().to_string();
-  // bf16 activations: batched rows may round differently from single rows only if a
-  // kernel's reduction depends on the row count; greedy tokens must still agree.
-  for (size_t i = 0; i < prompts.size(); ++i) EXPECT_EQ((*results)[i].tokens, expected[i]) << "prompt " << i;
-  EXPECT_LE((*batch)->memory().measured_peak, uint64_t(320) << 20);
+  auto batched = Engine::open(pack, options);
+  ASSERT_TRUE(batched.ok()) << batched.error().to_string();
+  std::vector<std::vector<float>> batch_rows(prompts.size());
+  std::vector<float> logits;
+  TokenBatch prompt_pass;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    ASSERT_TRUE((*batched)->kv().open_sequence().ok());
+    for (size_t t = 0; t < prompts[i].size(); ++t) {
+      prompt_pass.add(prompts[i][t], static_cast<uint32_t>(i), static_cast<uint32_t>(t), t + 1 == prompts[i].size());
+    }
+  }
+  ASSERT_TRUE((*batched)->forward(prompt_pass, logits).ok());
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    batch_rows[i].assign(logits.begin() + i * vocab, logits.begin() + (i + 1) * vocab);
+  }
+  for (size_t step = 0; step < forced[0].size(); ++step) {
+    TokenBatch pass;
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      pass.add(forced[i][step], static_cast<uint32_t>(i), static_cast<uint32_t>(prompts[i].size() + step), true);
+    }
+    ASSERT_TRUE((*batched)->forward(pass, logits).ok());
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      batch_rows[i].insert(batch_rows[i].end(), logits.begin() + i * vocab, logits.begin() + (i + 1) * vocab);
+    }
+  }
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    ASSERT_EQ(batch_rows[i].size(), single_rows[i].size());
+    for (size_t row = 0; row * vocab < single_rows[i].size(); ++row) {
+      const float* got = batch_rows[i].data() + row * vocab;
+      const double error = testing::normalized_error(got, single_rows[i].data() + row * vocab, vocab);
+      EXPECT_LT(error, kBatchedRowsTolerance) << "prompt " << i << " row " << row;
+      for (size_t other = 0; other < prompts.size(); ++other) {
+        if (other == i) continue;
+        const double cross = testing::normalized_error(got, single_rows[other].data() + row * vocab, vocab);
+        EXPECT_GT(cross, 5 * error) << "prompt " << i << " row " << row << " vs prompt " << other;
+      }
+    }
+  }
+  EXPECT_LE((*batched)->memory().measured_peak, uint64_t(320) << 20);
 }
 
 }  // namespace

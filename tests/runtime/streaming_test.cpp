@@ -149,6 +149,11 @@ TEST(StreamingPlan, GranularityRoundsEverySlotAndStaysInTheBudget) {
     EXPECT_EQ(plan->resident_bytes % 2048, 0u);
     EXPECT_LE(plan->slot_bytes(), budget);
     EXPECT_GE(plan->ring_slots, 2u);
+    uint64_t streamed = 0;  // payload bytes, not the rounded slot bytes
+    for (size_t u = 1; u < in.payload_sizes.size(); ++u) {
+      if (plan->placement[u] == UnitPlacement::streamed) streamed += in.payload_sizes[u];
+    }
+    EXPECT_EQ(plan->streamed_bytes_per_pass, streamed);
   }
   in.slot_budget = 8191;  // two slots of 4096 do not fit
   auto plan = plan_layers(in);

@@ -56,7 +56,7 @@ struct MemoryReport {
   uint64_t budget = UINT64_MAX;    // bytes everything below must fit in
   uint64_t kv_cache_bytes = 0;
   uint64_t backend_bytes = 0;      // backend allocations besides slots (KV cache included)
-  uint64_t code_reserve_bytes = 0; // kept free for kernel code and library state (GPU)
+  uint64_t code_reserve_bytes = 0; // kept free for the driver: kernel code, cuBLAS state, page tables of pinned memory
   uint64_t slot_bytes = 0;         // resident layers + ring slots
   uint64_t accounted_bytes() const { return backend_bytes + code_reserve_bytes + slot_bytes; }
   // GPU: cudaMemGetInfo before the backend was created, and device memory in use by
