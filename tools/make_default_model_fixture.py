@@ -11,7 +11,8 @@ lm_head is the same bf16 matrix, norms stay as they are (notes/design.md).
 So a runtime given the pack must produce these tokens: quantization is not
 part of the comparison, only the runtime's arithmetic is.
 
-Writes tests/data/default_model/smollm2_nf4_greedy.json: the prompt ids, the
+Writes tests/data/default_model/smollm2_nf4_greedy.json (by default for the main
+job's prompt and conversion options, tools/run-default.sh): the prompt ids, the
 greedy ids (EOS ignored, so the sequence has a fixed length), the top-1/top-2
 margin of every step (where a runtime may legitimately flip a near tie) and the
 top-k logits of the first steps.
@@ -23,6 +24,7 @@ perplexity of fixed English text, and greedy agreement with the bf16 answers
 
 Usage:
   tools/make_default_model_fixture.py [--checkpoint DIR] [--device cpu|cuda] [--out FILE]
+      [--prompt TEXT] [--blocksize N] [--no-double-quant]
   tools/make_default_model_fixture.py --compare-quantization [--device cuda]
 """
 
@@ -47,9 +49,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPOSITORY_ROOT / "tests/data/default_model/smollm2_nf4_greedy.json"
 
-# The main job's prompt (tools/run-default.sh); its answer is short, so the
-# fixture ignores EOS to get a fixed number of tokens.
-FIXTURE_MESSAGES = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+# The main job's prompt and conversion options (tools/run-default.sh; keep them
+# in sync). Answers are short, so the fixture ignores EOS to get a fixed number
+# of tokens.
+MAIN_JOB_PROMPT = "What is the capital of France? Answer in one sentence, then name one famous landmark there."
+MAIN_JOB_BLOCKSIZE = 32
 FIXTURE_NEW_TOKENS = 64
 LOGIT_STEPS = 8
 LOGIT_TOP_K = 8
@@ -265,7 +269,8 @@ def chat_ids(tokenizer, messages) -> tuple[str, list[int]]:
 
 def write_fixture(arguments, checkpoint: Path, model, tokenizer, original_state) -> None:
     apply_pack_precision(model, original_state, arguments.blocksize, not arguments.no_double_quant)
-    rendered, prompt_ids = chat_ids(tokenizer, FIXTURE_MESSAGES)
+    messages = [{"role": "user", "content": arguments.prompt}]
+    rendered, prompt_ids = chat_ids(tokenizer, messages)
     started = time.time()
     generated, margins, step_logits = greedy(model, prompt_ids, FIXTURE_NEW_TOKENS, arguments.device,
                                              logit_steps=LOGIT_STEPS)
@@ -297,7 +302,7 @@ def write_fixture(arguments, checkpoint: Path, model, tokenizer, original_state)
             "attention": model.config._attn_implementation,
             "note": arguments.reference_note,
         },
-        "messages": FIXTURE_MESSAGES,
+        "messages": messages,
         "rendered_prompt": rendered,
         "prompt_ids": prompt_ids,
         "greedy_ids": generated,
@@ -378,7 +383,9 @@ def main() -> int:
                         help="converted checkpoint (default: tools/fetch_default_model.sh's output)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (float32 either way)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--blocksize", type=int, default=64, help="NF4 block size the pack uses")
+    parser.add_argument("--prompt", default=MAIN_JOB_PROMPT, help="the user message (default: the main job's)")
+    parser.add_argument("--blocksize", type=int, default=MAIN_JOB_BLOCKSIZE,
+                        help="NF4 block size the pack uses (default: the main job's)")
     parser.add_argument("--no-double-quant", action="store_true", help="the pack stores absmax as f32")
     parser.add_argument("--reference-note", default="",
                         help="recorded in the fixture's reference.note (e.g. who ran it where)")

