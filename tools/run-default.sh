@@ -20,12 +20,34 @@ build=${LAYERPACK_BUILD_DIR:-build}
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DLAYERPACK_CUDA=$cuda $archs -DLAYERPACK_TESTS=OFF >/dev/null
 cmake --build "$build" -j "$(nproc)" --target layerpack-convert layerpack-run
 
+# NF4 with blocksize 32 instead of the converter's default 64. NF4 is lossy on a
+# model this small (and its weights come from a 4-bit Q4_1 GGUF with 32-element
+# blocks, so they are quantized twice); blocksize 32 measurably helps, for 0.125
+# more bits per parameter. Measured with tools/make_default_model_fixture.py
+# --compare-quantization (transformers, float32, NF4-dequantized weights; 8 chat
+# prompts, 274 bf16 answer tokens; perplexity of 4 English paragraphs):
+#                        perplexity  KL(bf16||NF4)/token  top-1 agreement
+#   bf16 checkpoint        8.14        0                    1
+#   blocksize 64 (default) 9.93        0.309                0.748
+#   blocksize 64, no DQ    9.92        0.309                0.737
+#   blocksize 32           9.80        0.272                0.741
+#   blocksize 128          11.48       0.410                0.708
+# Double quantization costs nothing measurable, so it stays on. The prompt below
+# gets a coherent greedy answer at blocksize 32 ("Paris, France, is the capital
+# of France, with the Eiffel Tower as its iconic landmark."; bf16: "The capital
+# of France is Paris, a city steeped in history and culture."), while blocksize
+# 64 garbles it ("Le Grand Paris is la Capital is la Marseillaun, France."): no
+# runtime bug, transformers with the same NF4 weights says exactly the same
+# (tests/default_model compares the tokens). Keep the prompt and blocksize in
+# sync with tools/make_default_model_fixture.py (MAIN_JOB_*).
+convert_options=(--blocksize 32)
 checkpoint=$(bash tools/fetch_default_model.sh)
 cache_dir="${LAYERPACK_CACHE:-$HOME/.cache/layerpack}"
-pack="$cache_dir/packs/SmolLM2-135M-Instruct"
-if [ ! -f "$pack/manifest.lpk" ]; then
+pack="$cache_dir/packs/SmolLM2-135M-Instruct-nf4-blocksize32"
+# Converted again when missing or older than the checkpoint (a re-fetched model).
+if [ ! -f "$pack/manifest.lpk" ] || [ "$checkpoint/.layerpack-complete" -nt "$pack/manifest.lpk" ]; then
   mkdir -p "$cache_dir/packs"
-  "$build/converter/layerpack-convert" "$checkpoint" -o "$pack" --force
+  "$build/converter/layerpack-convert" "$checkpoint" -o "$pack" --force "${convert_options[@]}"
 fi
 
 backend=cpu
