@@ -72,7 +72,14 @@ def analyse(rows, limits):
         read = find(d, "decode_bytes_per_token")
         gen = find(d, "generated_tokens")
         batch = len(d["results"]) if isinstance(d.get("results"), list) else 1
-        note = f"{gen} tokens" + (f" x {batch} sequences" if batch > 1 else "")
+        note = f"{gen} tokens" + (f" over {batch} sequences" if batch > 1 else "")
+        if batch > 1:  # one pass of the weights serves every sequence: time per pass
+            passes = find(d, "decode_passes") or 0
+            spt = find(d, "decode_seconds_per_pass")
+            if passes:
+                up = (find(d, "decode_bytes_uploaded") or 0) / passes
+                read = (find(d, "decode_bytes_read") or 0) / passes
+            note += f", {find(d, 'decode_tokens_per_second') or 0:.0f} tokens/s in all"
         if s.startswith("cold_start"):
             table.append(dict(scenario=s, figure=f"{d.get('wall_seconds', 0):.2f} s to first token (process wall)",
                               limit="", ratio="", note="caches dropped; " + d.get("command", "")[:80]))
@@ -94,11 +101,12 @@ def analyse(rows, limits):
             moved = find(d, "resident_bytes")
         ratio = ""
         limit = limit_name
+        unit = "pass" if batch > 1 else "token"
         if spt and moved and limit_bw:
             floor = moved / (limit_bw * 1e9)
-            ratio = f"{floor / spt * batch:.2f}" if batch > 1 and "stream" not in s else f"{floor / spt:.2f}"
-            limit = f"{limit_name} {limit_bw:.1f} GB/s: floor {fmt_s(floor)}/token ({moved / 1e9:.2f} GB/token)"
-        table.append(dict(scenario=s, figure=f"{fmt_s(spt)}/token" if spt else "n/a", limit=limit, ratio=ratio, note=note))
+            ratio = f"{floor / spt:.2f}"
+            limit = f"{limit_name} {limit_bw:.1f} GB/s: floor {fmt_s(floor)}/{unit} ({moved / 1e9:.2f} GB/{unit})"
+        table.append(dict(scenario=s, figure=f"{fmt_s(spt)}/{unit}" if spt else "n/a", limit=limit, ratio=ratio, note=note))
     return table
 
 
