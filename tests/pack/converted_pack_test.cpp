@@ -43,10 +43,10 @@ TEST(ConvertedPackArchive, RoundTripsAConverterPack) {
   fs::path root = fs::temp_directory_path() / ("layerpack-pack-convert-" + std::to_string(::getpid()));
   fs::remove_all(root);
   fs::create_directories(root);
-  const char* shared = std::getenv("LAYERPACK_SHARED_DIR");
-  ASSERT_NE(shared, nullptr) << "LAYERPACK_SHARED_DIR is set by ctest";
-  auto c = run_command(convert_exe + " --synthetic tiny --quiet --tokenizer " +
-                       quote(fs::path(shared) / "tokenizers" / "llama2") + " -o " + quote(root / "src"));
+  // The committed tokenizer of a test checkpoint: no files from outside the repository.
+  const fs::path tokenizer = fs::path(LAYERPACK_TEST_DATA_DIR) / "runtime" / "llama_gqa" / "checkpoint";
+  auto c = run_command(convert_exe + " --synthetic tiny --quiet --tokenizer " + quote(tokenizer) + " -o " +
+                       quote(root / "src"));
   ASSERT_EQ(c.exit_code, 0) << "layerpack-convert --synthetic tiny failed: " << c.output;
   auto r = run_command(pack_exe + " export " + quote(root / "src") + " -o - | " + pack_exe + " import - -o " +
                        quote(root / "dst") + " && " + pack_exe + " verify " + quote(root / "dst"));
