@@ -6,6 +6,7 @@
 set -euo pipefail
 build=${1:-build-remote}
 deps="$PWD/.gpu-deps/root"
+[ -d "$deps" ] || [ ! -f .gpu-deps/root.tar.xz ] || tar -C .gpu-deps -xJf .gpu-deps/root.tar.xz
 [ -x "$deps/usr/bin/flatc" ] || { echo "tools/gpu/build.sh: $deps is missing; run tools/gpu/make_deps.sh and carry .gpu-deps" >&2; exit 1; }
 export PATH="/opt/torch/.venv/bin:/usr/local/cuda/bin:$PATH"
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DLAYERPACK_CUDA=ON \

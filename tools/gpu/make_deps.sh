@@ -9,8 +9,11 @@ for p in libflatbuffers-dev libflatbuffers2 flatbuffers-compiler libzstd-dev lib
          nlohmann-json3-dev libpcre2-dev libutf8proc-dev; do
   dpkg -L "$p" | while read -r f; do
     [ -f "$f" ] && [ ! -L "$f" ] || continue
-    case "$f" in /usr/share/doc/*|/usr/share/man/*) continue ;; esac
+    # Only what the build uses: no docs, no 16/32-bit PCRE2, no pcre2-config tooling.
+    case "$f" in /usr/share/doc/*|/usr/share/man/*|*pcre2-16*|*pcre2-32*|*pcre2-posix*|*/bin/pcre2*) continue ;; esac
     mkdir -p ".gpu-deps/root$(dirname "$f")" && cp "$f" ".gpu-deps/root$f"
   done
 done
+# One compressed file travels (the transfer to the GPU machine is size-limited).
+tar -C .gpu-deps -cJf .gpu-deps/root.tar.xz root && rm -rf .gpu-deps/root
 du -sh .gpu-deps
