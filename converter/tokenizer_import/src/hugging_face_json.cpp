@@ -1,5 +1,6 @@
 // Hugging Face tokenizer.json (model type BPE) -> TokenizerData.
 #include <nlohmann/json.hpp>
+#include <cctype>
 #include <unordered_map>
 
 #include "import_internal.h"
@@ -228,7 +229,10 @@ Result<TokenizerData> read_hugging_face_json(const std::string& path, const Toke
     data.token_texts[id] = byte_level ? to_bytes(it.key(), ok) : it.key();
     data.token_flags[id] = 0;
     data.in_lookup[id] = ok ? 1 : 0;
-    if (!byte_level && it.key().size() == 6 && it.key().compare(0, 3, "<0x") == 0 && it.key()[5] == '>') {
+    // Byte pieces are exactly "<0xNN>" with two hex digits: std::stoi throws on "<0xZZ>" and
+    // reads "<0x-1>" as -1, an index before byte_token_ids.
+    if (!byte_level && it.key().size() == 6 && it.key().compare(0, 3, "<0x") == 0 && it.key()[5] == '>' &&
+        isxdigit(static_cast<unsigned char>(it.key()[3])) && isxdigit(static_cast<unsigned char>(it.key()[4]))) {
       int value = std::stoi(it.key().substr(3, 2), nullptr, 16);
       data.token_flags[id] |= kFlagBytePiece;
       data.byte_token_ids[value] = id;

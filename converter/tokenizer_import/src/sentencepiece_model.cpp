@@ -1,6 +1,7 @@
 // SentencePiece tokenizer.model (ModelProto, protobuf wire format) -> TokenizerData.
 // A minimal, bounds-checked wire reader: only the fields we use are decoded.
 #include <algorithm>
+#include <cctype>
 #include <cstring>
 #include <map>
 #include <unordered_map>
@@ -197,9 +198,11 @@ Result<TokenizerData> read_sentencepiece_model(const std::string& path, const To
       case kUnused: data.token_flags[i] = kFlagUnused; break;
       case kByte: {
         data.token_flags[i] = kFlagBytePiece;
-        if (p.text.size() != 6 || p.text.compare(0, 3, "<0x") != 0 || p.text[5] != '>')
+        // Exactly two hex digits: std::stoi would throw on "<0xZZ>" and accept "<0x-1>" (index -1).
+        if (p.text.size() != 6 || p.text.compare(0, 3, "<0x") != 0 || p.text[5] != '>' ||
+            !isxdigit(static_cast<unsigned char>(p.text[3])) || !isxdigit(static_cast<unsigned char>(p.text[4])))
           return corrupt("byte piece " + std::to_string(i) + " is not <0xNN>");
-        int value = std::stoi(p.text.substr(3, 2), nullptr, 16);
+        const int value = std::stoi(p.text.substr(3, 2), nullptr, 16);
         data.byte_token_ids[value] = id;
         break;
       }
