@@ -177,6 +177,10 @@ Status PackedTokenizer::init(const std::string& path) {
   if (!keys || !priorities || !results || !is_power_of_two(keys->size()) || priorities->size() != keys->size() ||
       results->size() != keys->size())
     return file_error(ErrorCode::corrupt, path, "merge table arrays are missing or of different sizes");
+  // The FlatBuffers verifier checks a vector's 4-byte length prefix, not 8-byte alignment of
+  // its u64 elements; a crafted file could otherwise make every merge_keys_ read misaligned.
+  if (reinterpret_cast<uintptr_t>(keys->data()) % alignof(uint64_t) != 0)
+    return file_error(ErrorCode::corrupt, path, "merge_keys is not 8-byte aligned");
   merge_keys_ = keys->data();
   merge_priorities_ = priorities->data();
   merge_results_ = results->data();
