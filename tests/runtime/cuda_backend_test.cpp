@@ -18,6 +18,7 @@ using testing::converted_pack;
 using testing::load_reference;
 using testing::normalized_error;
 using testing::Reference;
+using testing::run_reference_passes;
 
 // Named rule: bf16 activations and KV cache against float32 references stay
 // within four bf16 unit roundoffs (4 * 2^-8 = 0.0156) of normalized error: the
@@ -25,31 +26,6 @@ using testing::Reference;
 constexpr double kBf16LogitsTolerance = 4.0 / 256.0;
 
 size_t argmax_of(const float* row, size_t n) { return std::max_element(row, row + n) - row; }
-
-// Prompt in chunks of `chunk` rows (logits for every row), then the reference's
-// tokens one at a time.
-std::vector<float> run_fixture(Engine& engine, const Reference& ref, uint32_t chunk) {
-  auto sequence = engine.kv().open_sequence();
-  EXPECT_TRUE(sequence.ok());
-  std::vector<float> all, logits;
-  for (size_t start = 0; start < ref.prompt_ids.size(); start += chunk) {
-    TokenBatch batch;
-    for (size_t i = start; i < std::min(ref.prompt_ids.size(), start + chunk); ++i) {
-      batch.add(ref.prompt_ids[i], sequence.value(), static_cast<uint32_t>(i), true);
-    }
-    Status s = engine.forward(batch, logits);
-    EXPECT_TRUE(s.ok()) << (s.ok() ? "" : s.error().to_string());
-    all.insert(all.end(), logits.begin(), logits.end());
-  }
-  for (size_t step = 0; step < ref.generated_ids.size(); ++step) {
-    TokenBatch batch;
-    batch.add(ref.generated_ids[step], sequence.value(), static_cast<uint32_t>(ref.prompt_ids.size() + step), true);
-    Status s = engine.forward(batch, logits);
-    EXPECT_TRUE(s.ok()) << (s.ok() ? "" : s.error().to_string());
-    all.insert(all.end(), logits.begin(), logits.end());
-  }
-  return all;
-}
 
 std::unique_ptr<Engine> open_engine(const std::string& pack, const std::string& backend, uint64_t slot_budget = UINT64_MAX) {
   EngineOptions options;
@@ -76,7 +52,7 @@ TEST_P(CudaBackendTest, LogitsMatchTransformersAndTheCpuBackend) {
   for (uint32_t chunk : {64u, 8u}) {
     auto engine = chunk == 64 ? std::move(cuda) : open_engine(pack, "cuda");
     ASSERT_TRUE(engine);
-    const std::vector<float> gpu = run_fixture(*engine, ref, chunk);
+    const std::vector<float> gpu = run_reference_passes(*engine, ref, chunk);
     ASSERT_EQ(gpu.size(), positions * vocab);
     double worst_reference = 0;
     for (size_t p = 0; p < positions; ++p) {
@@ -88,8 +64,8 @@ TEST_P(CudaBackendTest, LogitsMatchTransformersAndTheCpuBackend) {
                 worst_reference);
   }
   auto fresh = open_engine(pack, "cuda");
-  const std::vector<float> gpu = run_fixture(*fresh, ref, 64);
-  const std::vector<float> host = run_fixture(*cpu, ref, 64);
+  const std::vector<float> gpu = run_reference_passes(*fresh, ref, 64);
+  const std::vector<float> host = run_reference_passes(*cpu, ref, 64);
   double worst_cpu = 0;
   for (size_t p = 0; p < positions; ++p) {
     worst_cpu = std::max(worst_cpu, normalized_error(gpu.data() + p * vocab, host.data() + p * vocab, vocab));
@@ -132,8 +108,8 @@ TEST_P(CudaBackendTest, StreamingThroughTwoSlotsEqualsResident) {
   auto streamed = open_engine(pack, "cuda", 2 * ((largest + granule - 1) / granule * granule));
   ASSERT_TRUE(streamed);
   ASSERT_GT(streamed->streamer().plan().streamed_count(), 0u);
-  const std::vector<float> a = run_fixture(*resident, ref, 64);
-  const std::vector<float> b = run_fixture(*streamed, ref, 64);
+  const std::vector<float> a = run_reference_passes(*resident, ref, 64);
+  const std::vector<float> b = run_reference_passes(*streamed, ref, 64);
   ASSERT_EQ(a.size(), b.size());
   EXPECT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * sizeof(float))) << GetParam();
 }

@@ -14,35 +14,10 @@ using testing::converted_pack;
 using testing::load_reference;
 using testing::normalized_error;
 using testing::Reference;
+using testing::run_reference_passes;
 
 // Named rule: float32 CPU logits within 1e-4 normalized error of the float32 reference.
 constexpr double kFloat32LogitsTolerance = 1e-4;
-
-// Feeds the prompt (in chunks of the engine's max_batch_rows, logits for every row)
-// then greedy-decodes, feeding the reference's token at each step. Returns all rows.
-std::vector<float> run_fixture(Engine& engine, const Reference& ref) {
-  auto sequence = engine.kv().open_sequence();
-  EXPECT_TRUE(sequence.ok());
-  std::vector<float> all, logits;
-  const uint32_t chunk = engine.options().max_batch_rows;
-  for (size_t start = 0; start < ref.prompt_ids.size(); start += chunk) {
-    TokenBatch batch;
-    for (size_t i = start; i < std::min(ref.prompt_ids.size(), start + chunk); ++i) {
-      batch.add(ref.prompt_ids[i], sequence.value(), static_cast<uint32_t>(i), true);
-    }
-    Status s = engine.forward(batch, logits);
-    EXPECT_TRUE(s.ok()) << (s.ok() ? "" : s.error().to_string());
-    all.insert(all.end(), logits.begin(), logits.end());
-  }
-  for (size_t step = 0; step < ref.generated_ids.size(); ++step) {
-    TokenBatch batch;
-    batch.add(ref.generated_ids[step], sequence.value(), static_cast<uint32_t>(ref.prompt_ids.size() + step), true);
-    Status s = engine.forward(batch, logits);
-    EXPECT_TRUE(s.ok()) << (s.ok() ? "" : s.error().to_string());
-    all.insert(all.end(), logits.begin(), logits.end());
-  }
-  return all;
-}
 
 class FixtureLogitsTest : public ::testing::TestWithParam<std::string> {};
 
@@ -54,7 +29,7 @@ TEST_P(FixtureLogitsTest, LogitsAndGreedyTokensMatchTransformers) {
   auto engine = Engine::open(converted_pack(GetParam()), options);
   ASSERT_TRUE(engine.ok()) << engine.error().to_string();
   ASSERT_EQ((*engine)->config().vocab_size, ref.vocab_size);
-  const std::vector<float> ours = run_fixture(**engine, ref);
+  const std::vector<float> ours = run_reference_passes(**engine, ref);
   const size_t positions = ref.prompt_ids.size() + ref.generated_ids.size();
   ASSERT_EQ(ours.size(), positions * ref.vocab_size);
   double worst = 0;
@@ -139,8 +114,8 @@ TEST_P(FixtureLogitsTest, StreamedChunkedStagedEqualsResidentBitForBit) {
   EXPECT_EQ(plan.resident_count(), 0u);
   EXPECT_EQ(plan.streamed_count(), (*streamed)->config().num_layers + 1);
 
-  const std::vector<float> a = run_fixture(**resident, ref);
-  const std::vector<float> b = run_fixture(**streamed, ref);
+  const std::vector<float> a = run_reference_passes(**resident, ref);
+  const std::vector<float> b = run_reference_passes(**streamed, ref);
   ASSERT_EQ(a.size(), b.size());
   EXPECT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * sizeof(float)));
   // Every pass loaded every streamed layer once (plus at most a ring's worth of prefetch).

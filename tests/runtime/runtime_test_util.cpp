@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 #include <stdlib.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -10,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include "layerpack/converter.h"
+#include "layerpack/engine.h"
 
 namespace layerpack::testing {
 
@@ -84,6 +86,31 @@ double normalized_error(const float* a, const float* b, size_t n) {
     ref += double(b[i]) * b[i];
   }
   return std::sqrt(diff) / std::sqrt(ref);
+}
+
+std::vector<float> run_reference_passes(Engine& engine, const Reference& ref, uint32_t chunk) {
+  if (chunk == 0) chunk = engine.options().max_batch_rows;
+  auto sequence = engine.kv().open_sequence();
+  EXPECT_TRUE(sequence.ok());
+  std::vector<float> all, logits;
+  auto pass = [&](const TokenBatch& batch) {
+    Status s = engine.forward(batch, logits);
+    EXPECT_TRUE(s.ok()) << (s.ok() ? "" : s.error().to_string());
+    all.insert(all.end(), logits.begin(), logits.end());
+  };
+  for (size_t start = 0; start < ref.prompt_ids.size(); start += chunk) {
+    TokenBatch batch;
+    for (size_t i = start; i < std::min(ref.prompt_ids.size(), start + chunk); ++i) {
+      batch.add(ref.prompt_ids[i], sequence.value(), static_cast<uint32_t>(i), true);
+    }
+    pass(batch);
+  }
+  for (size_t step = 0; step < ref.generated_ids.size(); ++step) {
+    TokenBatch batch;
+    batch.add(ref.generated_ids[step], sequence.value(), static_cast<uint32_t>(ref.prompt_ids.size() + step), true);
+    pass(batch);
+  }
+  return all;
 }
 
 }  // namespace layerpack::testing

@@ -5,6 +5,10 @@
 #include <string>
 #include <vector>
 
+namespace layerpack {
+class Engine;
+}
+
 namespace layerpack::testing {
 
 // The variants tools/make_reference_fixtures.py writes under tests/data/runtime.
@@ -30,6 +34,11 @@ std::string converted_pack(const std::string& variant);
 std::string make_temp_dir(const std::string& tag);
 // Copies a pack directory (to damage the copy).
 std::string copy_pack(const std::string& pack, const std::string& tag);
+
+// Feeds the reference's prompt in passes of `chunk` rows (0: the engine's
+// max_batch_rows), logits for every row, then its greedy tokens one per pass.
+// Returns every row's logits (positions x vocab).
+std::vector<float> run_reference_passes(Engine& engine, const Reference& ref, uint32_t chunk = 0);
 
 // ||a - b|| / ||b||
 double normalized_error(const float* a, const float* b, size_t n);
