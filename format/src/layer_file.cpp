@@ -207,6 +207,11 @@ Result<LayerHeader> decode_layer_header(const uint8_t* data, size_t size, const 
     }
     tensor.role = static_cast<TensorRole>(role);
     tensor.dtype = static_cast<DType>(dtype);
+    // The FlatBuffers verifier checks only the 4-byte length prefix of a vector, not the 8-byte
+    // alignment of its u64 elements; reading a misaligned shape would be undefined behaviour.
+    if (reinterpret_cast<uintptr_t>(t->shape()->Data()) % alignof(uint64_t) != 0) {
+      return file_error(ErrorCode::corrupt, path, "tensor '" + tensor.name + "': shape vector is not 8-byte aligned");
+    }
     tensor.shape.assign(t->shape()->begin(), t->shape()->end());
     tensor.data = from_fb(t->data());
     if (const fb::QuantState* q = t->quant()) {
