@@ -586,11 +586,18 @@ void source_to_float(const uint8_t* src, const std::string& dtype, size_t count,
   if (dtype == "F32") {
     std::memcpy(dst, src, count * 4);
   } else if (dtype == "BF16") {
-    const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
-    for (size_t i = 0; i < count; ++i) dst[i] = bf16_to_float(s[i]);
+    // memcpy, not a uint16_t pointer: safetensors data may start at an odd address.
+    for (size_t i = 0; i < count; ++i) {
+      uint16_t bits;
+      std::memcpy(&bits, src + 2 * i, 2);
+      dst[i] = bf16_to_float(bits);
+    }
   } else {  // F16
-    const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
-    for (size_t i = 0; i < count; ++i) dst[i] = f16_to_float(s[i]);
+    for (size_t i = 0; i < count; ++i) {
+      uint16_t bits;
+      std::memcpy(&bits, src + 2 * i, 2);
+      dst[i] = f16_to_float(bits);
+    }
   }
 }
 
@@ -687,8 +694,16 @@ void build_tensor(const TensorPlan& t, BuildContext& ctx, BuiltLayer& out) {
       thread_local std::vector<float> scratch;
       if (!synthetic) src_file->populate(src->data + start * element_size, count * element_size);
       if (!synthetic && src->dtype == "BF16") {
-        nf4::quantize_bf16(reinterpret_cast<const uint16_t*>(src->data) + start, count, bs, packed + start / 2,
-                           absmax + start / bs);
+        const uint8_t* first = src->data + start * 2;
+        const uint16_t* bf16 = reinterpret_cast<const uint16_t*>(first);
+        if (reinterpret_cast<uintptr_t>(first) % alignof(uint16_t) != 0) {
+          // Tensor data at an odd address (legal in safetensors): quantize an aligned copy.
+          thread_local std::vector<uint16_t> aligned;
+          aligned.resize(count);
+          std::memcpy(aligned.data(), first, count * 2);
+          bf16 = aligned.data();
+        }
+        nf4::quantize_bf16(bf16, count, bs, packed + start / 2, absmax + start / bs);
       } else {
         scratch.resize(count);
         if (synthetic) {
