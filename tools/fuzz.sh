@@ -4,12 +4,12 @@
 # regression input, then fuzzes each harness for a fixed time. Exit status is
 # non-zero when any harness crashes, leaks or reports undefined behaviour.
 #
-#   tools/fuzz.sh                       CI: 45 s per harness, one at a time
+#   tools/fuzz.sh                       CI: 45 s per harness, nproc at a time
 #   tools/fuzz.sh --seconds 600 --parallel 2 --nice   long campaign
 #   tools/fuzz.sh fuzz_manifest ...     only these harnesses
 # Options:
 #   --seconds N    fuzzing time per harness (default 45; 0 replays seeds only)
-#   --parallel P   harnesses run at once (default 1)
+#   --parallel P   harnesses run at once (default: nproc)
 #   --nice         run the fuzzers at nice 19 (shared machines)
 #   --build DIR    build directory (default build-fuzz)
 #   --no-build     use the harnesses already built in DIR
@@ -19,7 +19,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
-seconds=45 parallel=1 nice_cmd=() build=build-fuzz do_build=1 make_seeds=0 selected=()
+seconds=45 parallel=$(nproc) nice_cmd=() build=build-fuzz do_build=1 make_seeds=0 selected=()
 while [[ $# -gt 0 ]]; do
   case $1 in
     --seconds) seconds=$2; shift 2 ;;
