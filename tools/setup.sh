@@ -5,7 +5,8 @@
 set -euo pipefail
 packages=(build-essential cmake ninja-build pkg-config
   libflatbuffers-dev flatbuffers-compiler libzstd-dev libxxhash-dev libcli11-dev
-  libgtest-dev nlohmann-json3-dev libpcre2-dev libutf8proc-dev python3)
+  libgtest-dev nlohmann-json3-dev libpcre2-dev libutf8proc-dev python3
+  clang libclang-rt-14-dev)  # clang + its sanitizer runtimes: the libFuzzer harnesses
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -4,6 +4,8 @@
 #   LAYERPACK_CUDA_ARCHS   CUDA architectures for this build (default 90 here,
 #                          to keep CI fast; the normal build covers 75..120)
 #   LAYERPACK_TEST_LABELS  ctest label regex (default "cpu|gpu")
+#   LAYERPACK_TEST_HARDENING=0  skip the sanitizer build and the short fuzz runs
+#   LAYERPACK_FUZZ_SECONDS fuzzing time per harness (default 30)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
@@ -13,3 +15,9 @@ cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_CUDA_ARCHITECTURES="${LAYERPACK_CUDA_ARCHS:-90}"
 cmake --build "$build" -j "$(nproc)"
 ctest --test-dir "$build" -L "${LAYERPACK_TEST_LABELS:-cpu|gpu}" --output-on-failure -j "$(nproc)"
+if [ "${LAYERPACK_TEST_HARDENING:-1}" = 1 ]; then
+  # The CPU suite again under AddressSanitizer + UndefinedBehaviorSanitizer, then a
+  # short run of every libFuzzer harness (seeds and regressions replayed first).
+  bash tools/sanitize.sh
+  bash tools/fuzz.sh --seconds "${LAYERPACK_FUZZ_SECONDS:-30}"
+fi
