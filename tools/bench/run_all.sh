@@ -109,8 +109,27 @@ for i in range(8): print(' '.join(random.choice(words) for _ in range(12)))" >"$
   drop_caches
   ours stream_70b_vram8_cold_direct "$pack" --prompt-ids "$prompt16" -n 2 --temp 0 --ignore-eos --backend cuda --vram 8GiB --direct-io
   rm -rf "$pack"
+elif [ "$part" = 70b-more ]; then
+  # The rest of issue 7's 70B list, for a short lease: prefill of 512 tokens,
+  # batch 32 and 64, and the 4 and 24 GiB points of the budget curve.
+  pack=$work/llama-3.1-70b.lpk
+  rm -rf "$pack"
+  "$convert" --synthetic llama-3.1-70b --tokenizer "$tokenizer" -o "$pack" --force --quiet || exit 1
+  emit limits "$("$limits" --json --skip-gemm --copy-mib 256 --repeats 5 --file "$(ls -S "$pack"/*.lpk | head -1)" --readers 8)"
+  ours prefill_70b_512_vram8_pagecache "$pack" --prompt-ids "$(random_ids 512 2)" -n 1 --temp 0 --ignore-eos --backend cuda --vram 8GiB
+  for b in 32 64; do
+    python3 -c "
+import random; random.seed($b)
+words='the of and to in is was for on that with as by at from his her are be this had not but which'.split()
+for i in range($b): print(' '.join(random.choice(words) for _ in range(8)))" >"$work/prompts$b.txt"
+    ours stream_70b_vram8_batch${b}_hostcache "$pack" --batch-file "$work/prompts$b.txt" -n 3 --temp 0 --ignore-eos --backend cuda --vram 8GiB --host-cache 64GiB
+  done
+  for vram in 4 24; do
+    ours stream_70b_vram${vram}_hostcache "$pack" --prompt-ids "$(random_ids 16 1)" -n 4 --temp 0 --ignore-eos --backend cuda --vram ${vram}GiB --host-cache 64GiB
+  done
+  rm -rf "$pack"
 else
-  echo "usage: tools/bench/run_all.sh 8b|70b BUILD_DIR RESULTS TOKENIZER_DIR" >&2
+  echo "usage: tools/bench/run_all.sh 8b|70b|70b-more BUILD_DIR RESULTS TOKENIZER_DIR" >&2
   exit 2
 fi
 echo "== done: $(wc -l <"$results") results in $results"
