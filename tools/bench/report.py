@@ -46,7 +46,8 @@ def analyse(rows, limits):
         s, d, lim = r["scenario"], r["data"], limits.get(r["part"], {})
         if s == "limits" or "error" in d and len(d) <= 3:
             if "error" in d:
-                table.append(dict(scenario=s, figure="failed", limit="", ratio="", note=str(d["error"])[-200:]))
+                table.append(dict(scenario=s, figure="refused / failed", limit="", ratio="",
+                                  note=" ".join(str(d["error"]).split())[-240:]))
             continue
         if s.startswith("transformers"):
             table.append(dict(scenario=s, figure=f"{fmt_s(d.get('seconds_per_token_median'))}/token",
