@@ -92,8 +92,9 @@ def main():
 
     # hf_config: every config.json / generation_config.json we have.
     d = os.path.join(corpus, "fuzz_hf_config")
+    os.makedirs(d, exist_ok=True)
     for name in sorted(os.listdir(os.path.join(root, "tests/data/converter/configs"))):
-        shutil.copy(os.path.join(root, "tests/data/converter/configs", name), os.path.join(d, name)) if os.path.isdir(d) else (os.makedirs(d), shutil.copy(os.path.join(root, "tests/data/converter/configs", name), os.path.join(d, name)))
+        shutil.copy(os.path.join(root, "tests/data/converter/configs", name), os.path.join(d, name))
     for model in sorted(os.listdir(runtime_data)):
         for name in ("config.json", "generation_config.json"):
             p = os.path.join(runtime_data, model, "checkpoint", name)
@@ -104,7 +105,8 @@ def main():
     import numpy as np
     from safetensors.numpy import save
     d = os.path.join(corpus, "fuzz_safetensors")
-    shutil.copy(os.path.join(root, "tests/data/converter/reference_writer.safetensors"), os.path.join(d, "reference_writer.safetensors")) if os.path.isdir(d) else (os.makedirs(d), shutil.copy(os.path.join(root, "tests/data/converter/reference_writer.safetensors"), os.path.join(d, "reference_writer.safetensors")))
+    os.makedirs(d, exist_ok=True)
+    shutil.copy(os.path.join(root, "tests/data/converter/reference_writer.safetensors"), d)
     rng = np.random.default_rng(1)
     write(d, "mixed_dtypes.safetensors", save({
         "model.embed_tokens.weight": rng.standard_normal((8, 4)).astype(np.float16),
@@ -158,7 +160,8 @@ def main():
             shutil.copy(os.path.join(out, name), os.path.join(dl, f"{model}.{name}"))
     out = os.path.join(packs, "synthetic_no_double_quant")
     subprocess.run([args.convert, "--synthetic", os.path.join(runtime_data, "qwen2_bias", "checkpoint", "config.json"),
-                    "--no-double-quant", "-o", out, "-q"], env=env, check=True)
+                    "--tokenizer", os.path.join(runtime_data, "qwen2_bias", "checkpoint"), "--no-double-quant", "-o", out, "-q"],
+                   env=env, check=True)
     shutil.copy(os.path.join(out, "layer-00000.lpk"), os.path.join(dl, "synthetic_no_double_quant.layer-00000.lpk"))
     shutil.copy(os.path.join(out, "manifest.lpk"), os.path.join(dm, "synthetic_no_double_quant.manifest.lpk"))
 
