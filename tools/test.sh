@@ -15,6 +15,10 @@ cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_CUDA_ARCHITECTURES="${LAYERPACK_CUDA_ARCHS:-90}"
 cmake --build "$build" -j "$(nproc)"
 ctest --test-dir "$build" -L "${LAYERPACK_TEST_LABELS:-cpu|gpu}" --output-on-failure -j "$(nproc)"
+if ! nvidia-smi -L >/dev/null 2>&1; then
+  # ctest only says "Skipped"; print the GPU tests' own reason once.
+  ctest --test-dir "$build" -L gpu -V 2>/dev/null | grep -m1 -o "SKIPPED: .*" || true
+fi
 if [ "${LAYERPACK_TEST_HARDENING:-1}" = 1 ]; then
   # The CPU suite again under AddressSanitizer + UndefinedBehaviorSanitizer, then a
   # short run of every libFuzzer harness (seeds and regressions replayed first).
