@@ -58,6 +58,10 @@ fi
 
 results=$build/fuzz-results
 rm -rf "$results"; mkdir -p "$results"
+# Harness scratch files (a crashing harness cannot clean up after itself); /dev/shm keeps fsyncs cheap.
+scratch=$(mktemp -d "$( [[ -d /dev/shm ]] && echo /dev/shm || echo /tmp )/layerpack_fuzz_run.XXXXXX")
+trap 'rm -rf "$scratch"' EXIT
+export LAYERPACK_FUZZ_TMP=$scratch
 # Leaks are reported by libFuzzer itself (-detect_leaks=1); abort on the first report.
 export ASAN_OPTIONS=${ASAN_OPTIONS:-abort_on_error=1:detect_leaks=1:allocator_may_return_null=1}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
