@@ -262,8 +262,13 @@ TEST(HostCache, SecondPassReadsNothingFromTheFilesAndGivesTheSameLogits) {
   }
   const EngineCounters later = (*engine)->counters();
   EXPECT_EQ(later.payload_bytes_read, first.payload_bytes_read);  // warm passes: no file reads
-  EXPECT_GE(later.bytes_from_host_cache - first.bytes_from_host_cache, 6 * plan.streamed_bytes_per_pass);
-  EXPECT_GE(later.bytes_uploaded - first.bytes_uploaded, 6 * plan.streamed_bytes_per_pass);
+  // The loader runs ahead of compute by up to ring_slots loads, so a few of the next
+  // pass's hits may land before the `first` snapshot and not yet before `later`:
+  // allow one prefetch window of slack (a timing race seen once under ASan).
+  const uint64_t prefetch_window = uint64_t(plan.ring_slots) * plan.ring_slot_size;
+  EXPECT_GE(later.bytes_from_host_cache - first.bytes_from_host_cache,
+            6 * plan.streamed_bytes_per_pass - prefetch_window);
+  EXPECT_GE(later.bytes_uploaded - first.bytes_uploaded, 6 * plan.streamed_bytes_per_pass - prefetch_window);
   const StreamerStats stats = (*engine)->streamer().stats();
   EXPECT_EQ(stats.host_cache_units, plan.streamed_count());
   EXPECT_TRUE(stats.host_cache_note.empty());
