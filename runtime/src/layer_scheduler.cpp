@@ -208,7 +208,7 @@ Status LayerStreamer::load_into(UnitIndex unit, SlotId slot, size_t staging_inde
       auto buffer = backend_.allocate_staging(bytes);
       if (buffer) {
         const auto start = std::chrono::steady_clock::now();
-        Status read = reader_.read(file, buffer.value()->data());
+        Status read = reader_.read(file, buffer.value()->data(), pack_.file_hash(unit));
         stats->read_seconds += seconds_since(start);
         if (!read.ok()) return read;
         stats->bytes_from_file += bytes;
@@ -246,7 +246,7 @@ Status LayerStreamer::load_into(UnitIndex unit, SlotId slot, size_t staging_inde
   if (direct) {
     LAYERPACK_TRY(backend_.wait_slot_idle(slot));
     const auto start = std::chrono::steady_clock::now();
-    Status read = reader_.read(file, direct);
+    Status read = reader_.read(file, direct, pack_.file_hash(unit));
     stats->read_seconds += seconds_since(start);
     if (read.ok()) stats->bytes_from_file += bytes;
     return read;
@@ -254,7 +254,7 @@ Status LayerStreamer::load_into(UnitIndex unit, SlotId slot, size_t staging_inde
   HostBuffer& staging = *staging_[staging_index];
   LAYERPACK_TRY(backend_.wait_upload(staging_ticket_[staging_index]));
   const auto start = std::chrono::steady_clock::now();
-  LAYERPACK_TRY(reader_.read(file, staging.data()));
+  LAYERPACK_TRY(reader_.read(file, staging.data(), pack_.file_hash(unit)));
   stats->read_seconds += seconds_since(start);
   stats->bytes_from_file += bytes;
   auto ticket = backend_.upload(slot, staging, bytes);
@@ -276,7 +276,7 @@ Status LayerStreamer::start() {
       auto buffer = AlignedBuffer::allocate(pack_.payload_size(u), pack_.unit(u).path);
       if (!buffer) return buffer.error();
       host_units_[u] = std::move(buffer.value());
-      LAYERPACK_TRY(reader_.read(pack_.unit(u), host_units_[u].data()));
+      LAYERPACK_TRY(reader_.read(pack_.unit(u), host_units_[u].data(), pack_.file_hash(u)));
       startup.bytes_from_file += pack_.payload_size(u);
     } else if (plan_.placement[u] == UnitPlacement::resident) {
       auto slot = backend_.allocate_slot(pack_.payload_size(u));

@@ -162,6 +162,7 @@ Result<ModelPack> ModelPack::open(const std::string& pack_dir, const PackOpenOpt
     auto info = read_layer_header(path);
     if (!info) return info.error();
     pack.units_.push_back(std::move(info.value()));
+    pack.unit_file_hashes_.push_back(entry->hash);
   }
 
   const uint64_t H = c.hidden_size, V = c.vocab_size, I = c.intermediate_size;

@@ -5,6 +5,8 @@
 #include <unistd.h>
 #include <xxhash.h>
 
+#include <vector>
+
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
@@ -121,7 +123,7 @@ Status PayloadReader::read_chunks(int fd, const LayerFileInfo& info, uint8_t* ds
   return Status::success();
 }
 
-Status PayloadReader::read(const LayerFileInfo& info, void* dst) {
+Status PayloadReader::read(const LayerFileInfo& info, void* dst, uint64_t expected_file_hash) {
   const auto start = std::chrono::steady_clock::now();
   std::lock_guard<std::mutex> lock(read_mutex_);
   uint8_t* out = static_cast<uint8_t*>(dst);
@@ -154,7 +156,36 @@ Status PayloadReader::read(const LayerFileInfo& info, void* dst) {
     FileCloser buffered_closer{buffered};
     LAYERPACK_TRY(read_chunks(buffered, info, out, false, &refused));
   }
-  if (options_.check_hash) {
+  if (options_.check_hash && expected_file_hash != 0) {
+    // Whole-file hash: the bytes before the payload (preamble, header, padding; a few
+    // KiB) read through the page cache, then the payload already in memory.
+    std::vector<uint8_t> prefix(info.payload_offset);
+    int buffered = ::open(info.path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (buffered < 0) return errno_error(info.path, "open", errno);
+    FileCloser prefix_closer{buffered};
+    size_t done = 0;
+    while (done < prefix.size()) {
+      const ssize_t n = ::pread(buffered, prefix.data() + done, prefix.size() - done, static_cast<off_t>(done));
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) return errno_error(info.path, "read", errno);
+      if (n == 0) return file_error(ErrorCode::corrupt, info.path, "file ends inside its header");
+      done += static_cast<size_t>(n);
+    }
+    XXH3_state_t* state = XXH3_createState();
+    if (!state) return make_error(ErrorCode::out_of_memory, "cannot allocate a hash state");
+    XXH3_64bits_reset(state);
+    XXH3_64bits_update(state, prefix.data(), prefix.size());
+    XXH3_64bits_update(state, dst, info.payload_size);
+    const uint64_t computed = XXH3_64bits_digest(state);
+    XXH3_freeState(state);
+    if (computed != expected_file_hash) {
+      char message[160];
+      std::snprintf(message, sizeof(message),
+                    "file hash mismatch: the manifest records %016llx, the file hashes to %016llx (file is corrupt)",
+                    static_cast<unsigned long long>(expected_file_hash), static_cast<unsigned long long>(computed));
+      return file_error(ErrorCode::hash_mismatch, info.path, message);
+    }
+  } else if (options_.check_hash) {
     const uint64_t computed = XXH3_64bits(dst, info.payload_size);
     if (computed != info.header.payload_hash) {
       char message[160];

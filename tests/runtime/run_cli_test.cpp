@@ -188,6 +188,18 @@ TEST(RunCliBadInput, CorruptPayloadCaughtByVerifyHashes) {
   EXPECT_NE(checked.errors.find("hash"), std::string::npos) << checked.errors;
 }
 
+// A flip in bytes readers ignore (the preamble's reserved word) changes no output,
+// but --verify-hashes checks the whole file against the manifest and refuses it.
+TEST(RunCliBadInput, FlipInIgnoredBytesCaughtByVerifyHashes) {
+  const std::string pack = copy_pack(converted_pack("llama_gqa"), "reserved");
+  patch_file(pack + "/layer-00001.lpk", 20, {0x01});
+  const std::string args = quote(pack) + " -p hi -n 2";
+  EXPECT_EQ(run_cli(args).exit_code, 0);
+  RunResult checked = run_cli(args + " --verify-hashes");
+  EXPECT_NE(checked.exit_code, 0);
+  EXPECT_NE(checked.errors.find("layer-00001.lpk: file hash mismatch"), std::string::npos) << checked.errors;
+}
+
 TEST(RunCliBadInput, CorruptHeader) {
   const std::string pack = copy_pack(converted_pack("llama_gqa"), "header");
   patch_file(pack + "/layer-00000.lpk", kPreambleSize + 8, {0xff, 0xff, 0xff, 0xff});

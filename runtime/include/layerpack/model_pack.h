@@ -68,6 +68,8 @@ class ModelPack {
   UnitIndex output_unit() const { return unit_count() - 1; }
   const LayerFileInfo& unit(UnitIndex index) const { return units_[index]; }
   uint64_t payload_size(UnitIndex index) const { return units_[index].payload_size; }
+  // XXH3-64 of the unit's whole file, as the manifest records it.
+  uint64_t file_hash(UnitIndex index) const { return unit_file_hashes_[index]; }
   uint64_t largest_payload_size() const;
 
   const TensorInfo& token_embedding() const { return *token_embedding_; }
@@ -82,6 +84,7 @@ class ModelPack {
   std::string directory_;
   Manifest manifest_;
   std::vector<LayerFileInfo> units_;
+  std::vector<uint64_t> unit_file_hashes_;
   const TensorInfo* token_embedding_ = nullptr;
   std::vector<DecoderTensors> decoders_;
   OutputTensors output_;

@@ -61,7 +61,11 @@ class PayloadReader {
   // dst must hold info.payload_size bytes and be 4096-aligned for direct_io.
   // A short read (file truncated after open), a file that disappeared, or a hash
   // mismatch is an error naming the file.
-  Status read(const LayerFileInfo& info, void* dst);
+  // With check_hash and a non-zero expected_file_hash (the manifest's XXH3-64 of the
+  // whole file), the whole file is checked: its header bytes are read besides the
+  // payload, so a flip in the preamble's reserved word or the padding is caught too.
+  // Otherwise the payload alone is checked against the header's payload hash.
+  Status read(const LayerFileInfo& info, void* dst, uint64_t expected_file_hash = 0);
   uint64_t bytes_read() const { return bytes_read_.load(); }
   uint64_t reads() const { return reads_.load(); }
   double read_seconds() const;  // wall time spent inside read()
