@@ -8,28 +8,37 @@
 
 namespace layerpack::utf8 {
 
+// Sequence length and allowed range of the second byte for a lead byte, per the
+// Unicode table of well-formed byte sequences; false for a byte that cannot lead.
+inline bool lead_byte_rule(unsigned char c, size_t* len, unsigned char* lo, unsigned char* hi) {
+  *lo = 0x80;
+  *hi = 0xBF;
+  if (c >= 0xC2 && c <= 0xDF) {
+    *len = 2;
+  } else if (c >= 0xE0 && c <= 0xEF) {
+    *len = 3;
+    if (c == 0xE0) *lo = 0xA0;
+    if (c == 0xED) *hi = 0x9F;
+  } else if (c >= 0xF0 && c <= 0xF4) {
+    *len = 4;
+    if (c == 0xF0) *lo = 0x90;
+    if (c == 0xF4) *hi = 0x8F;
+  } else {
+    return false;
+  }
+  return true;
+}
+
 // Length of the well-formed UTF-8 sequence at text[pos], or 0 if it is not
-// well formed (ill-formed or truncated). Follows the Unicode table of well-formed byte sequences.
+// well formed (ill-formed or truncated).
 inline size_t valid_sequence_length(std::string_view text, size_t pos) {
   const auto* s = reinterpret_cast<const unsigned char*>(text.data());
-  size_t n = text.size();
-  unsigned char c = s[pos];
+  const size_t n = text.size();
+  const unsigned char c = s[pos];
   if (c < 0x80) return 1;
   size_t len;
-  unsigned char lo = 0x80, hi = 0xBF;
-  if (c >= 0xC2 && c <= 0xDF) {
-    len = 2;
-  } else if (c >= 0xE0 && c <= 0xEF) {
-    len = 3;
-    if (c == 0xE0) lo = 0xA0;
-    if (c == 0xED) hi = 0x9F;
-  } else if (c >= 0xF0 && c <= 0xF4) {
-    len = 4;
-    if (c == 0xF0) lo = 0x90;
-    if (c == 0xF4) hi = 0x8F;
-  } else {
-    return 0;
-  }
+  unsigned char lo, hi;
+  if (!lead_byte_rule(c, &len, &lo, &hi)) return 0;
   if (pos + len > n) return 0;
   if (s[pos + 1] < lo || s[pos + 1] > hi) return 0;
   for (size_t k = 2; k < len; ++k)
@@ -41,23 +50,10 @@ inline size_t valid_sequence_length(std::string_view text, size_t pos) {
 // sequence (1 for an invalid lead byte). Used for maximal-subpart replacement.
 inline size_t maximal_subpart_length(std::string_view text, size_t pos) {
   const auto* s = reinterpret_cast<const unsigned char*>(text.data());
-  size_t n = text.size();
-  unsigned char c = s[pos];
+  const size_t n = text.size();
   size_t len;
-  unsigned char lo = 0x80, hi = 0xBF;
-  if (c >= 0xC2 && c <= 0xDF) {
-    len = 2;
-  } else if (c >= 0xE0 && c <= 0xEF) {
-    len = 3;
-    if (c == 0xE0) lo = 0xA0;
-    if (c == 0xED) hi = 0x9F;
-  } else if (c >= 0xF0 && c <= 0xF4) {
-    len = 4;
-    if (c == 0xF0) lo = 0x90;
-    if (c == 0xF4) hi = 0x8F;
-  } else {
-    return 1;
-  }
+  unsigned char lo, hi;
+  if (!lead_byte_rule(s[pos], &len, &lo, &hi)) return 1;
   size_t k = 1;
   if (pos + k < n && s[pos + k] >= lo && s[pos + k] <= hi) {
     ++k;
