@@ -56,6 +56,15 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(AttentionArgs
   const int64_t begin = split * split_size;
   const int64_t end = min(begin + split_size, length);
   const int64_t out_row0 = (static_cast<int64_t>(query) * a.q_heads + kv_head * group) * splits + split;
+  if (begin >= length || begin + split_size <= window_start) {
+    // No position of this split is visible to the query (a decode grid is sized for
+    // the whole cache): an empty piece, skipped by the combine step.
+    if (threadIdx.x < group) {
+      ws.partial_max[out_row0 + static_cast<int64_t>(threadIdx.x) * splits] = -INFINITY;
+      ws.partial_sum[out_row0 + static_cast<int64_t>(threadIdx.x) * splits] = 0.0f;
+    }
+    return;
+  }
 
   const __nv_bfloat16* k_head = a.k_cache + query * a.sequence_stride + kv_head * a.capacity * hd;
   const __nv_bfloat16* v_head = a.v_cache + query * a.sequence_stride + kv_head * a.capacity * hd;

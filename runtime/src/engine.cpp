@@ -225,13 +225,21 @@ std::string Engine::describe() const {
   return out.str();
 }
 
+uint32_t Engine::prefill_pass_rows() const {
+  return std::max(options_.max_batch_rows, backend_->max_sequence_rows());
+}
+
 Status Engine::forward(const TokenBatch& batch, std::vector<float>& logits) {
   if (broken_) return *broken_;
   if (batch.size() == 0) return make_error(ErrorCode::invalid_argument, "forward pass with no tokens");
-  if (batch.size() > options_.max_batch_rows) {
+  bool one_sequence = true;
+  for (size_t r = 1; r < batch.size(); ++r) one_sequence = one_sequence && batch.sequences[r] == batch.sequences[0];
+  const uint32_t row_limit = one_sequence ? prefill_pass_rows() : options_.max_batch_rows;
+  if (batch.size() > row_limit) {
     return make_error(ErrorCode::invalid_argument, "batch of " + std::to_string(batch.size()) +
-                                                       " rows exceeds max_batch_rows " +
-                                                       std::to_string(options_.max_batch_rows));
+                                                       " rows exceeds the limit of " + std::to_string(row_limit) +
+                                                       (one_sequence ? " rows of one sequence per pass"
+                                                                     : " rows per pass (max_batch_rows)"));
   }
   // Rows of each sequence must continue its cache in order.
   std::map<uint32_t, uint32_t> next_position;
@@ -357,10 +365,12 @@ Result<GenerationResult> Generator::generate(uint32_t sequence, const std::vecto
   std::vector<float> logits;
   std::vector<float> last_logits;
 
-  // Prefill in chunks; only the last row's logits are needed.
+  // Prefill in passes of up to prefill_pass_rows() (the CUDA backend splits a pass
+  // into max_batch_rows chunks per layer, so each layer streams once per pass);
+  // only the last row's logits are needed.
   auto t0 = Clock::now();
   const uint64_t bytes0 = engine_.counters().payload_bytes_read;
-  const uint32_t chunk = engine_.options().max_batch_rows;
+  const uint32_t chunk = engine_.prefill_pass_rows();
   for (size_t start = 0; start < new_prompt.size(); start += chunk) {
     const size_t end = std::min(new_prompt.size(), start + chunk);
     TokenBatch batch;

@@ -5,6 +5,8 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 
@@ -115,6 +117,98 @@ TEST(CudaStreaming, BudgetIsNeverExceededAndLogitsEqualResident) {
       // Every pass after the first: streamed bytes come from the cache, none from the files.
       EXPECT_EQ((*engine)->counters().payload_bytes_read, stats.startup_bytes_read + plan.streamed_bytes_per_pass);
     }
+  }
+}
+
+// A prompt longer than max_batch_rows is ONE pass: each streamed layer moves once and
+// runs over the prompt in max_batch_rows chunks. Each chunk computes exactly what a
+// separate pass of those rows computes (same kernels, same KV-cache state), so the
+// last row's logits are bit-identical to prefilling pass by pass, which moves every
+// streamed layer once per chunk.
+TEST(CudaStreaming, LongPromptStreamsEachLayerOncePerPass) {
+  const std::string pack = synthetic_pack();
+  EngineOptions options = cuda_options(uint64_t(320) << 20, 0);
+  options.max_batch_rows = 16;
+  constexpr uint32_t kLength = 75;  // chunks of 16, 16, 16, 16, 11
+  std::vector<int32_t> ids;
+  for (uint32_t i = 0; i < kLength; ++i) ids.push_back(static_cast<int32_t>((i * 53 + 7) % 384));
+
+  uint32_t ring_slots = 0;
+  auto prefill = [&](uint32_t rows_per_pass, uint64_t* bytes_read, uint64_t* streamed_per_pass) {
+    auto engine = Engine::open(pack, options);
+    EXPECT_TRUE(engine.ok()) << engine.error().to_string();
+    EXPECT_GE((*engine)->prefill_pass_rows(), kLength);
+    *streamed_per_pass = (*engine)->streamer().plan().streamed_bytes_per_pass;
+    ring_slots = (*engine)->streamer().plan().ring_slots;
+    EXPECT_GT(*streamed_per_pass, 0u);
+    auto sequence = (*engine)->kv().open_sequence();
+    EXPECT_TRUE(sequence.ok());
+    const uint64_t before = (*engine)->counters().payload_bytes_read;
+    std::vector<float> logits;
+    for (uint32_t start = 0; start < kLength; start += rows_per_pass) {
+      TokenBatch batch;
+      for (uint32_t i = start; i < std::min(kLength, start + rows_per_pass); ++i) {
+        batch.add(ids[i], sequence.value(), i, i + 1 == kLength);
+      }
+      Status s = (*engine)->forward(batch, logits);
+      EXPECT_TRUE(s.ok()) << (s.ok() ? "" : s.error().to_string());
+    }
+    *bytes_read = (*engine)->counters().payload_bytes_read - before;
+    return logits;
+  };
+  uint64_t one_pass_bytes = 0, chunked_bytes = 0, streamed = 0;
+  const std::vector<float> one_pass = prefill(kLength, &one_pass_bytes, &streamed);
+  // The ring reads ahead into the next pass by up to its slot count, so "once" is
+  // one stream plus at most that look-ahead (each layer here is ~32 MiB).
+  auto pack_info = ModelPack::open(pack);
+  ASSERT_TRUE(pack_info.ok());
+  const uint64_t look_ahead = ring_slots * pack_info->largest_payload_size();
+  EXPECT_GE(one_pass_bytes, streamed);
+  EXPECT_LE(one_pass_bytes, streamed + look_ahead);
+  const std::vector<float> chunked = prefill(16, &chunked_bytes, &streamed);
+  EXPECT_GE(chunked_bytes, 5 * streamed);
+  ASSERT_EQ(one_pass.size(), 384u);
+  ASSERT_EQ(chunked.size(), one_pass.size());
+  EXPECT_EQ(0, std::memcmp(one_pass.data(), chunked.data(), one_pass.size() * sizeof(float)));
+
+  // A pass of several sequences stays within max_batch_rows.
+  options.max_sequences = 2;
+  auto engine = Engine::open(pack, options);
+  ASSERT_TRUE(engine.ok());
+  ASSERT_TRUE((*engine)->kv().open_sequence().ok());
+  ASSERT_TRUE((*engine)->kv().open_sequence().ok());
+  TokenBatch too_wide;
+  for (uint32_t i = 0; i < 17; ++i) too_wide.add(ids[i], i % 2, i / 2, false);
+  std::vector<float> logits;
+  Status wide = (*engine)->forward(too_wide, logits);
+  ASSERT_FALSE(wide.ok());
+  EXPECT_NE(wide.error().message.find("max_batch_rows"), std::string::npos) << wide.error().message;
+}
+
+// Decode rows replay one CUDA graph per layer (captured on first use); with
+// LAYERPACK_CUDA_GRAPHS=0 the same launches are issued one by one. Same kernels, same
+// arguments: the logits must be bit-identical, resident and streamed.
+TEST(CudaStreaming, DecodeGraphsEqualDirectLaunches) {
+  const std::string pack = synthetic_pack();
+  for (uint64_t budget : {uint64_t(0), uint64_t(320) << 20}) {
+    std::vector<float> graphs, direct;
+    {
+      auto engine = Engine::open(pack, cuda_options(budget, 0));
+      ASSERT_TRUE(engine.ok()) << engine.error().to_string();
+      graphs = run(**engine);
+      EXPECT_NE((*engine)->backend().description().find("replayed as CUDA graphs"), std::string::npos)
+          << (*engine)->backend().description();
+    }
+    ASSERT_EQ(setenv("LAYERPACK_CUDA_GRAPHS", "0", 1), 0);
+    {
+      auto engine = Engine::open(pack, cuda_options(budget, 0));
+      ASSERT_TRUE(engine.ok()) << engine.error().to_string();
+      direct = run(**engine);
+      EXPECT_NE((*engine)->backend().description().find("CUDA graphs off"), std::string::npos);
+    }
+    unsetenv("LAYERPACK_CUDA_GRAPHS");
+    ASSERT_EQ(graphs.size(), direct.size());
+    EXPECT_EQ(0, std::memcmp(graphs.data(), direct.data(), graphs.size() * sizeof(float))) << "budget " << budget;
   }
 }
 

@@ -76,6 +76,12 @@ class Backend {
   // engine keeps it loaded; rows are gathered per token), passed to embed().
   virtual Status initialize(const ModelPack& pack, const KVCacheLayout& kv_layout, uint32_t max_batch_rows) = 0;
 
+  // Most rows of ONE sequence a single pass may carry. A backend that returns more
+  // than max_batch_rows runs such a pass through each layer in chunks of
+  // max_batch_rows rows, so a long prompt moves every streamed layer once instead of
+  // once per chunk. 0 (the default): max_batch_rows, and the engine chunks the prompt.
+  virtual uint32_t max_sequence_rows() const { return 0; }
+
   // Bytes the backend needs besides layer slots (KV cache, activations, workspaces);
   // the scheduler subtracts it from the budget.
   virtual uint64_t reserved_bytes() const = 0;

@@ -81,6 +81,9 @@ class Engine {
   KVCacheBook& kv() { return kv_book_; }
   const LayerStreamer& streamer() const { return *streamer_; }
   const EngineOptions& options() const { return options_; }
+  // Most rows of one sequence per forward pass: a prompt up to this long is
+  // prefilled in one pass (one stream of the weights).
+  uint32_t prefill_pass_rows() const;
   uint32_t context_length() const { return kv_book_.layout().capacity; }
 
   // One pass over the model. Rows must continue their sequences' caches (checked);

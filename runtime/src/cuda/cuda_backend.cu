@@ -16,10 +16,14 @@
 #include <algorithm>
 #include <cassert>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "kernels/activation.cuh"
@@ -67,6 +71,105 @@ class PinnedBuffer : public HostBuffer {
   uint64_t size_;
 };
 
+// LAYERPACK_CUDA_PROFILE=1: every operation on the compute stream is bracketed by
+// CUDA events; the totals per operation, and the GPU time of whole passes, are printed
+// to stderr when the backend closes. Diagnostic only (the events cost a little).
+class OpProfiler {
+ public:
+  void enable(cudaStream_t stream) {
+    enabled_ = true;
+    stream_ = stream;
+  }
+  ~OpProfiler() {
+    for (auto& p : pending_) release(p);
+    for (auto e : pool_) cudaEventDestroy(e);
+  }
+  // Returns the entry index, or -1 when profiling is off or paused (graph capture).
+  int begin(const std::string& name) {
+    if (!enabled_ || paused_) return -1;
+    Pending p{name, take(), take()};
+    if (!p.start || !p.stop) return -1;
+    cudaEventRecord(p.start, stream_);
+    pending_.push_back(p);
+    return static_cast<int>(pending_.size() - 1);
+  }
+  void end(int entry) {
+    if (entry >= 0 && static_cast<size_t>(entry) < pending_.size()) cudaEventRecord(pending_[entry].stop, stream_);
+  }
+  void pause(bool paused) { paused_ = paused; }
+  // After the stream has been synchronised: fold finished entries into the totals.
+  void harvest() {
+    for (auto& p : pending_) {
+      float ms = 0;
+      if (cudaEventElapsedTime(&ms, p.start, p.stop) == cudaSuccess) {
+        Total& t = totals_[p.name];
+        t.calls += 1;
+        t.ms += ms;
+      }
+      release(p);
+    }
+    pending_.clear();
+    cudaGetLastError();
+  }
+  void print(const std::string& title) const {
+    if (!enabled_ || totals_.empty()) return;
+    std::vector<std::pair<std::string, Total>> rows(totals_.begin(), totals_.end());
+    std::sort(rows.begin(), rows.end(), [](const auto& a, const auto& b) { return a.second.ms > b.second.ms; });
+    std::fprintf(stderr, "CUDA profile (%s): GPU time per operation, CUDA events\n", title.c_str());
+    std::fprintf(stderr, "  %-34s %10s %12s %12s\n", "operation", "calls", "total ms", "mean us");
+    for (const auto& [name, t] : rows) {
+      std::fprintf(stderr, "  %-34s %10llu %12.3f %12.2f\n", name.c_str(), static_cast<unsigned long long>(t.calls),
+                   t.ms, 1000.0 * t.ms / static_cast<double>(t.calls));
+    }
+  }
+
+ private:
+  struct Pending {
+    std::string name;
+    cudaEvent_t start, stop;
+  };
+  struct Total {
+    uint64_t calls = 0;
+    double ms = 0;
+  };
+  cudaEvent_t take() {
+    if (!pool_.empty()) {
+      cudaEvent_t e = pool_.back();
+      pool_.pop_back();
+      return e;
+    }
+    cudaEvent_t e = nullptr;
+    if (cudaEventCreate(&e) != cudaSuccess) return nullptr;
+    return e;
+  }
+  void release(Pending& p) {
+    if (p.start) pool_.push_back(p.start);
+    if (p.stop) pool_.push_back(p.stop);
+    p.start = p.stop = nullptr;
+  }
+  bool enabled_ = false, paused_ = false;
+  cudaStream_t stream_ = nullptr;
+  std::vector<Pending> pending_;
+  std::vector<cudaEvent_t> pool_;
+  std::map<std::string, Total> totals_;
+};
+
+class ProfileScope {
+ public:
+  ProfileScope(OpProfiler& profiler, const std::string& name) : profiler_(profiler), entry_(profiler.begin(name)) {}
+  ~ProfileScope() { profiler_.end(entry_); }
+
+ private:
+  OpProfiler& profiler_;
+  int entry_;
+};
+
+bool environment_flag(const char* name, bool fallback) {
+  const char* value = std::getenv(name);
+  if (!value || !*value) return fallback;
+  return !(std::strcmp(value, "0") == 0 || std::strcmp(value, "off") == 0 || std::strcmp(value, "false") == 0);
+}
+
 struct DeviceSlot {
   uint8_t* data = nullptr;
   uint64_t size = 0;
@@ -81,11 +184,16 @@ class CudaBackend : public Backend {
 
   Status create();
   std::string name() const override { return "cuda"; }
-  std::string description() const override { return description_; }
+  std::string description() const override {
+    if (!graph_note_.empty()) return description_ + "; " + graph_note_;
+    return description_ + (graphs_enabled_ ? "; decode layers replayed as CUDA graphs"
+                                           : "; CUDA graphs off (LAYERPACK_CUDA_GRAPHS=0)");
+  }
   KVCacheDType kv_cache_dtype() const override { return KVCacheDType::bf16; }
 
   Status initialize(const ModelPack& pack, const KVCacheLayout& kv_layout, uint32_t max_batch_rows) override;
   uint64_t reserved_bytes() const override { return reserved_bytes_; }
+  uint32_t max_sequence_rows() const override { return max_sequence_rows_; }
 
   Result<SlotId> allocate_slot(uint64_t bytes) override;
   uint8_t* slot_host_pointer(SlotId) override { return nullptr; }
@@ -110,7 +218,14 @@ class CudaBackend : public Backend {
   }
   // y[rows, out] = x[rows, in] * W^T for an NF4 or bf16 matrix in a slot.
   template <class Out>
-  Status linear(const TensorInfo& weight, const DeviceSlot& slot, const bf16* x, uint32_t rows, Out* y);
+  Status linear(const char* role, const TensorInfo& weight, const DeviceSlot& slot, const bf16* x, uint32_t rows,
+                Out* y);
+  // Rows [first, first + rows) of the pass (rows <= max_rows_) through one layer.
+  Status layer_rows(uint32_t layer, const DeviceSlot& slot, const TokenBatch& batch, uint32_t first, uint32_t rows);
+  // Decode of one row: the layer's launches captured once per (layer, slot,
+  // sequence) into a CUDA graph and replayed; every changing input (position, KV
+  // length, activations) is read from device memory.
+  Status layer_graph(uint32_t layer, SlotId slot_id, const DeviceSlot& slot, const TokenBatch& batch);
   Result<const float*> vector_pointer(const TensorInfo& tensor, const DeviceSlot& slot, uint64_t expected) const;
 
   BackendOptions options_;
@@ -130,6 +245,7 @@ class CudaBackend : public Backend {
   KVCacheLayout layout_;
   uint32_t hidden_ = 0, heads_ = 0, kv_heads_ = 0, head_dim_ = 0, intermediate_ = 0, vocab_ = 0;
   uint32_t window_ = 0, max_rows_ = 0, max_logits_rows_ = 0;
+  uint32_t max_sequence_rows_ = 0;  // rows of one sequence per pass (hidden state, positions)
   float eps_ = 1e-6f;
   uint64_t reserved_bytes_ = 0;
   std::vector<void*> allocations_;
@@ -142,22 +258,32 @@ class CudaBackend : public Backend {
   void* attention_workspace_ = nullptr;
   float* inverse_frequencies_ = nullptr;
   int32_t* positions_ = nullptr;
+  int32_t* kv_lengths_ = nullptr;  // position + 1 per row: decode attention reads it on the device
   float* logits_ = nullptr;
 
   // Pinned host staging for per-pass inputs and outputs.
   uint16_t* host_embedding_rows_ = nullptr;
-  int32_t* host_positions_ = nullptr;
+  int32_t* host_positions_ = nullptr;  // [rows]: positions, then [rows]: KV lengths
   float* host_logits_ = nullptr;
   cudaEvent_t inputs_consumed_ = nullptr;
 
   // Per pass, decided in embed().
   bool single_sequence_ = true;
   std::vector<uint32_t> pass_positions_;
+
+  OpProfiler profiler_;
+  int pass_profile_ = -1;  // profiler entry spanning embed() .. run_output()
+  bool graphs_enabled_ = true;  // LAYERPACK_CUDA_GRAPHS=0 turns decode graphs off
+  std::string graph_note_;
+  std::map<std::tuple<uint32_t, SlotId, uint32_t>, cudaGraphExec_t> graphs_;
 };
 
 CudaBackend::~CudaBackend() {
   if (compute_) cudaStreamSynchronize(compute_);
   if (copy_) cudaStreamSynchronize(copy_);
+  profiler_.harvest();
+  profiler_.print(description());
+  for (auto& [key, exec] : graphs_) cudaGraphExecDestroy(exec);
   for (auto& slot : slots_) {
     cudaFree(slot.data);
     if (slot.ready) cudaEventDestroy(slot.ready);
@@ -200,6 +326,8 @@ Status CudaBackend::create() {
     CUDA_TRY(cudaEventCreateWithFlags(&event, cudaEventDisableTiming), "creating events");
   }
   CUDA_TRY(cudaEventCreateWithFlags(&inputs_consumed_, cudaEventDisableTiming), "creating events");
+  if (environment_flag("LAYERPACK_CUDA_PROFILE", false)) profiler_.enable(compute_);
+  graphs_enabled_ = environment_flag("LAYERPACK_CUDA_GRAPHS", true);
   description_ = std::string("CUDA, ") + prop.name + " (sm_" + std::to_string(prop.major) +
                  std::to_string(prop.minor) + ", " + std::to_string(prop.totalGlobalMem >> 20) +
                  " MiB), bf16 activations and KV cache";
@@ -227,6 +355,10 @@ Status CudaBackend::initialize(const ModelPack& pack, const KVCacheLayout& kv_la
   window_ = c.sliding_window;
   max_rows_ = std::max<uint32_t>(1, max_batch_rows);
   max_logits_rows_ = std::min<uint32_t>(max_rows_, 64);
+  // A prompt of one sequence up to this long is one pass: its hidden state stays on
+  // the GPU while each layer runs over it in max_rows_ chunks (16 KB a row at 70B).
+  constexpr uint32_t kMaxSequenceRows = 4096;
+  max_sequence_rows_ = std::max(max_rows_, std::min<uint32_t>(kv_layout.capacity, kMaxSequenceRows));
 
   auto inverse = rope_inverse_frequencies(c);
   if (!inverse) return file_error(inverse.error().code, pack.directory() + "/manifest.lpk", inverse.error().message);
@@ -236,7 +368,8 @@ Status CudaBackend::initialize(const ModelPack& pack, const KVCacheLayout& kv_la
   const uint64_t q_width = uint64_t(heads_) * head_dim_, kv_width = uint64_t(kv_heads_) * head_dim_;
   LAYERPACK_TRY(device_alloc(&keys_, cache_elements, "the KV cache"));
   LAYERPACK_TRY(device_alloc(&values_, cache_elements, "the KV cache"));
-  LAYERPACK_TRY(device_alloc(&hidden_state_, rows * hidden_, "activations"));
+  const uint64_t sequence_rows = max_sequence_rows_;
+  LAYERPACK_TRY(device_alloc(&hidden_state_, sequence_rows * hidden_, "activations"));
   LAYERPACK_TRY(device_alloc(&normed_, rows * std::max<uint64_t>(hidden_, q_width), "activations"));
   LAYERPACK_TRY(device_alloc(&q_, rows * q_width, "activations"));
   LAYERPACK_TRY(device_alloc(&k_, rows * kv_width, "activations"));
@@ -245,7 +378,8 @@ Status CudaBackend::initialize(const ModelPack& pack, const KVCacheLayout& kv_la
   LAYERPACK_TRY(device_alloc(&gate_, rows * intermediate_, "activations"));
   LAYERPACK_TRY(device_alloc(&up_, rows * intermediate_, "activations"));
   LAYERPACK_TRY(device_alloc(&delta_, rows * hidden_, "activations"));
-  LAYERPACK_TRY(device_alloc(&positions_, rows, "positions"));
+  LAYERPACK_TRY(device_alloc(&positions_, 2 * sequence_rows, "positions"));
+  kv_lengths_ = positions_ + sequence_rows;
   LAYERPACK_TRY(device_alloc(&inverse_frequencies_, inverse->size(), "RoPE frequencies"));
   LAYERPACK_TRY(device_alloc(&logits_, uint64_t(max_logits_rows_) * vocab_, "logits"));
   // Prefill tiles: enough for one row of the widest matrix, 16 Mi elements otherwise.
@@ -267,10 +401,11 @@ Status CudaBackend::initialize(const ModelPack& pack, const KVCacheLayout& kv_la
 
   CUDA_TRY(cudaMemcpy(inverse_frequencies_, inverse->data(), inverse->size() * sizeof(float), cudaMemcpyHostToDevice),
            "uploading RoPE frequencies");
-  CUDA_TRY(cudaHostAlloc(reinterpret_cast<void**>(&host_embedding_rows_), rows * hidden_ * sizeof(uint16_t),
+  CUDA_TRY(cudaHostAlloc(reinterpret_cast<void**>(&host_embedding_rows_), sequence_rows * hidden_ * sizeof(uint16_t),
                          cudaHostAllocDefault),
            "allocating pinned host memory");
-  CUDA_TRY(cudaHostAlloc(reinterpret_cast<void**>(&host_positions_), rows * sizeof(int32_t), cudaHostAllocDefault),
+  CUDA_TRY(cudaHostAlloc(reinterpret_cast<void**>(&host_positions_), 2 * sequence_rows * sizeof(int32_t),
+                         cudaHostAllocDefault),
            "allocating pinned host memory");
   CUDA_TRY(cudaHostAlloc(reinterpret_cast<void**>(&host_logits_), uint64_t(max_logits_rows_) * vocab_ * sizeof(float),
                          cudaHostAllocDefault),
@@ -282,6 +417,22 @@ Status CudaBackend::initialize(const ModelPack& pack, const KVCacheLayout& kv_la
   LAYERPACK_TRY(device_alloc(&cublas_workspace, kCublasWorkspace, "the cuBLAS workspace"));
   if (cublasSetWorkspace(cublas_, cublas_workspace, kCublasWorkspace) != CUBLAS_STATUS_SUCCESS) {
     return make_error(ErrorCode::cuda, "cuBLAS: cublasSetWorkspace failed");
+  }
+  if (dequantize_scratch_) {
+    // cuBLAS loads its kernels on the first product (measured on an H200: ~70 ms);
+    // that belongs to start-up, not to the first prompt's prefill.
+    const uint64_t weight_rows = std::min<uint64_t>(intermediate_, dequantize_scratch_elements_ / hidden_);
+    CUDA_TRY(cudaMemsetAsync(dequantize_scratch_, 0, weight_rows * hidden_ * sizeof(bf16), compute_),
+             "warming up cuBLAS");
+    CUDA_TRY(cudaMemsetAsync(normed_, 0, uint64_t(max_rows_) * hidden_ * sizeof(bf16), compute_), "warming up cuBLAS");
+    kernels::GemmStatus warm = kernels::bf16_matmul(cublas_, dequantize_scratch_, static_cast<int64_t>(weight_rows),
+                                                    hidden_, normed_, max_rows_, gate_, compute_);
+    if (!warm.ok()) {
+      if (warm.cuda != cudaSuccess) return cuda_error(warm.cuda, "warming up cuBLAS");
+      return make_error(ErrorCode::cuda, "cuBLAS: the first matrix product failed with status " +
+                                             std::to_string(static_cast<int>(warm.cublas)));
+    }
+    CUDA_TRY(cudaStreamSynchronize(compute_), "warming up cuBLAS");
   }
   return Status::success();
 }
@@ -349,10 +500,16 @@ Status CudaBackend::wait_slot_idle(SlotId slot_id) {
 
 Status CudaBackend::embed(const TokenBatch& batch, const uint8_t* embedding_payload) {
   const uint32_t rows = static_cast<uint32_t>(batch.size());
-  if (rows == 0 || rows > max_rows_) {
-    return make_error(ErrorCode::invalid_argument, "a pass holds 1.." + std::to_string(max_rows_) + " rows, got " +
+  bool one_sequence = true;
+  for (uint32_t r = 1; r < rows; ++r) one_sequence = one_sequence && batch.sequences[r] == batch.sequences[0];
+  const uint32_t limit = one_sequence ? max_sequence_rows_ : max_rows_;
+  if (rows == 0 || rows > limit) {
+    return make_error(ErrorCode::invalid_argument, "a pass holds 1.." + std::to_string(limit) + " rows" +
+                                                       (one_sequence ? " of one sequence" : "") + ", got " +
                                                        std::to_string(rows));
   }
+  pass_profile_ = profiler_.begin("whole pass: embed to logits");
+  ProfileScope profile(profiler_, "embedding upload");
   // The pinned inputs of the previous pass must have been consumed before they are rewritten.
   CUDA_TRY(cudaEventSynchronize(inputs_consumed_), "waiting for the previous pass");
   const TensorInfo& table = pack_->token_embedding();
@@ -371,12 +528,16 @@ Status CudaBackend::embed(const TokenBatch& batch, const uint8_t* embedding_payl
       for (uint32_t i = 0; i < hidden_; ++i) out[i] = float_to_bf16(row[i]);
     }
     host_positions_[r] = static_cast<int32_t>(batch.positions[r]);
+    host_positions_[rows + r] = static_cast<int32_t>(batch.positions[r]) + 1;
   }
   CUDA_TRY(cudaMemcpyAsync(hidden_state_, host_embedding_rows_, uint64_t(rows) * hidden_ * 2, cudaMemcpyHostToDevice,
                            compute_),
            "uploading embeddings");
   CUDA_TRY(cudaMemcpyAsync(positions_, host_positions_, rows * sizeof(int32_t), cudaMemcpyHostToDevice, compute_),
            "uploading positions");
+  CUDA_TRY(cudaMemcpyAsync(kv_lengths_, host_positions_ + rows, rows * sizeof(int32_t), cudaMemcpyHostToDevice,
+                           compute_),
+           "uploading KV lengths");
   CUDA_TRY(cudaEventRecord(inputs_consumed_, compute_), "recording input upload");
 
   // One sequence with consecutive positions: one causal launch per layer. Otherwise
@@ -404,13 +565,16 @@ Result<const float*> CudaBackend::vector_pointer(const TensorInfo& tensor, const
 }
 
 template <class Out>
-Status CudaBackend::linear(const TensorInfo& weight, const DeviceSlot& slot, const bf16* x, uint32_t rows, Out* y) {
+Status CudaBackend::linear(const char* role, const TensorInfo& weight, const DeviceSlot& slot, const bf16* x,
+                           uint32_t rows, Out* y) {
   if (weight.dtype == DType::nf4) {
     auto view = kernels::nf4_matrix_view(weight, slot.data, slot.size);
     if (!view) return view.error();
     if (rows <= 8 || !dequantize_scratch_) {
+      ProfileScope profile(profiler_, std::string("NF4 matvec ") + role);
       CUDA_TRY(kernels::nf4_matvec(view.value(), x, static_cast<int>(rows), y, compute_), "NF4 matvec " + weight.name);
     } else {
+      ProfileScope profile(profiler_, std::string("NF4 dequantize + GEMM ") + role);
       kernels::GemmStatus status = kernels::nf4_matmul(cublas_, view.value(), x, rows, y, dequantize_scratch_,
                                                        dequantize_scratch_elements_, compute_);
       if (!status.ok()) {
@@ -425,9 +589,11 @@ Status CudaBackend::linear(const TensorInfo& weight, const DeviceSlot& slot, con
     const auto* w = reinterpret_cast<const bf16*>(slot.data + weight.data.offset);
     const int64_t out_features = static_cast<int64_t>(weight.shape[0]), in_features = static_cast<int64_t>(weight.shape[1]);
     if (rows <= 8) {
+      ProfileScope profile(profiler_, std::string("bf16 matvec ") + role);
       CUDA_TRY(kernels::bf16_matvec(w, out_features, in_features, x, static_cast<int>(rows), y, compute_),
                "bf16 matvec " + weight.name);
     } else {
+      ProfileScope profile(profiler_, std::string("bf16 GEMM ") + role);
       kernels::GemmStatus status = kernels::bf16_matmul(cublas_, w, out_features, in_features, x, rows, y, compute_);
       if (!status.ok()) {
         if (status.cuda != cudaSuccess) return cuda_error(status.cuda, "bf16 matmul " + weight.name);
@@ -448,9 +614,54 @@ Status CudaBackend::run_decoder_layer(uint32_t layer, SlotId slot_id, const Toke
     slot = slots_[slot_id];
   }
   CUDA_TRY(cudaStreamWaitEvent(compute_, slot.ready, 0), "ordering compute after an upload");
-  const DecoderTensors& d = pack_->decoder(layer);
   const uint32_t rows = static_cast<uint32_t>(batch.size());
+  if (rows == 1 && graphs_enabled_) {
+    LAYERPACK_TRY(layer_graph(layer, slot_id, slot, batch));
+  } else {
+    // A long prompt: every chunk of rows passes through this layer while it is in VRAM.
+    for (uint32_t first = 0; first < rows; first += max_rows_) {
+      LAYERPACK_TRY(layer_rows(layer, slot, batch, first, std::min(max_rows_, rows - first)));
+    }
+  }
+  CUDA_TRY(cudaEventRecord(slot.free, compute_), "recording layer completion");
+  return Status::success();
+}
+
+Status CudaBackend::layer_graph(uint32_t layer, SlotId slot_id, const DeviceSlot& slot, const TokenBatch& batch) {
+  const auto key = std::make_tuple(layer, slot_id, batch.sequences[0]);
+  auto it = graphs_.find(key);
+  if (it == graphs_.end()) {
+    profiler_.pause(true);
+    cudaError_t err = cudaStreamBeginCapture(compute_, cudaStreamCaptureModeThreadLocal);
+    Status body = err == cudaSuccess ? layer_rows(layer, slot, batch, 0, 1) : Status::success();
+    cudaGraph_t graph = nullptr;
+    if (err == cudaSuccess) err = cudaStreamEndCapture(compute_, &graph);
+    profiler_.pause(false);
+    cudaGraphExec_t exec = nullptr;
+    if (err == cudaSuccess && body) err = cudaGraphInstantiate(&exec, graph, 0);
+    if (graph) cudaGraphDestroy(graph);
+    if (!body) return body;
+    if (err != cudaSuccess) {
+      // Capture is an optimisation: say why it is off and run the launches directly.
+      cudaGetLastError();
+      graphs_enabled_ = false;
+      graph_note_ = std::string("decode runs without CUDA graphs: capturing a layer failed with ") +
+                    cudaGetErrorName(err);
+      return layer_rows(layer, slot, batch, 0, 1);
+    }
+    it = graphs_.emplace(key, exec).first;
+  }
+  ProfileScope profile(profiler_, "decoder layer (CUDA graph)");
+  CUDA_TRY(cudaGraphLaunch(it->second, compute_), "launching a decoder layer's CUDA graph");
+  return Status::success();
+}
+
+Status CudaBackend::layer_rows(uint32_t layer, const DeviceSlot& slot, const TokenBatch& batch, uint32_t first,
+                               uint32_t rows) {
+  const DecoderTensors& d = pack_->decoder(layer);
   const uint64_t q_width = uint64_t(heads_) * head_dim_, kv_width = uint64_t(kv_heads_) * head_dim_;
+  bf16* hidden = hidden_state_ + uint64_t(first) * hidden_;
+  const int32_t* positions = positions_ + first;
 
   auto attention_norm = vector_pointer(*d.attention_norm, slot, hidden_);
   if (!attention_norm) return attention_norm.error();
@@ -459,11 +670,13 @@ Status CudaBackend::run_decoder_layer(uint32_t layer, SlotId slot_id, const Toke
 
   // Attention block. Each layer starts from the residual stream (no norm fused
   // across layers), so resident and streamed layers mix freely.
-  CUDA_TRY(kernels::rms_norm(hidden_state_, attention_norm.value(), eps_, rows, hidden_, normed_, compute_),
-           "RMSNorm");
-  LAYERPACK_TRY(linear(*d.q_proj, slot, normed_, rows, q_));
-  LAYERPACK_TRY(linear(*d.k_proj, slot, normed_, rows, k_));
-  LAYERPACK_TRY(linear(*d.v_proj, slot, normed_, rows, v_));
+  {
+    ProfileScope profile(profiler_, "RMSNorm");
+    CUDA_TRY(kernels::rms_norm(hidden, attention_norm.value(), eps_, rows, hidden_, normed_, compute_), "RMSNorm");
+  }
+  LAYERPACK_TRY(linear("q_proj", *d.q_proj, slot, normed_, rows, q_));
+  LAYERPACK_TRY(linear("k_proj", *d.k_proj, slot, normed_, rows, k_));
+  LAYERPACK_TRY(linear("v_proj", *d.v_proj, slot, normed_, rows, v_));
   struct Bias {
     const TensorInfo* tensor;
     bf16* out;
@@ -473,6 +686,7 @@ Status CudaBackend::run_decoder_layer(uint32_t layer, SlotId slot_id, const Toke
     if (!b.tensor) continue;
     auto bias = vector_pointer(*b.tensor, slot, b.width);
     if (!bias) return bias.error();
+    ProfileScope profile(profiler_, "bias add");
     CUDA_TRY(kernels::add_bias(b.out, bias.value(), rows, b.width, compute_), "bias add");
   }
   if (d.q_norm && d.k_norm) {  // Qwen3: per-head RMSNorm before RoPE
@@ -480,12 +694,16 @@ Status CudaBackend::run_decoder_layer(uint32_t layer, SlotId slot_id, const Toke
     if (!q_norm) return q_norm.error();
     auto k_norm = vector_pointer(*d.k_norm, slot, head_dim_);
     if (!k_norm) return k_norm.error();
+    ProfileScope profile(profiler_, "q/k RMSNorm");
     CUDA_TRY(kernels::rms_norm(q_, q_norm.value(), eps_, int64_t(rows) * heads_, head_dim_, q_, compute_), "q norm");
     CUDA_TRY(kernels::rms_norm(k_, k_norm.value(), eps_, int64_t(rows) * kv_heads_, head_dim_, k_, compute_), "k norm");
   }
-  CUDA_TRY(kernels::rope_apply(q_, k_, positions_, inverse_frequencies_, rows, static_cast<int>(heads_),
-                               static_cast<int>(kv_heads_), static_cast<int>(head_dim_), compute_),
-           "RoPE");
+  {
+    ProfileScope profile(profiler_, "RoPE");
+    CUDA_TRY(kernels::rope_apply(q_, k_, positions, inverse_frequencies_, rows, static_cast<int>(heads_),
+                                 static_cast<int>(kv_heads_), static_cast<int>(head_dim_), compute_),
+             "RoPE");
+  }
 
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim_));
   auto cache = [&](bf16* base, uint32_t sequence) { return base + layout_.offset(layer, sequence, 0, 0); };
@@ -499,24 +717,37 @@ Status CudaBackend::run_decoder_layer(uint32_t layer, SlotId slot_id, const Toke
   args.scale = scale;
   args.sliding_window = window_;
   if (single_sequence_) {
-    const uint32_t sequence = batch.sequences[0];
-    CUDA_TRY(kernels::kv_cache_append(k_, v_, positions_, rows, static_cast<int>(kv_heads_), static_cast<int>(head_dim_),
-                                      layout_.capacity, 0, cache(keys_, sequence), cache(values_, sequence), nullptr,
-                                      compute_),
-             "KV-cache append");
+    const uint32_t sequence = batch.sequences[first];
+    {
+      ProfileScope profile(profiler_, "KV-cache append");
+      CUDA_TRY(kernels::kv_cache_append(k_, v_, positions, rows, static_cast<int>(kv_heads_),
+                                        static_cast<int>(head_dim_), layout_.capacity, 0, cache(keys_, sequence),
+                                        cache(values_, sequence), nullptr, compute_),
+               "KV-cache append");
+    }
     args.q = q_;
     args.k_cache = cache(keys_, sequence);
     args.v_cache = cache(values_, sequence);
-    args.causal_start = pass_positions_[0];
-    args.max_kv_length = pass_positions_[0] + rows;
+    if (rows == 1) {
+      // Decode: the length comes from device memory and the grid is sized for the
+      // whole cache, so the same launch serves every step (and a CUDA graph).
+      args.kv_lengths = kv_lengths_ + first;
+      args.max_kv_length = layout_.capacity;
+    } else {
+      args.causal_start = pass_positions_[first];
+      args.max_kv_length = pass_positions_[first] + rows;
+    }
     args.queries = static_cast<int>(rows);
     args.out = attention_out_;
+    ProfileScope profile(profiler_, "attention");
     CUDA_TRY(kernels::attention(args, attention_workspace_, compute_), "attention");
   } else {
-    // Every row's keys and values are stored before any row attends.
+    // Several sequences (rows <= max_rows_, first == 0): every row's keys and values
+    // are stored before any row attends.
+    ProfileScope profile(profiler_, "attention, row by row");
     for (uint32_t r = 0; r < rows; ++r) {
       const uint32_t sequence = batch.sequences[r];
-      CUDA_TRY(kernels::kv_cache_append(k_ + r * kv_width, v_ + r * kv_width, positions_ + r, 1,
+      CUDA_TRY(kernels::kv_cache_append(k_ + r * kv_width, v_ + r * kv_width, positions + r, 1,
                                         static_cast<int>(kv_heads_), static_cast<int>(head_dim_), layout_.capacity, 0,
                                         cache(keys_, sequence), cache(values_, sequence), nullptr, compute_),
                "KV-cache append");
@@ -533,17 +764,23 @@ Status CudaBackend::run_decoder_layer(uint32_t layer, SlotId slot_id, const Toke
       CUDA_TRY(kernels::attention(args, attention_workspace_, compute_), "attention");
     }
   }
-  LAYERPACK_TRY(linear(*d.o_proj, slot, attention_out_, rows, delta_));
+  LAYERPACK_TRY(linear("o_proj", *d.o_proj, slot, attention_out_, rows, delta_));
 
   // MLP block: hidden += o_proj(...); normed = RMSNorm(hidden); down(silu(gate) * up).
-  CUDA_TRY(kernels::add_rms_norm(hidden_state_, delta_, ffn_norm.value(), eps_, rows, hidden_, normed_, compute_),
-           "residual add + RMSNorm");
-  LAYERPACK_TRY(linear(*d.gate_proj, slot, normed_, rows, gate_));
-  LAYERPACK_TRY(linear(*d.up_proj, slot, normed_, rows, up_));
-  CUDA_TRY(kernels::swiglu(gate_, up_, int64_t(rows) * intermediate_, gate_, compute_), "SwiGLU");
-  LAYERPACK_TRY(linear(*d.down_proj, slot, gate_, rows, delta_));
-  CUDA_TRY(kernels::residual_add(hidden_state_, delta_, int64_t(rows) * hidden_, compute_), "residual add");
-  CUDA_TRY(cudaEventRecord(slot.free, compute_), "recording layer completion");
+  {
+    ProfileScope profile(profiler_, "residual add + RMSNorm");
+    CUDA_TRY(kernels::add_rms_norm(hidden, delta_, ffn_norm.value(), eps_, rows, hidden_, normed_, compute_),
+             "residual add + RMSNorm");
+  }
+  LAYERPACK_TRY(linear("gate_proj", *d.gate_proj, slot, normed_, rows, gate_));
+  LAYERPACK_TRY(linear("up_proj", *d.up_proj, slot, normed_, rows, up_));
+  {
+    ProfileScope profile(profiler_, "SwiGLU");
+    CUDA_TRY(kernels::swiglu(gate_, up_, int64_t(rows) * intermediate_, gate_, compute_), "SwiGLU");
+  }
+  LAYERPACK_TRY(linear("down_proj", *d.down_proj, slot, gate_, rows, delta_));
+  ProfileScope profile(profiler_, "residual add");
+  CUDA_TRY(kernels::residual_add(hidden, delta_, int64_t(rows) * hidden_, compute_), "residual add");
   return Status::success();
 }
 
@@ -570,16 +807,33 @@ Status CudaBackend::run_output(SlotId slot_id, const TokenBatch& batch, float* l
                                hidden_ * sizeof(bf16), cudaMemcpyDeviceToDevice, compute_),
                "gathering output rows");
     }
-    CUDA_TRY(kernels::rms_norm(delta_, final_norm.value(), eps_, count, hidden_, normed_, compute_), "final RMSNorm");
-    LAYERPACK_TRY(linear(*o.lm_head, slot, normed_, count, logits_));
-    CUDA_TRY(cudaMemcpyAsync(host_logits_, logits_, uint64_t(count) * vocab_ * sizeof(float), cudaMemcpyDeviceToHost,
-                             compute_),
-             "copying logits to the host");
+    {
+      ProfileScope profile(profiler_, "final RMSNorm");
+      CUDA_TRY(kernels::rms_norm(delta_, final_norm.value(), eps_, count, hidden_, normed_, compute_),
+               "final RMSNorm");
+    }
+    LAYERPACK_TRY(linear("lm_head", *o.lm_head, slot, normed_, count, logits_));
+    {
+      ProfileScope profile(profiler_, "logits to host");
+      CUDA_TRY(cudaMemcpyAsync(host_logits_, logits_, uint64_t(count) * vocab_ * sizeof(float),
+                               cudaMemcpyDeviceToHost, compute_),
+               "copying logits to the host");
+    }
+    if (first + count >= wanted.size()) {
+      profiler_.end(pass_profile_);
+      pass_profile_ = -1;
+    }
     CUDA_TRY(cudaStreamSynchronize(compute_), "running the forward pass");
+    profiler_.harvest();
     std::memcpy(logits + first * vocab_, host_logits_, uint64_t(count) * vocab_ * sizeof(float));
   }
   CUDA_TRY(cudaEventRecord(slot.free, compute_), "recording layer completion");
-  if (wanted.empty()) CUDA_TRY(cudaStreamSynchronize(compute_), "running the forward pass");
+  if (wanted.empty()) {
+    profiler_.end(pass_profile_);
+    pass_profile_ = -1;
+    CUDA_TRY(cudaStreamSynchronize(compute_), "running the forward pass");
+    profiler_.harvest();
+  }
   return Status::success();
 }
 
