@@ -1,5 +1,7 @@
 #include "kernels/attention.cuh"
 
+#include <algorithm>
+
 #include "kernels/device_common.cuh"
 
 namespace layerpack::kernels {
@@ -41,7 +43,7 @@ __device__ __forceinline__ int64_t kv_length_of(const AttentionArgs& a, int quer
 // Block: (split, kv head, query). Scores for the whole GQA group, then the
 // softmax pieces of this split, then probabilities times V.
 __global__ void __launch_bounds__(kThreads) attention_split_kernel(AttentionArgs a, Workspace ws, int64_t split_size,
-                                                                   int64_t splits) {
+                                                                   int64_t splits, bool spread) {
   extern __shared__ float shared[];
   const int group = a.q_heads / a.kv_heads;
   const int hd = a.head_dim;
@@ -51,12 +53,17 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(AttentionArgs
   float* stats = reduce_s + group * 256;         // [group][2]: max, sum
 
   const int split = blockIdx.x, kv_head = blockIdx.y, query = blockIdx.z;
-  const int64_t length = min(kv_length_of(a, query), a.capacity);
+  // Spread: never more than the grid covers (a length above max_kv_length is a caller bug).
+  const int64_t length = min(min(kv_length_of(a, query), a.capacity), spread ? split_size * gridDim.x : a.capacity);
   const int64_t window_start = a.sliding_window > 0 ? max(int64_t{0}, length - a.sliding_window) : 0;
-  const int64_t begin = split * split_size;
-  const int64_t end = min(begin + split_size, length);
+  // split_size is the shared-memory stride (the largest span). Spread (decode with
+  // device lengths): the visible positions are divided evenly over the launched
+  // splits, so a short context costs a few positions per block, not a whole span.
+  const int64_t span = spread ? (length - window_start + gridDim.x - 1) / gridDim.x : split_size;
+  const int64_t begin = (spread ? window_start : 0) + split * span;
+  const int64_t end = min(begin + span, length);
   const int64_t out_row0 = (static_cast<int64_t>(query) * a.q_heads + kv_head * group) * splits + split;
-  if (begin >= length || begin + split_size <= window_start) {
+  if (begin >= length || begin + span <= window_start) {
     // No position of this split is visible to the query (a decode grid is sized for
     // the whole cache): an empty piece, skipped by the combine step.
     if (threadIdx.x < group) {
@@ -66,14 +73,15 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(AttentionArgs
     return;
   }
 
-  const __nv_bfloat16* k_head = a.k_cache + query * a.sequence_stride + kv_head * a.capacity * hd;
-  const __nv_bfloat16* v_head = a.v_cache + query * a.sequence_stride + kv_head * a.capacity * hd;
+  const int64_t cache = a.query_sequences ? a.query_sequences[query] : query;
+  const __nv_bfloat16* k_head = a.k_cache + cache * a.sequence_stride + kv_head * a.capacity * hd;
+  const __nv_bfloat16* v_head = a.v_cache + cache * a.sequence_stride + kv_head * a.capacity * hd;
   const __nv_bfloat16* q_rows = a.q + (static_cast<int64_t>(query) * a.q_heads + kv_head * group) * hd;
   for (int i = threadIdx.x; i < group * hd; i += blockDim.x) q_s[i] = __bfloat162float(q_rows[i]) * a.scale;
   __syncthreads();
 
   // Scores: one thread per position, the key row read in 16-byte pieces.
-  for (int64_t local = threadIdx.x; local < split_size; local += blockDim.x) {
+  for (int64_t local = threadIdx.x; local < span; local += blockDim.x) {
     const int64_t pos = begin + local;
     float acc[kMaxGroup];
 #pragma unroll
@@ -109,10 +117,10 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(AttentionArgs
   for (int g = warp; g < group; g += warps) {
     float* s = scores + g * split_size;
     float m = -INFINITY;
-    for (int64_t i = lane; i < split_size; i += 32) m = fmaxf(m, s[i]);
+    for (int64_t i = lane; i < span; i += 32) m = fmaxf(m, s[i]);
     m = detail::warp_max(m);
     float sum = 0.0f;
-    for (int64_t i = lane; i < split_size; i += 32) {
+    for (int64_t i = lane; i < span; i += 32) {
       const float p = m == -INFINITY ? 0.0f : __expf(s[i] - m);
       s[i] = p;
       sum += p;
@@ -197,7 +205,8 @@ __global__ void attention_combine_kernel(AttentionArgs a, Workspace ws, int64_t 
 
 __global__ void kv_cache_append_kernel(const __nv_bfloat16* __restrict__ k_new, const __nv_bfloat16* __restrict__ v_new,
                                        const int32_t* __restrict__ positions, int64_t tokens, int kv_heads, int hd,
-                                       int64_t capacity, int64_t sequence_stride, __nv_bfloat16* k_cache,
+                                       int64_t capacity, int64_t sequence_stride,
+                                       const int32_t* __restrict__ sequences, __nv_bfloat16* k_cache,
                                        __nv_bfloat16* v_cache, int* bad_positions) {
   const int64_t total = tokens * kv_heads * hd;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
@@ -210,7 +219,8 @@ __global__ void kv_cache_append_kernel(const __nv_bfloat16* __restrict__ k_new, 
       if (bad_positions && d == 0 && head == 0) atomicAdd(bad_positions, 1);
       continue;
     }
-    const int64_t dst = token * sequence_stride + (head * capacity + pos) * hd + d;
+    const int64_t cache = sequences ? sequences[token] : token;
+    const int64_t dst = cache * sequence_stride + (head * capacity + pos) * hd + d;
     k_cache[dst] = k_new[i];
     v_cache[dst] = v_new[i];
   }
@@ -236,19 +246,30 @@ cudaError_t attention(const AttentionArgs& a, void* workspace, cudaStream_t stre
   if (!valid_args(a) || !workspace) return cudaErrorInvalidValue;
   const int64_t max_length = a.max_kv_length < a.capacity ? a.max_kv_length : a.capacity;
   const Split split = choose_split(a.queries, a.kv_heads, a.max_kv_length);
-  const int64_t splits = (max_length + split.size - 1) / split.size;
+  int64_t splits = (max_length + split.size - 1) / split.size;
+  int64_t stride = split.size;
+  // Device lengths (decode): the grid must serve any length up to max_length, so the
+  // visible positions of each query are spread over enough splits to fill the GPU
+  // (~264 blocks), with at most 1024 positions per split (shared memory).
+  const bool spread = a.kv_lengths != nullptr;
+  if (spread) {
+    const int64_t pairs = static_cast<int64_t>(a.queries) * a.kv_heads;
+    splits = std::min<int64_t>(std::max<int64_t>({int64_t{1}, (264 + pairs - 1) / pairs, (max_length + 1023) / 1024}),
+                               split.count);
+    stride = (max_length + splits - 1) / splits;
+  }
   if (splits > 65535 || a.kv_heads > 65535 || a.queries > 65535) return cudaErrorInvalidValue;
   // The workspace layout is computed for split.count splits; fewer are used when capacity < max_kv_length.
   const Workspace ws = carve(workspace, a.queries, a.q_heads, a.head_dim, split.count);
   const int group = a.q_heads / a.kv_heads;
-  const size_t shared_bytes = sizeof(float) * (group * a.head_dim + group * split.size + group * 256 + 2 * group);
+  const size_t shared_bytes = sizeof(float) * (group * a.head_dim + group * stride + group * 256 + 2 * group);
   dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(a.kv_heads), static_cast<unsigned>(a.queries));
   if (shared_bytes > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(attention_split_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                  static_cast<int>(shared_bytes));
     if (err != cudaSuccess) return err;
   }
-  attention_split_kernel<<<grid, kThreads, shared_bytes, stream>>>(a, ws, split.size, split.count);
+  attention_split_kernel<<<grid, kThreads, shared_bytes, stream>>>(a, ws, stride, split.count, spread);
   cudaError_t err = detail::last_launch_error();
   if (err != cudaSuccess) return err;
   // Only the first `splits` splits ran (capacity may cut max_kv_length); the layout stride stays split.count.
@@ -259,7 +280,8 @@ cudaError_t attention(const AttentionArgs& a, void* workspace, cudaStream_t stre
 
 cudaError_t kv_cache_append(const __nv_bfloat16* k_new, const __nv_bfloat16* v_new, const int32_t* positions,
                             int64_t tokens, int kv_heads, int head_dim, int64_t capacity, int64_t sequence_stride,
-                            __nv_bfloat16* k_cache, __nv_bfloat16* v_cache, int* bad_positions, cudaStream_t stream) {
+                            const int32_t* sequences, __nv_bfloat16* k_cache, __nv_bfloat16* v_cache,
+                            int* bad_positions, cudaStream_t stream) {
   if (!k_new || !v_new || !positions || !k_cache || !v_cache || tokens <= 0 || kv_heads <= 0 || head_dim <= 0 ||
       capacity <= 0 || sequence_stride < 0)
     return cudaErrorInvalidValue;
@@ -267,7 +289,7 @@ cudaError_t kv_cache_append(const __nv_bfloat16* k_new, const __nv_bfloat16* v_n
   int64_t blocks = (total + 255) / 256;
   if (blocks > 65535 * 8) blocks = 65535 * 8;
   kv_cache_append_kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
-      k_new, v_new, positions, tokens, kv_heads, head_dim, capacity, sequence_stride, k_cache, v_cache,
+      k_new, v_new, positions, tokens, kv_heads, head_dim, capacity, sequence_stride, sequences, k_cache, v_cache,
       bad_positions);
   return detail::last_launch_error();
 }

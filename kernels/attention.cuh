@@ -3,7 +3,11 @@
 // KV cache layout, per layer and per sequence: k_cache and v_cache are each
 // [kv_heads][capacity][head_dim] bf16 (position-major inside a head, so one
 // head's keys are one contiguous stream). Several sequences' caches sit
-// `sequence_stride` elements apart (0: all queries share one cache).
+// `sequence_stride` elements apart (0: all queries share one cache); query i
+// uses cache query_sequences[i] (device int32; null: cache i).
+//
+// Batched decode of several sequences is one launch: query i is a row of
+// sequence query_sequences[i] with kv_lengths[i] = its position + 1.
 //
 // Every query is one token at one position. Query i attends positions
 // [window_start, length_i) of its cache, where length_i is kv_lengths[i]
@@ -28,7 +32,8 @@ struct AttentionArgs {
   const __nv_bfloat16* k_cache = nullptr;
   const __nv_bfloat16* v_cache = nullptr;
   int64_t capacity = 0;          // positions per head in the cache
-  int64_t sequence_stride = 0;   // elements between query i and i+1's caches (0: shared)
+  int64_t sequence_stride = 0;   // elements between consecutive sequences' caches (0: shared)
+  const int32_t* query_sequences = nullptr;  // per query, device: its cache index (null: the query index)
   const int32_t* kv_lengths = nullptr;  // per query, device; null: causal from causal_start
   int64_t causal_start = 0;
   int64_t max_kv_length = 0;     // upper bound of every length (sizes the grid; capacity is safe)
@@ -49,11 +54,13 @@ size_t attention_workspace_bytes(const AttentionArgs& args);
 cudaError_t attention(const AttentionArgs& args, void* workspace, cudaStream_t stream);
 
 // Writes new keys/values [tokens, kv_heads, head_dim] at positions[t] (device int32)
-// of the cache of token t's sequence (token t's cache starts t * sequence_stride
-// elements in; 0 for the tokens of one sequence). Positions outside
+// of the cache of token t's sequence: token t's cache starts sequences[t] *
+// sequence_stride elements in (sequences: device int32, or null for t *
+// sequence_stride; sequence_stride 0 for the tokens of one sequence). Positions outside
 // [0, capacity) are skipped and counted in *bad_positions (device int, may be null).
 cudaError_t kv_cache_append(const __nv_bfloat16* k_new, const __nv_bfloat16* v_new, const int32_t* positions,
                             int64_t tokens, int kv_heads, int head_dim, int64_t capacity, int64_t sequence_stride,
-                            __nv_bfloat16* k_cache, __nv_bfloat16* v_cache, int* bad_positions, cudaStream_t stream);
+                            const int32_t* sequences, __nv_bfloat16* k_cache, __nv_bfloat16* v_cache,
+                            int* bad_positions, cudaStream_t stream);
 
 }  // namespace layerpack::kernels

@@ -22,8 +22,9 @@ void attention(const AttentionArgs& a, float* out) {
     for (int h = 0; h < a.q_heads; ++h) {
       const int kvh = h / group;
       const uint16_t* qh = q + (static_cast<int64_t>(i) * a.q_heads + h) * hd;
-      const uint16_t* kh = kc + i * a.sequence_stride + kvh * a.capacity * hd;
-      const uint16_t* vh = vc + i * a.sequence_stride + kvh * a.capacity * hd;
+      const int64_t cache = a.query_sequences ? a.query_sequences[i] : i;
+      const uint16_t* kh = kc + cache * a.sequence_stride + kvh * a.capacity * hd;
+      const uint16_t* vh = vc + cache * a.sequence_stride + kvh * a.capacity * hd;
       std::vector<double> scores;
       double m = -std::numeric_limits<double>::infinity();
       for (int64_t p = start; p < length; ++p) {
@@ -49,14 +50,14 @@ void attention(const AttentionArgs& a, float* out) {
 }
 
 void kv_cache_append(const uint16_t* k_new, const uint16_t* v_new, const int32_t* positions, int64_t tokens,
-                     int kv_heads, int head_dim, int64_t capacity, int64_t sequence_stride, uint16_t* k_cache,
-                     uint16_t* v_cache) {
+                     int kv_heads, int head_dim, int64_t capacity, int64_t sequence_stride, const int32_t* sequences,
+                     uint16_t* k_cache, uint16_t* v_cache) {
   for (int64_t t = 0; t < tokens; ++t) {
     if (positions[t] < 0 || positions[t] >= capacity) continue;
     for (int h = 0; h < kv_heads; ++h)
       for (int d = 0; d < head_dim; ++d) {
         const int64_t src = (t * kv_heads + h) * head_dim + d;
-        const int64_t dst = t * sequence_stride + (h * capacity + positions[t]) * head_dim + d;
+        const int64_t dst = (sequences ? sequences[t] : t) * sequence_stride + (h * capacity + positions[t]) * head_dim + d;
         k_cache[dst] = k_new[src];
         v_cache[dst] = v_new[src];
       }

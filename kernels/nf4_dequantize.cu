@@ -117,6 +117,9 @@ GemmStatus nf4_matmul_impl(cublasHandle_t cublas, const NF4Matrix& w, const __nv
   status.cublas = use_stream(cublas, stream);
   if (!status.ok()) return status;
   int64_t tile_rows = static_cast<int64_t>(scratch_elements) / w.cols;
+  // Whole multiples of 256 rows: cuBLAS's tiles fit (a 1170-row tile of a
+  // 4096 x 14336 down_proj ran 2.3x slower per FLOP than 4096-row tiles).
+  if (tile_rows >= 512) tile_rows -= tile_rows % 256;
   if (tile_rows > w.rows) tile_rows = w.rows;
   for (int64_t row = 0; row < w.rows; row += tile_rows) {
     const int64_t count = w.rows - row < tile_rows ? w.rows - row : tile_rows;

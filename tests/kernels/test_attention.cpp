@@ -17,6 +17,7 @@ struct Case {
   int64_t causal_start;
   int64_t sliding_window;
   bool per_query_cache;    // decode of several sequences, each with its own cache
+  bool mapped = false;     // per_query_cache through query_sequences: query i uses cache queries - 1 - i
 };
 
 std::string describe(const Case& c) {
@@ -38,7 +39,10 @@ void run_case(std::mt19937& rng, const Case& c) {
   if (!c.causal && c.queries > 1) lengths[1] = 1;
 
   DeviceBuffer<uint16_t> dq(q.size()), dk(k.size()), dv(v.size()), dout(q.size());
-  DeviceBuffer<int32_t> dlen(lengths.size());
+  DeviceBuffer<int32_t> dlen(lengths.size()), dmap(lengths.size());
+  std::vector<int32_t> map(lengths.size());
+  for (size_t i = 0; i < map.size(); ++i) map[i] = static_cast<int32_t>(map.size() - 1 - i);
+  dmap.upload(map);
   dq.upload(q);
   dk.upload(k);
   dv.upload(v);
@@ -50,6 +54,7 @@ void run_case(std::mt19937& rng, const Case& c) {
   a.v_cache = as_bf16(dv.get());
   a.capacity = c.capacity;
   a.sequence_stride = c.per_query_cache ? cache_elems : 0;
+  a.query_sequences = c.mapped ? dmap.get() : nullptr;
   a.kv_lengths = c.causal ? nullptr : dlen.get();
   a.causal_start = c.causal_start;
   a.max_kv_length = c.causal ? c.causal_start + c.queries : c.capacity;
@@ -70,6 +75,7 @@ void run_case(std::mt19937& rng, const Case& c) {
   h.k_cache = as_bf16(k.data());
   h.v_cache = as_bf16(v.data());
   h.kv_lengths = c.causal ? nullptr : lengths.data();
+  h.query_sequences = c.mapped ? map.data() : nullptr;
   std::vector<float> ref(q.size());
   reference::attention(h, ref.data());
   expect_close(bf16_to_floats(dout.download()), ref, kBf16Tolerance, describe(c));
@@ -83,6 +89,12 @@ TEST(Attention, DecodeMatchesReference) {
       {8, 8, 64, 7, 1000, false, 0, 0, true},     {16, 1, 256, 2, 513, false, 0, 0, true},
       {4, 2, 40, 5, 77, false, 0, 0, true},       {32, 8, 128, 2, 5000, false, 0, 4096, true},
       {12, 3, 8, 1, 3, false, 0, 0, false},
+      // Short lengths in a big cache spread over many splits; a window over few splits;
+      // group 16 at head_dim 256 (shared memory above 48 KB with few splits).
+      {32, 8, 128, 4, 4096, false, 0, 0, true},   {32, 8, 128, 3, 2000, false, 0, 100, true},
+      {16, 1, 256, 1, 4097, false, 0, 0, false},  {64, 4, 128, 70, 600, false, 0, 0, false},
+      // Batched decode in one launch: each query's cache through query_sequences.
+      {32, 8, 128, 5, 700, false, 0, 0, true, true}, {28, 4, 128, 9, 64, false, 0, 16, true, true},
   };
   for (const Case& c : cases) run_case(rng, c);
 }
@@ -113,13 +125,40 @@ TEST(KvCache, AppendWritesRowsAtPositions) {
   dpos.upload(positions);
   CUDA_OK(cudaMemset(dbad.get(), 0, sizeof(int)));
   CUDA_OK(kv_cache_append(as_bf16(dkn.get()), as_bf16(dvn.get()), dpos.get(), tokens, kv_heads, hd, capacity, 0,
-                          as_bf16(dkc.get()), as_bf16(dvc.get()), dbad.get(), nullptr));
+                          nullptr, as_bf16(dkc.get()), as_bf16(dvc.get()), dbad.get(), nullptr));
   CUDA_OK(cudaDeviceSynchronize());
   reference::kv_cache_append(k_new.data(), v_new.data(), positions.data(), tokens, kv_heads, hd, capacity, 0,
-                             k_cache.data(), v_cache.data());
+                             nullptr, k_cache.data(), v_cache.data());
   EXPECT_EQ(dkc.download(), k_cache);
   EXPECT_EQ(dvc.download(), v_cache);
   EXPECT_EQ(dbad.download()[0], 1);
+}
+
+// Batched decode: each token into the cache named by its sequence index.
+TEST(KvCache, AppendFollowsSequenceIndices) {
+  std::mt19937 rng(44);
+  const int kv_heads = 2, hd = 16, caches = 4;
+  const int64_t capacity = 9, tokens = 5, stride = kv_heads * capacity * hd;
+  auto k_cache = random_bf16(rng, caches * stride), v_cache = random_bf16(rng, caches * stride);
+  const auto k_new = random_bf16(rng, tokens * kv_heads * hd), v_new = random_bf16(rng, tokens * kv_heads * hd);
+  const std::vector<int32_t> positions = {3, 0, 8, 4, 5}, sequences = {2, 0, 3, 2, 1};
+  DeviceBuffer<uint16_t> dkc(k_cache.size()), dvc(v_cache.size()), dkn(k_new.size()), dvn(v_new.size());
+  DeviceBuffer<int32_t> dpos(positions.size()), dseq(sequences.size());
+  dkc.upload(k_cache);
+  dvc.upload(v_cache);
+  dkn.upload(k_new);
+  dvn.upload(v_new);
+  dpos.upload(positions);
+  dseq.upload(sequences);
+  CUDA_OK(kv_cache_append(as_bf16(dkn.get()), as_bf16(dvn.get()), dpos.get(), tokens, kv_heads, hd, capacity, stride,
+                          dseq.get(), as_bf16(dkc.get()), as_bf16(dvc.get()), nullptr, nullptr));
+  CUDA_OK(cudaDeviceSynchronize());
+  const auto before = k_cache;
+  reference::kv_cache_append(k_new.data(), v_new.data(), positions.data(), tokens, kv_heads, hd, capacity, stride,
+                             sequences.data(), k_cache.data(), v_cache.data());
+  EXPECT_NE(before, k_cache);
+  EXPECT_EQ(dkc.download(), k_cache);
+  EXPECT_EQ(dvc.download(), v_cache);
 }
 
 TEST(Attention, RejectsUnsupportedShapes) {

@@ -257,13 +257,15 @@ class CudaBackend : public Backend {
   size_t dequantize_scratch_elements_ = 0;
   void* attention_workspace_ = nullptr;
   float* inverse_frequencies_ = nullptr;
-  int32_t* positions_ = nullptr;
-  int32_t* kv_lengths_ = nullptr;  // position + 1 per row: decode attention reads it on the device
+  // Per pass of R rows, packed: [R] positions, [R] KV lengths (position + 1, read by
+  // decode attention on the device), [R] KV-cache sequence of each row.
+  int32_t* row_data_ = nullptr;
+  uint32_t pass_rows_ = 0;
   float* logits_ = nullptr;
 
   // Pinned host staging for per-pass inputs and outputs.
   uint16_t* host_embedding_rows_ = nullptr;
-  int32_t* host_positions_ = nullptr;  // [rows]: positions, then [rows]: KV lengths
+  int32_t* host_row_data_ = nullptr;  // row_data_'s host side
   float* host_logits_ = nullptr;
   cudaEvent_t inputs_consumed_ = nullptr;
 
@@ -293,7 +295,7 @@ CudaBackend::~CudaBackend() {
   for (auto event : ticket_events_) cudaEventDestroy(event);
   if (inputs_consumed_) cudaEventDestroy(inputs_consumed_);
   cudaFreeHost(host_embedding_rows_);
-  cudaFreeHost(host_positions_);
+  cudaFreeHost(host_row_data_);
   cudaFreeHost(host_logits_);
   if (cublas_) cublasDestroy(cublas_);
   if (compute_) cudaStreamDestroy(compute_);
@@ -378,8 +380,7 @@ Status CudaBackend::initialize(const ModelPack& pack, const KVCacheLayout& kv_la
   LAYERPACK_TRY(device_alloc(&gate_, rows * intermediate_, "activations"));
   LAYERPACK_TRY(device_alloc(&up_, rows * intermediate_, "activations"));
   LAYERPACK_TRY(device_alloc(&delta_, rows * hidden_, "activations"));
-  LAYERPACK_TRY(device_alloc(&positions_, 2 * sequence_rows, "positions"));
-  kv_lengths_ = positions_ + sequence_rows;
+  LAYERPACK_TRY(device_alloc(&row_data_, 3 * sequence_rows, "positions"));
   LAYERPACK_TRY(device_alloc(&inverse_frequencies_, inverse->size(), "RoPE frequencies"));
   LAYERPACK_TRY(device_alloc(&logits_, uint64_t(max_logits_rows_) * vocab_, "logits"));
   // Prefill tiles: enough for one row of the widest matrix, 16 Mi elements otherwise.
@@ -404,7 +405,7 @@ Status CudaBackend::initialize(const ModelPack& pack, const KVCacheLayout& kv_la
   CUDA_TRY(cudaHostAlloc(reinterpret_cast<void**>(&host_embedding_rows_), sequence_rows * hidden_ * sizeof(uint16_t),
                          cudaHostAllocDefault),
            "allocating pinned host memory");
-  CUDA_TRY(cudaHostAlloc(reinterpret_cast<void**>(&host_positions_), 2 * sequence_rows * sizeof(int32_t),
+  CUDA_TRY(cudaHostAlloc(reinterpret_cast<void**>(&host_row_data_), 3 * sequence_rows * sizeof(int32_t),
                          cudaHostAllocDefault),
            "allocating pinned host memory");
   CUDA_TRY(cudaHostAlloc(reinterpret_cast<void**>(&host_logits_), uint64_t(max_logits_rows_) * vocab_ * sizeof(float),
@@ -527,17 +528,16 @@ Status CudaBackend::embed(const TokenBatch& batch, const uint8_t* embedding_payl
       cpu::dequantize_row(cpu::MatrixView{&table, embedding_payload}, static_cast<uint64_t>(token), row.data());
       for (uint32_t i = 0; i < hidden_; ++i) out[i] = float_to_bf16(row[i]);
     }
-    host_positions_[r] = static_cast<int32_t>(batch.positions[r]);
-    host_positions_[rows + r] = static_cast<int32_t>(batch.positions[r]) + 1;
+    host_row_data_[r] = static_cast<int32_t>(batch.positions[r]);
+    host_row_data_[rows + r] = static_cast<int32_t>(batch.positions[r]) + 1;
+    host_row_data_[2 * rows + r] = static_cast<int32_t>(batch.sequences[r]);
   }
+  pass_rows_ = rows;
   CUDA_TRY(cudaMemcpyAsync(hidden_state_, host_embedding_rows_, uint64_t(rows) * hidden_ * 2, cudaMemcpyHostToDevice,
                            compute_),
            "uploading embeddings");
-  CUDA_TRY(cudaMemcpyAsync(positions_, host_positions_, rows * sizeof(int32_t), cudaMemcpyHostToDevice, compute_),
+  CUDA_TRY(cudaMemcpyAsync(row_data_, host_row_data_, 3 * rows * sizeof(int32_t), cudaMemcpyHostToDevice, compute_),
            "uploading positions");
-  CUDA_TRY(cudaMemcpyAsync(kv_lengths_, host_positions_ + rows, rows * sizeof(int32_t), cudaMemcpyHostToDevice,
-                           compute_),
-           "uploading KV lengths");
   CUDA_TRY(cudaEventRecord(inputs_consumed_, compute_), "recording input upload");
 
   // One sequence with consecutive positions: one causal launch per layer. Otherwise
@@ -661,7 +661,9 @@ Status CudaBackend::layer_rows(uint32_t layer, const DeviceSlot& slot, const Tok
   const DecoderTensors& d = pack_->decoder(layer);
   const uint64_t q_width = uint64_t(heads_) * head_dim_, kv_width = uint64_t(kv_heads_) * head_dim_;
   bf16* hidden = hidden_state_ + uint64_t(first) * hidden_;
-  const int32_t* positions = positions_ + first;
+  const int32_t* positions = row_data_ + first;
+  const int32_t* kv_lengths = row_data_ + pass_rows_ + first;
+  const int32_t* row_sequences = row_data_ + 2 * pass_rows_ + first;
 
   auto attention_norm = vector_pointer(*d.attention_norm, slot, hidden_);
   if (!attention_norm) return attention_norm.error();
@@ -721,8 +723,8 @@ Status CudaBackend::layer_rows(uint32_t layer, const DeviceSlot& slot, const Tok
     {
       ProfileScope profile(profiler_, "KV-cache append");
       CUDA_TRY(kernels::kv_cache_append(k_, v_, positions, rows, static_cast<int>(kv_heads_),
-                                        static_cast<int>(head_dim_), layout_.capacity, 0, cache(keys_, sequence),
-                                        cache(values_, sequence), nullptr, compute_),
+                                        static_cast<int>(head_dim_), layout_.capacity, 0, nullptr,
+                                        cache(keys_, sequence), cache(values_, sequence), nullptr, compute_),
                "KV-cache append");
     }
     args.q = q_;
@@ -731,7 +733,7 @@ Status CudaBackend::layer_rows(uint32_t layer, const DeviceSlot& slot, const Tok
     if (rows == 1) {
       // Decode: the length comes from device memory and the grid is sized for the
       // whole cache, so the same launch serves every step (and a CUDA graph).
-      args.kv_lengths = kv_lengths_ + first;
+      args.kv_lengths = kv_lengths;
       args.max_kv_length = layout_.capacity;
     } else {
       args.causal_start = pass_positions_[first];
@@ -742,27 +744,28 @@ Status CudaBackend::layer_rows(uint32_t layer, const DeviceSlot& slot, const Tok
     ProfileScope profile(profiler_, "attention");
     CUDA_TRY(kernels::attention(args, attention_workspace_, compute_), "attention");
   } else {
-    // Several sequences (rows <= max_rows_, first == 0): every row's keys and values
-    // are stored before any row attends.
-    ProfileScope profile(profiler_, "attention, row by row");
-    for (uint32_t r = 0; r < rows; ++r) {
-      const uint32_t sequence = batch.sequences[r];
-      CUDA_TRY(kernels::kv_cache_append(k_ + r * kv_width, v_ + r * kv_width, positions + r, 1,
-                                        static_cast<int>(kv_heads_), static_cast<int>(head_dim_), layout_.capacity, 0,
-                                        cache(keys_, sequence), cache(values_, sequence), nullptr, compute_),
+    // Several sequences (rows <= max_rows_, first == 0), one launch each: every
+    // row's keys and values go to its sequence's cache, then each row attends to
+    // its own cache up to its position (rows of one sequence stay causal).
+    const int64_t sequence_stride = static_cast<int64_t>(layout_.offset(0, 1, 0, 0));
+    {
+      ProfileScope profile(profiler_, "KV-cache append");
+      CUDA_TRY(kernels::kv_cache_append(k_, v_, positions, rows, static_cast<int>(kv_heads_),
+                                        static_cast<int>(head_dim_), layout_.capacity, sequence_stride, row_sequences,
+                                        cache(keys_, 0), cache(values_, 0), nullptr, compute_),
                "KV-cache append");
     }
-    for (uint32_t r = 0; r < rows; ++r) {
-      const uint32_t sequence = batch.sequences[r];
-      args.q = q_ + r * q_width;
-      args.k_cache = cache(keys_, sequence);
-      args.v_cache = cache(values_, sequence);
-      args.causal_start = pass_positions_[r];
-      args.max_kv_length = pass_positions_[r] + 1;
-      args.queries = 1;
-      args.out = attention_out_ + r * q_width;
-      CUDA_TRY(kernels::attention(args, attention_workspace_, compute_), "attention");
-    }
+    args.q = q_;
+    args.k_cache = cache(keys_, 0);
+    args.v_cache = cache(values_, 0);
+    args.sequence_stride = sequence_stride;
+    args.query_sequences = row_sequences;
+    args.kv_lengths = kv_lengths;
+    args.max_kv_length = *std::max_element(pass_positions_.begin(), pass_positions_.end()) + 1;
+    args.queries = static_cast<int>(rows);
+    args.out = attention_out_;
+    ProfileScope profile(profiler_, "attention");
+    CUDA_TRY(kernels::attention(args, attention_workspace_, compute_), "attention");
   }
   LAYERPACK_TRY(linear("o_proj", *d.o_proj, slot, attention_out_, rows, delta_));
 
