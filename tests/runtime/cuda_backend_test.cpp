@@ -27,10 +27,13 @@ constexpr double kBf16LogitsTolerance = 4.0 / 256.0;
 
 size_t argmax_of(const float* row, size_t n) { return std::max_element(row, row + n) - row; }
 
+// matvec_max_rows 8: the 32-row fixture prompts in one pass take the dequantize +
+// cuBLAS path.
 std::unique_ptr<Engine> open_engine(const std::string& pack, const std::string& backend, uint64_t slot_budget = UINT64_MAX) {
   EngineOptions options;
   options.backend = backend;
   options.backend_options.threads = 0;
+  options.backend_options.matvec_max_rows = 8;
   options.slot_budget = slot_budget;
   options.max_batch_rows = 64;
   auto engine = Engine::open(pack, options);

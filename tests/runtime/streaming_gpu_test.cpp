@@ -48,19 +48,19 @@ uint64_t device_used() {
   return total - free;
 }
 
-// A 20-row prompt (dequantize + cuBLAS path) and 6 decode steps (NF4 matvec path).
+// A 40-row prompt (dequantize + cuBLAS path above 32 rows) and 6 decode steps (NF4 matvec path).
 std::vector<float> run(Engine& engine) {
   auto sequence = engine.kv().open_sequence();
   EXPECT_TRUE(sequence.ok());
   std::vector<float> all, logits;
   TokenBatch prompt;
-  for (uint32_t i = 0; i < 20; ++i) prompt.add(static_cast<int32_t>((i * 37 + 11) % 384), sequence.value(), i, true);
+  for (uint32_t i = 0; i < 40; ++i) prompt.add(static_cast<int32_t>((i * 37 + 11) % 384), sequence.value(), i, true);
   Status s = engine.forward(prompt, logits);
   EXPECT_TRUE(s.ok()) << (s.ok() ? "" : s.error().to_string());
   all.insert(all.end(), logits.begin(), logits.end());
   for (uint32_t step = 0; step < 6; ++step) {
     TokenBatch batch;
-    batch.add(static_cast<int32_t>((step * 91 + 5) % 384), sequence.value(), 20 + step, true);
+    batch.add(static_cast<int32_t>((step * 91 + 5) % 384), sequence.value(), 40 + step, true);
     s = engine.forward(batch, logits);
     EXPECT_TRUE(s.ok()) << (s.ok() ? "" : s.error().to_string());
     all.insert(all.end(), logits.begin(), logits.end());
@@ -74,7 +74,7 @@ EngineOptions cuda_options(uint64_t vram, uint64_t host_cache) {
   options.vram_budget = vram;
   options.host_cache_bytes = host_cache;
   options.context_length = 512;
-  options.max_batch_rows = 32;
+  options.max_batch_rows = 64;
   return options;
 }
 
@@ -128,8 +128,8 @@ TEST(CudaStreaming, BudgetIsNeverExceededAndLogitsEqualResident) {
 TEST(CudaStreaming, LongPromptStreamsEachLayerOncePerPass) {
   const std::string pack = synthetic_pack();
   EngineOptions options = cuda_options(uint64_t(320) << 20, 0);
-  options.max_batch_rows = 16;
-  constexpr uint32_t kLength = 75;  // chunks of 16, 16, 16, 16, 11
+  options.max_batch_rows = 33;
+  constexpr uint32_t kLength = 75;  // chunks of 33, 33, 9: dequantize + cuBLAS, then NF4 matvec
   std::vector<int32_t> ids;
   for (uint32_t i = 0; i < kLength; ++i) ids.push_back(static_cast<int32_t>((i * 53 + 7) % 384));
 
@@ -165,8 +165,8 @@ TEST(CudaStreaming, LongPromptStreamsEachLayerOncePerPass) {
   const uint64_t look_ahead = ring_slots * pack_info->largest_payload_size();
   EXPECT_GE(one_pass_bytes, streamed);
   EXPECT_LE(one_pass_bytes, streamed + look_ahead);
-  const std::vector<float> chunked = prefill(16, &chunked_bytes, &streamed);
-  EXPECT_GE(chunked_bytes, 5 * streamed);
+  const std::vector<float> chunked = prefill(33, &chunked_bytes, &streamed);
+  EXPECT_GE(chunked_bytes, 3 * streamed);
   ASSERT_EQ(one_pass.size(), 384u);
   ASSERT_EQ(chunked.size(), one_pass.size());
   EXPECT_EQ(0, std::memcmp(one_pass.data(), chunked.data(), one_pass.size() * sizeof(float)));
@@ -178,7 +178,7 @@ TEST(CudaStreaming, LongPromptStreamsEachLayerOncePerPass) {
   ASSERT_TRUE((*engine)->kv().open_sequence().ok());
   ASSERT_TRUE((*engine)->kv().open_sequence().ok());
   TokenBatch too_wide;
-  for (uint32_t i = 0; i < 17; ++i) too_wide.add(ids[i], i % 2, i / 2, false);
+  for (uint32_t i = 0; i < 34; ++i) too_wide.add(ids[i], i % 2, i / 2, false);
   std::vector<float> logits;
   Status wide = (*engine)->forward(too_wide, logits);
   ASSERT_FALSE(wide.ok());
@@ -221,8 +221,8 @@ TEST(CudaStreaming, BudgetTooSmallNamesTheMinimum) {
 
 // Several sequences in one pass (prefill rows of three prompts packed together, then
 // decode rows of all three) against each sequence alone, teacher-forced so both see the
-// same tokens. Different row counts take different kernels (NF4 matvec up to 8 rows,
-// dequantize + cuBLAS above), so the rule is a bf16 tolerance, not bit equality;
+// same tokens. Different row counts take different kernels (NF4 matvec in groups of
+// 8 rows up to 32, dequantize + cuBLAS above), so the rule is a bf16 tolerance, not bit equality;
 // greedy tokens of a random-weight model sit too close to ties to compare.
 // Named rule: bf16 activations through 8 random-weight layers, batched rows against
 // single rows: normalized error within 5e-2 (measured 1.8e-2 to 2.3e-2 on an H200). A

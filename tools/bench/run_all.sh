@@ -77,7 +77,11 @@ if [ "$part" = 8b ]; then
   drop_caches
   ours cold_start_8b "$pack" --prompt-ids "$prompt16" -n 1 --temp 0 --backend cuda
   ours resident_8b_batch1 "$pack" --prompt-ids "$prompt16" -n 64 --temp 0 --ignore-eos --backend cuda
+  export LAYERPACK_CUDA_GRAPHS=0
+  ours resident_8b_batch1_no_graphs "$pack" --prompt-ids "$prompt16" -n 64 --temp 0 --ignore-eos --backend cuda
+  unset LAYERPACK_CUDA_GRAPHS
   ours prefill_8b_512 "$pack" --prompt-ids "$prompt512" -n 2 --temp 0 --ignore-eos --backend cuda
+  ours prefill_8b_512_rows512 "$pack" --prompt-ids "$prompt512" -n 2 --temp 0 --ignore-eos --backend cuda --max-batch-rows 512
   for b in 8 32; do
     python3 -c "
 import random; random.seed($b)

@@ -61,6 +61,9 @@ struct BackendOptions {
   // CPU only, for tests: pretend slots are not host-writable so the staging + upload
   // path the GPU uses is exercised.
   bool force_staging = false;
+  // CUDA: products of up to this many rows run as NF4/bf16 matvecs, 8 rows per
+  // launch; more rows dequantize tiles for cuBLAS (tests lower it to reach that path).
+  uint32_t matvec_max_rows = 32;
 };
 
 class Backend {
