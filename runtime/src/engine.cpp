@@ -92,7 +92,8 @@ Result<std::unique_ptr<Engine>> Engine::open(const std::string& pack_dir, const 
   engine->backend_ = std::move(backend.value());
   MemoryReport& memory = engine->memory_;
   memory.kv_cache_bytes = layout.total_bytes();
-  const uint64_t largest_layer = engine->pack_.largest_payload_size();
+  // The embedding (often the largest file: 2 GB at 70B) never takes a slot.
+  const uint64_t largest_layer = engine->pack_.largest_slot_payload_size();
   uint64_t slot_budget = options.slot_budget;
   if (device) {
     memory.device = true;

@@ -100,6 +100,12 @@ uint64_t ModelPack::largest_payload_size() const {
   return largest;
 }
 
+uint64_t ModelPack::largest_slot_payload_size() const {
+  uint64_t largest = 0;
+  for (size_t u = 1; u < units_.size(); ++u) largest = std::max(largest, units_[u].payload_size);
+  return largest;
+}
+
 std::string ModelPack::tokenizer_path() const {
   if (!manifest_.find_file(kTokenizerFileName)) return {};
   return directory_ + "/" + kTokenizerFileName;

@@ -71,6 +71,9 @@ class ModelPack {
   // XXH3-64 of the unit's whole file, as the manifest records it.
   uint64_t file_hash(UnitIndex index) const { return unit_file_hashes_[index]; }
   uint64_t largest_payload_size() const;
+  // Largest payload that goes to a layer slot: decoder layers and the output (the
+  // embedding stays on the host), i.e. the size of a ring slot at most.
+  uint64_t largest_slot_payload_size() const;
 
   const TensorInfo& token_embedding() const { return *token_embedding_; }
   const DecoderTensors& decoder(uint32_t layer) const { return decoders_[layer]; }
