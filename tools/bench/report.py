@@ -148,7 +148,8 @@ def markdown(rows, limits, table):
     out.append("|---|---|---|---|---|---|---|")
     for part, l in sorted(limits.items()):
         out.append(f"| {part} | {l.get('h2d_pinned', 0):.1f} GB/s | {l.get('h2d_pageable', 0):.1f} GB/s | "
-                   f"{l.get('device_copy_read_plus_write', 0):.0f} GB/s | {l.get('gemm_bf16_8192', 0):.0f} TFLOP/s | "
+                   f"{l.get('device_copy_read_plus_write', 0):.0f} GB/s | "
+                   f"{(format(l['gemm_bf16_8192'], '.0f') + ' TFLOP/s') if l.get('gemm_bf16_8192') else 'not measured'} | "
                    f"{l.get('page_cache_read_1', 0):.1f} / {l.get('page_cache_read_8', 0):.1f} GB/s | "
                    f"{l.get('o_direct_read_1', 0):.2f} / {l.get('o_direct_read_8', 0):.2f} GB/s |")
     out.append("\n### Scenarios\n")
