@@ -97,6 +97,7 @@ class OpProfiler {
     if (entry >= 0 && static_cast<size_t>(entry) < pending_.size()) cudaEventRecord(pending_[entry].stop, stream_);
   }
   void pause(bool paused) { paused_ = paused; }
+  bool active() const { return enabled_ && !paused_; }
   // After the stream has been synchronised: fold finished entries into the totals.
   void harvest() {
     for (auto& p : pending_) {
@@ -156,7 +157,9 @@ class OpProfiler {
 
 class ProfileScope {
  public:
-  ProfileScope(OpProfiler& profiler, const std::string& name) : profiler_(profiler), entry_(profiler.begin(name)) {}
+  // name + suffix, concatenated only while profiling (no string work on the hot path).
+  ProfileScope(OpProfiler& profiler, const char* name, const char* suffix = "")
+      : profiler_(profiler), entry_(profiler.active() ? profiler.begin(std::string(name) + suffix) : -1) {}
   ~ProfileScope() { profiler_.end(entry_); }
 
  private:
@@ -278,6 +281,7 @@ class CudaBackend : public Backend {
   // Per pass, decided in embed().
   bool single_sequence_ = true;
   std::vector<uint32_t> pass_positions_;
+  uint32_t pass_max_position_ = 0;
 
   OpProfiler profiler_;
   int pass_profile_ = -1;  // profiler entry spanning embed() .. run_output()
@@ -550,6 +554,7 @@ Status CudaBackend::embed(const TokenBatch& batch, const uint8_t* embedding_payl
   // (batched decode over several sequences) attention runs row by row.
   single_sequence_ = true;
   pass_positions_.assign(batch.positions.begin(), batch.positions.end());
+  pass_max_position_ = *std::max_element(pass_positions_.begin(), pass_positions_.end());
   for (uint32_t r = 1; r < rows; ++r) {
     if (batch.sequences[r] != batch.sequences[0] || batch.positions[r] != batch.positions[0] + r) {
       single_sequence_ = false;
@@ -579,7 +584,7 @@ Status CudaBackend::linear(const char* role, const TensorInfo& weight, const Dev
     auto view = kernels::nf4_matrix_view(weight, slot.data, slot.size);
     if (!view) return view.error();
     if (rows <= options_.matvec_max_rows || !dequantize_scratch_) {
-      ProfileScope profile(profiler_, std::string("NF4 matvec ") + role);
+      ProfileScope profile(profiler_, "NF4 matvec ", role);
       for (uint32_t first = 0; first < rows; first += kMatvecRows) {
         const uint32_t count = std::min(kMatvecRows, rows - first);
         CUDA_TRY(kernels::nf4_matvec(view.value(), x + first * in_features, static_cast<int>(count),
@@ -587,7 +592,7 @@ Status CudaBackend::linear(const char* role, const TensorInfo& weight, const Dev
                  "NF4 matvec " + weight.name);
       }
     } else {
-      ProfileScope profile(profiler_, std::string("NF4 dequantize + GEMM ") + role);
+      ProfileScope profile(profiler_, "NF4 dequantize + GEMM ", role);
       kernels::GemmStatus status = kernels::nf4_matmul(cublas_, view.value(), x, rows, y, dequantize_scratch_,
                                                        dequantize_scratch_elements_, compute_);
       if (!status.ok()) {
@@ -601,7 +606,7 @@ Status CudaBackend::linear(const char* role, const TensorInfo& weight, const Dev
   if (weight.dtype == DType::bf16 && weight.shape.size() == 2) {
     const auto* w = reinterpret_cast<const bf16*>(slot.data + weight.data.offset);
     if (rows <= options_.matvec_max_rows || !dequantize_scratch_) {
-      ProfileScope profile(profiler_, std::string("bf16 matvec ") + role);
+      ProfileScope profile(profiler_, "bf16 matvec ", role);
       for (uint32_t first = 0; first < rows; first += kMatvecRows) {
         const uint32_t count = std::min(kMatvecRows, rows - first);
         CUDA_TRY(kernels::bf16_matvec(w, static_cast<int64_t>(out_features), static_cast<int64_t>(in_features),
@@ -610,7 +615,7 @@ Status CudaBackend::linear(const char* role, const TensorInfo& weight, const Dev
                  "bf16 matvec " + weight.name);
       }
     } else {
-      ProfileScope profile(profiler_, std::string("bf16 GEMM ") + role);
+      ProfileScope profile(profiler_, "bf16 GEMM ", role);
       kernels::GemmStatus status = kernels::bf16_matmul(cublas_, w, static_cast<int64_t>(out_features),
                                                         static_cast<int64_t>(in_features), x, rows, y, compute_);
       if (!status.ok()) {
@@ -779,7 +784,7 @@ Status CudaBackend::layer_rows(uint32_t layer, const DeviceSlot& slot, const Tok
     args.sequence_stride = sequence_stride;
     args.query_sequences = row_sequences;
     args.kv_lengths = kv_lengths;
-    args.max_kv_length = *std::max_element(pass_positions_.begin(), pass_positions_.end()) + 1;
+    args.max_kv_length = pass_max_position_ + 1;
     args.queries = static_cast<int>(rows);
     args.out = attention_out_;
     ProfileScope profile(profiler_, "attention");
