@@ -296,12 +296,18 @@ TEST(HostCache, PartialCacheReadsOnlyTheUncachedLayers) {
   run_prompt(**engine, ids, 0);
   const uint64_t after_first = (*engine)->counters().payload_bytes_read;
   run_prompt(**engine, ids, 3);
-  // Four more passes read the uncached layers each time, plus at most a ring's worth
-  // of prefetch into the pass after the last.
+  // Four more passes read the uncached layers each time. The loader runs up to a ring's
+  // worth of loads ahead of compute, so some of the second pass's reads may land before
+  // the `after_first` snapshot (seen once under ASan in CI) and some of a fifth pass's
+  // after it: one prefetch window of slack on each side.
   const uint64_t uncached = plan.streamed_bytes_per_pass - probe->payload_size(first_streamed);
+  const uint64_t prefetch_window = uint64_t(plan.ring_slots) * plan.ring_slot_size;
   const uint64_t read = (*engine)->counters().payload_bytes_read - after_first;
-  EXPECT_GE(read, 4 * uncached);
-  EXPECT_LE(read, 4 * uncached + plan.ring_slots * plan.ring_slot_size);
+  EXPECT_GE(read + prefetch_window, 4 * uncached);
+  EXPECT_LE(read, 4 * uncached + prefetch_window);
+  // The cached layer came from pinned memory on each of those passes, not from its file.
+  EXPECT_GE((*engine)->counters().bytes_from_host_cache + prefetch_window,
+            4 * probe->payload_size(first_streamed));
   EXPECT_EQ((*engine)->streamer().stats().host_cache_units, 1u);
 }
 
