@@ -237,11 +237,53 @@ __global__ void __launch_bounds__(kThreads) nf4_matvec_mma_kernel(NF4Params p, c
 constexpr int kPairLutEntryBytes = 256;
 constexpr int kPairLutTableBytes = 256 * kPairLutEntryBytes;
 
+// Epilogue of a tile (MatvecEpilogue as an int in the kernel parameters).
+enum PairLutEpilogue : int { kEpilogueStore = 0, kEpilogueAdd = 1, kEpilogueSwiglu = 2 };
+
+// One matrix of a launch. A launch covers 1..kMaxMatvecGroup matrices that share
+// x, K, blocksize and the code table; their 16-row tiles are numbered one
+// matrix after the other (or, for SwiGLU, gate tile u and up tile u in turn).
+struct PairLutMatrix {
+  const uint8_t* packed;
+  const void* absmax;         // f32 per block, or u8 codes (double quant)
+  const float* nested_absmax;
+  const float* nested_code;
+  float nested_offset;
+  uint32_t rows;
+  uint32_t first_tile;        // this matrix's first tile in the launch's numbering
+  void* y;                    // OutT [batch, rows]
+};
+
+struct PairLutGroup {
+  PairLutMatrix m[kMaxMatvecGroup];
+  const float* code;          // f32[16], shared by every matrix
+  int count;
+  int epilogue;
+  uint32_t cols;
+  int block_shift;            // log2(blocksize)
+  int nested_shift;           // log2(nested_blocksize)
+  uint32_t tiles;             // tiles of the launch (swiglu: units of a gate and an up tile)
+  uint32_t prefetch_row_bytes;  // L2 prefetch of a block's next tile: bytes per row (0: off)
+};
+
+// Default L2 prefetch per row of the next tile (whole rows up to K = 8192; the
+// first 4 KB of longer rows, so the blocks' prefetches stay well inside L2).
+constexpr uint32_t kPrefetchRowBytes = 4096;
+
+// The TMA unit fetches [ptr, ptr + bytes) into L2 (sm_90): no registers held, no
+// completion to wait for. ptr and bytes multiples of 16.
+__device__ __forceinline__ void prefetch_l2(const void* ptr, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(ptr), "r"(bytes) : "memory");
+#endif
+}
+
 template <int kWarps>
 struct PairLutLayout {
-  static constexpr int nested_code = kPairLutTableBytes;   // f32[256]
-  static constexpr int partial = nested_code + 256 * 4;  // f32[2][kWarps][4][32], by tile parity
-  static constexpr int bytes = partial + 2 * kWarps * 4 * 32 * 4;
+  static constexpr int nested_code = kPairLutTableBytes;                      // f32[kMaxMatvecGroup][256]
+  static constexpr int partial = nested_code + kMaxMatvecGroup * 256 * 4;    // f32[2][kWarps][4][32], by tile parity
+  static constexpr int pending = partial + 2 * kWarps * 4 * 32 * 4;         // f32[8][16]: SwiGLU gate tile
+  static constexpr int bytes = pending + 8 * 16 * 4;
 };
 
 // 8 bytes of weights read once: keep them out of L1.
@@ -258,10 +300,18 @@ struct PairLutStage {
   float nested[2];           // per step: nested absmax (double quant)
 };
 
+// A tile of the launch: which matrix, which 16 rows of it.
+struct PairLutTile {
+  uint32_t matrix, tile;
+  bool valid;
+};
+
 // Where a warp's lane reads in its current tile.
 struct PairLutRows {
   const uint8_t* row0;    // packed row g of the tile, + 8 * tig
   const uint8_t* row1;    // packed row g + 8, + 8 * tig
+  const void* absmax;
+  const float* nested_absmax;
   uint32_t scale_step0;   // (row of this lane's scale) * K / 128
 };
 
@@ -274,7 +324,7 @@ struct PairLutScaleIndex {
 };
 
 template <bool kDoubleQuant>
-__device__ __forceinline__ void pair_lut_load(PairLutStage& st, const NF4Params& p, const PairLutRows& rows,
+__device__ __forceinline__ void pair_lut_load(PairLutStage& st, int nested_shift, const PairLutRows& rows,
                                               const PairLutScaleIndex& si, uint32_t item, uint32_t steps) {
   const uint32_t offset = item * 128;
   const uint8_t* r0 = rows.row0 + offset;
@@ -296,23 +346,72 @@ __device__ __forceinline__ void pair_lut_load(PairLutStage& st, const NF4Params&
     const uint32_t step = 2 * item + (second ? s : 0);
     const uint32_t block = (((rows.scale_step0 + step) << si.left) >> si.right) + si.part_term;
     if constexpr (kDoubleQuant) {
-      st.scale_bits[s] = __ldg(p.absmax_u8 + block);
-      st.nested[s] = __ldg(p.nested_absmax + (block >> p.nested_shift));
+      st.scale_bits[s] = __ldg(static_cast<const uint8_t*>(rows.absmax) + block);
+      st.nested[s] = __ldg(rows.nested_absmax + (block >> nested_shift));
     } else {
-      st.scale_bits[s] = __float_as_uint(__ldg(p.absmax_f32 + block));
+      st.scale_bits[s] = __float_as_uint(__ldg(static_cast<const float*>(rows.absmax) + block));
       st.nested[s] = 0.0f;
     }
   }
 }
 
+// The s-th tile of this block: tiles go to blocks cyclically; with SwiGLU a block
+// takes gate tile u and then up tile u, so the gate values wait in shared memory.
+__device__ __forceinline__ PairLutTile pair_lut_tile_at(const PairLutGroup& grp, uint32_t s) {
+  PairLutTile t;
+  if (grp.epilogue == kEpilogueSwiglu) {
+    t.tile = blockIdx.x + (s >> 1) * gridDim.x;
+    t.matrix = s & 1;
+    t.valid = t.tile < grp.tiles;
+    return t;
+  }
+  const uint32_t flat = blockIdx.x + s * gridDim.x;
+  t.valid = flat < grp.tiles;
+  t.matrix = 0;
+  if (grp.count > 1 && flat >= grp.m[1].first_tile) t.matrix = 1;
+  if (grp.count > 2 && flat >= grp.m[2].first_tile) t.matrix = 2;
+  t.tile = flat - (t.matrix == 0 ? 0u : t.matrix == 1 ? grp.m[1].first_tile : grp.m[2].first_tile);
+  return t;
+}
+
+// Warp 0 asks for a tile ahead of use: lanes 0..15 one row each (its first
+// prefetch_row_bytes), lane 16 the tile's absmax bytes. Loads of the tile then hit
+// L2: the one-item register prefetch alone kept too few bytes in flight per SM
+// for DRAM latency under load (NOTES.md).
+template <bool kDoubleQuant>
+__device__ __forceinline__ void pair_lut_prefetch_tile(const PairLutGroup& grp, PairLutTile t, int lane) {
+  if (!t.valid || grp.prefetch_row_bytes == 0) return;
+  const PairLutMatrix& m = grp.m[t.matrix];
+  const uint32_t row_bytes = grp.cols / 2;
+  const uint32_t first_row = t.tile * 16, rows = min(16u, m.rows - first_row);
+  if (lane < 16) {
+    if (static_cast<uint32_t>(lane) < rows)
+      prefetch_l2(m.packed + static_cast<uint64_t>(first_row + lane) * row_bytes,
+                  min(row_bytes, grp.prefetch_row_bytes));
+  } else if (lane == 16) {
+    // The absmax entries of the tile's elements, widened to 16-byte bounds (the
+    // payload's buffers are 256-byte aligned, so this stays inside the buffer's pages).
+    constexpr uint64_t kEntry = kDoubleQuant ? 1 : 4;
+    const uint64_t first = (static_cast<uint64_t>(first_row) * grp.cols >> grp.block_shift) * kEntry;
+    const uint64_t end = ((static_cast<uint64_t>(first_row + rows) * grp.cols + (1u << grp.block_shift) - 1) >>
+                          grp.block_shift) * kEntry;
+    const uint64_t start = first & ~uint64_t{15};
+    const uint64_t bytes = ((end + 15) & ~uint64_t{15}) - start;
+    prefetch_l2(static_cast<const uint8_t*>(m.absmax) + start, static_cast<uint32_t>(bytes));
+  }
+}
+
 template <int kWarps, typename OutT>
-__device__ __forceinline__ void pair_lut_finish_tile(uint8_t* smem, float (&acc)[4], int parity, uint32_t tile,
-                                                     uint32_t rows, int batch, int warp, int lane, OutT* y) {
+__device__ __forceinline__ void pair_lut_finish_tile(const PairLutGroup& grp, uint8_t* smem, float (&acc)[4],
+                                                     int parity, PairLutTile t, int batch, int warp, int lane) {
   // Sum the warps' accumulators (buffer by tile parity: one barrier per tile).
   float* partial = reinterpret_cast<float*>(smem + PairLutLayout<kWarps>::partial) + parity * kWarps * 128;
+  float* pending = reinterpret_cast<float*>(smem + PairLutLayout<kWarps>::pending);
 #pragma unroll
   for (int i = 0; i < 4; ++i) partial[(warp * 4 + i) * 32 + lane] = acc[i];
   __syncthreads();
+  const uint32_t rows = t.matrix == 0 ? grp.m[0].rows : t.matrix == 1 ? grp.m[1].rows : grp.m[2].rows;
+  OutT* y = static_cast<OutT*>(t.matrix == 0 ? grp.m[0].y : t.matrix == 1 ? grp.m[1].y : grp.m[2].y);
   const int outputs = 16 * batch;
   for (int o = threadIdx.x; o < outputs; o += kWarps * 32) {
     const int m = o & 15, n = o >> 4;
@@ -320,8 +419,30 @@ __device__ __forceinline__ void pair_lut_finish_tile(uint8_t* smem, float (&acc)
     float sum = 0.0f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) sum += partial[(w * 4 + i) * 32 + l];
-    const uint32_t row = tile * 16 + m;
-    if (row < rows) store_output(y, static_cast<int64_t>(n) * rows + row, sum);
+    const uint32_t row = t.tile * 16 + m;
+    if (row >= rows) continue;
+    const int64_t index = static_cast<int64_t>(n) * rows + row;
+    if constexpr (sizeof(OutT) == 2) {
+      if (grp.epilogue == kEpilogueAdd) {
+        // residual_add: both operands bf16, the sum rounded once more.
+        const float delta = __bfloat162float(__float2bfloat16_rn(sum));
+        y[index] = __float2bfloat16_rn(__bfloat162float(y[index]) + delta);
+        continue;
+      }
+      if (grp.epilogue == kEpilogueSwiglu) {
+        const float value = __bfloat162float(__float2bfloat16_rn(sum));
+        if (t.matrix == 0) {
+          pending[o] = value;  // read by this block's up tile, after its barrier
+        } else {
+          // swiglu: silu of the bf16 gate, rounded to bf16, times the bf16 up.
+          const float g = pending[o];
+          const float silu = __bfloat162float(__float2bfloat16_rn(g / (1.0f + expf(-g))));
+          static_cast<OutT*>(grp.m[0].y)[index] = __float2bfloat16_rn(silu * value);
+        }
+        continue;
+      }
+    }
+    store_output(y, index, sum);
   }
 #pragma unroll
   for (int i = 0; i < 4; ++i) acc[i] = 0.0f;
@@ -329,60 +450,87 @@ __device__ __forceinline__ void pair_lut_finish_tile(uint8_t* smem, float (&acc)
 
 template <int kWarps, int kBlocksPerSM, bool kXFirst, bool kDoubleQuant, typename OutT>
 __global__ void __launch_bounds__(kWarps * 32, kBlocksPerSM)
-    nf4_matvec_pair_lut_kernel(NF4Params p, const __nv_bfloat16* __restrict__ x, int batch, OutT* __restrict__ y) {
+    nf4_matvec_pair_lut_kernel(const __grid_constant__ PairLutGroup grp, const __nv_bfloat16* __restrict__ x,
+                               int batch) {
   extern __shared__ __align__(16) uint8_t smem[];
   // The warp index through a shuffle: provably warp-uniform, so the loops over
   // items stay uniform and the table base can live in a uniform register
   // (LDS [R + UR]: the PRMT result is the whole per-lane offset).
   const int lane = threadIdx.x & 31, warp = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x >> 5), 0);
   const int g = lane >> 2, tig = lane & 3;
-  const uint32_t K = static_cast<uint32_t>(p.cols);
+  const uint32_t K = grp.cols;
   const uint32_t row_bytes = K / 2, steps = K / 128, items = (steps + 1) / 2;
-  const uint32_t rows = static_cast<uint32_t>(p.rows), tiles = (rows + 15) / 16;
   PairLutScaleIndex scale_index;
-  if (p.block_shift <= 7) {
-    scale_index = {static_cast<uint32_t>(7 - p.block_shift), 0u, static_cast<uint32_t>((tig & 1) * 64) >> p.block_shift};
+  if (grp.block_shift <= 7) {
+    scale_index = {static_cast<uint32_t>(7 - grp.block_shift), 0u,
+                   static_cast<uint32_t>((tig & 1) * 64) >> grp.block_shift};
   } else {
-    scale_index = {0u, static_cast<uint32_t>(p.block_shift - 7), 0u};
+    scale_index = {0u, static_cast<uint32_t>(grp.block_shift - 7), 0u};
   }
-  auto rows_of = [&](uint32_t tile) {
-    const uint32_t r0 = min(tile * 16 + g, rows - 1), r1 = min(tile * 16 + g + 8, rows - 1);
+  auto rows_of = [&](PairLutTile t) {
+    const PairLutMatrix& m = grp.m[t.matrix];
+    const uint32_t r0 = min(t.tile * 16 + g, m.rows - 1), r1 = min(t.tile * 16 + g + 8, m.rows - 1);
     PairLutRows r;
-    r.row0 = p.packed + static_cast<uint64_t>(r0) * row_bytes + tig * 8;
-    r.row1 = p.packed + static_cast<uint64_t>(r1) * row_bytes + tig * 8;
+    r.row0 = m.packed + static_cast<uint64_t>(r0) * row_bytes + tig * 8;
+    r.row1 = m.packed + static_cast<uint64_t>(r1) * row_bytes + tig * 8;
+    r.absmax = m.absmax;
+    r.nested_absmax = m.nested_absmax;
     r.scale_step0 = ((tig >> 1) ? r1 : r0) * steps;
     return r;
   };
 
   PairLutStage stage_a, stage_b;
-  PairLutRows load_rows = rows_of(blockIdx.x < tiles ? blockIdx.x : 0);
+  uint32_t load_index = 0;  // position in this block's tile sequence
+  PairLutTile load_tile = pair_lut_tile_at(grp, 0);
+  PairLutRows load_rows = rows_of(load_tile.valid ? load_tile : PairLutTile{0, 0, true});
   const bool warp_works = static_cast<uint32_t>(warp) < items;
-  if (warp_works && blockIdx.x < tiles) pair_lut_load<kDoubleQuant>(stage_a, p, load_rows, scale_index, warp, steps);
+  if (warp_works && load_tile.valid)
+    pair_lut_load<kDoubleQuant>(stage_a, grp.nested_shift, load_rows, scale_index, warp, steps);
+  if (warp == 0) {
+    pair_lut_prefetch_tile<kDoubleQuant>(grp, load_tile, lane);
+    pair_lut_prefetch_tile<kDoubleQuant>(grp, pair_lut_tile_at(grp, 1), lane);
+  }
 
   // Table fill while the first loads are in flight: 8 lanes write one entry's 128 bytes.
   for (int chunk = threadIdx.x; chunk < 256 * 8; chunk += kWarps * 32) {
     const int entry = chunk >> 3;
-    __nv_bfloat162 v = __floats2bfloat162_rn(__ldg(p.code + (entry >> 4)), __ldg(p.code + (entry & 15)));
+    __nv_bfloat162 v = __floats2bfloat162_rn(__ldg(grp.code + (entry >> 4)), __ldg(grp.code + (entry & 15)));
     const uint32_t u = *reinterpret_cast<uint32_t*>(&v);
     *reinterpret_cast<uint4*>(smem + entry * kPairLutEntryBytes + (chunk & 7) * 16) = make_uint4(u, u, u, u);
   }
   float* nested_code = reinterpret_cast<float*>(smem + PairLutLayout<kWarps>::nested_code);
   if constexpr (kDoubleQuant) {
-    for (int i = threadIdx.x; i < 256; i += kWarps * 32) nested_code[i] = __ldg(p.nested_code + i);
+    for (int i = threadIdx.x; i < grp.count * 256; i += kWarps * 32)
+      nested_code[i] = __ldg(grp.m[i >> 8].nested_code + (i & 255));
   }
   __syncthreads();
 
   float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   int parity = 0;
   if (!warp_works) {  // K too short for every warp: take part in the tiles' barriers only
-    for (uint32_t tile = blockIdx.x; tile < tiles; tile += gridDim.x, parity ^= 1)
-      pair_lut_finish_tile<kWarps>(smem, acc, parity, tile, rows, batch, warp, lane, y);
+    for (uint32_t s = 0;; ++s, parity ^= 1) {
+      const PairLutTile t = pair_lut_tile_at(grp, s);
+      if (!t.valid) break;
+      pair_lut_finish_tile<kWarps, OutT>(grp, smem, acc, parity, t, batch, warp, lane);
+    }
     return;
   }
 
   const uint32_t lane_offset = lane * 4;  // byte 0 of the PRMT's second source; bytes 1..3 are zero
   const bool has_x = g < batch;
   const __nv_bfloat16* x_lane = x + static_cast<uint64_t>(has_x ? g : 0) * K + tig * 16;
+
+  // The tile being computed: its nested code table and offset (double quant).
+  PairLutTile tile = load_tile;
+  const float* tile_nested_code = nested_code;
+  float tile_nested_offset = grp.m[0].nested_offset;
+  auto enter_tile = [&]() {
+    tile_nested_code = nested_code + tile.matrix * 256;
+    tile_nested_offset = tile.matrix == 0 ? grp.m[0].nested_offset
+                         : tile.matrix == 1 ? grp.m[1].nested_offset
+                                            : grp.m[2].nested_offset;
+  };
+  enter_tile();
 
   auto compute = [&](const PairLutStage& st, uint32_t item) {
     const __nv_bfloat16* x_item = x_lane + item * 256;
@@ -406,9 +554,9 @@ __global__ void __launch_bounds__(kWarps * 32, kBlocksPerSM)
     for (int s = 0; s < 2; ++s) {
       if (s == 1 && 2 * item + 1 >= steps) break;
       // Lane tig holds the scale of (row half tig >> 1, part tig & 1); the quad shares them.
-      const float mine = kDoubleQuant
-                             ? __fadd_rn(__fmul_rn(nested_code[st.scale_bits[s]], st.nested[s]), p.nested_offset)
-                             : __uint_as_float(st.scale_bits[s]);
+      const float mine = kDoubleQuant ? __fadd_rn(__fmul_rn(tile_nested_code[st.scale_bits[s]], st.nested[s]),
+                                                  tile_nested_offset)
+                                      : __uint_as_float(st.scale_bits[s]);
       float scale[2][2];
 #pragma unroll
       for (int h = 0; h < 2; ++h)
@@ -449,34 +597,37 @@ __global__ void __launch_bounds__(kWarps * 32, kBlocksPerSM)
 
   // Two cursors over this warp's (tile, item) sequence: the one being loaded
   // runs one item ahead of the one being computed.
-  uint32_t tile = blockIdx.x, item = warp;
-  uint32_t load_tile = tile, load_item = item;
+  uint32_t compute_index = 0, item = warp;
+  uint32_t load_item = item;
   auto advance_load = [&]() {
     load_item += kWarps;
     if (load_item >= items) {
       load_item = warp;
-      load_tile += gridDim.x;
-      if (load_tile < tiles) load_rows = rows_of(load_tile);
+      load_tile = pair_lut_tile_at(grp, ++load_index);
+      if (load_tile.valid) load_rows = rows_of(load_tile);
     }
   };
   // After computing `item`: the tile is done when it was this warp's last item in it.
   auto advance_compute = [&]() {
     item += kWarps;
     if (item >= items) {
-      pair_lut_finish_tile<kWarps>(smem, acc, parity, tile, rows, batch, warp, lane, y);
+      pair_lut_finish_tile<kWarps, OutT>(grp, smem, acc, parity, tile, batch, warp, lane);
       parity ^= 1;
       item = warp;
-      tile += gridDim.x;
+      tile = pair_lut_tile_at(grp, ++compute_index);
+      if constexpr (kDoubleQuant) enter_tile();
+      // The block enters tile s: its tile s + 1 goes to L2 now.
+      if (warp == 0 && tile.valid) pair_lut_prefetch_tile<kDoubleQuant>(grp, pair_lut_tile_at(grp, compute_index + 1), lane);
     }
   };
-  while (tile < tiles) {
+  while (tile.valid) {
     advance_load();
-    if (load_tile < tiles) pair_lut_load<kDoubleQuant>(stage_b, p, load_rows, scale_index, load_item, steps);
+    if (load_tile.valid) pair_lut_load<kDoubleQuant>(stage_b, grp.nested_shift, load_rows, scale_index, load_item, steps);
     compute(stage_a, item);
     advance_compute();
-    if (tile >= tiles) break;
+    if (!tile.valid) break;
     advance_load();
-    if (load_tile < tiles) pair_lut_load<kDoubleQuant>(stage_a, p, load_rows, scale_index, load_item, steps);
+    if (load_tile.valid) pair_lut_load<kDoubleQuant>(stage_a, grp.nested_shift, load_rows, scale_index, load_item, steps);
     compute(stage_b, item);
     advance_compute();
   }
@@ -639,7 +790,7 @@ bool pair_lut_applies(const NF4Matrix& m, const __nv_bfloat16* x) {
 // Launches the pair-LUT kernel with a persistent grid: as many blocks as fit on
 // the device at once (the 64 KB table is built once per block), at most one per tile.
 template <int kWarps, int kBlocksPerSM, bool kXFirst, bool kDoubleQuant, typename OutT>
-cudaError_t launch_pair_lut(const NF4Params& p, const __nv_bfloat16* x, int batch, OutT* y, cudaStream_t stream) {
+cudaError_t launch_pair_lut(const PairLutGroup& grp, const __nv_bfloat16* x, int batch, cudaStream_t stream) {
   constexpr int kBytes = PairLutLayout<kWarps>::bytes;
   static int resident_blocks[64] = {0};  // per device: blocks per SM * SMs
   int device = 0;
@@ -658,9 +809,9 @@ cudaError_t launch_pair_lut(const NF4Params& p, const __nv_bfloat16* x, int batc
     if (per_sm < 1) return cudaErrorInvalidConfiguration;
     resident_blocks[device] = per_sm * sms;
   }
-  const int64_t tiles = (p.rows + 15) / 16;
-  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(tiles, resident_blocks[device]));
-  kernel<<<blocks, kWarps * 32, kBytes, stream>>>(p, x, batch, y);
+  // SwiGLU: a block takes a gate and an up tile per unit, so blocks <= units.
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(grp.tiles, resident_blocks[device]));
+  kernel<<<blocks, kWarps * 32, kBytes, stream>>>(grp, x, batch);
   return detail::last_launch_error();
 }
 
@@ -669,40 +820,79 @@ cudaError_t launch_pair_lut(const NF4Params& p, const __nv_bfloat16* x, int batc
 struct PairLutShape {
   int warps, blocks_per_sm;
   bool x_first = false;
+  int prefetch_row_bytes = -1;  // -1: kPrefetchRowBytes
 };
 // Fastest measured (H200, NOTES.md v4): 8 warps x 2 blocks per SM with the x loads
 // first (123 registers) when there are at least as many 16-row tiles as SMs;
 // else 16 warps x 1 block (k/v: 64 tiles on 132 SMs).
-PairLutShape pair_lut_automatic_shape(const NF4Params& p) {
+PairLutShape pair_lut_automatic_shape(uint32_t tiles) {
   static int sms[64] = {0};
   int device = 0;
   if (cudaGetDevice(&device) == cudaSuccess && device >= 0 && device < 64 && sms[device] == 0)
     cudaDeviceGetAttribute(&sms[device], cudaDevAttrMultiProcessorCount, device);
-  const int count = device >= 0 && device < 64 && sms[device] > 0 ? sms[device] : 132;
-  return (p.rows + 15) / 16 < count ? PairLutShape{16, 1, false} : PairLutShape{8, 2, true};
+  const uint32_t count = device >= 0 && device < 64 && sms[device] > 0 ? sms[device] : 132;
+  return tiles < count ? PairLutShape{16, 1, false} : PairLutShape{8, 2, true};
 }
 
 template <bool kDoubleQuant, typename OutT>
-cudaError_t launch_pair_lut_shape(PairLutShape shape, const NF4Params& p, const __nv_bfloat16* x, int batch, OutT* y,
+cudaError_t launch_pair_lut_shape(PairLutShape shape, const PairLutGroup& grp, const __nv_bfloat16* x, int batch,
                                   cudaStream_t stream) {
   const int w = shape.warps, b = shape.blocks_per_sm;
   if (shape.x_first) {
-    if (w == 8 && b == 2) return launch_pair_lut<8, 2, true, kDoubleQuant>(p, x, batch, y, stream);
-    if (w == 16 && b == 1) return launch_pair_lut<16, 1, true, kDoubleQuant>(p, x, batch, y, stream);
+    if (w == 8 && b == 2) return launch_pair_lut<8, 2, true, kDoubleQuant, OutT>(grp, x, batch, stream);
+    if (w == 16 && b == 1) return launch_pair_lut<16, 1, true, kDoubleQuant, OutT>(grp, x, batch, stream);
     return cudaErrorInvalidValue;
   }
-  if (w == 8 && b == 3) return launch_pair_lut<8, 3, false, kDoubleQuant>(p, x, batch, y, stream);
-  if (w == 8 && b == 2) return launch_pair_lut<8, 2, false, kDoubleQuant>(p, x, batch, y, stream);
-  if (w == 16 && b == 1) return launch_pair_lut<16, 1, false, kDoubleQuant>(p, x, batch, y, stream);
+  if (w == 8 && b == 3) return launch_pair_lut<8, 3, false, kDoubleQuant, OutT>(grp, x, batch, stream);
+  if (w == 8 && b == 2) return launch_pair_lut<8, 2, false, kDoubleQuant, OutT>(grp, x, batch, stream);
+  if (w == 16 && b == 1) return launch_pair_lut<16, 1, false, kDoubleQuant, OutT>(grp, x, batch, stream);
   return cudaErrorInvalidValue;
 }
 
+// The launch parameters of matrices that share K, blocksize and the code table;
+// outputs of batch rows starting at `first_row`.
 template <typename OutT>
-cudaError_t pair_lut_dispatch(const NF4Params& p, bool double_quant, const __nv_bfloat16* x, int batch, OutT* y,
+PairLutGroup pair_lut_group(const NF4Matrix* matrices, OutT* const* outputs, int count, int first_row,
+                            MatvecEpilogue epilogue, uint32_t prefetch_row_bytes = kPrefetchRowBytes) {
+  PairLutGroup grp{};
+  grp.code = matrices[0].code;
+  grp.count = count;
+  grp.epilogue = epilogue == MatvecEpilogue::add_to_output ? kEpilogueAdd
+                 : epilogue == MatvecEpilogue::swiglu      ? kEpilogueSwiglu
+                                                           : kEpilogueStore;
+  grp.cols = static_cast<uint32_t>(matrices[0].cols);
+  grp.block_shift = log2_exact(matrices[0].blocksize);
+  grp.nested_shift = log2_exact(matrices[0].nested_blocksize);
+  uint32_t tiles = 0;
+  for (int i = 0; i < count; ++i) {
+    const NF4Matrix& m = matrices[i];
+    PairLutMatrix& pm = grp.m[i];
+    pm.packed = m.packed;
+    pm.absmax = m.double_quant ? static_cast<const void*>(m.absmax_u8) : static_cast<const void*>(m.absmax_f32);
+    pm.nested_absmax = m.nested_absmax;
+    pm.nested_code = m.nested_code;
+    pm.nested_offset = m.nested_offset;
+    pm.rows = static_cast<uint32_t>(m.rows);
+    pm.first_tile = tiles;
+    pm.y = outputs[i] ? outputs[i] + static_cast<int64_t>(first_row) * m.rows : nullptr;
+    tiles += static_cast<uint32_t>((m.rows + 15) / 16);
+  }
+  // SwiGLU counts units (a gate tile and its up tile).
+  grp.tiles = grp.epilogue == kEpilogueSwiglu ? grp.m[1].first_tile : tiles;
+  grp.prefetch_row_bytes = prefetch_row_bytes;
+  return grp;
+}
+
+template <typename OutT>
+cudaError_t pair_lut_dispatch(const PairLutGroup& grp, bool double_quant, const __nv_bfloat16* x, int batch,
                               PairLutShape shape, cudaStream_t stream) {
-  if (shape.warps == 0) shape = pair_lut_automatic_shape(p);
-  return double_quant ? launch_pair_lut_shape<true>(shape, p, x, batch, y, stream)
-                      : launch_pair_lut_shape<false>(shape, p, x, batch, y, stream);
+  if (shape.warps == 0) {
+    const int prefetch = shape.prefetch_row_bytes;
+    shape = pair_lut_automatic_shape(grp.epilogue == kEpilogueSwiglu ? 2 * grp.tiles : grp.tiles);
+    shape.prefetch_row_bytes = prefetch;
+  }
+  return double_quant ? launch_pair_lut_shape<true, OutT>(shape, grp, x, batch, stream)
+                      : launch_pair_lut_shape<false, OutT>(shape, grp, x, batch, stream);
 }
 
 MatvecPath resolve_path(const NF4Matrix& m, const __nv_bfloat16* x) {
@@ -724,7 +914,12 @@ cudaError_t nf4_matvec_dispatch(const NF4Matrix& m, const __nv_bfloat16* x, int 
     const __nv_bfloat16* xp = x + static_cast<int64_t>(b0) * m.cols;
     OutT* yp = y + static_cast<int64_t>(b0) * m.rows;
     if (path == MatvecPath::tensor_core_pair_lut) {
-      const cudaError_t err = pair_lut_dispatch(p, m.double_quant, xp, pass, yp, pair_lut_shape, stream);
+      OutT* const outputs[1] = {yp};
+      const uint32_t prefetch = pair_lut_shape.prefetch_row_bytes < 0
+                                    ? kPrefetchRowBytes
+                                    : static_cast<uint32_t>(pair_lut_shape.prefetch_row_bytes) & ~15u;
+      const PairLutGroup grp = pair_lut_group(&m, outputs, 1, 0, MatvecEpilogue::store, prefetch);
+      const cudaError_t err = pair_lut_dispatch<OutT>(grp, m.double_quant, xp, pass, pair_lut_shape, stream);
       if (err != cudaSuccess) return err;
       continue;
     }
@@ -789,12 +984,44 @@ cudaError_t nf4_matvec_with_path(const NF4Matrix& weight, const __nv_bfloat16* x
   return nf4_matvec_dispatch(weight, x, batch, y, path, stream);
 }
 cudaError_t nf4_matvec_pair_lut(const NF4Matrix& weight, const __nv_bfloat16* x, int batch, __nv_bfloat16* y,
-                                int warps_per_block, int blocks_per_sm, bool x_first, cudaStream_t stream) {
+                                int warps_per_block, int blocks_per_sm, bool x_first, cudaStream_t stream,
+                                int l2_prefetch_row_bytes) {
   return nf4_matvec_dispatch(weight, x, batch, y, MatvecPath::tensor_core_pair_lut, stream,
-                             PairLutShape{warps_per_block, blocks_per_sm, x_first});
+                             PairLutShape{warps_per_block, blocks_per_sm, x_first, l2_prefetch_row_bytes});
 }
 MatvecPath nf4_matvec_automatic_path(const NF4Matrix& weight, const __nv_bfloat16* x) {
   return resolve_path(weight, x);
+}
+
+bool nf4_matvec_group_applies(const NF4Matrix* matrices, int count, const __nv_bfloat16* x) {
+  if (!matrices || count < 1 || count > kMaxMatvecGroup) return false;
+  const NF4Matrix& first = matrices[0];
+  for (int i = 0; i < count; ++i) {
+    const NF4Matrix& m = matrices[i];
+    if (!valid_matrix(m) || !pair_lut_applies(m, x)) return false;
+    if (m.cols != first.cols || m.blocksize != first.blocksize || m.double_quant != first.double_quant ||
+        (m.double_quant && m.nested_blocksize != first.nested_blocksize))
+      return false;
+  }
+  return true;
+}
+
+cudaError_t nf4_matvec_group(const NF4Matrix* matrices, __nv_bfloat16* const* outputs, int count,
+                             const __nv_bfloat16* x, int batch, MatvecEpilogue epilogue, cudaStream_t stream) {
+  if (!outputs || !x || batch <= 0 || !nf4_matvec_group_applies(matrices, count, x)) return cudaErrorInvalidValue;
+  for (int i = 0; i < count; ++i)
+    if (!outputs[i] && !(epilogue == MatvecEpilogue::swiglu && i == 1)) return cudaErrorInvalidValue;
+  if (epilogue == MatvecEpilogue::swiglu && (count != 2 || matrices[0].rows != matrices[1].rows))
+    return cudaErrorInvalidValue;
+  for (int b0 = 0; b0 < batch; b0 += kBatchPerPass) {
+    const int pass = batch - b0 < kBatchPerPass ? batch - b0 : kBatchPerPass;
+    const PairLutGroup grp = pair_lut_group(matrices, outputs, count, b0, epilogue);
+    const cudaError_t err = pair_lut_dispatch<__nv_bfloat16>(grp, matrices[0].double_quant,
+                                                             x + static_cast<int64_t>(b0) * matrices[0].cols, pass,
+                                                             PairLutShape{0, 0}, stream);
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
 }
 
 cudaError_t bf16_matvec(const __nv_bfloat16* weight, int64_t rows, int64_t cols, const __nv_bfloat16* x, int batch,

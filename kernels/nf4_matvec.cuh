@@ -52,8 +52,29 @@ MatvecPath nf4_matvec_automatic_path(const NF4Matrix& weight, const __nv_bfloat1
 // blocks per SM) one of (8, 3), (8, 2), (16, 1); x_first (with (8, 2) or
 // (16, 1) only) issues all of an item's x loads before its first use. (0, 0,
 // false) is the automatic choice. Others return cudaErrorInvalidValue.
+// l2_prefetch_row_bytes: how much of each row of a block's next tile the TMA unit
+// prefetches into L2 (sm_90; multiple of 16; 0 off; -1 the default, 4096).
 cudaError_t nf4_matvec_pair_lut(const NF4Matrix& weight, const __nv_bfloat16* x, int batch, __nv_bfloat16* y,
-                                int warps_per_block, int blocks_per_sm, bool x_first, cudaStream_t stream);
+                                int warps_per_block, int blocks_per_sm, bool x_first, cudaStream_t stream,
+                                int l2_prefetch_row_bytes = -1);
+// Several NF4 matrices that read the same x, in ONE launch of the pair-LUT kernel
+// (decode: q/k/v, gate/up; o/down with the residual add). All matrices must take
+// the pair-LUT path (nf4_matvec_group_applies) and share cols, blocksize,
+// nested_blocksize and double_quant; the kernel builds its code table from
+// matrices[0].code, so the caller guarantees the code tables are equal (the
+// CUDA backend compares them on the host). outputs[i] is bf16 [batch, rows_i].
+// Epilogues (each output element is rounded to bf16 first, so the results are
+// bit-identical to nf4_matvec followed by the separate kernel):
+// - store: outputs[i] = W_i x
+// - add_to_output: outputs[i] += W_i x (residual_add's arithmetic)
+// - swiglu: count == 2 with equal rows (gate, up); outputs[0] = silu(W_0 x) *
+//   (W_1 x) (swiglu's arithmetic); outputs[1] is not written and may be null.
+enum class MatvecEpilogue { store, add_to_output, swiglu };
+constexpr int kMaxMatvecGroup = 3;
+bool nf4_matvec_group_applies(const NF4Matrix* matrices, int count, const __nv_bfloat16* x);
+cudaError_t nf4_matvec_group(const NF4Matrix* matrices, __nv_bfloat16* const* outputs, int count,
+                             const __nv_bfloat16* x, int batch, MatvecEpilogue epilogue, cudaStream_t stream);
+
 cudaError_t bf16_matvec_with_path(const __nv_bfloat16* weight, int64_t rows, int64_t cols, const __nv_bfloat16* x,
                                   int batch, __nv_bfloat16* y, MatvecPath path, cudaStream_t stream);
 

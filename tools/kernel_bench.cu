@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/activation.cuh"
 #include "kernels/nf4_matvec.cuh"
 
 namespace {
@@ -139,17 +140,15 @@ int main(int argc, char** argv) {
   const Shape shapes[] = {{"q_proj", 4096, 4096},     {"k_proj", 1024, 4096},  {"v_proj", 1024, 4096},
                           {"o_proj", 4096, 4096},     {"gate_proj", 14336, 4096}, {"up_proj", 14336, 4096},
                           {"down_proj", 4096, 14336}};
-  // Variants: the 16-row tensor-core kernel (v1), the pair-LUT kernel with each
-  // block shape (warps per block x blocks per SM), and nf4_matvec's choice.
-  constexpr int kPaths = 7;
+  // Variants: the 16-row tensor-core kernel (v1), the pair-LUT kernel with its
+  // automatic block shape and each L2 prefetch size of the next tile's rows
+  // (-1: the library default), and nf4_matvec's choice.
+  constexpr int kPaths = 6;
   const MatvecPath paths[kPaths] = {MatvecPath::tensor_core_16_rows, MatvecPath::tensor_core_pair_lut,
                                     MatvecPath::tensor_core_pair_lut, MatvecPath::tensor_core_pair_lut,
-                                    MatvecPath::tensor_core_pair_lut, MatvecPath::tensor_core_pair_lut,
-                                    MatvecPath::automatic};
-  const int pair_lut_warps[kPaths] = {0, 8, 8, 16, 8, 16, 0};
-  const int pair_lut_blocks_per_sm[kPaths] = {0, 3, 2, 1, 2, 1, 0};
-  const bool pair_lut_x_first[kPaths] = {false, false, false, false, true, true, false};
-  const char* path_names[kPaths] = {"tc16", "pl8x3", "pl8x2", "pl16x1", "pl8x2xf", "pl16x1xf", "auto"};
+                                    MatvecPath::tensor_core_pair_lut, MatvecPath::automatic};
+  const int pair_lut_prefetch[kPaths] = {0, 0, 2048, 4096, 16384, -1};
+  const char* path_names[kPaths] = {"tc16", "pl-pf0", "pl-pf2k", "pl-pf4k", "pl-pf16k", "auto"};
 
   __nv_bfloat16* x = device_alloc<__nv_bfloat16>(8 * 14336);
   __nv_bfloat16* y = device_alloc<__nv_bfloat16>(8 * 14336);
@@ -195,10 +194,9 @@ int main(int argc, char** argv) {
         const double bytes = set_bytes + 2.0 * batch * (s.cols + s.rows);
         const double sec = time_rotating(
             [&](int i) {
-              check(pair_lut_warps[pi] != 0
-                        ? layerpack::kernels::nf4_matvec_pair_lut(w[i].m, x, batch, y, pair_lut_warps[pi],
-                                                                  pair_lut_blocks_per_sm[pi], pair_lut_x_first[pi],
-                                                                  nullptr)
+              check(paths[pi] == MatvecPath::tensor_core_pair_lut
+                        ? layerpack::kernels::nf4_matvec_pair_lut(w[i].m, x, batch, y, 0, 0, false, nullptr,
+                                                                  pair_lut_prefetch[pi])
                         : layerpack::kernels::nf4_matvec_with_path(w[i].m, x, batch, y, paths[pi], nullptr),
                     "nf4_matvec");
             },
@@ -237,6 +235,99 @@ int main(int argc, char** argv) {
     }
     cudaFree(w);
     cudaFree(logits);
+  }
+
+  // A whole decode layer's matrix work as the CUDA backend runs it: one launch per
+  // matrix plus SwiGLU and two residual adds, or the fused groups (q/k/v; o + add;
+  // gate/up + SwiGLU; down + add); plain launches and as one CUDA graph per set.
+  if (only_matrix.empty() || only_matrix == "layer") {
+    const int kMatrices = 7;
+    double set_bytes = 0;
+    for (const Shape& s : shapes) set_bytes += s.rows * s.cols / 2 + s.rows * s.cols / 64 + s.rows * s.cols / 64 / 256 * 4;
+    const int sets = static_cast<int>(std::max<double>(3, 4.0 * prop.l2CacheSize / set_bytes + 1));
+    std::vector<std::vector<Set>> layer(sets, std::vector<Set>(kMatrices));
+    for (int i = 0; i < sets; ++i)
+      for (int j = 0; j < kMatrices; ++j) {
+        const Shape& s = shapes[j];
+        const int64_t n = s.rows * s.cols, blocks = n / 64, nested = (blocks + 255) / 256;
+        Set& set = layer[i][j];
+        set.packed = device_alloc<uint8_t>(n / 2);
+        set.absmax = device_alloc<uint8_t>(blocks);
+        set.nested_absmax = device_alloc<float>(nested);
+        fill_random<<<1024, 256>>>(reinterpret_cast<uint32_t*>(set.packed), n / 8, 1000 + 7 * i + j);
+        fill_random<<<256, 256>>>(reinterpret_cast<uint32_t*>(set.absmax), blocks / 4, 2000 + 7 * i + j);
+        fill_uniform<<<64, 256>>>(set.nested_absmax, nested, 3000 + 7 * i + j, 0.02f, 0.08f);
+        NF4Matrix& m = set.m;
+        m.packed = set.packed;
+        m.code = code;
+        m.double_quant = true;
+        m.absmax_u8 = set.absmax;
+        m.nested_absmax = set.nested_absmax;
+        m.nested_code = nested_code;
+        m.nested_offset = 0.1f;
+        m.blocksize = 64;
+        m.nested_blocksize = 256;
+        m.rows = s.rows;
+        m.cols = s.cols;
+      }
+    check(cudaDeviceSynchronize(), "fill layer sets");
+    __nv_bfloat16 *q = device_alloc<__nv_bfloat16>(4096), *k = device_alloc<__nv_bfloat16>(1024),
+                  *v = device_alloc<__nv_bfloat16>(1024), *hidden = device_alloc<__nv_bfloat16>(4096),
+                  *delta = device_alloc<__nv_bfloat16>(4096), *gate = device_alloc<__nv_bfloat16>(14336),
+                  *up = device_alloc<__nv_bfloat16>(14336);
+    fill_bf16<<<16, 256>>>(hidden, 4096, 5);
+    using layerpack::kernels::MatvecEpilogue;
+    auto unfused = [&](int i, cudaStream_t st) {
+      const auto& L = layer[i];
+      check(layerpack::kernels::nf4_matvec(L[0].m, x, 1, q, st), "q");
+      check(layerpack::kernels::nf4_matvec(L[1].m, x, 1, k, st), "k");
+      check(layerpack::kernels::nf4_matvec(L[2].m, x, 1, v, st), "v");
+      check(layerpack::kernels::nf4_matvec(L[3].m, q, 1, delta, st), "o");
+      check(layerpack::kernels::residual_add(hidden, delta, 4096, st), "residual");
+      check(layerpack::kernels::nf4_matvec(L[4].m, x, 1, gate, st), "gate");
+      check(layerpack::kernels::nf4_matvec(L[5].m, x, 1, up, st), "up");
+      check(layerpack::kernels::swiglu(gate, up, 14336, gate, st), "swiglu");
+      check(layerpack::kernels::nf4_matvec(L[6].m, gate, 1, delta, st), "down");
+      check(layerpack::kernels::residual_add(hidden, delta, 4096, st), "residual");
+    };
+    auto fused = [&](int i, cudaStream_t st) {
+      const auto& L = layer[i];
+      NF4Matrix qkv[3] = {L[0].m, L[1].m, L[2].m}, o[1] = {L[3].m}, gu[2] = {L[4].m, L[5].m}, down[1] = {L[6].m};
+      __nv_bfloat16* qkv_out[3] = {q, k, v};
+      __nv_bfloat16* hidden_out[1] = {hidden};
+      __nv_bfloat16* gu_out[2] = {gate, nullptr};
+      check(layerpack::kernels::nf4_matvec_group(qkv, qkv_out, 3, x, 1, MatvecEpilogue::store, st), "qkv");
+      check(layerpack::kernels::nf4_matvec_group(o, hidden_out, 1, q, 1, MatvecEpilogue::add_to_output, st), "o");
+      check(layerpack::kernels::nf4_matvec_group(gu, gu_out, 2, x, 1, MatvecEpilogue::swiglu, st), "gate/up");
+      check(layerpack::kernels::nf4_matvec_group(down, hidden_out, 1, gate, 1, MatvecEpilogue::add_to_output, st),
+            "down");
+    };
+    cudaStream_t stream;
+    check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
+    const char* names[2] = {"unfused", "fused"};
+    for (int variant = 0; variant < 2; ++variant) {
+      auto body = [&](int i, cudaStream_t st) { variant == 0 ? unfused(i, st) : fused(i, st); };
+      // Plain launches on the legacy stream.
+      const double plain = time_rotating([&](int i) { body(i, nullptr); }, sets, sets * std::max(1, 32 / sets), repeats);
+      // One CUDA graph per set, replayed.
+      std::vector<cudaGraphExec_t> graphs(sets);
+      for (int i = 0; i < sets; ++i) {
+        cudaGraph_t graph;
+        check(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "capture");
+        body(i, stream);
+        check(cudaStreamEndCapture(stream, &graph), "end capture");
+        check(cudaGraphInstantiate(&graphs[i], graph, 0), "instantiate");
+        cudaGraphDestroy(graph);
+      }
+      const double graphed =
+          time_rotating([&](int i) { check(cudaGraphLaunch(graphs[i], nullptr), "graph launch"); }, sets,
+                        sets * std::max(1, 32 / sets), repeats);
+      for (auto g : graphs) cudaGraphExecDestroy(g);
+      const double floor_us = set_bytes / (copy_gbs * 1e9) * 1e6;
+      std::printf("layer %-8s launches %8.1f us (%5.1f%% of copy)   graph %8.1f us (%5.1f%% of copy)   floor %.1f us\n",
+                  names[variant], plain * 1e6, 100.0 * floor_us / (plain * 1e6), graphed * 1e6,
+                  100.0 * floor_us / (graphed * 1e6), floor_us);
+    }
   }
 
   std::printf("\nwhole decoder layer (q,k,v,o,gate,up,down; one launch each), against copy %.1f GB/s:\n", copy_gbs);

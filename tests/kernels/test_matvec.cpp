@@ -2,9 +2,11 @@
 #include <cublas_v2.h>
 
 #include <algorithm>
+#include <memory>
 #include <string>
 
 #include "kernel_test_util.h"
+#include "kernels/activation.cuh"
 #include "kernels/nf4_dequantize.cuh"
 #include "kernels/nf4_matvec.cuh"
 #include "kernels/nf4_matvec_reference.h"
@@ -218,6 +220,108 @@ TEST(NF4Matvec, RejectsBadArguments) {
   bad = w.device_view;
   bad.nested_code = nullptr;
   EXPECT_EQ(nf4_matvec(bad, as_bf16(dx.get()), 1, as_bf16(dy.get()), nullptr), cudaErrorInvalidValue);
+}
+
+// Grouped launches: every matrix's rows against the reference; add_to_output
+// and swiglu bit for bit against the group's own stored products run through
+// residual_add / swiglu (the arithmetic the backend used before fusing).
+void check_nf4_matvec_group(std::mt19937& rng, const std::vector<int64_t>& rows, int64_t cols, int batch, bool dq) {
+  const int count = static_cast<int>(rows.size());
+  std::vector<std::unique_ptr<RandomNF4>> weights;
+  std::vector<NF4Matrix> views;
+  for (int i = 0; i < count; ++i) {
+    weights.push_back(std::make_unique<RandomNF4>(rng, rows[i], cols, dq));
+    // Different nested offsets per matrix: the kernel must take each tile's own.
+    weights.back()->host_view.nested_offset = weights.back()->device_view.nested_offset = 0.05f * (i + 1);
+    views.push_back(weights.back()->device_view);
+  }
+  std::string what = "group";
+  for (int64_t r : rows) what += " " + std::to_string(r);
+  what += " x " + std::to_string(cols) + " batch " + std::to_string(batch) + (dq ? " double-quant" : "");
+  const auto x = random_bf16(rng, static_cast<size_t>(batch) * cols);
+  DeviceBuffer<uint16_t> dx(x.size());
+  dx.upload(x);
+  ASSERT_TRUE(nf4_matvec_group_applies(views.data(), count, as_bf16(dx.get()))) << what;
+
+  std::vector<std::unique_ptr<DeviceBuffer<uint16_t>>> stored;
+  std::vector<__nv_bfloat16*> outputs;
+  for (int i = 0; i < count; ++i) {
+    stored.push_back(std::make_unique<DeviceBuffer<uint16_t>>(static_cast<size_t>(batch) * rows[i]));
+    stored.back()->poison();
+    outputs.push_back(as_bf16(stored.back()->get()));
+  }
+  CUDA_OK(nf4_matvec_group(views.data(), outputs.data(), count, as_bf16(dx.get()), batch, MatvecEpilogue::store,
+                           nullptr));
+  CUDA_OK(cudaDeviceSynchronize());
+  for (int i = 0; i < count; ++i) {
+    std::vector<float> ref(static_cast<size_t>(batch) * rows[i]);
+    reference::nf4_matvec(weights[i]->host_view, x.data(), batch, ref.data(), reference::NF4Rounding::code);
+    expect_close(bf16_to_floats(stored[i]->download()), ref, kBf16Tolerance, what + " matrix " + std::to_string(i));
+  }
+
+  // add_to_output on the first matrix: residual + product, as residual_add rounds it.
+  const size_t first_size = static_cast<size_t>(batch) * rows[0];
+  const auto residual = random_bf16(rng, first_size, -4.0f, 4.0f);
+  DeviceBuffer<uint16_t> fused(first_size), separate(first_size);
+  fused.upload(residual);
+  separate.upload(residual);
+  // The product from a one-matrix launch: the same block shape as the fused one.
+  DeviceBuffer<uint16_t> product(first_size);
+  __nv_bfloat16* product_out[1] = {as_bf16(product.get())};
+  CUDA_OK(nf4_matvec_group(views.data(), product_out, 1, as_bf16(dx.get()), batch, MatvecEpilogue::store, nullptr));
+  __nv_bfloat16* fused_out[1] = {as_bf16(fused.get())};
+  CUDA_OK(nf4_matvec_group(views.data(), fused_out, 1, as_bf16(dx.get()), batch, MatvecEpilogue::add_to_output,
+                           nullptr));
+  CUDA_OK(residual_add(as_bf16(separate.get()), product_out[0], static_cast<int64_t>(first_size), nullptr));
+  CUDA_OK(cudaDeviceSynchronize());
+  EXPECT_EQ(fused.download(), separate.download()) << what << ": add_to_output differs from residual_add";
+
+  if (count == 2 && rows[0] == rows[1]) {
+    DeviceBuffer<uint16_t> gated(first_size), expected(first_size);
+    gated.poison();
+    __nv_bfloat16* swiglu_out[2] = {as_bf16(gated.get()), nullptr};
+    CUDA_OK(nf4_matvec_group(views.data(), swiglu_out, 2, as_bf16(dx.get()), batch, MatvecEpilogue::swiglu, nullptr));
+    CUDA_OK(swiglu(outputs[0], outputs[1], static_cast<int64_t>(first_size), as_bf16(expected.get()), nullptr));
+    CUDA_OK(cudaDeviceSynchronize());
+    EXPECT_EQ(gated.download(), expected.download()) << what << ": swiglu epilogue differs from swiglu()";
+  }
+}
+
+TEST(NF4MatvecGroup, EveryMatrixAndEpilogueMatches) {
+  std::mt19937 rng(4242);
+  for (bool dq : {true, false})
+    for (int batch : {1, 3, 8, 11}) {
+      check_nf4_matvec_group(rng, {733, 17, 5}, 384, batch, dq);  // odd rows, odd K / 128
+      check_nf4_matvec_group(rng, {48, 48}, 128, batch, dq);      // fewer tiles than warps' items
+      check_nf4_matvec_group(rng, {1}, 4096, batch, dq);
+    }
+  // Real shapes: q/k/v and gate/up of Llama-3-8B (more tiles than resident blocks).
+  check_nf4_matvec_group(rng, {4096, 1024, 1024}, 4096, 1, true);
+  check_nf4_matvec_group(rng, {14336, 14336}, 4096, 1, true);
+  check_nf4_matvec_group(rng, {14336, 14336}, 4096, 8, true);
+  check_nf4_matvec_group(rng, {4099, 4099}, 640, 2, false);
+}
+
+TEST(NF4MatvecGroup, RejectsMismatchedMatrices) {
+  std::mt19937 rng(6);
+  RandomNF4 a(rng, 32, 256, true), b(rng, 32, 384, true), c(rng, 16, 256, true), odd(rng, 32, 96, true);
+  DeviceBuffer<uint16_t> dx(384), dy(64), dz(64);
+  __nv_bfloat16* outputs[3] = {as_bf16(dy.get()), as_bf16(dz.get()), as_bf16(dz.get())};
+  NF4Matrix different_k[2] = {a.device_view, b.device_view};
+  EXPECT_FALSE(nf4_matvec_group_applies(different_k, 2, as_bf16(dx.get())));
+  EXPECT_EQ(nf4_matvec_group(different_k, outputs, 2, as_bf16(dx.get()), 1, MatvecEpilogue::store, nullptr),
+            cudaErrorInvalidValue);
+  NF4Matrix not_pair_lut[1] = {odd.device_view};
+  EXPECT_FALSE(nf4_matvec_group_applies(not_pair_lut, 1, as_bf16(dx.get())));
+  NF4Matrix unequal_rows[2] = {a.device_view, c.device_view};
+  EXPECT_EQ(nf4_matvec_group(unequal_rows, outputs, 2, as_bf16(dx.get()), 1, MatvecEpilogue::swiglu, nullptr),
+            cudaErrorInvalidValue);
+  NF4Matrix four[4] = {a.device_view, a.device_view, a.device_view, a.device_view};
+  EXPECT_FALSE(nf4_matvec_group_applies(four, 4, as_bf16(dx.get())));
+  __nv_bfloat16* missing[2] = {as_bf16(dy.get()), nullptr};
+  NF4Matrix pair[2] = {a.device_view, a.device_view};
+  EXPECT_EQ(nf4_matvec_group(pair, missing, 2, as_bf16(dx.get()), 1, MatvecEpilogue::store, nullptr),
+            cudaErrorInvalidValue);
 }
 
 void check_bf16_matvec(std::mt19937& rng, const Shape& s, int batch, MatvecPath path) {

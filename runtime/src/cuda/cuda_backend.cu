@@ -19,6 +19,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -173,6 +174,23 @@ bool environment_flag(const char* name, bool fallback) {
   return !(std::strcmp(value, "0") == 0 || std::strcmp(value, "off") == 0 || std::strcmp(value, "false") == 0);
 }
 
+// Whether the NF4 matrices of a layer file share one code table, read from the file
+// (64 bytes each): a grouped matvec builds its table from the first matrix's.
+bool same_code_tables(const LayerFileInfo& file, const std::vector<const TensorInfo*>& tensors) {
+  std::ifstream in(file.path, std::ios::binary);
+  if (!in) return false;
+  std::vector<char> first;
+  for (const TensorInfo* t : tensors) {
+    if (!t || t->dtype != DType::nf4 || !t->quant || t->quant->code.size < 64) return false;
+    std::vector<char> code(64);
+    in.seekg(static_cast<std::streamoff>(file.payload_offset + t->quant->code.offset));
+    if (!in.read(code.data(), 64)) return false;
+    if (first.empty()) first = code;
+    else if (code != first) return false;
+  }
+  return true;
+}
+
 // Matvecs take up to 8 rows per launch. Up to BackendOptions::matvec_max_rows (32)
 // rows a product runs as such launches (measured on an H200, 8B layer: 4 x 8 rows
 // ~0.42 ms against ~0.62 ms to dequantize each matrix for cuBLAS); above it the
@@ -194,9 +212,11 @@ class CudaBackend : public Backend {
   Status create();
   std::string name() const override { return "cuda"; }
   std::string description() const override {
-    if (!graph_note_.empty()) return description_ + "; " + graph_note_;
-    return description_ + (graphs_enabled_ ? "; decode layers replayed as CUDA graphs"
-                                           : "; CUDA graphs off (LAYERPACK_CUDA_GRAPHS=0)");
+    const std::string fused = fused_matvecs_ ? "; decode q/k/v, gate/up (+SwiGLU), o/down (+residual) fused"
+                                             : "; fused decode matvecs off (LAYERPACK_CUDA_FUSED=0)";
+    if (!graph_note_.empty()) return description_ + fused + "; " + graph_note_;
+    return description_ + fused +
+           (graphs_enabled_ ? "; decode layers replayed as CUDA graphs" : "; CUDA graphs off (LAYERPACK_CUDA_GRAPHS=0)");
   }
   KVCacheDType kv_cache_dtype() const override { return KVCacheDType::bf16; }
 
@@ -235,6 +255,12 @@ class CudaBackend : public Backend {
   // sequence) into a CUDA graph and replayed; every changing input (position, KV
   // length, activations) is read from device memory.
   Status layer_graph(uint32_t layer, SlotId slot_id, const DeviceSlot& slot, const TokenBatch& batch);
+  // Decode products of several NF4 matrices reading the same x in ONE launch, with
+  // the epilogue fused (kernels::nf4_matvec_group). Returns false, launching
+  // nothing, where the group does not apply; the caller then runs them one by one.
+  Result<bool> grouped_matvec(const char* role, const std::vector<const TensorInfo*>& weights,
+                              const DeviceSlot& slot, const bf16* x, uint32_t rows, std::vector<bf16*> outputs,
+                              kernels::MatvecEpilogue epilogue);
   Result<const float*> vector_pointer(const TensorInfo& tensor, const DeviceSlot& slot, uint64_t expected) const;
 
   BackendOptions options_;
@@ -286,6 +312,9 @@ class CudaBackend : public Backend {
   OpProfiler profiler_;
   int pass_profile_ = -1;  // profiler entry spanning embed() .. run_output()
   bool graphs_enabled_ = true;  // LAYERPACK_CUDA_GRAPHS=0 turns decode graphs off
+  bool fused_matvecs_ = true;   // LAYERPACK_CUDA_FUSED=0 launches every matrix on its own
+  // Per decoder layer: q/k/v and gate/up share a code table (may share a launch).
+  std::vector<uint8_t> qkv_tables_equal_, gate_up_tables_equal_;
   std::string graph_note_;
   std::map<std::tuple<uint32_t, SlotId, uint32_t>, cudaGraphExec_t> graphs_;
 };
@@ -340,6 +369,7 @@ Status CudaBackend::create() {
   CUDA_TRY(cudaEventCreateWithFlags(&inputs_consumed_, cudaEventDisableTiming), "creating events");
   if (environment_flag("LAYERPACK_CUDA_PROFILE", false)) profiler_.enable(compute_);
   graphs_enabled_ = environment_flag("LAYERPACK_CUDA_GRAPHS", true);
+  fused_matvecs_ = environment_flag("LAYERPACK_CUDA_FUSED", true);
   description_ = std::string("CUDA, ") + prop.name + " (sm_" + std::to_string(prop.major) +
                  std::to_string(prop.minor) + ", " + std::to_string(prop.totalGlobalMem >> 20) +
                  " MiB), bf16 activations and KV cache";
@@ -371,6 +401,17 @@ Status CudaBackend::initialize(const ModelPack& pack, const KVCacheLayout& kv_la
   // the GPU while each layer runs over it in max_rows_ chunks (16 KB a row at 70B).
   constexpr uint32_t kMaxSequenceRows = 4096;
   max_sequence_rows_ = std::max(max_rows_, std::min<uint32_t>(kv_layout.capacity, kMaxSequenceRows));
+
+  qkv_tables_equal_.assign(c.num_layers, 0);
+  gate_up_tables_equal_.assign(c.num_layers, 0);
+  if (fused_matvecs_) {
+    for (uint32_t layer = 0; layer < c.num_layers; ++layer) {
+      const DecoderTensors& d = pack.decoder(layer);
+      const LayerFileInfo& file = pack.unit(pack.decoder_unit(layer));
+      qkv_tables_equal_[layer] = same_code_tables(file, {d.q_proj, d.k_proj, d.v_proj});
+      gate_up_tables_equal_[layer] = same_code_tables(file, {d.gate_proj, d.up_proj});
+    }
+  }
 
   auto inverse = rope_inverse_frequencies(c);
   if (!inverse) return file_error(inverse.error().code, pack.directory() + "/manifest.lpk", inverse.error().message);
@@ -630,6 +671,26 @@ Status CudaBackend::linear(const char* role, const TensorInfo& weight, const Dev
                                                 "matrices, the pack has " + dtype_name(weight.dtype));
 }
 
+Result<bool> CudaBackend::grouped_matvec(const char* role, const std::vector<const TensorInfo*>& weights,
+                                         const DeviceSlot& slot, const bf16* x, uint32_t rows,
+                                         std::vector<bf16*> outputs, kernels::MatvecEpilogue epilogue) {
+  if (!fused_matvecs_ || (rows > options_.matvec_max_rows && dequantize_scratch_)) return false;
+  if (weights.empty() || weights.size() > size_t(kernels::kMaxMatvecGroup)) return false;
+  kernels::NF4Matrix views[kernels::kMaxMatvecGroup];
+  const int count = static_cast<int>(weights.size());
+  for (int i = 0; i < count; ++i) {
+    if (!weights[i] || weights[i]->dtype != DType::nf4) return false;
+    auto view = kernels::nf4_matrix_view(*weights[i], slot.data, slot.size);
+    if (!view) return view.error();
+    views[i] = view.value();
+  }
+  if (!kernels::nf4_matvec_group_applies(views, count, x)) return false;
+  ProfileScope profile(profiler_, "NF4 matvec ", role);
+  CUDA_TRY(kernels::nf4_matvec_group(views, outputs.data(), count, x, static_cast<int>(rows), epilogue, compute_),
+           std::string("NF4 matvec ") + role);
+  return true;
+}
+
 Status CudaBackend::run_decoder_layer(uint32_t layer, SlotId slot_id, const TokenBatch& batch) {
   DeviceSlot slot;
   {
@@ -699,9 +760,18 @@ Status CudaBackend::layer_rows(uint32_t layer, const DeviceSlot& slot, const Tok
     ProfileScope profile(profiler_, "RMSNorm");
     CUDA_TRY(kernels::rms_norm(hidden, attention_norm.value(), eps_, rows, hidden_, normed_, compute_), "RMSNorm");
   }
-  LAYERPACK_TRY(linear("q_proj", *d.q_proj, slot, normed_, rows, q_));
-  LAYERPACK_TRY(linear("k_proj", *d.k_proj, slot, normed_, rows, k_));
-  LAYERPACK_TRY(linear("v_proj", *d.v_proj, slot, normed_, rows, v_));
+  bool fused = false;
+  if (qkv_tables_equal_[layer]) {
+    auto grouped = grouped_matvec("q/k/v", {d.q_proj, d.k_proj, d.v_proj}, slot, normed_, rows, {q_, k_, v_},
+                                  kernels::MatvecEpilogue::store);
+    if (!grouped) return grouped.error();
+    fused = grouped.value();
+  }
+  if (!fused) {
+    LAYERPACK_TRY(linear("q_proj", *d.q_proj, slot, normed_, rows, q_));
+    LAYERPACK_TRY(linear("k_proj", *d.k_proj, slot, normed_, rows, k_));
+    LAYERPACK_TRY(linear("v_proj", *d.v_proj, slot, normed_, rows, v_));
+  }
   struct Bias {
     const TensorInfo* tensor;
     bf16* out;
@@ -790,23 +860,41 @@ Status CudaBackend::layer_rows(uint32_t layer, const DeviceSlot& slot, const Tok
     ProfileScope profile(profiler_, "attention");
     CUDA_TRY(kernels::attention(args, attention_workspace_, compute_), "attention");
   }
-  LAYERPACK_TRY(linear("o_proj", *d.o_proj, slot, attention_out_, rows, delta_));
-
   // MLP block: hidden += o_proj(...); normed = RMSNorm(hidden); down(silu(gate) * up).
-  {
+  // Fused or not, the arithmetic is the same: each product rounded to bf16 first.
+  auto o_grouped = grouped_matvec("o_proj (+residual)", {d.o_proj}, slot, attention_out_, rows, {hidden},
+                                  kernels::MatvecEpilogue::add_to_output);
+  if (!o_grouped) return o_grouped.error();
+  if (o_grouped.value()) {
+    ProfileScope profile(profiler_, "RMSNorm");
+    CUDA_TRY(kernels::rms_norm(hidden, ffn_norm.value(), eps_, rows, hidden_, normed_, compute_), "RMSNorm");
+  } else {
+    LAYERPACK_TRY(linear("o_proj", *d.o_proj, slot, attention_out_, rows, delta_));
     ProfileScope profile(profiler_, "residual add + RMSNorm");
     CUDA_TRY(kernels::add_rms_norm(hidden, delta_, ffn_norm.value(), eps_, rows, hidden_, normed_, compute_),
              "residual add + RMSNorm");
   }
-  LAYERPACK_TRY(linear("gate_proj", *d.gate_proj, slot, normed_, rows, gate_));
-  LAYERPACK_TRY(linear("up_proj", *d.up_proj, slot, normed_, rows, up_));
-  {
+  fused = false;
+  if (gate_up_tables_equal_[layer]) {
+    auto grouped = grouped_matvec("gate/up (+SwiGLU)", {d.gate_proj, d.up_proj}, slot, normed_, rows,
+                                  {gate_, nullptr}, kernels::MatvecEpilogue::swiglu);
+    if (!grouped) return grouped.error();
+    fused = grouped.value();
+  }
+  if (!fused) {
+    LAYERPACK_TRY(linear("gate_proj", *d.gate_proj, slot, normed_, rows, gate_));
+    LAYERPACK_TRY(linear("up_proj", *d.up_proj, slot, normed_, rows, up_));
     ProfileScope profile(profiler_, "SwiGLU");
     CUDA_TRY(kernels::swiglu(gate_, up_, int64_t(rows) * intermediate_, gate_, compute_), "SwiGLU");
   }
-  LAYERPACK_TRY(linear("down_proj", *d.down_proj, slot, gate_, rows, delta_));
-  ProfileScope profile(profiler_, "residual add");
-  CUDA_TRY(kernels::residual_add(hidden, delta_, int64_t(rows) * hidden_, compute_), "residual add");
+  auto down_grouped = grouped_matvec("down_proj (+residual)", {d.down_proj}, slot, gate_, rows, {hidden},
+                                     kernels::MatvecEpilogue::add_to_output);
+  if (!down_grouped) return down_grouped.error();
+  if (!down_grouped.value()) {
+    LAYERPACK_TRY(linear("down_proj", *d.down_proj, slot, gate_, rows, delta_));
+    ProfileScope profile(profiler_, "residual add");
+    CUDA_TRY(kernels::residual_add(hidden, delta_, int64_t(rows) * hidden_, compute_), "residual add");
+  }
   return Status::success();
 }
 
