@@ -80,40 +80,78 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(AttentionArgs
   for (int i = threadIdx.x; i < group * hd; i += blockDim.x) q_s[i] = __bfloat162float(q_rows[i]) * a.scale;
   __syncthreads();
 
-  // Scores: one thread per position, the key row read in 16-byte pieces.
-  for (int64_t local = threadIdx.x; local < span; local += blockDim.x) {
-    const int64_t pos = begin + local;
-    float acc[kMaxGroup];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  if (span <= 2 * warps) {
+    // Few positions (decode spreads a short context over many splits): one warp per
+    // position, its lanes over 16-byte pieces of the key row, so a score costs one
+    // load round trip instead of hd / 8 dependent ones.
+    for (int64_t local = warp; local < span; local += warps) {
+      const int64_t pos = begin + local;
+      const bool valid = pos < end && pos >= window_start;
+      float acc[kMaxGroup];
 #pragma unroll
-    for (int g = 0; g < kMaxGroup; ++g) acc[g] = 0.0f;
-    const bool valid = pos < end && pos >= window_start;
-    if (valid) {
-      const uint4* krow = reinterpret_cast<const uint4*>(k_head + pos * hd);
-      for (int d8 = 0; d8 < hd / 8; ++d8) {
-        const uint4 kv = __ldg(krow + d8);
-        const uint32_t words[4] = {kv.x, kv.y, kv.z, kv.w};
-        float kf[8];
+      for (int g = 0; g < kMaxGroup; ++g) acc[g] = 0.0f;
+      if (valid) {
+        const uint4* krow = reinterpret_cast<const uint4*>(k_head + pos * hd);
+        for (int d8 = lane; d8 < hd / 8; d8 += 32) {
+          const uint4 kv = __ldg(krow + d8);
+          const uint32_t words[4] = {kv.x, kv.y, kv.z, kv.w};
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          kf[2 * i] = detail::bf16_low(words[i]);
-          kf[2 * i + 1] = detail::bf16_high(words[i]);
-        }
+          for (int g = 0; g < kMaxGroup; ++g) {
+            if (g < group) {
+              const float* qg = q_s + g * hd + d8 * 8;
 #pragma unroll
-        for (int g = 0; g < kMaxGroup; ++g) {
-          if (g < group) {
-            const float* qg = q_s + g * hd + d8 * 8;
-#pragma unroll
-            for (int i = 0; i < 8; ++i) acc[g] = fmaf(qg[i], kf[i], acc[g]);
+              for (int i = 0; i < 4; ++i) {
+                acc[g] = fmaf(qg[2 * i], detail::bf16_low(words[i]), acc[g]);
+                acc[g] = fmaf(qg[2 * i + 1], detail::bf16_high(words[i]), acc[g]);
+              }
+            }
           }
         }
       }
+#pragma unroll
+      for (int g = 0; g < kMaxGroup; ++g) {
+        if (g < group) {
+          const float total = detail::warp_sum(acc[g]);
+          if (lane == 0) scores[g * split_size + local] = valid ? total : -INFINITY;
+        }
+      }
     }
-    for (int g = 0; g < group; ++g) scores[g * split_size + local] = valid ? acc[g] : -INFINITY;
+  } else {
+    // Scores: one thread per position, the key row read in 16-byte pieces.
+    for (int64_t local = threadIdx.x; local < span; local += blockDim.x) {
+      const int64_t pos = begin + local;
+      float acc[kMaxGroup];
+#pragma unroll
+      for (int g = 0; g < kMaxGroup; ++g) acc[g] = 0.0f;
+      const bool valid = pos < end && pos >= window_start;
+      if (valid) {
+        const uint4* krow = reinterpret_cast<const uint4*>(k_head + pos * hd);
+        for (int d8 = 0; d8 < hd / 8; ++d8) {
+          const uint4 kv = __ldg(krow + d8);
+          const uint32_t words[4] = {kv.x, kv.y, kv.z, kv.w};
+          float kf[8];
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            kf[2 * i] = detail::bf16_low(words[i]);
+            kf[2 * i + 1] = detail::bf16_high(words[i]);
+          }
+#pragma unroll
+          for (int g = 0; g < kMaxGroup; ++g) {
+            if (g < group) {
+              const float* qg = q_s + g * hd + d8 * 8;
+#pragma unroll
+              for (int i = 0; i < 8; ++i) acc[g] = fmaf(qg[i], kf[i], acc[g]);
+            }
+          }
+        }
+      }
+      for (int g = 0; g < group; ++g) scores[g * split_size + local] = valid ? acc[g] : -INFINITY;
+    }
   }
   __syncthreads();
 
   // Softmax pieces: warp w handles heads w, w+4, ...
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   for (int g = warp; g < group; g += warps) {
     float* s = scores + g * split_size;
     float m = -INFINITY;
@@ -181,25 +219,59 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(AttentionArgs
   }
 }
 
-// Block: (q head, query). Rescales every split to the global max and normalizes.
-__global__ void attention_combine_kernel(AttentionArgs a, Workspace ws, int64_t stride, int64_t splits) {
+// Block: (q head, query), 128 threads. Rescales every split to the global max and
+// normalizes. The split statistics are read by all threads at once (a decode
+// spreads a short context over ~33 splits: a serial walk cost one round trip per split).
+constexpr int kCombineThreads = 128;
+__global__ void __launch_bounds__(kCombineThreads)
+    attention_combine_kernel(AttentionArgs a, Workspace ws, int64_t stride, int64_t splits) {
+  __shared__ float scratch[32];
+  __shared__ float weights[kCombineThreads];
   const int head = blockIdx.x, query = blockIdx.y;
   const int64_t row0 = (static_cast<int64_t>(query) * a.q_heads + head) * stride;
   float m = -INFINITY;
-  for (int64_t s = 0; s < splits; ++s) m = fmaxf(m, ws.partial_max[row0 + s]);
+  for (int64_t s = threadIdx.x; s < splits; s += blockDim.x) m = fmaxf(m, ws.partial_max[row0 + s]);
+  m = detail::block_max(m, scratch);
   float denominator = 0.0f;
-  for (int64_t s = 0; s < splits; ++s) {
+  for (int64_t s = threadIdx.x; s < splits; s += blockDim.x) {
     const float ms = ws.partial_max[row0 + s];
     if (ms != -INFINITY) denominator += __expf(ms - m) * ws.partial_sum[row0 + s];
   }
+  denominator = detail::block_sum(denominator, scratch);
   const float inv = denominator > 0.0f ? 1.0f / denominator : 0.0f;
-  for (int d = threadIdx.x; d < a.head_dim; d += blockDim.x) {
-    float sum = 0.0f;
-    for (int64_t s = 0; s < splits; ++s) {
+  // Each thread owns dims threadIdx.x and threadIdx.x + 128 (head_dim <= 256).
+  float sum[2] = {0.0f, 0.0f};
+  const int hd = a.head_dim;
+  for (int64_t chunk = 0; chunk < splits; chunk += kCombineThreads) {
+    __syncthreads();  // the previous chunk's weights are read by everyone
+    const int64_t s = chunk + threadIdx.x;
+    float w = 0.0f;
+    if (s < splits) {
       const float ms = ws.partial_max[row0 + s];
-      if (ms != -INFINITY) sum += __expf(ms - m) * ws.partial_out[(row0 + s) * a.head_dim + d];
+      w = ms == -INFINITY ? 0.0f : __expf(ms - m);
     }
-    a.out[(static_cast<int64_t>(query) * a.q_heads + head) * a.head_dim + d] = __float2bfloat16_rn(sum * inv);
+    weights[threadIdx.x] = w;
+    __syncthreads();
+    const int count = static_cast<int>(min(static_cast<int64_t>(kCombineThreads), splits - chunk));
+    const float* out0 = ws.partial_out + (row0 + chunk) * hd;
+#pragma unroll 8
+    for (int j = 0; j < count; ++j) {
+      const float wj = weights[j];
+      // An empty split's partial_out was never written: select, never multiply it.
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        const int d = threadIdx.x + k * kCombineThreads;
+        if (d < hd) {
+          const float v = out0[static_cast<int64_t>(j) * hd + d];
+          sum[k] += wj != 0.0f ? wj * v : 0.0f;
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    const int d = threadIdx.x + k * kCombineThreads;
+    if (d < hd) a.out[(static_cast<int64_t>(query) * a.q_heads + head) * hd + d] = __float2bfloat16_rn(sum[k] * inv);
   }
 }
 
@@ -273,8 +345,8 @@ cudaError_t attention(const AttentionArgs& a, void* workspace, cudaStream_t stre
   cudaError_t err = detail::last_launch_error();
   if (err != cudaSuccess) return err;
   // Only the first `splits` splits ran (capacity may cut max_kv_length); the layout stride stays split.count.
-  attention_combine_kernel<<<dim3(static_cast<unsigned>(a.q_heads), static_cast<unsigned>(a.queries)), 128, 0,
-                             stream>>>(a, ws, split.count, splits);
+  attention_combine_kernel<<<dim3(static_cast<unsigned>(a.q_heads), static_cast<unsigned>(a.queries)),
+                             kCombineThreads, 0, stream>>>(a, ws, split.count, splits);
   return detail::last_launch_error();
 }
 

@@ -263,20 +263,7 @@ struct PairLutGroup {
   int block_shift;            // log2(blocksize)
   int nested_shift;           // log2(nested_blocksize)
   uint32_t tiles;             // tiles of the launch (swiglu: units of a gate and an up tile)
-  uint32_t prefetch_row_bytes;  // L2 prefetch of a block's next tile: bytes per row (0: off)
 };
-
-// Default L2 prefetch per row of the next tile (whole rows up to K = 8192; the
-// first 4 KB of longer rows, so the blocks' prefetches stay well inside L2).
-constexpr uint32_t kPrefetchRowBytes = 4096;
-
-// The TMA unit fetches [ptr, ptr + bytes) into L2 (sm_90): no registers held, no
-// completion to wait for. ptr and bytes multiples of 16.
-__device__ __forceinline__ void prefetch_l2(const void* ptr, uint32_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(ptr), "r"(bytes) : "memory");
-#endif
-}
 
 template <int kWarps>
 struct PairLutLayout {
@@ -374,33 +361,6 @@ __device__ __forceinline__ PairLutTile pair_lut_tile_at(const PairLutGroup& grp,
   return t;
 }
 
-// Warp 0 asks for a tile ahead of use: lanes 0..15 one row each (its first
-// prefetch_row_bytes), lane 16 the tile's absmax bytes. Loads of the tile then hit
-// L2: the one-item register prefetch alone kept too few bytes in flight per SM
-// for DRAM latency under load (NOTES.md).
-template <bool kDoubleQuant>
-__device__ __forceinline__ void pair_lut_prefetch_tile(const PairLutGroup& grp, PairLutTile t, int lane) {
-  if (!t.valid || grp.prefetch_row_bytes == 0) return;
-  const PairLutMatrix& m = grp.m[t.matrix];
-  const uint32_t row_bytes = grp.cols / 2;
-  const uint32_t first_row = t.tile * 16, rows = min(16u, m.rows - first_row);
-  if (lane < 16) {
-    if (static_cast<uint32_t>(lane) < rows)
-      prefetch_l2(m.packed + static_cast<uint64_t>(first_row + lane) * row_bytes,
-                  min(row_bytes, grp.prefetch_row_bytes));
-  } else if (lane == 16) {
-    // The absmax entries of the tile's elements, widened to 16-byte bounds (the
-    // payload's buffers are 256-byte aligned, so this stays inside the buffer's pages).
-    constexpr uint64_t kEntry = kDoubleQuant ? 1 : 4;
-    const uint64_t first = (static_cast<uint64_t>(first_row) * grp.cols >> grp.block_shift) * kEntry;
-    const uint64_t end = ((static_cast<uint64_t>(first_row + rows) * grp.cols + (1u << grp.block_shift) - 1) >>
-                          grp.block_shift) * kEntry;
-    const uint64_t start = first & ~uint64_t{15};
-    const uint64_t bytes = ((end + 15) & ~uint64_t{15}) - start;
-    prefetch_l2(static_cast<const uint8_t*>(m.absmax) + start, static_cast<uint32_t>(bytes));
-  }
-}
-
 template <int kWarps, typename OutT>
 __device__ __forceinline__ void pair_lut_finish_tile(const PairLutGroup& grp, uint8_t* smem, float (&acc)[4],
                                                      int parity, PairLutTile t, int batch, int warp, int lane) {
@@ -486,10 +446,6 @@ __global__ void __launch_bounds__(kWarps * 32, kBlocksPerSM)
   const bool warp_works = static_cast<uint32_t>(warp) < items;
   if (warp_works && load_tile.valid)
     pair_lut_load<kDoubleQuant>(stage_a, grp.nested_shift, load_rows, scale_index, warp, steps);
-  if (warp == 0) {
-    pair_lut_prefetch_tile<kDoubleQuant>(grp, load_tile, lane);
-    pair_lut_prefetch_tile<kDoubleQuant>(grp, pair_lut_tile_at(grp, 1), lane);
-  }
 
   // Table fill while the first loads are in flight: 8 lanes write one entry's 128 bytes.
   for (int chunk = threadIdx.x; chunk < 256 * 8; chunk += kWarps * 32) {
@@ -616,8 +572,6 @@ __global__ void __launch_bounds__(kWarps * 32, kBlocksPerSM)
       item = warp;
       tile = pair_lut_tile_at(grp, ++compute_index);
       if constexpr (kDoubleQuant) enter_tile();
-      // The block enters tile s: its tile s + 1 goes to L2 now.
-      if (warp == 0 && tile.valid) pair_lut_prefetch_tile<kDoubleQuant>(grp, pair_lut_tile_at(grp, compute_index + 1), lane);
     }
   };
   while (tile.valid) {
@@ -820,7 +774,6 @@ cudaError_t launch_pair_lut(const PairLutGroup& grp, const __nv_bfloat16* x, int
 struct PairLutShape {
   int warps, blocks_per_sm;
   bool x_first = false;
-  int prefetch_row_bytes = -1;  // -1: kPrefetchRowBytes
 };
 // Fastest measured (H200, NOTES.md v4): 8 warps x 2 blocks per SM with the x loads
 // first (123 registers) when there are at least as many 16-row tiles as SMs;
@@ -853,7 +806,7 @@ cudaError_t launch_pair_lut_shape(PairLutShape shape, const PairLutGroup& grp, c
 // outputs of batch rows starting at `first_row`.
 template <typename OutT>
 PairLutGroup pair_lut_group(const NF4Matrix* matrices, OutT* const* outputs, int count, int first_row,
-                            MatvecEpilogue epilogue, uint32_t prefetch_row_bytes = kPrefetchRowBytes) {
+                            MatvecEpilogue epilogue) {
   PairLutGroup grp{};
   grp.code = matrices[0].code;
   grp.count = count;
@@ -879,18 +832,13 @@ PairLutGroup pair_lut_group(const NF4Matrix* matrices, OutT* const* outputs, int
   }
   // SwiGLU counts units (a gate tile and its up tile).
   grp.tiles = grp.epilogue == kEpilogueSwiglu ? grp.m[1].first_tile : tiles;
-  grp.prefetch_row_bytes = prefetch_row_bytes;
   return grp;
 }
 
 template <typename OutT>
 cudaError_t pair_lut_dispatch(const PairLutGroup& grp, bool double_quant, const __nv_bfloat16* x, int batch,
                               PairLutShape shape, cudaStream_t stream) {
-  if (shape.warps == 0) {
-    const int prefetch = shape.prefetch_row_bytes;
-    shape = pair_lut_automatic_shape(grp.epilogue == kEpilogueSwiglu ? 2 * grp.tiles : grp.tiles);
-    shape.prefetch_row_bytes = prefetch;
-  }
+  if (shape.warps == 0) shape = pair_lut_automatic_shape(grp.epilogue == kEpilogueSwiglu ? 2 * grp.tiles : grp.tiles);
   return double_quant ? launch_pair_lut_shape<true, OutT>(shape, grp, x, batch, stream)
                       : launch_pair_lut_shape<false, OutT>(shape, grp, x, batch, stream);
 }
@@ -915,10 +863,7 @@ cudaError_t nf4_matvec_dispatch(const NF4Matrix& m, const __nv_bfloat16* x, int 
     OutT* yp = y + static_cast<int64_t>(b0) * m.rows;
     if (path == MatvecPath::tensor_core_pair_lut) {
       OutT* const outputs[1] = {yp};
-      const uint32_t prefetch = pair_lut_shape.prefetch_row_bytes < 0
-                                    ? kPrefetchRowBytes
-                                    : static_cast<uint32_t>(pair_lut_shape.prefetch_row_bytes) & ~15u;
-      const PairLutGroup grp = pair_lut_group(&m, outputs, 1, 0, MatvecEpilogue::store, prefetch);
+      const PairLutGroup grp = pair_lut_group(&m, outputs, 1, 0, MatvecEpilogue::store);
       const cudaError_t err = pair_lut_dispatch<OutT>(grp, m.double_quant, xp, pass, pair_lut_shape, stream);
       if (err != cudaSuccess) return err;
       continue;
@@ -984,10 +929,9 @@ cudaError_t nf4_matvec_with_path(const NF4Matrix& weight, const __nv_bfloat16* x
   return nf4_matvec_dispatch(weight, x, batch, y, path, stream);
 }
 cudaError_t nf4_matvec_pair_lut(const NF4Matrix& weight, const __nv_bfloat16* x, int batch, __nv_bfloat16* y,
-                                int warps_per_block, int blocks_per_sm, bool x_first, cudaStream_t stream,
-                                int l2_prefetch_row_bytes) {
+                                int warps_per_block, int blocks_per_sm, bool x_first, cudaStream_t stream) {
   return nf4_matvec_dispatch(weight, x, batch, y, MatvecPath::tensor_core_pair_lut, stream,
-                             PairLutShape{warps_per_block, blocks_per_sm, x_first, l2_prefetch_row_bytes});
+                             PairLutShape{warps_per_block, blocks_per_sm, x_first});
 }
 MatvecPath nf4_matvec_automatic_path(const NF4Matrix& weight, const __nv_bfloat16* x) {
   return resolve_path(weight, x);

@@ -52,11 +52,8 @@ MatvecPath nf4_matvec_automatic_path(const NF4Matrix& weight, const __nv_bfloat1
 // blocks per SM) one of (8, 3), (8, 2), (16, 1); x_first (with (8, 2) or
 // (16, 1) only) issues all of an item's x loads before its first use. (0, 0,
 // false) is the automatic choice. Others return cudaErrorInvalidValue.
-// l2_prefetch_row_bytes: how much of each row of a block's next tile the TMA unit
-// prefetches into L2 (sm_90; multiple of 16; 0 off; -1 the default, 4096).
 cudaError_t nf4_matvec_pair_lut(const NF4Matrix& weight, const __nv_bfloat16* x, int batch, __nv_bfloat16* y,
-                                int warps_per_block, int blocks_per_sm, bool x_first, cudaStream_t stream,
-                                int l2_prefetch_row_bytes = -1);
+                                int warps_per_block, int blocks_per_sm, bool x_first, cudaStream_t stream);
 // Several NF4 matrices that read the same x, in ONE launch of the pair-LUT kernel
 // (decode: q/k/v, gate/up; o/down with the residual add). All matrices must take
 // the pair-LUT path (nf4_matvec_group_applies) and share cols, blocksize,

@@ -140,15 +140,15 @@ int main(int argc, char** argv) {
   const Shape shapes[] = {{"q_proj", 4096, 4096},     {"k_proj", 1024, 4096},  {"v_proj", 1024, 4096},
                           {"o_proj", 4096, 4096},     {"gate_proj", 14336, 4096}, {"up_proj", 14336, 4096},
                           {"down_proj", 4096, 14336}};
-  // Variants: the 16-row tensor-core kernel (v1), the pair-LUT kernel with its
-  // automatic block shape and each L2 prefetch size of the next tile's rows
-  // (-1: the library default), and nf4_matvec's choice.
-  constexpr int kPaths = 6;
+  // Variants: the 16-row tensor-core kernel (v1), the pair-LUT kernel with two
+  // block shapes (warps per block x blocks per SM, x loads first), and nf4_matvec's choice.
+  constexpr int kPaths = 4;
   const MatvecPath paths[kPaths] = {MatvecPath::tensor_core_16_rows, MatvecPath::tensor_core_pair_lut,
-                                    MatvecPath::tensor_core_pair_lut, MatvecPath::tensor_core_pair_lut,
                                     MatvecPath::tensor_core_pair_lut, MatvecPath::automatic};
-  const int pair_lut_prefetch[kPaths] = {0, 0, 2048, 4096, 16384, -1};
-  const char* path_names[kPaths] = {"tc16", "pl-pf0", "pl-pf2k", "pl-pf4k", "pl-pf16k", "auto"};
+  const int pair_lut_warps[kPaths] = {0, 8, 16, 0};
+  const int pair_lut_blocks_per_sm[kPaths] = {0, 2, 1, 0};
+  const bool pair_lut_x_first[kPaths] = {false, true, false, false};
+  const char* path_names[kPaths] = {"tc16", "pl8x2xf", "pl16x1", "auto"};
 
   __nv_bfloat16* x = device_alloc<__nv_bfloat16>(8 * 14336);
   __nv_bfloat16* y = device_alloc<__nv_bfloat16>(8 * 14336);
@@ -195,8 +195,9 @@ int main(int argc, char** argv) {
         const double sec = time_rotating(
             [&](int i) {
               check(paths[pi] == MatvecPath::tensor_core_pair_lut
-                        ? layerpack::kernels::nf4_matvec_pair_lut(w[i].m, x, batch, y, 0, 0, false, nullptr,
-                                                                  pair_lut_prefetch[pi])
+                        ? layerpack::kernels::nf4_matvec_pair_lut(w[i].m, x, batch, y, pair_lut_warps[pi],
+                                                                  pair_lut_blocks_per_sm[pi], pair_lut_x_first[pi],
+                                                                  nullptr)
                         : layerpack::kernels::nf4_matvec_with_path(w[i].m, x, batch, y, paths[pi], nullptr),
                     "nf4_matvec");
             },
