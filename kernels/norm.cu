@@ -113,7 +113,8 @@ bool launch_vector(const __nv_bfloat16* x, __nv_bfloat16* residual, const __nv_b
   const int64_t chunks = dim / 8;
   if (chunks > 2 * kVectorMaxThreads) return false;
   const int kChunks = chunks > kVectorMaxThreads ? 2 : 1;
-  const int threads = static_cast<int>(std::min<int64_t>(kVectorMaxThreads, (chunks / kChunks + 31) / 32 * 32));
+  const int64_t threads_needed = (chunks + kChunks - 1) / kChunks;  // before rounding up to whole warps
+  const int threads = static_cast<int>(std::min<int64_t>(kVectorMaxThreads, (threads_needed + 31) / 32 * 32));
   const unsigned grid = static_cast<unsigned>(rows);
   if (kChunks == 1)
     rms_norm_vector_kernel<kAddResidual, 1><<<grid, threads, 0, stream>>>(x, residual, delta, weight, eps, dim, out);
