@@ -229,15 +229,19 @@ __global__ void __launch_bounds__(kCombineThreads)
   __shared__ float weights[kCombineThreads];
   const int head = blockIdx.x, query = blockIdx.y;
   const int64_t row0 = (static_cast<int64_t>(query) * a.q_heads + head) * stride;
+  // Few splits (prefill: a span of 64-256 positions each): every thread walks them,
+  // no barriers. Many (decode spreads the context): the threads share the walk.
+  const bool shared_walk = splits > 8;
+  const int64_t first = shared_walk ? threadIdx.x : 0, step = shared_walk ? blockDim.x : 1;
   float m = -INFINITY;
-  for (int64_t s = threadIdx.x; s < splits; s += blockDim.x) m = fmaxf(m, ws.partial_max[row0 + s]);
-  m = detail::block_max(m, scratch);
+  for (int64_t s = first; s < splits; s += step) m = fmaxf(m, ws.partial_max[row0 + s]);
+  if (shared_walk) m = detail::block_max(m, scratch);
   float denominator = 0.0f;
-  for (int64_t s = threadIdx.x; s < splits; s += blockDim.x) {
+  for (int64_t s = first; s < splits; s += step) {
     const float ms = ws.partial_max[row0 + s];
     if (ms != -INFINITY) denominator += __expf(ms - m) * ws.partial_sum[row0 + s];
   }
-  denominator = detail::block_sum(denominator, scratch);
+  if (shared_walk) denominator = detail::block_sum(denominator, scratch);
   const float inv = denominator > 0.0f ? 1.0f / denominator : 0.0f;
   // Each thread owns dims threadIdx.x and threadIdx.x + 128 (head_dim <= 256).
   float sum[2] = {0.0f, 0.0f};

@@ -576,12 +576,14 @@ __global__ void __launch_bounds__(kWarps * 32, kBlocksPerSM)
   };
   while (tile.valid) {
     advance_load();
-    if (load_tile.valid) pair_lut_load<kDoubleQuant>(stage_b, grp.nested_shift, load_rows, scale_index, load_item, steps);
+    if (load_tile.valid)
+      pair_lut_load<kDoubleQuant>(stage_b, grp.nested_shift, load_rows, scale_index, load_item, steps);
     compute(stage_a, item);
     advance_compute();
     if (!tile.valid) break;
     advance_load();
-    if (load_tile.valid) pair_lut_load<kDoubleQuant>(stage_a, grp.nested_shift, load_rows, scale_index, load_item, steps);
+    if (load_tile.valid)
+      pair_lut_load<kDoubleQuant>(stage_a, grp.nested_shift, load_rows, scale_index, load_item, steps);
     compute(stage_b, item);
     advance_compute();
   }

@@ -135,7 +135,8 @@ int threads_for(int64_t dim) {
 cudaError_t rms_norm(const __nv_bfloat16* x, const float* weight, float eps, int64_t rows, int64_t dim,
                      __nv_bfloat16* out, cudaStream_t stream) {
   if (!x || !weight || !out || rows <= 0 || dim <= 0 || rows > 0x7fffffff) return cudaErrorInvalidValue;
-  if (launch_vector<false>(x, nullptr, nullptr, weight, eps, rows, dim, out, stream)) return detail::last_launch_error();
+  if (launch_vector<false>(x, nullptr, nullptr, weight, eps, rows, dim, out, stream))
+    return detail::last_launch_error();
   rms_norm_kernel<false><<<static_cast<unsigned>(rows), threads_for(dim), 0, stream>>>(x, nullptr, nullptr, weight,
                                                                                         eps, dim, out);
   return detail::last_launch_error();

@@ -5,10 +5,11 @@
 namespace layerpack::kernels {
 namespace {
 
-// One thread per rotated pair.
+// One thread per rotated pair. With a cache, the thread of a k pair also stores
+// the rotated pair and the same pair of v in the token's KV-cache row.
 __global__ void rope_kernel(__nv_bfloat16* q, __nv_bfloat16* k, const int32_t* __restrict__ positions,
                             const float* __restrict__ inv_freq, int64_t tokens, int q_heads, int kv_heads,
-                            int half) {
+                            int half, RopeCacheAppend cache) {
   const int heads = q_heads + (k ? kv_heads : 0);
   const int64_t total = tokens * heads * half;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
@@ -22,8 +23,22 @@ __global__ void rope_kernel(__nv_bfloat16* q, __nv_bfloat16* k, const int32_t* _
     float s, c;
     sincosf(angle, &s, &c);
     const float x1 = __bfloat162float(v[i]), x2 = __bfloat162float(v[i + half]);
-    v[i] = __float2bfloat16_rn(x1 * c - x2 * s);
-    v[i + half] = __float2bfloat16_rn(x2 * c + x1 * s);
+    const __nv_bfloat16 y1 = __float2bfloat16_rn(x1 * c - x2 * s), y2 = __float2bfloat16_rn(x2 * c + x1 * s);
+    v[i] = y1;
+    v[i + half] = y2;
+    if (cache.k_cache && head >= q_heads) {
+      // kv_cache_append's layout: [sequence][kv head][capacity][head_dim].
+      const int64_t pos = positions[token];
+      if (pos < 0 || pos >= cache.capacity) continue;
+      const int kv_head = head - q_heads;
+      const int64_t sequence = cache.sequences ? cache.sequences[token] : token;
+      const int64_t dst = sequence * cache.sequence_stride + (kv_head * cache.capacity + pos) * 2 * half;
+      const __nv_bfloat16* v_row = cache.v_new + (token * kv_heads + kv_head) * 2 * half;
+      cache.k_cache[dst + i] = y1;
+      cache.k_cache[dst + i + half] = y2;
+      cache.v_cache[dst + i] = v_row[i];
+      cache.v_cache[dst + i + half] = v_row[i + half];
+    }
   }
 }
 
@@ -40,7 +55,24 @@ cudaError_t rope_apply(__nv_bfloat16* q, __nv_bfloat16* k, const int32_t* positi
   int64_t blocks = (total + kThreads - 1) / kThreads;
   if (blocks > 65535 * 8) blocks = 65535 * 8;
   rope_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(q, k, positions, inv_freq, tokens, q_heads,
-                                                                      kv_heads, half);
+                                                                      kv_heads, half, RopeCacheAppend{});
+  return detail::last_launch_error();
+}
+
+cudaError_t rope_apply_and_append(__nv_bfloat16* q, __nv_bfloat16* k, const int32_t* positions, const float* inv_freq,
+                                  int64_t tokens, int q_heads, int kv_heads, int head_dim,
+                                  const RopeCacheAppend& cache, cudaStream_t stream) {
+  if (!q || !k || !positions || !inv_freq || tokens <= 0 || q_heads <= 0 || kv_heads <= 0 || head_dim <= 0 ||
+      head_dim % 2 != 0 || !cache.v_new || !cache.k_cache || !cache.v_cache || cache.capacity <= 0 ||
+      cache.sequence_stride < 0)
+    return cudaErrorInvalidValue;
+  const int half = head_dim / 2;
+  const int64_t total = tokens * (q_heads + kv_heads) * half;
+  constexpr int kThreads = 256;
+  int64_t blocks = (total + kThreads - 1) / kThreads;
+  if (blocks > 65535 * 8) blocks = 65535 * 8;
+  rope_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(q, k, positions, inv_freq, tokens, q_heads,
+                                                                      kv_heads, half, cache);
   return detail::last_launch_error();
 }
 

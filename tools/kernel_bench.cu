@@ -244,7 +244,8 @@ int main(int argc, char** argv) {
   if (only_matrix.empty() || only_matrix == "layer") {
     const int kMatrices = 7;
     double set_bytes = 0;
-    for (const Shape& s : shapes) set_bytes += s.rows * s.cols / 2 + s.rows * s.cols / 64 + s.rows * s.cols / 64 / 256 * 4;
+    for (const Shape& s : shapes)
+      set_bytes += s.rows * s.cols / 2 + s.rows * s.cols / 64 + s.rows * s.cols / 64 / 256 * 4;
     const int sets = static_cast<int>(std::max<double>(3, 4.0 * prop.l2CacheSize / set_bytes + 1));
     std::vector<std::vector<Set>> layer(sets, std::vector<Set>(kMatrices));
     for (int i = 0; i < sets; ++i)
@@ -309,7 +310,8 @@ int main(int argc, char** argv) {
     for (int variant = 0; variant < 2; ++variant) {
       auto body = [&](int i, cudaStream_t st) { variant == 0 ? unfused(i, st) : fused(i, st); };
       // Plain launches on the legacy stream.
-      const double plain = time_rotating([&](int i) { body(i, nullptr); }, sets, sets * std::max(1, 32 / sets), repeats);
+      const double plain =
+          time_rotating([&](int i) { body(i, nullptr); }, sets, sets * std::max(1, 32 / sets), repeats);
       // One CUDA graph per set, replayed.
       std::vector<cudaGraphExec_t> graphs(sets);
       for (int i = 0; i < sets; ++i) {

@@ -4,6 +4,7 @@
 #include "kernel_test_util.h"
 #include "kernels/activation.cuh"
 #include "kernels/activation_reference.h"
+#include "kernels/attention.cuh"
 #include "kernels/embedding.cuh"
 #include "kernels/embedding_reference.h"
 #include "kernels/norm.cuh"
@@ -105,6 +106,69 @@ TEST(Rope, MatchesReferenceForEveryScaling) {
     const std::string what = "rope " + c.scaling.type + " hd " + std::to_string(c.head_dim);
     expect_close(bf16_to_floats(dq.download()), bf16_to_floats(q), kBf16Tolerance, what + " q");
     expect_close(bf16_to_floats(dk.download()), bf16_to_floats(k), kBf16Tolerance, what + " k");
+  }
+}
+
+// The fused decode launch against the two launches it replaces, bit for bit:
+// one sequence (stride 0) and several (per-token sequence index), with positions
+// outside the cache skipped.
+TEST(Rope, AppendInTheSameLaunchEqualsRopeThenKvCacheAppend) {
+  std::mt19937 rng(15);
+  auto inv_freq = rope_inv_freq(128, 500000.0f, RopeScaling{});
+  ASSERT_TRUE(inv_freq.ok());
+  struct Case {
+    int q_heads, kv_heads;
+    int64_t tokens;
+    bool several_sequences;
+  };
+  for (const Case& c : {Case{32, 8, 1, false}, Case{8, 2, 5, false}, Case{4, 4, 7, true}}) {
+    const int hd = 128;
+    const int64_t capacity = 64, sequences = 3;
+    const int64_t stride = c.several_sequences ? capacity * c.kv_heads * hd : 0;
+    const int64_t cache_elements = (c.several_sequences ? sequences : 1) * capacity * c.kv_heads * hd;
+    const auto q = random_bf16(rng, c.tokens * c.q_heads * hd), k = random_bf16(rng, c.tokens * c.kv_heads * hd);
+    const auto v = random_bf16(rng, c.tokens * c.kv_heads * hd), cache0 = random_bf16(rng, cache_elements);
+    std::vector<int32_t> positions(static_cast<size_t>(c.tokens)), seq(static_cast<size_t>(c.tokens));
+    for (int64_t t = 0; t < c.tokens; ++t) {
+      positions[t] = static_cast<int32_t>((t * 13 + 5) % capacity);
+      seq[t] = static_cast<int32_t>(t % sequences);
+    }
+    if (c.tokens > 2) positions[2] = static_cast<int32_t>(capacity);  // outside: skipped by both
+    DeviceBuffer<int32_t> dpos(positions.size()), dseq(seq.size());
+    DeviceBuffer<float> dinv(inv_freq->size());
+    dpos.upload(positions);
+    dseq.upload(seq);
+    dinv.upload(*inv_freq);
+    std::vector<std::vector<uint16_t>> results[2];
+    for (int fused = 0; fused < 2; ++fused) {
+      DeviceBuffer<uint16_t> dq(q.size()), dk(k.size()), dv(v.size()), kc(cache0.size()), vc(cache0.size());
+      dq.upload(q);
+      dk.upload(k);
+      dv.upload(v);
+      kc.upload(cache0);
+      vc.upload(cache0);
+      const int32_t* sequences_arg = c.several_sequences ? dseq.get() : nullptr;
+      if (fused) {
+        RopeCacheAppend cache;
+        cache.v_new = as_bf16(dv.get());
+        cache.k_cache = as_bf16(kc.get());
+        cache.v_cache = as_bf16(vc.get());
+        cache.capacity = capacity;
+        cache.sequence_stride = stride;
+        cache.sequences = sequences_arg;
+        CUDA_OK(rope_apply_and_append(as_bf16(dq.get()), as_bf16(dk.get()), dpos.get(), dinv.get(), c.tokens,
+                                      c.q_heads, c.kv_heads, hd, cache, nullptr));
+      } else {
+        CUDA_OK(rope_apply(as_bf16(dq.get()), as_bf16(dk.get()), dpos.get(), dinv.get(), c.tokens, c.q_heads,
+                           c.kv_heads, hd, nullptr));
+        CUDA_OK(kv_cache_append(as_bf16(dk.get()), as_bf16(dv.get()), dpos.get(), c.tokens, c.kv_heads, hd, capacity,
+                                stride, sequences_arg, as_bf16(kc.get()), as_bf16(vc.get()), nullptr, nullptr));
+      }
+      CUDA_OK(cudaDeviceSynchronize());
+      results[fused] = {dq.download(), dk.download(), kc.download(), vc.download()};
+    }
+    for (int i = 0; i < 4; ++i)
+      EXPECT_EQ(results[0][i], results[1][i]) << "buffer " << i << " (q, k, k cache, v cache), tokens " << c.tokens;
   }
 }
 

@@ -443,7 +443,8 @@ TEST(BF16Matmul, MatchesReference) {
                                         as_bf16(dy.get()), nullptr);
       ASSERT_TRUE(st.ok());
       CUDA_OK(cudaDeviceSynchronize());
-      expect_close(bf16_to_floats(dy.download()), ref, kBf16Tolerance, "bf16_matmul " + name_of(s, static_cast<int>(tokens), false));
+      expect_close(bf16_to_floats(dy.download()), ref, kBf16Tolerance,
+                   "bf16_matmul " + name_of(s, static_cast<int>(tokens), false));
     }
 }
 

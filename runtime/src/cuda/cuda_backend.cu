@@ -212,11 +212,13 @@ class CudaBackend : public Backend {
   Status create();
   std::string name() const override { return "cuda"; }
   std::string description() const override {
-    const std::string fused = fused_matvecs_ ? "; decode q/k/v, gate/up (+SwiGLU), o/down (+residual) fused"
-                                             : "; fused decode matvecs off (LAYERPACK_CUDA_FUSED=0)";
+    const std::string fused = fused_matvecs_
+                                  ? "; decode q/k/v, gate/up (+SwiGLU), o/down (+residual), RoPE + KV append fused"
+                                  : "; fused decode matvecs off (LAYERPACK_CUDA_FUSED=0)";
     if (!graph_note_.empty()) return description_ + fused + "; " + graph_note_;
     return description_ + fused +
-           (graphs_enabled_ ? "; decode layers replayed as CUDA graphs" : "; CUDA graphs off (LAYERPACK_CUDA_GRAPHS=0)");
+           (graphs_enabled_ ? "; decode layers replayed as CUDA graphs"
+                            : "; CUDA graphs off (LAYERPACK_CUDA_GRAPHS=0)");
   }
   KVCacheDType kv_cache_dtype() const override { return KVCacheDType::bf16; }
 
@@ -312,7 +314,7 @@ class CudaBackend : public Backend {
   OpProfiler profiler_;
   int pass_profile_ = -1;  // profiler entry spanning embed() .. run_output()
   bool graphs_enabled_ = true;  // LAYERPACK_CUDA_GRAPHS=0 turns decode graphs off
-  bool fused_matvecs_ = true;   // LAYERPACK_CUDA_FUSED=0 launches every matrix on its own
+  bool fused_matvecs_ = true;   // LAYERPACK_CUDA_FUSED=0: every matrix, RoPE and KV append on its own
   // Per decoder layer: q/k/v and gate/up share a code table (may share a launch).
   std::vector<uint8_t> qkv_tables_equal_, gate_up_tables_equal_;
   std::string graph_note_;
@@ -793,12 +795,37 @@ Status CudaBackend::layer_rows(uint32_t layer, const DeviceSlot& slot, const Tok
     CUDA_TRY(kernels::rms_norm(q_, q_norm.value(), eps_, int64_t(rows) * heads_, head_dim_, q_, compute_), "q norm");
     CUDA_TRY(kernels::rms_norm(k_, k_norm.value(), eps_, int64_t(rows) * kv_heads_, head_dim_, k_, compute_), "k norm");
   }
-  {
+  // Decode: RoPE and the KV-cache append in one launch (the same bits as the two).
+  const bool append_with_rope = rows <= options_.matvec_max_rows && fused_matvecs_;
+  if (!append_with_rope) {
     ProfileScope profile(profiler_, "RoPE");
     CUDA_TRY(kernels::rope_apply(q_, k_, positions, inverse_frequencies_, rows, static_cast<int>(heads_),
                                  static_cast<int>(kv_heads_), static_cast<int>(head_dim_), compute_),
              "RoPE");
   }
+  auto append = [&](bf16* k_cache, bf16* v_cache, int64_t sequence_stride, const int32_t* sequences) -> Status {
+    if (append_with_rope) {
+      kernels::RopeCacheAppend target;
+      target.v_new = v_;
+      target.k_cache = k_cache;
+      target.v_cache = v_cache;
+      target.capacity = layout_.capacity;
+      target.sequence_stride = sequence_stride;
+      target.sequences = sequences;
+      ProfileScope profile(profiler_, "RoPE + KV-cache append");
+      CUDA_TRY(kernels::rope_apply_and_append(q_, k_, positions, inverse_frequencies_, rows, static_cast<int>(heads_),
+                                              static_cast<int>(kv_heads_), static_cast<int>(head_dim_), target,
+                                              compute_),
+               "RoPE + KV-cache append");
+      return Status::success();
+    }
+    ProfileScope profile(profiler_, "KV-cache append");
+    CUDA_TRY(kernels::kv_cache_append(k_, v_, positions, rows, static_cast<int>(kv_heads_), static_cast<int>(head_dim_),
+                                      layout_.capacity, sequence_stride, sequences, k_cache, v_cache, nullptr,
+                                      compute_),
+             "KV-cache append");
+    return Status::success();
+  };
 
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim_));
   auto cache = [&](bf16* base, uint32_t sequence) { return base + layout_.offset(layer, sequence, 0, 0); };
@@ -813,13 +840,7 @@ Status CudaBackend::layer_rows(uint32_t layer, const DeviceSlot& slot, const Tok
   args.sliding_window = window_;
   if (single_sequence_) {
     const uint32_t sequence = batch.sequences[first];
-    {
-      ProfileScope profile(profiler_, "KV-cache append");
-      CUDA_TRY(kernels::kv_cache_append(k_, v_, positions, rows, static_cast<int>(kv_heads_),
-                                        static_cast<int>(head_dim_), layout_.capacity, 0, nullptr,
-                                        cache(keys_, sequence), cache(values_, sequence), nullptr, compute_),
-               "KV-cache append");
-    }
+    LAYERPACK_TRY(append(cache(keys_, sequence), cache(values_, sequence), 0, nullptr));
     args.q = q_;
     args.k_cache = cache(keys_, sequence);
     args.v_cache = cache(values_, sequence);
@@ -841,13 +862,7 @@ Status CudaBackend::layer_rows(uint32_t layer, const DeviceSlot& slot, const Tok
     // row's keys and values go to its sequence's cache, then each row attends to
     // its own cache up to its position (rows of one sequence stay causal).
     const int64_t sequence_stride = static_cast<int64_t>(layout_.offset(0, 1, 0, 0));
-    {
-      ProfileScope profile(profiler_, "KV-cache append");
-      CUDA_TRY(kernels::kv_cache_append(k_, v_, positions, rows, static_cast<int>(kv_heads_),
-                                        static_cast<int>(head_dim_), layout_.capacity, sequence_stride, row_sequences,
-                                        cache(keys_, 0), cache(values_, 0), nullptr, compute_),
-               "KV-cache append");
-    }
+    LAYERPACK_TRY(append(cache(keys_, 0), cache(values_, 0), sequence_stride, row_sequences));
     args.q = q_;
     args.k_cache = cache(keys_, 0);
     args.v_cache = cache(values_, 0);
