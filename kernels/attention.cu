@@ -146,7 +146,10 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(AttentionArgs
           }
         }
       }
-      for (int g = 0; g < group; ++g) scores[g * split_size + local] = valid ? acc[g] : -INFINITY;
+      // Unrolled over kMaxGroup: a runtime index would put acc in local memory.
+#pragma unroll
+      for (int g = 0; g < kMaxGroup; ++g)
+        if (g < group) scores[g * split_size + local] = valid ? acc[g] : -INFINITY;
     }
   }
   __syncthreads();
@@ -196,7 +199,9 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(AttentionArgs
   }
   for (int l = 0; l < position_lanes; ++l) {
     if (plane == l) {
-      for (int g = 0; g < group; ++g) {
+#pragma unroll
+      for (int g = 0; g < kMaxGroup; ++g) {
+        if (g >= group) continue;
         float* r = reduce_s + g * 256 + 2 * pair;
         if (l == 0) {
           r[0] = acc[g][0];
