@@ -97,6 +97,32 @@ struct Set {
   NF4Matrix m;
 };
 
+// A random double-quantized NF4 matrix (blocksize 64, nested 256) in its own buffers.
+Set make_set(int64_t rows, int64_t cols, uint64_t seed, const float* code, const float* nested_code) {
+  const int64_t n = rows * cols, blocks = n / 64, nested = (blocks + 255) / 256;
+  Set set;
+  set.packed = device_alloc<uint8_t>(n / 2);
+  set.absmax = device_alloc<uint8_t>(blocks);
+  set.nested_absmax = device_alloc<float>(nested);
+  fill_random<<<1024, 256>>>(reinterpret_cast<uint32_t*>(set.packed), n / 8, seed);
+  fill_random<<<256, 256>>>(reinterpret_cast<uint32_t*>(set.absmax), blocks / 4, seed + 100000);
+  fill_uniform<<<64, 256>>>(set.nested_absmax, nested, seed + 200000, 0.02f, 0.08f);
+  check(cudaGetLastError(), "fill weights");
+  NF4Matrix& m = set.m;
+  m.packed = set.packed;
+  m.code = code;
+  m.double_quant = true;
+  m.absmax_u8 = set.absmax;
+  m.nested_absmax = set.nested_absmax;
+  m.nested_code = nested_code;
+  m.nested_offset = 0.1f;
+  m.blocksize = 64;
+  m.nested_blocksize = 256;
+  m.rows = rows;
+  m.cols = cols;
+  return set;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -163,27 +189,7 @@ int main(int argc, char** argv) {
     const size_t set_bytes = n / 2 + blocks + nested * 4;
     const int sets = static_cast<int>(std::max<size_t>(4, (4 * size_t(prop.l2CacheSize)) / set_bytes + 1));
     std::vector<Set> w(sets);
-    for (int i = 0; i < sets; ++i) {
-      w[i].packed = device_alloc<uint8_t>(n / 2);
-      w[i].absmax = device_alloc<uint8_t>(blocks);
-      w[i].nested_absmax = device_alloc<float>(nested);
-      fill_random<<<1024, 256>>>(reinterpret_cast<uint32_t*>(w[i].packed), n / 8, 100 + i);
-      fill_random<<<256, 256>>>(reinterpret_cast<uint32_t*>(w[i].absmax), blocks / 4, 200 + i);
-      fill_uniform<<<64, 256>>>(w[i].nested_absmax, nested, 300 + i, 0.02f, 0.08f);
-      check(cudaGetLastError(), "fill weights");
-      NF4Matrix& m = w[i].m;
-      m.packed = w[i].packed;
-      m.code = code;
-      m.double_quant = true;
-      m.absmax_u8 = w[i].absmax;
-      m.nested_absmax = w[i].nested_absmax;
-      m.nested_code = nested_code;
-      m.nested_offset = 0.1f;
-      m.blocksize = 64;
-      m.nested_blocksize = 256;
-      m.rows = s.rows;
-      m.cols = s.cols;
-    }
+    for (int i = 0; i < sets; ++i) w[i] = make_set(s.rows, s.cols, 100 + i, code, nested_code);
     check(cudaDeviceSynchronize(), "fill");
     std::printf("%-10s automatic path: %d\n", s.name,
                 static_cast<int>(layerpack::kernels::nf4_matvec_automatic_path(w[0].m, x)));
@@ -249,29 +255,8 @@ int main(int argc, char** argv) {
     const int sets = static_cast<int>(std::max<double>(3, 4.0 * prop.l2CacheSize / set_bytes + 1));
     std::vector<std::vector<Set>> layer(sets, std::vector<Set>(kMatrices));
     for (int i = 0; i < sets; ++i)
-      for (int j = 0; j < kMatrices; ++j) {
-        const Shape& s = shapes[j];
-        const int64_t n = s.rows * s.cols, blocks = n / 64, nested = (blocks + 255) / 256;
-        Set& set = layer[i][j];
-        set.packed = device_alloc<uint8_t>(n / 2);
-        set.absmax = device_alloc<uint8_t>(blocks);
-        set.nested_absmax = device_alloc<float>(nested);
-        fill_random<<<1024, 256>>>(reinterpret_cast<uint32_t*>(set.packed), n / 8, 1000 + 7 * i + j);
-        fill_random<<<256, 256>>>(reinterpret_cast<uint32_t*>(set.absmax), blocks / 4, 2000 + 7 * i + j);
-        fill_uniform<<<64, 256>>>(set.nested_absmax, nested, 3000 + 7 * i + j, 0.02f, 0.08f);
-        NF4Matrix& m = set.m;
-        m.packed = set.packed;
-        m.code = code;
-        m.double_quant = true;
-        m.absmax_u8 = set.absmax;
-        m.nested_absmax = set.nested_absmax;
-        m.nested_code = nested_code;
-        m.nested_offset = 0.1f;
-        m.blocksize = 64;
-        m.nested_blocksize = 256;
-        m.rows = s.rows;
-        m.cols = s.cols;
-      }
+      for (int j = 0; j < kMatrices; ++j)
+        layer[i][j] = make_set(shapes[j].rows, shapes[j].cols, 1000 + 7 * i + j, code, nested_code);
     check(cudaDeviceSynchronize(), "fill layer sets");
     __nv_bfloat16 *q = device_alloc<__nv_bfloat16>(4096), *k = device_alloc<__nv_bfloat16>(1024),
                   *v = device_alloc<__nv_bfloat16>(1024), *hidden = device_alloc<__nv_bfloat16>(4096),
