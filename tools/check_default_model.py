@@ -21,7 +21,6 @@ Exit status 0 only when every check passes.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import subprocess
@@ -36,6 +35,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+from fixture_common import sha256_of  # noqa: E402
 from gguf_to_hf import permute_rows_like_llama_cpp  # noqa: E402
 
 PROMPTS = [
@@ -64,14 +64,6 @@ FIRST_STEP_TOP_K = 32
 # only rises about 3x (measured: 26); the answers are what break.
 COHERENT_PERPLEXITY_LIMIT = 20.0
 GARBAGE_PERPLEXITY_FACTOR = 2.0
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as source:
-        for chunk in iter(lambda: source.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def render_prompt(tokenizer, messages) -> str:

@@ -31,7 +31,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import inspect
 import json
 import math
@@ -45,6 +44,8 @@ import numpy as np
 import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fixture_common import NF4_CODE, sha256_of
 
 REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPOSITORY_ROOT / "tests/data/default_model/smollm2_nf4_greedy.json"
@@ -60,14 +61,9 @@ LOGIT_TOP_K = 8
 
 NF4_ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 NESTED_BLOCKSIZE = 256
-# bitsandbytes' NF4 code table, and the fp32 midpoints its kernels compare against
+# The fp32 midpoints of NF4_CODE that bitsandbytes' kernels compare against
 # (six of them round up from the float64 midpoints of nf4.md; bitsandbytes and
 # format/src/nf4.cpp use the fp32 ones).
-NF4_CODE = np.array([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], dtype=np.float32)
 NF4_THRESHOLDS_FP32 = (np.float32(0.5) * (NF4_CODE[:-1] + NF4_CODE[1:])).astype(np.float32)
 MIN_ABSMAX = np.float32(1e-38)  # bitsandbytes' divisor clamp for subnormal blocks
 
@@ -178,14 +174,6 @@ def nf4_dequantized(weight: np.ndarray, blocksize: int, double_quant: bool) -> n
 
 def bf16_rounded(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(torch.bfloat16).to(torch.float32)
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as source:
-        for chunk in iter(lambda: source.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def fetch_checkpoint() -> Path:
