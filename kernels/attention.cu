@@ -7,8 +7,8 @@
 namespace layerpack::kernels {
 namespace {
 
-constexpr int kThreads = 128;
-constexpr int kMaxGroup = 16;     // q heads per kv head
+constexpr int kThreads = 128;  // 4 warps: the combine step gives each a head of the group
+constexpr int kMaxGroup = 16;  // q heads per kv head
 constexpr int kMaxHeadDim = 256;
 
 struct Split {
@@ -25,53 +25,103 @@ Split choose_split(int queries, int kv_heads, int64_t max_kv_length) {
 }
 
 struct Workspace {
-  float* partial_out;  // [queries][q_heads][splits][head_dim]
-  float* partial_max;  // [queries][q_heads][splits]
-  float* partial_sum;  // [queries][q_heads][splits]
+  float* partial_out;         // [queries][q_heads][splits][head_dim]
+  float* partial_max;         // [queries][q_heads][splits]
+  float* partial_sum;         // [queries][q_heads][splits]
+  unsigned int* splits_done;  // [queries][kv_heads]: zero between launches
 };
 
-Workspace carve(void* base, int queries, int q_heads, int head_dim, int64_t splits) {
+int64_t partial_floats(int queries, int q_heads, int head_dim, int64_t splits) {
+  return static_cast<int64_t>(queries) * q_heads * splits * (head_dim + 2);
+}
+
+// The counters sit at the end of the caller's workspace, the partials at its
+// start: calls of different shapes on one workspace never overlap the counters
+// another call left at zero.
+Workspace carve(void* base, size_t bytes, int queries, int q_heads, int kv_heads, int head_dim, int64_t splits) {
   float* f = static_cast<float*>(base);
   const int64_t rows = static_cast<int64_t>(queries) * q_heads * splits;
-  return {f, f + rows * head_dim, f + rows * head_dim + rows};
+  unsigned int* end = static_cast<unsigned int*>(base) + bytes / sizeof(unsigned int);
+  return {f, f + rows * head_dim, f + rows * head_dim + rows, end - static_cast<int64_t>(queries) * kv_heads};
+}
+
+// The combine step, run by the last split block of a (query, kv head) to finish:
+// warp w takes the group's heads w, w + warps, ...; each lane owns float4 pieces
+// of the head's dims. Rescales every split to the global max and normalizes
+// (fp32). The split weights go to shared memory first, so the loads of the
+// partial outputs do not wait on them (a walk that did cost ~11 us per decode
+// layer). Other blocks wrote the partials: read through L2 (__ldcg), never L1.
+__device__ void combine_splits(const AttentionArgs& a, const Workspace& ws, float* weights_shared, int64_t out_row0,
+                               int64_t stride, int64_t splits, int group, int query, int kv_head) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int hd = a.head_dim, quads = hd / 4;  // head_dim % 8 == 0, <= 256: at most 2 pieces a lane
+  for (int g = warp; g < group; g += warps) {
+    const int64_t row0 = out_row0 + static_cast<int64_t>(g) * stride;  // split 0 of this head
+    float m = -INFINITY;
+    for (int64_t s = lane; s < splits; s += 32) m = fmaxf(m, __ldcg(ws.partial_max + row0 + s));
+    m = detail::warp_max(m);
+    float denominator = 0.0f;
+    for (int64_t s = lane; s < splits; s += 32) {
+      const float ms = __ldcg(ws.partial_max + row0 + s);
+      if (ms != -INFINITY) denominator += __expf(ms - m) * __ldcg(ws.partial_sum + row0 + s);
+    }
+    denominator = detail::warp_sum(denominator);
+    const float inv = denominator > 0.0f ? 1.0f / denominator : 0.0f;
+    float* weights = weights_shared + g * 256;
+    float4 sum[2] = {make_float4(0.0f, 0.0f, 0.0f, 0.0f), make_float4(0.0f, 0.0f, 0.0f, 0.0f)};
+    for (int64_t chunk = 0; chunk < splits; chunk += 256) {
+      const int count = static_cast<int>(min(int64_t{256}, splits - chunk));
+      __syncwarp();
+      for (int i = lane; i < count; i += 32) {
+        const float ms = __ldcg(ws.partial_max + row0 + chunk + i);
+        weights[i] = ms == -INFINITY ? 0.0f : __expf(ms - m);
+      }
+      __syncwarp();
+      const float4* pieces = reinterpret_cast<const float4*>(ws.partial_out + (row0 + chunk) * hd);
+#pragma unroll 8
+      for (int j = 0; j < count; ++j) {
+        const float w = weights[j];
+#pragma unroll
+        for (int k = 0; k < 2; ++k) {
+          const int q = lane + 32 * k;
+          if (q >= quads) continue;
+          const float4 v = __ldcg(pieces + static_cast<int64_t>(j) * quads + q);
+          // An empty split's piece was never written: select, never multiply it.
+          sum[k].x += w != 0.0f ? w * v.x : 0.0f;
+          sum[k].y += w != 0.0f ? w * v.y : 0.0f;
+          sum[k].z += w != 0.0f ? w * v.z : 0.0f;
+          sum[k].w += w != 0.0f ? w * v.w : 0.0f;
+        }
+      }
+    }
+    __nv_bfloat16* out = a.out + (static_cast<int64_t>(query) * a.q_heads + kv_head * group + g) * hd;
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      const int q = lane + 32 * k;
+      if (q >= quads) continue;
+      const __nv_bfloat162 low = __floats2bfloat162_rn(sum[k].x * inv, sum[k].y * inv);
+      const __nv_bfloat162 high = __floats2bfloat162_rn(sum[k].z * inv, sum[k].w * inv);
+      reinterpret_cast<__nv_bfloat162*>(out + 4 * q)[0] = low;
+      reinterpret_cast<__nv_bfloat162*>(out + 4 * q)[1] = high;
+    }
+  }
 }
 
 __device__ __forceinline__ int64_t kv_length_of(const AttentionArgs& a, int query) {
   return a.kv_lengths ? static_cast<int64_t>(a.kv_lengths[query]) : a.causal_start + query + 1;
 }
 
-// Block: (split, kv head, query). Scores for the whole GQA group, then the
-// softmax pieces of this split, then probabilities times V.
-__global__ void __launch_bounds__(kThreads) attention_split_kernel(AttentionArgs a, Workspace ws, int64_t split_size,
-                                                                   int64_t splits, bool spread) {
-  extern __shared__ float shared[];
-  const int group = a.q_heads / a.kv_heads;
+// One split's piece: scores for the whole GQA group, the softmax pieces of this
+// split, then probabilities times V, written to the workspace.
+__device__ __forceinline__ void split_piece(const AttentionArgs& a, const Workspace& ws, float* shared, int group,
+                                            int kv_head, int query, int64_t begin, int64_t end, int64_t span,
+                                            int64_t window_start, int64_t split_size, int64_t splits,
+                                            int64_t out_row0) {
   const int hd = a.head_dim;
-  float* q_s = shared;                           // [group][hd]
-  float* scores = q_s + group * hd;              // [group][split_size]
-  float* reduce_s = scores + group * split_size; // [group][256]
-  float* stats = reduce_s + group * 256;         // [group][2]: max, sum
-
-  const int split = blockIdx.x, kv_head = blockIdx.y, query = blockIdx.z;
-  // Spread: never more than the grid covers (a length above max_kv_length is a caller bug).
-  const int64_t length = min(min(kv_length_of(a, query), a.capacity), spread ? split_size * gridDim.x : a.capacity);
-  const int64_t window_start = a.sliding_window > 0 ? max(int64_t{0}, length - a.sliding_window) : 0;
-  // split_size is the shared-memory stride (the largest span). Spread (decode with
-  // device lengths): the visible positions are divided evenly over the launched
-  // splits, so a short context costs a few positions per block, not a whole span.
-  const int64_t span = spread ? (length - window_start + gridDim.x - 1) / gridDim.x : split_size;
-  const int64_t begin = (spread ? window_start : 0) + split * span;
-  const int64_t end = min(begin + span, length);
-  const int64_t out_row0 = (static_cast<int64_t>(query) * a.q_heads + kv_head * group) * splits + split;
-  if (begin >= length || begin + span <= window_start) {
-    // No position of this split is visible to the query (a decode grid is sized for
-    // the whole cache): an empty piece, skipped by the combine step.
-    if (threadIdx.x < group) {
-      ws.partial_max[out_row0 + static_cast<int64_t>(threadIdx.x) * splits] = -INFINITY;
-      ws.partial_sum[out_row0 + static_cast<int64_t>(threadIdx.x) * splits] = 0.0f;
-    }
-    return;
-  }
+  float* q_s = shared;                            // [group][hd]
+  float* scores = q_s + group * hd;               // [group][split_size]
+  float* reduce_s = scores + group * split_size;  // [group][256]
+  float* stats = reduce_s + group * 256;          // [group][2]: max, sum
 
   const int64_t cache = a.query_sequences ? a.query_sequences[query] : query;
   const __nv_bfloat16* k_head = a.k_cache + cache * a.sequence_stride + kv_head * a.capacity * hd;
@@ -224,71 +274,58 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(AttentionArgs
   }
 }
 
-// Block: (q head, query), 128 threads. Rescales every split to the global max and
-// normalizes. The split statistics are read by all threads at once (a decode
-// spreads a short context over ~33 splits: a serial walk cost one round trip per split).
-constexpr int kCombineThreads = 128;
-__global__ void __launch_bounds__(kCombineThreads)
-    attention_combine_kernel(AttentionArgs a, Workspace ws, int64_t stride, int64_t splits) {
-  __shared__ float scratch[32];
-  __shared__ float weights[kCombineThreads];
-  const int head = blockIdx.x, query = blockIdx.y;
-  const int64_t row0 = (static_cast<int64_t>(query) * a.q_heads + head) * stride;
-  // Few splits (prefill: a span of 64-256 positions each): every thread walks them,
-  // no barriers. Many (decode spreads the context): the threads share the walk.
-  const bool shared_walk = splits > 8;
-  const int64_t first = shared_walk ? threadIdx.x : 0, step = shared_walk ? blockDim.x : 1;
-  float m = -INFINITY;
-  for (int64_t s = first; s < splits; s += step) m = fmaxf(m, ws.partial_max[row0 + s]);
-  if (shared_walk) m = detail::block_max(m, scratch);
-  float denominator = 0.0f;
-  for (int64_t s = first; s < splits; s += step) {
-    const float ms = ws.partial_max[row0 + s];
-    if (ms != -INFINITY) denominator += __expf(ms - m) * ws.partial_sum[row0 + s];
-  }
-  if (shared_walk) denominator = detail::block_sum(denominator, scratch);
-  const float inv = denominator > 0.0f ? 1.0f / denominator : 0.0f;
-  // Each thread owns dims threadIdx.x and threadIdx.x + 128 (head_dim <= 256).
-  float sum[2] = {0.0f, 0.0f};
-  const int hd = a.head_dim;
-  for (int64_t chunk = 0; chunk < splits; chunk += kCombineThreads) {
-    __syncthreads();  // the previous chunk's weights are read by everyone
-    const int64_t s = chunk + threadIdx.x;
-    float w = 0.0f;
-    if (s < splits) {
-      const float ms = ws.partial_max[row0 + s];
-      w = ms == -INFINITY ? 0.0f : __expf(ms - m);
+// Block: (split, kv head, query): one split's piece, then the last block of the
+// (query, kv head) to finish combines all of its splits. Bounds (128, 4) allow
+// 128 registers: left alone, ptxas chose 64 and spilled the combine's sums.
+__global__ void __launch_bounds__(kThreads, 4)
+    attention_split_kernel(AttentionArgs a, Workspace ws, int64_t split_size, int64_t splits, bool spread) {
+  extern __shared__ float shared[];
+  const int group = a.q_heads / a.kv_heads;
+
+  const int split = blockIdx.x, kv_head = blockIdx.y, query = blockIdx.z;
+  detail::wait_for_previous_kernel();
+  detail::allow_next_kernel();
+  // Spread: never more than the grid covers (a length above max_kv_length is a caller bug).
+  const int64_t length = min(min(kv_length_of(a, query), a.capacity), spread ? split_size * gridDim.x : a.capacity);
+  const int64_t window_start = a.sliding_window > 0 ? max(int64_t{0}, length - a.sliding_window) : 0;
+  // split_size is the shared-memory stride (the largest span). Spread (decode with
+  // device lengths): the visible positions are divided evenly over the launched
+  // splits, so a short context costs a few positions per block, not a whole span.
+  const int64_t span = spread ? (length - window_start + gridDim.x - 1) / gridDim.x : split_size;
+  const int64_t begin = (spread ? window_start : 0) + split * span;
+  const int64_t end = min(begin + span, length);
+  const int64_t out_row0 = (static_cast<int64_t>(query) * a.q_heads + kv_head * group) * splits + split;
+  if (begin >= length || begin + span <= window_start) {
+    // No position of this split is visible to the query (a decode grid is sized for
+    // the whole cache): an empty piece, skipped by the combine step.
+    if (threadIdx.x < group) {
+      ws.partial_max[out_row0 + static_cast<int64_t>(threadIdx.x) * splits] = -INFINITY;
+      ws.partial_sum[out_row0 + static_cast<int64_t>(threadIdx.x) * splits] = 0.0f;
     }
-    weights[threadIdx.x] = w;
-    __syncthreads();
-    const int count = static_cast<int>(min(static_cast<int64_t>(kCombineThreads), splits - chunk));
-    const float* out0 = ws.partial_out + (row0 + chunk) * hd;
-#pragma unroll 8
-    for (int j = 0; j < count; ++j) {
-      const float wj = weights[j];
-      // An empty split's partial_out was never written: select, never multiply it.
-#pragma unroll
-      for (int k = 0; k < 2; ++k) {
-        const int d = threadIdx.x + k * kCombineThreads;
-        if (d < hd) {
-          const float v = out0[static_cast<int64_t>(j) * hd + d];
-          sum[k] += wj != 0.0f ? wj * v : 0.0f;
-        }
-      }
-    }
+  } else {
+    split_piece(a, ws, shared, group, kv_head, query, begin, end, span, window_start, split_size, splits, out_row0);
   }
-#pragma unroll
-  for (int k = 0; k < 2; ++k) {
-    const int d = threadIdx.x + k * kCombineThreads;
-    if (d < hd) a.out[(static_cast<int64_t>(query) * a.q_heads + head) * hd + d] = __float2bfloat16_rn(sum[k] * inv);
-  }
+  // The last block of this (query, kv head) to finish combines the splits: no second
+  // launch (a decode layer paid ~10 us for it, NOTES.md). Fence, count, fence: the
+  // threadFenceReduction pattern of the CUDA samples.
+  __shared__ bool last_block;
+  __threadfence();
+  __syncthreads();
+  unsigned int* done = ws.splits_done + static_cast<int64_t>(query) * a.kv_heads + kv_head;
+  if (threadIdx.x == 0) last_block = atomicAdd(done, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!last_block) return;
+  __threadfence();
+  // The piece's [group][256] reduce area (after q and the scores) holds the weights.
+  combine_splits(a, ws, shared + group * a.head_dim + group * split_size, out_row0 - split, splits, gridDim.x, group,
+                 query, kv_head);
+  if (threadIdx.x == 0) *done = 0;  // ready for the next launch (and CUDA graph replay)
 }
 
 __global__ void kv_cache_append_kernel(const __nv_bfloat16* __restrict__ k_new, const __nv_bfloat16* __restrict__ v_new,
                                        const int32_t* __restrict__ positions, int64_t tokens, int kv_heads, int hd,
-                                       int64_t capacity, int64_t sequence_stride,
-                                       const int32_t* __restrict__ sequences, __nv_bfloat16* k_cache,
-                                       __nv_bfloat16* v_cache, int* bad_positions) {
+                                       int64_t capacity, int64_t sequence_stride, const int32_t* __restrict__ sequences,
+                                       __nv_bfloat16* k_cache, __nv_bfloat16* v_cache, int* bad_positions) {
   const int64_t total = tokens * kv_heads * hd;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -309,22 +346,22 @@ __global__ void kv_cache_append_kernel(const __nv_bfloat16* __restrict__ k_new, 
 
 bool valid_args(const AttentionArgs& a) {
   return a.q && a.k_cache && a.v_cache && a.out && a.queries > 0 && a.q_heads > 0 && a.kv_heads > 0 &&
-         a.q_heads % a.kv_heads == 0 && a.q_heads / a.kv_heads <= kMaxGroup && a.head_dim > 0 &&
-         a.head_dim % 8 == 0 && a.head_dim <= kMaxHeadDim && a.capacity > 0 && a.max_kv_length > 0 &&
-         a.sequence_stride >= 0 && a.sliding_window >= 0 && detail::aligned_to(a.k_cache, 16) &&
-         detail::aligned_to(a.v_cache, 16) && (a.sequence_stride % 8 == 0);
+         a.q_heads % a.kv_heads == 0 && a.q_heads / a.kv_heads <= kMaxGroup && a.head_dim > 0 && a.head_dim % 8 == 0 &&
+         a.head_dim <= kMaxHeadDim && a.capacity > 0 && a.max_kv_length > 0 && a.sequence_stride >= 0 &&
+         a.sliding_window >= 0 && detail::aligned_to(a.k_cache, 16) && detail::aligned_to(a.v_cache, 16) &&
+         (a.sequence_stride % 8 == 0);
 }
 
 }  // namespace
 
 size_t attention_workspace_bytes(const AttentionArgs& a) {
   const Split split = choose_split(a.queries, a.kv_heads, a.max_kv_length);
-  const int64_t rows = static_cast<int64_t>(a.queries) * a.q_heads * split.count;
-  return static_cast<size_t>(rows * (a.head_dim + 2)) * sizeof(float);
+  return static_cast<size_t>(partial_floats(a.queries, a.q_heads, a.head_dim, split.count)) * sizeof(float) +
+         static_cast<size_t>(a.queries) * (a.kv_heads > 0 ? a.kv_heads : 1) * sizeof(unsigned int);
 }
 
-cudaError_t attention(const AttentionArgs& a, void* workspace, cudaStream_t stream) {
-  if (!valid_args(a) || !workspace) return cudaErrorInvalidValue;
+cudaError_t attention(const AttentionArgs& a, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  if (!valid_args(a) || !workspace || workspace_bytes < attention_workspace_bytes(a)) return cudaErrorInvalidValue;
   const int64_t max_length = a.max_kv_length < a.capacity ? a.max_kv_length : a.capacity;
   const Split split = choose_split(a.queries, a.kv_heads, a.max_kv_length);
   int64_t splits = (max_length + split.size - 1) / split.size;
@@ -341,7 +378,7 @@ cudaError_t attention(const AttentionArgs& a, void* workspace, cudaStream_t stre
   }
   if (splits > 65535 || a.kv_heads > 65535 || a.queries > 65535) return cudaErrorInvalidValue;
   // The workspace layout is computed for split.count splits; fewer are used when capacity < max_kv_length.
-  const Workspace ws = carve(workspace, a.queries, a.q_heads, a.head_dim, split.count);
+  const Workspace ws = carve(workspace, workspace_bytes, a.queries, a.q_heads, a.kv_heads, a.head_dim, split.count);
   const int group = a.q_heads / a.kv_heads;
   const size_t shared_bytes = sizeof(float) * (group * a.head_dim + group * stride + group * 256 + 2 * group);
   dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(a.kv_heads), static_cast<unsigned>(a.queries));
@@ -350,13 +387,9 @@ cudaError_t attention(const AttentionArgs& a, void* workspace, cudaStream_t stre
                                                  static_cast<int>(shared_bytes));
     if (err != cudaSuccess) return err;
   }
-  attention_split_kernel<<<grid, kThreads, shared_bytes, stream>>>(a, ws, stride, split.count, spread);
-  cudaError_t err = detail::last_launch_error();
-  if (err != cudaSuccess) return err;
-  // Only the first `splits` splits ran (capacity may cut max_kv_length); the layout stride stays split.count.
-  attention_combine_kernel<<<dim3(static_cast<unsigned>(a.q_heads), static_cast<unsigned>(a.queries)),
-                             kCombineThreads, 0, stream>>>(a, ws, split.count, splits);
-  return detail::last_launch_error();
+  // The layout stride stays split.count; only the first `splits` run (capacity may cut max_kv_length).
+  return detail::launch_chained(attention_split_kernel, grid, dim3(kThreads), shared_bytes, stream, a, ws, stride,
+                                split.count, spread);
 }
 
 cudaError_t kv_cache_append(const __nv_bfloat16* k_new, const __nv_bfloat16* v_new, const int32_t* positions,
@@ -369,9 +402,9 @@ cudaError_t kv_cache_append(const __nv_bfloat16* k_new, const __nv_bfloat16* v_n
   const int64_t total = tokens * kv_heads * head_dim;
   int64_t blocks = (total + 255) / 256;
   if (blocks > 65535 * 8) blocks = 65535 * 8;
-  kv_cache_append_kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
-      k_new, v_new, positions, tokens, kv_heads, head_dim, capacity, sequence_stride, sequences, k_cache, v_cache,
-      bad_positions);
+  kv_cache_append_kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(k_new, v_new, positions, tokens, kv_heads,
+                                                                            head_dim, capacity, sequence_stride,
+                                                                            sequences, k_cache, v_cache, bad_positions);
   return detail::last_launch_error();
 }
 

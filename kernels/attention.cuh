@@ -16,7 +16,8 @@
 // window_start = max(0, length_i - sliding_window) when sliding_window > 0.
 // The softmax is computed per split of positions (flash-decoding: running max
 // and sum per split, fp32), then the splits are combined: numerically stable
-// for any length, and long contexts spread over the whole GPU.
+// for any length, and long contexts spread over the whole GPU. One launch: the
+// last split block of each (query, kv head) to finish combines its splits.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -50,8 +51,11 @@ struct AttentionArgs {
 // sizes: queries, q_heads, kv_heads, head_dim, max_kv_length).
 size_t attention_workspace_bytes(const AttentionArgs& args);
 
-// workspace: attention_workspace_bytes(args) bytes of device memory.
-cudaError_t attention(const AttentionArgs& args, void* workspace, cudaStream_t stream);
+// workspace: workspace_bytes (at least attention_workspace_bytes(args)) of device
+// memory, zero-filled once before its first use: it ends with completion counters
+// that every launch leaves at zero again. One workspace serves calls of any shape
+// up to the one it was sized for; launches sharing it must be stream-ordered.
+cudaError_t attention(const AttentionArgs& args, void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
 // Writes new keys/values [tokens, kv_heads, head_dim] at positions[t] (device int32)
 // of the cache of token t's sequence: token t's cache starts sequences[t] *

@@ -5,11 +5,63 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <string_view>
 
 namespace layerpack::kernels::detail {
 
 // Launch errors surface through cudaGetLastError; the caller reports them.
 inline cudaError_t last_launch_error() { return cudaGetLastError(); }
+
+// Programmatic dependent launch (sm_90+). A kernel started by launch_chained may
+// run its prologue (weights, tables) while the previous kernel of its stream
+// finishes, so it must call wait_for_previous_kernel() before it reads anything an
+// earlier kernel writes or writes anything an earlier kernel reads. Launched
+// plainly (or before sm_90) the call returns at once.
+__device__ __forceinline__ void wait_for_previous_kernel() {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Lets the next chained kernel start its prologue. Called after the wait, so at
+// most two grids of a stream overlap.
+__device__ __forceinline__ void allow_next_kernel() {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// LAYERPACK_CUDA_PDL=0 launches every kernel plainly; devices before sm_90 never chain.
+inline bool chained_launches_enabled() {
+  static const bool enabled = [] {
+    const char* env = std::getenv("LAYERPACK_CUDA_PDL");
+    if (env != nullptr && std::string_view(env) == "0") return false;
+    int device = 0, major = 0;
+    if (cudaGetDevice(&device) != cudaSuccess) return false;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
+    return major >= 9;
+  }();
+  return enabled;
+}
+
+// Launches `kernel` allowed to overlap the previous kernel of `stream` (see
+// wait_for_previous_kernel); works under CUDA-graph capture. Returns the launch error.
+template <typename... Params, typename... Args>
+cudaError_t launch_chained(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream,
+                           Args... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = shared_bytes;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = chained_launches_enabled() ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, args...);
+}
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

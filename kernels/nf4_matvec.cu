@@ -459,6 +459,10 @@ __global__ void __launch_bounds__(kWarps * 32, kBlocksPerSM)
     for (int i = threadIdx.x; i < grp.count * 256; i += kWarps * 32)
       nested_code[i] = __ldg(grp.m[i >> 8].nested_code + (i & 255));
   }
+  // Everything above reads only the weights and tables; x and y belong to the
+  // previous kernels (chained launch: this prologue overlapped their tail).
+  detail::wait_for_previous_kernel();
+  detail::allow_next_kernel();
   __syncthreads();
 
   float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -767,8 +771,7 @@ cudaError_t launch_pair_lut(const PairLutGroup& grp, const __nv_bfloat16* x, int
   }
   // SwiGLU: a block takes a gate and an up tile per unit, so blocks <= units.
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(grp.tiles, resident_blocks[device]));
-  kernel<<<blocks, kWarps * 32, kBytes, stream>>>(grp, x, batch);
-  return detail::last_launch_error();
+  return detail::launch_chained(kernel, dim3(blocks), dim3(kWarps * 32), kBytes, stream, grp, x, batch);
 }
 
 // Block shapes of the pair-LUT kernel: warps per block x blocks per SM (the

@@ -47,6 +47,8 @@ __global__ void __launch_bounds__(kVectorMaxThreads)
     rms_norm_vector_kernel(const __nv_bfloat16* x, __nv_bfloat16* residual, const __nv_bfloat16* delta,
                            const float* __restrict__ weight, float eps, int64_t dim, __nv_bfloat16* out) {
   __shared__ float scratch[32];
+  detail::wait_for_previous_kernel();
+  detail::allow_next_kernel();
   const int64_t row = blockIdx.x;
   const int64_t chunks = dim / 8;
   const __nv_bfloat16* src = kAddResidual ? residual + row * dim : x + row * dim;
@@ -102,10 +104,10 @@ __global__ void __launch_bounds__(kVectorMaxThreads)
   }
 }
 
-// Launches the register-held kernel where it applies; false otherwise.
+// Launches the register-held kernel where it applies (its launch error in *err); false otherwise.
 template <bool kAddResidual>
 bool launch_vector(const __nv_bfloat16* x, __nv_bfloat16* residual, const __nv_bfloat16* delta, const float* weight,
-                   float eps, int64_t rows, int64_t dim, __nv_bfloat16* out, cudaStream_t stream) {
+                   float eps, int64_t rows, int64_t dim, __nv_bfloat16* out, cudaStream_t stream, cudaError_t* err) {
   const void* pointers[] = {kAddResidual ? static_cast<const void*>(residual) : x, delta, weight, out};
   for (const void* p : pointers)
     if (p && !detail::aligned_to(p, 16)) return false;
@@ -116,10 +118,9 @@ bool launch_vector(const __nv_bfloat16* x, __nv_bfloat16* residual, const __nv_b
   const int64_t threads_needed = (chunks + kChunks - 1) / kChunks;  // before rounding up to whole warps
   const int threads = static_cast<int>(std::min<int64_t>(kVectorMaxThreads, (threads_needed + 31) / 32 * 32));
   const unsigned grid = static_cast<unsigned>(rows);
-  if (kChunks == 1)
-    rms_norm_vector_kernel<kAddResidual, 1><<<grid, threads, 0, stream>>>(x, residual, delta, weight, eps, dim, out);
-  else
-    rms_norm_vector_kernel<kAddResidual, 2><<<grid, threads, 0, stream>>>(x, residual, delta, weight, eps, dim, out);
+  auto kernel = kChunks == 1 ? rms_norm_vector_kernel<kAddResidual, 1> : rms_norm_vector_kernel<kAddResidual, 2>;
+  *err = detail::launch_chained(kernel, dim3(grid), dim3(threads), 0, stream, x, residual, delta, weight, eps, dim,
+                                out);
   return true;
 }
 
@@ -135,8 +136,8 @@ int threads_for(int64_t dim) {
 cudaError_t rms_norm(const __nv_bfloat16* x, const float* weight, float eps, int64_t rows, int64_t dim,
                      __nv_bfloat16* out, cudaStream_t stream) {
   if (!x || !weight || !out || rows <= 0 || dim <= 0 || rows > 0x7fffffff) return cudaErrorInvalidValue;
-  if (launch_vector<false>(x, nullptr, nullptr, weight, eps, rows, dim, out, stream))
-    return detail::last_launch_error();
+  cudaError_t err = cudaSuccess;
+  if (launch_vector<false>(x, nullptr, nullptr, weight, eps, rows, dim, out, stream, &err)) return err;
   rms_norm_kernel<false><<<static_cast<unsigned>(rows), threads_for(dim), 0, stream>>>(x, nullptr, nullptr, weight,
                                                                                         eps, dim, out);
   return detail::last_launch_error();
@@ -146,8 +147,8 @@ cudaError_t add_rms_norm(__nv_bfloat16* residual, const __nv_bfloat16* delta, co
                          int64_t rows, int64_t dim, __nv_bfloat16* out, cudaStream_t stream) {
   if (!residual || !delta || !weight || !out || rows <= 0 || dim <= 0 || rows > 0x7fffffff)
     return cudaErrorInvalidValue;
-  if (launch_vector<true>(nullptr, residual, delta, weight, eps, rows, dim, out, stream))
-    return detail::last_launch_error();
+  cudaError_t err = cudaSuccess;
+  if (launch_vector<true>(nullptr, residual, delta, weight, eps, rows, dim, out, stream, &err)) return err;
   rms_norm_kernel<true><<<static_cast<unsigned>(rows), threads_for(dim), 0, stream>>>(nullptr, residual, delta,
                                                                                        weight, eps, dim, out);
   return detail::last_launch_error();

@@ -10,6 +10,8 @@ namespace {
 __global__ void rope_kernel(__nv_bfloat16* q, __nv_bfloat16* k, const int32_t* __restrict__ positions,
                             const float* __restrict__ inv_freq, int64_t tokens, int q_heads, int kv_heads,
                             int half, RopeCacheAppend cache) {
+  detail::wait_for_previous_kernel();
+  detail::allow_next_kernel();
   const int heads = q_heads + (k ? kv_heads : 0);
   const int64_t total = tokens * heads * half;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
@@ -71,9 +73,8 @@ cudaError_t rope_apply_and_append(__nv_bfloat16* q, __nv_bfloat16* k, const int3
   constexpr int kThreads = 256;
   int64_t blocks = (total + kThreads - 1) / kThreads;
   if (blocks > 65535 * 8) blocks = 65535 * 8;
-  rope_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(q, k, positions, inv_freq, tokens, q_heads,
-                                                                      kv_heads, half, cache);
-  return detail::last_launch_error();
+  return detail::launch_chained(rope_kernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), 0, stream, q, k,
+                                positions, inv_freq, tokens, q_heads, kv_heads, half, cache);
 }
 
 }  // namespace layerpack::kernels

@@ -26,7 +26,13 @@ std::string describe(const Case& c) {
          " capacity " + std::to_string(c.capacity) + " window " + std::to_string(c.sliding_window);
 }
 
-void run_case(std::mt19937& rng, const Case& c) {
+// A caller's workspace, shared by several cases (null: each case allocates its own).
+struct SharedWorkspace {
+  void* pointer = nullptr;
+  size_t bytes = 0;
+};
+
+void run_case(std::mt19937& rng, const Case& c, SharedWorkspace shared = {}) {
   const int64_t cache_elems = static_cast<int64_t>(c.kv_heads) * c.capacity * c.head_dim;
   const int sequences = c.per_query_cache ? c.queries : 1;
   const auto q = random_bf16(rng, static_cast<size_t>(c.queries) * c.q_heads * c.head_dim, -2.0f, 2.0f);
@@ -65,9 +71,13 @@ void run_case(std::mt19937& rng, const Case& c) {
   a.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
   a.sliding_window = c.sliding_window;
   a.out = as_bf16(dout.get());
-  DeviceBuffer<uint8_t> workspace(attention_workspace_bytes(a));
+  DeviceBuffer<uint8_t> own_workspace(shared.pointer ? 0 : attention_workspace_bytes(a));
+  if (!shared.pointer) {
+    shared = {own_workspace.get(), attention_workspace_bytes(a)};
+    CUDA_OK(cudaMemset(shared.pointer, 0, shared.bytes));
+  }
   dout.poison();
-  CUDA_OK(attention(a, workspace.get(), nullptr));
+  CUDA_OK(attention(a, shared.pointer, shared.bytes, nullptr));
   CUDA_OK(cudaDeviceSynchronize());
 
   AttentionArgs h = a;
@@ -78,7 +88,15 @@ void run_case(std::mt19937& rng, const Case& c) {
   h.query_sequences = c.mapped ? map.data() : nullptr;
   std::vector<float> ref(q.size());
   reference::attention(h, ref.data());
-  expect_close(bf16_to_floats(dout.download()), ref, kBf16Tolerance, describe(c));
+  const auto first = dout.download();
+  expect_close(bf16_to_floats(first), ref, kBf16Tolerance, describe(c));
+
+  // Again on the same workspace: the combine step runs only if the first launch left
+  // the completion counters at zero (as every decode step and graph replay needs).
+  dout.poison();
+  CUDA_OK(attention(a, shared.pointer, shared.bytes, nullptr));
+  CUDA_OK(cudaDeviceSynchronize());
+  EXPECT_EQ(dout.download(), first) << describe(c) << ": second launch on the same workspace";
 }
 
 TEST(Attention, DecodeMatchesReference) {
@@ -107,6 +125,28 @@ TEST(Attention, PrefillCausalMatchesReference) {
       {8, 2, 64, 733, 800, true, 3, 0, false},   {32, 8, 128, 300, 400, true, 50, 128, false},
   };
   for (const Case& c : cases) run_case(rng, c);
+}
+
+// The runtime keeps one workspace, sized for its largest pass, for prefill chunks
+// and decode steps alike: shapes that alternate on it must each stay correct.
+TEST(Attention, OneWorkspaceServesCallsOfEveryShape) {
+  std::mt19937 rng(45);
+  AttentionArgs sizing;
+  sizing.queries = 64;
+  sizing.q_heads = 32;
+  sizing.kv_heads = 8;
+  sizing.head_dim = 128;
+  sizing.max_kv_length = 4096;
+  const size_t bytes = attention_workspace_bytes(sizing);
+  DeviceBuffer<uint8_t> workspace(bytes);
+  CUDA_OK(cudaMemset(workspace.get(), 0, bytes));
+  const Case cases[] = {
+      {32, 8, 128, 64, 200, true, 0, 0, false},     {32, 8, 128, 1, 4096, false, 0, 0, false},
+      {32, 8, 128, 8, 120, true, 40, 0, false},     {32, 8, 128, 1, 300, false, 0, 0, false},
+      {32, 8, 128, 64, 4096, true, 4000, 0, false}, {32, 8, 128, 3, 700, false, 0, 0, true},
+      {32, 8, 128, 1, 4096, false, 0, 0, false},
+  };
+  for (const Case& c : cases) run_case(rng, c, {workspace.get(), bytes});
 }
 
 TEST(KvCache, AppendWritesRowsAtPositions) {
@@ -173,10 +213,12 @@ TEST(Attention, RejectsUnsupportedShapes) {
   a.q = a.k_cache = a.v_cache = as_bf16(buf.get());
   a.out = as_bf16(buf.get());
   DeviceBuffer<uint8_t> ws(1 << 20);
-  EXPECT_EQ(attention(a, ws.get(), nullptr), cudaErrorInvalidValue);
+  EXPECT_EQ(attention(a, ws.get(), 1 << 20, nullptr), cudaErrorInvalidValue);
   a.kv_heads = 2;
   a.head_dim = 12;  // not a multiple of 8
-  EXPECT_EQ(attention(a, ws.get(), nullptr), cudaErrorInvalidValue);
+  EXPECT_EQ(attention(a, ws.get(), 1 << 20, nullptr), cudaErrorInvalidValue);
+  a.head_dim = 128;  // valid now, but the workspace is one byte short
+  EXPECT_EQ(attention(a, ws.get(), attention_workspace_bytes(a) - 1, nullptr), cudaErrorInvalidValue);
 }
 
 }  // namespace

@@ -293,6 +293,7 @@ class CudaBackend : public Backend {
   bf16* dequantize_scratch_ = nullptr;
   size_t dequantize_scratch_elements_ = 0;
   void* attention_workspace_ = nullptr;
+  size_t attention_workspace_bytes_ = 0;
   float* inverse_frequencies_ = nullptr;
   // Per pass of R rows, packed: [R] positions, [R] KV lengths (position + 1, read by
   // decode attention on the device), [R] KV-cache sequence of each row.
@@ -452,6 +453,9 @@ Status CudaBackend::initialize(const ModelPack& pack, const KVCacheLayout& kv_la
   uint8_t* workspace_bytes = nullptr;
   LAYERPACK_TRY(device_alloc(&workspace_bytes, std::max<size_t>(workspace, 256), "the attention workspace"));
   attention_workspace_ = workspace_bytes;
+  attention_workspace_bytes_ = std::max<size_t>(workspace, 256);
+  // Its completion counters start at zero; every attention launch leaves them so.
+  CUDA_TRY(cudaMemset(workspace_bytes, 0, attention_workspace_bytes_), "clearing the attention workspace");
 
   CUDA_TRY(cudaMemcpy(inverse_frequencies_, inverse->data(), inverse->size() * sizeof(float), cudaMemcpyHostToDevice),
            "uploading RoPE frequencies");
@@ -856,7 +860,7 @@ Status CudaBackend::layer_rows(uint32_t layer, const DeviceSlot& slot, const Tok
     args.queries = static_cast<int>(rows);
     args.out = attention_out_;
     ProfileScope profile(profiler_, "attention");
-    CUDA_TRY(kernels::attention(args, attention_workspace_, compute_), "attention");
+    CUDA_TRY(kernels::attention(args, attention_workspace_, attention_workspace_bytes_, compute_), "attention");
   } else {
     // Several sequences (rows <= max_rows_, first == 0), one launch each: every
     // row's keys and values go to its sequence's cache, then each row attends to
@@ -873,7 +877,7 @@ Status CudaBackend::layer_rows(uint32_t layer, const DeviceSlot& slot, const Tok
     args.queries = static_cast<int>(rows);
     args.out = attention_out_;
     ProfileScope profile(profiler_, "attention");
-    CUDA_TRY(kernels::attention(args, attention_workspace_, compute_), "attention");
+    CUDA_TRY(kernels::attention(args, attention_workspace_, attention_workspace_bytes_, compute_), "attention");
   }
   // MLP block: hidden += o_proj(...); normed = RMSNorm(hidden); down(silu(gate) * up).
   // Fused or not, the arithmetic is the same: each product rounded to bf16 first.
