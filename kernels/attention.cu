@@ -57,11 +57,17 @@ __device__ void combine_splits(const AttentionArgs& a, const Workspace& ws, floa
   const int hd = a.head_dim, quads = hd / 4;  // head_dim % 8 == 0, <= 256: at most 2 pieces a lane
   for (int g = warp; g < group; g += warps) {
     const int64_t row0 = out_row0 + static_cast<int64_t>(g) * stride;  // split 0 of this head
-    float m = -INFINITY;
-    for (int64_t s = lane; s < splits; s += 32) m = fmaxf(m, __ldcg(ws.partial_max + row0 + s));
+    // One round trip for the statistics: a lane keeps its first 32 splits' max and sum.
+    float m = -INFINITY, first_max = -INFINITY, first_sum = 0.0f;
+    if (lane < splits) {
+      first_max = __ldcg(ws.partial_max + row0 + lane);
+      first_sum = __ldcg(ws.partial_sum + row0 + lane);
+    }
+    m = first_max;
+    for (int64_t s = lane + 32; s < splits; s += 32) m = fmaxf(m, __ldcg(ws.partial_max + row0 + s));
     m = detail::warp_max(m);
-    float denominator = 0.0f;
-    for (int64_t s = lane; s < splits; s += 32) {
+    float denominator = first_max != -INFINITY ? __expf(first_max - m) * first_sum : 0.0f;
+    for (int64_t s = lane + 32; s < splits; s += 32) {
       const float ms = __ldcg(ws.partial_max + row0 + s);
       if (ms != -INFINITY) denominator += __expf(ms - m) * __ldcg(ws.partial_sum + row0 + s);
     }

@@ -372,8 +372,11 @@ __device__ __forceinline__ void pair_lut_finish_tile(const PairLutGroup& grp, ui
   __syncthreads();
   const uint32_t rows = t.matrix == 0 ? grp.m[0].rows : t.matrix == 1 ? grp.m[1].rows : grp.m[2].rows;
   OutT* y = static_cast<OutT*>(t.matrix == 0 ? grp.m[0].y : t.matrix == 1 ? grp.m[1].y : grp.m[2].y);
+  // Output o goes to lane o / kWarps of warp o % kWarps: every warp takes a share of
+  // the epilogue, so no single warp starts the next tile late and makes the others
+  // wait for it at the next barrier.
   const int outputs = 16 * batch;
-  for (int o = threadIdx.x; o < outputs; o += kWarps * 32) {
+  for (int o = lane * kWarps + warp; o < outputs; o += kWarps * 32) {
     const int m = o & 15, n = o >> 4;
     const int i = (m >= 8 ? 2 : 0) + (n & 1), l = (m & 7) * 4 + (n >> 1);
     float sum = 0.0f;
