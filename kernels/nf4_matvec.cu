@@ -495,18 +495,23 @@ __global__ void __launch_bounds__(kWarps * 32, kBlocksPerSM)
   };
   enter_tile();
 
+  // kXFirst: all of an item's x loads issued before any use (32 registers), so
+  // their latency overlaps the scale shuffles and the first table loads. Zeroed
+  // once: lanes past the batch never load (their mma columns stay zero), and a
+  // missing second step is never computed, so no item re-zeroes them.
+  uint4 x_first[2][2][2];
+#pragma unroll
+  for (int s = 0; s < 2; ++s)
+#pragma unroll
+    for (int part = 0; part < 2; ++part) x_first[s][part][0] = x_first[s][part][1] = make_uint4(0, 0, 0, 0);
+
   auto compute = [&](const PairLutStage& st, uint32_t item) {
     const __nv_bfloat16* x_item = x_lane + item * 256;
-    // kXFirst: all of the item's x loads issued before any use (32 registers),
-    // so their latency overlaps the scale shuffles and the first table loads.
-    uint4 x_first[2][2][2];
     if constexpr (kXFirst) {
 #pragma unroll
       for (int s = 0; s < 2; ++s)
 #pragma unroll
         for (int part = 0; part < 2; ++part) {
-          x_first[s][part][0] = make_uint4(0, 0, 0, 0);
-          x_first[s][part][1] = make_uint4(0, 0, 0, 0);
           if (has_x && (s == 0 || 2 * item + 1 < steps)) {
             x_first[s][part][0] = load_x(x_item + s * 128 + part * 64);
             x_first[s][part][1] = load_x(x_item + s * 128 + part * 64 + 8);
