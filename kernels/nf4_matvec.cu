@@ -265,12 +265,15 @@ struct PairLutGroup {
   uint32_t tiles;             // tiles of the launch (swiglu: units of a gate and an up tile)
 };
 
+// A block's warps work on 1 to kMaxTileGroups tiles at once (kGroup warps each).
+constexpr int kMaxTileGroups = 4;
+
 template <int kWarps>
 struct PairLutLayout {
   static constexpr int nested_code = kPairLutTableBytes;                      // f32[kMaxMatvecGroup][256]
   static constexpr int partial = nested_code + kMaxMatvecGroup * 256 * 4;    // f32[2][kWarps][4][32], by tile parity
-  static constexpr int pending = partial + 2 * kWarps * 4 * 32 * 4;         // f32[8][16]: SwiGLU gate tile
-  static constexpr int bytes = pending + 8 * 16 * 4;
+  static constexpr int pending = partial + 2 * kWarps * 4 * 32 * 4;         // f32[groups][8][16]: SwiGLU gate tile
+  static constexpr int bytes = pending + kMaxTileGroups * 8 * 16 * 4;
 };
 
 // 8 bytes of weights read once: keep them out of L1.
@@ -342,17 +345,20 @@ __device__ __forceinline__ void pair_lut_load(PairLutStage& st, int nested_shift
   }
 }
 
-// The s-th tile of this block: tiles go to blocks cyclically; with SwiGLU a block
-// takes gate tile u and then up tile u, so the gate values wait in shared memory.
-__device__ __forceinline__ PairLutTile pair_lut_tile_at(const PairLutGroup& grp, uint32_t s) {
+// The s-th tile of tile group `group` of this block (groups per block): tiles go to
+// the launch's groups cyclically; with SwiGLU a group takes gate tile u and then up
+// tile u, so the gate values wait in shared memory.
+__device__ __forceinline__ PairLutTile pair_lut_tile_at(const PairLutGroup& grp, uint32_t s, uint32_t group,
+                                                        uint32_t groups) {
   PairLutTile t;
+  const uint32_t first = blockIdx.x * groups + group, stride = gridDim.x * groups;
   if (grp.epilogue == kEpilogueSwiglu) {
-    t.tile = blockIdx.x + (s >> 1) * gridDim.x;
+    t.tile = first + (s >> 1) * stride;
     t.matrix = s & 1;
     t.valid = t.tile < grp.tiles;
     return t;
   }
-  const uint32_t flat = blockIdx.x + s * gridDim.x;
+  const uint32_t flat = first + s * stride;
   t.valid = flat < grp.tiles;
   t.matrix = 0;
   if (grp.count > 1 && flat >= grp.m[1].first_tile) t.matrix = 1;
@@ -361,27 +367,39 @@ __device__ __forceinline__ PairLutTile pair_lut_tile_at(const PairLutGroup& grp,
   return t;
 }
 
-template <int kWarps, typename OutT>
+// Sums the accumulators of the kGroup warps on tile t and applies the epilogue
+// (buffer by tile parity: one barrier per tile; a named barrier per tile group).
+template <int kWarps, int kGroup, typename OutT>
 __device__ __forceinline__ void pair_lut_finish_tile(const PairLutGroup& grp, uint8_t* smem, float (&acc)[4],
                                                      int parity, PairLutTile t, int batch, int warp, int lane) {
-  // Sum the warps' accumulators (buffer by tile parity: one barrier per tile).
+  const int group = warp / kGroup, member = warp % kGroup;
   float* partial = reinterpret_cast<float*>(smem + PairLutLayout<kWarps>::partial) + parity * kWarps * 128;
-  float* pending = reinterpret_cast<float*>(smem + PairLutLayout<kWarps>::pending);
+  float* pending = reinterpret_cast<float*>(smem + PairLutLayout<kWarps>::pending) + group * 8 * 16;
 #pragma unroll
   for (int i = 0; i < 4; ++i) partial[(warp * 4 + i) * 32 + lane] = acc[i];
-  __syncthreads();
+  if constexpr (kGroup == kWarps) {
+    __syncthreads();
+  } else {
+    // Named barriers 1..4 with immediate ids: a register id would reserve all 16.
+    switch (group) {
+      case 0: asm volatile("bar.sync 1, %0;" ::"n"(kGroup * 32) : "memory"); break;
+      case 1: asm volatile("bar.sync 2, %0;" ::"n"(kGroup * 32) : "memory"); break;
+      case 2: asm volatile("bar.sync 3, %0;" ::"n"(kGroup * 32) : "memory"); break;
+      default: asm volatile("bar.sync 4, %0;" ::"n"(kGroup * 32) : "memory"); break;
+    }
+  }
   const uint32_t rows = t.matrix == 0 ? grp.m[0].rows : t.matrix == 1 ? grp.m[1].rows : grp.m[2].rows;
   OutT* y = static_cast<OutT*>(t.matrix == 0 ? grp.m[0].y : t.matrix == 1 ? grp.m[1].y : grp.m[2].y);
-  // Output o goes to lane o / kWarps of warp o % kWarps: every warp takes a share of
-  // the epilogue, so no single warp starts the next tile late and makes the others
-  // wait for it at the next barrier.
+  // Output o goes to lane o / kGroup of the group's warp o % kGroup: every warp takes
+  // a share of the epilogue, so no single warp starts the next tile late and makes
+  // the others wait for it at the next barrier.
   const int outputs = 16 * batch;
-  for (int o = lane * kWarps + warp; o < outputs; o += kWarps * 32) {
+  for (int o = lane * kGroup + member; o < outputs; o += kGroup * 32) {
     const int m = o & 15, n = o >> 4;
     const int i = (m >= 8 ? 2 : 0) + (n & 1), l = (m & 7) * 4 + (n >> 1);
     float sum = 0.0f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) sum += partial[(w * 4 + i) * 32 + l];
+    for (int w = 0; w < kGroup; ++w) sum += partial[((group * kGroup + w) * 4 + i) * 32 + l];
     const uint32_t row = t.tile * 16 + m;
     if (row >= rows) continue;
     const int64_t index = static_cast<int64_t>(n) * rows + row;
@@ -411,16 +429,23 @@ __device__ __forceinline__ void pair_lut_finish_tile(const PairLutGroup& grp, ui
   for (int i = 0; i < 4; ++i) acc[i] = 0.0f;
 }
 
-template <int kWarps, int kBlocksPerSM, bool kXFirst, bool kDoubleQuant, typename OutT>
+// kGroup warps share a tile (K split between them); kWarps / kGroup tiles are in
+// flight per block. Fewer warps per tile: more items per warp between tile ends.
+template <int kWarps, int kBlocksPerSM, bool kXFirst, bool kDoubleQuant, typename OutT, int kGroup = kWarps>
 __global__ void __launch_bounds__(kWarps * 32, kBlocksPerSM)
     nf4_matvec_pair_lut_kernel(const __grid_constant__ PairLutGroup grp, const __nv_bfloat16* __restrict__ x,
                                int batch) {
+  static_assert(kWarps % kGroup == 0 && kWarps / kGroup <= kMaxTileGroups, "tile groups");
   extern __shared__ __align__(16) uint8_t smem[];
   // The warp index through a shuffle: provably warp-uniform, so the loops over
   // items stay uniform and the table base can live in a uniform register
   // (LDS [R + UR]: the PRMT result is the whole per-lane offset).
   const int lane = threadIdx.x & 31, warp = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x >> 5), 0);
   const int g = lane >> 2, tig = lane & 3;
+  // This warp's tile group and its first item in each tile (the group's warps take items
+  // member, member + kGroup, ...).
+  const uint32_t group = warp / kGroup, member = warp % kGroup;
+  auto tile_at = [&](uint32_t s) { return pair_lut_tile_at(grp, s, group, kWarps / kGroup); };
   const uint32_t K = grp.cols;
   const uint32_t row_bytes = K / 2, steps = K / 128, items = (steps + 1) / 2;
   PairLutScaleIndex scale_index;
@@ -444,11 +469,11 @@ __global__ void __launch_bounds__(kWarps * 32, kBlocksPerSM)
 
   PairLutStage stage_a, stage_b;
   uint32_t load_index = 0;  // position in this block's tile sequence
-  PairLutTile load_tile = pair_lut_tile_at(grp, 0);
+  PairLutTile load_tile = tile_at(0);
   PairLutRows load_rows = rows_of(load_tile.valid ? load_tile : PairLutTile{0, 0, true});
-  const bool warp_works = static_cast<uint32_t>(warp) < items;
+  const bool warp_works = member < items;
   if (warp_works && load_tile.valid)
-    pair_lut_load<kDoubleQuant>(stage_a, grp.nested_shift, load_rows, scale_index, warp, steps);
+    pair_lut_load<kDoubleQuant>(stage_a, grp.nested_shift, load_rows, scale_index, member, steps);
 
   // Table fill while the first loads are in flight: 8 lanes write one entry's 128 bytes.
   for (int chunk = threadIdx.x; chunk < 256 * 8; chunk += kWarps * 32) {
@@ -472,9 +497,9 @@ __global__ void __launch_bounds__(kWarps * 32, kBlocksPerSM)
   int parity = 0;
   if (!warp_works) {  // K too short for every warp: take part in the tiles' barriers only
     for (uint32_t s = 0;; ++s, parity ^= 1) {
-      const PairLutTile t = pair_lut_tile_at(grp, s);
+      const PairLutTile t = tile_at(s);
       if (!t.valid) break;
-      pair_lut_finish_tile<kWarps, OutT>(grp, smem, acc, parity, t, batch, warp, lane);
+      pair_lut_finish_tile<kWarps, kGroup, OutT>(grp, smem, acc, parity, t, batch, warp, lane);
     }
     return;
   }
@@ -565,24 +590,24 @@ __global__ void __launch_bounds__(kWarps * 32, kBlocksPerSM)
 
   // Two cursors over this warp's (tile, item) sequence: the one being loaded
   // runs one item ahead of the one being computed.
-  uint32_t compute_index = 0, item = warp;
+  uint32_t compute_index = 0, item = member;
   uint32_t load_item = item;
   auto advance_load = [&]() {
-    load_item += kWarps;
+    load_item += kGroup;
     if (load_item >= items) {
-      load_item = warp;
-      load_tile = pair_lut_tile_at(grp, ++load_index);
+      load_item = member;
+      load_tile = tile_at(++load_index);
       if (load_tile.valid) load_rows = rows_of(load_tile);
     }
   };
   // After computing `item`: the tile is done when it was this warp's last item in it.
   auto advance_compute = [&]() {
-    item += kWarps;
+    item += kGroup;
     if (item >= items) {
-      pair_lut_finish_tile<kWarps, OutT>(grp, smem, acc, parity, tile, batch, warp, lane);
+      pair_lut_finish_tile<kWarps, kGroup, OutT>(grp, smem, acc, parity, tile, batch, warp, lane);
       parity ^= 1;
-      item = warp;
-      tile = pair_lut_tile_at(grp, ++compute_index);
+      item = member;
+      tile = tile_at(++compute_index);
       if constexpr (kDoubleQuant) enter_tile();
     }
   };
@@ -757,7 +782,7 @@ bool pair_lut_applies(const NF4Matrix& m, const __nv_bfloat16* x) {
 
 // Launches the pair-LUT kernel with a persistent grid: as many blocks as fit on
 // the device at once (the 64 KB table is built once per block), at most one per tile.
-template <int kWarps, int kBlocksPerSM, bool kXFirst, bool kDoubleQuant, typename OutT>
+template <int kWarps, int kBlocksPerSM, bool kXFirst, bool kDoubleQuant, typename OutT, int kGroup = kWarps>
 cudaError_t launch_pair_lut(const PairLutGroup& grp, const __nv_bfloat16* x, int batch, cudaStream_t stream) {
   constexpr int kBytes = PairLutLayout<kWarps>::bytes;
   static int resident_blocks[64] = {0};  // per device: blocks per SM * SMs
@@ -765,7 +790,7 @@ cudaError_t launch_pair_lut(const PairLutGroup& grp, const __nv_bfloat16* x, int
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
   if (device < 0 || device >= 64) return cudaErrorInvalidDevice;
-  auto kernel = nf4_matvec_pair_lut_kernel<kWarps, kBlocksPerSM, kXFirst, kDoubleQuant, OutT>;
+  auto kernel = nf4_matvec_pair_lut_kernel<kWarps, kBlocksPerSM, kXFirst, kDoubleQuant, OutT, kGroup>;
   if (resident_blocks[device] == 0) {
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
     if (err != cudaSuccess) return err;
@@ -777,8 +802,10 @@ cudaError_t launch_pair_lut(const PairLutGroup& grp, const __nv_bfloat16* x, int
     if (per_sm < 1) return cudaErrorInvalidConfiguration;
     resident_blocks[device] = per_sm * sms;
   }
-  // SwiGLU: a block takes a gate and an up tile per unit, so blocks <= units.
-  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(grp.tiles, resident_blocks[device]));
+  // SwiGLU: a tile group takes a gate and an up tile per unit, so groups <= units.
+  constexpr int kGroups = kWarps / kGroup;
+  const unsigned blocks =
+      static_cast<unsigned>(std::min<int64_t>((int64_t{grp.tiles} + kGroups - 1) / kGroups, resident_blocks[device]));
   return detail::launch_chained(kernel, dim3(blocks), dim3(kWarps * 32), kBytes, stream, grp, x, batch);
 }
 
@@ -787,6 +814,7 @@ cudaError_t launch_pair_lut(const PairLutGroup& grp, const __nv_bfloat16* x, int
 struct PairLutShape {
   int warps, blocks_per_sm;
   bool x_first = false;
+  int tile_warps = 0;  // warps per tile (0: the whole block)
 };
 // Fastest measured (H200, NOTES.md v4): 8 warps x 2 blocks per SM with the x loads
 // first (123 registers) when there are at least as many 16-row tiles as SMs;
@@ -797,7 +825,14 @@ PairLutShape pair_lut_automatic_shape(uint32_t tiles) {
   if (cudaGetDevice(&device) == cudaSuccess && device >= 0 && device < 64 && sms[device] == 0)
     cudaDeviceGetAttribute(&sms[device], cudaDevAttrMultiProcessorCount, device);
   const uint32_t count = device >= 0 && device < 64 && sms[device] > 0 ? sms[device] : 132;
-  return tiles < count ? PairLutShape{16, 1, false} : PairLutShape{8, 2, true};
+  if (tiles < count) return PairLutShape{16, 1, false};
+  // Tiles for at least 1.5 waves of 2-warp tile groups (gate/up with SwiGLU, lm_head):
+  // four tiles in flight per block, each warp 4x the items between tile ends.
+  // LAYERPACK_NF4_TILE_WARPS=8 keeps one tile per block (for comparison).
+  static const int forced = std::getenv("LAYERPACK_NF4_TILE_WARPS") ? std::atoi(std::getenv("LAYERPACK_NF4_TILE_WARPS"))
+                                                                     : 0;
+  const bool groups = forced ? forced == 2 : tiles >= count * 2 * 4 * 3 / 2;
+  return PairLutShape{8, 2, true, groups ? 2 : 0};
 }
 
 template <bool kDoubleQuant, typename OutT>
@@ -805,6 +840,8 @@ cudaError_t launch_pair_lut_shape(PairLutShape shape, const PairLutGroup& grp, c
                                   cudaStream_t stream) {
   const int w = shape.warps, b = shape.blocks_per_sm;
   if (shape.x_first) {
+    if (w == 8 && b == 2 && shape.tile_warps == 2)
+      return launch_pair_lut<8, 2, true, kDoubleQuant, OutT, 2>(grp, x, batch, stream);
     if (w == 8 && b == 2) return launch_pair_lut<8, 2, true, kDoubleQuant, OutT>(grp, x, batch, stream);
     if (w == 16 && b == 1) return launch_pair_lut<16, 1, true, kDoubleQuant, OutT>(grp, x, batch, stream);
     return cudaErrorInvalidValue;

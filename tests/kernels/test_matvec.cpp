@@ -298,6 +298,8 @@ TEST(NF4MatvecGroup, EveryMatrixAndEpilogueMatches) {
   // Real shapes: q/k/v and gate/up of Llama-3-8B (more tiles than resident blocks).
   check_nf4_matvec_group(rng, {4096, 1024, 1024}, 4096, 1, true);
   check_nf4_matvec_group(rng, {14336, 14336}, 4096, 1, true);
+  // Enough tiles for 2-warp tile groups (four tiles in flight per block), batch > 1.
+  check_nf4_matvec_group(rng, {14336, 14336}, 4096, 3, false);
   check_nf4_matvec_group(rng, {14336, 14336}, 4096, 8, true);
   check_nf4_matvec_group(rng, {4099, 4099}, 640, 2, false);
 }
