@@ -57,7 +57,8 @@ void kv_cache_append(const uint16_t* k_new, const uint16_t* v_new, const int32_t
     for (int h = 0; h < kv_heads; ++h)
       for (int d = 0; d < head_dim; ++d) {
         const int64_t src = (t * kv_heads + h) * head_dim + d;
-        const int64_t dst = (sequences ? sequences[t] : t) * sequence_stride + (h * capacity + positions[t]) * head_dim + d;
+        const int64_t dst =
+            (sequences ? sequences[t] : t) * sequence_stride + (h * capacity + positions[t]) * head_dim + d;
         k_cache[dst] = k_new[src];
         v_cache[dst] = v_new[src];
       }

@@ -780,6 +780,21 @@ bool pair_lut_applies(const NF4Matrix& m, const __nv_bfloat16* x) {
          m.rows < (int64_t{1} << 31) && m.element_count() / 64 < (int64_t{1} << 32);
 }
 
+// Multiprocessors of the current device, asked once per device.
+cudaError_t multiprocessor_count(int* count) {
+  static int counts[64] = {0};
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  if (device < 0 || device >= 64) return cudaErrorInvalidDevice;
+  if (counts[device] == 0) {
+    err = cudaDeviceGetAttribute(&counts[device], cudaDevAttrMultiProcessorCount, device);
+    if (err != cudaSuccess) return err;
+  }
+  *count = counts[device];
+  return cudaSuccess;
+}
+
 // Launches the pair-LUT kernel with a persistent grid: as many blocks as fit on
 // the device at once (the 64 KB table is built once per block), at most one per tile.
 template <int kWarps, int kBlocksPerSM, bool kXFirst, bool kDoubleQuant, typename OutT, int kGroup = kWarps>
@@ -797,7 +812,7 @@ cudaError_t launch_pair_lut(const PairLutGroup& grp, const __nv_bfloat16* x, int
     int per_sm = 0, sms = 0;
     err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, kBytes);
     if (err != cudaSuccess) return err;
-    err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    err = multiprocessor_count(&sms);
     if (err != cudaSuccess) return err;
     if (per_sm < 1) return cudaErrorInvalidConfiguration;
     resident_blocks[device] = per_sm * sms;
@@ -820,17 +835,17 @@ struct PairLutShape {
 // first (123 registers) when there are at least as many 16-row tiles as SMs;
 // else 16 warps x 1 block (k/v: 64 tiles on 132 SMs).
 PairLutShape pair_lut_automatic_shape(uint32_t tiles) {
-  static int sms[64] = {0};
-  int device = 0;
-  if (cudaGetDevice(&device) == cudaSuccess && device >= 0 && device < 64 && sms[device] == 0)
-    cudaDeviceGetAttribute(&sms[device], cudaDevAttrMultiProcessorCount, device);
-  const uint32_t count = device >= 0 && device < 64 && sms[device] > 0 ? sms[device] : 132;
+  int sms = 132;  // if the device cannot be asked
+  multiprocessor_count(&sms);
+  const uint32_t count = static_cast<uint32_t>(sms);
   if (tiles < count) return PairLutShape{16, 1, false};
   // Tiles for at least 1.5 waves of 2-warp tile groups (gate/up with SwiGLU, lm_head):
   // four tiles in flight per block, each warp 4x the items between tile ends.
   // LAYERPACK_NF4_TILE_WARPS=8 keeps one tile per block (for comparison).
-  static const int forced = std::getenv("LAYERPACK_NF4_TILE_WARPS") ? std::atoi(std::getenv("LAYERPACK_NF4_TILE_WARPS"))
-                                                                     : 0;
+  static const int forced = [] {
+    const char* env = std::getenv("LAYERPACK_NF4_TILE_WARPS");
+    return env ? std::atoi(env) : 0;
+  }();
   const bool groups = forced ? forced == 2 : tiles >= count * 2 * 4 * 3 / 2;
   return PairLutShape{8, 2, true, groups ? 2 : 0};
 }

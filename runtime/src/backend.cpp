@@ -10,6 +10,12 @@ size_t TokenBatch::logits_rows() const {
   return n;
 }
 
+bool TokenBatch::one_sequence() const {
+  for (size_t r = 1; r < sequences.size(); ++r)
+    if (sequences[r] != sequences[0]) return false;
+  return true;
+}
+
 void TokenBatch::add(int32_t token, uint32_t sequence, uint32_t position, bool logits) {
   token_ids.push_back(token);
   sequences.push_back(sequence);

@@ -233,8 +233,7 @@ uint32_t Engine::prefill_pass_rows() const {
 Status Engine::forward(const TokenBatch& batch, std::vector<float>& logits) {
   if (broken_) return *broken_;
   if (batch.size() == 0) return make_error(ErrorCode::invalid_argument, "forward pass with no tokens");
-  bool one_sequence = true;
-  for (size_t r = 1; r < batch.size(); ++r) one_sequence = one_sequence && batch.sequences[r] == batch.sequences[0];
+  const bool one_sequence = batch.one_sequence();
   const uint32_t row_limit = one_sequence ? prefill_pass_rows() : options_.max_batch_rows;
   if (batch.size() > row_limit) {
     return make_error(ErrorCode::invalid_argument, "batch of " + std::to_string(batch.size()) +

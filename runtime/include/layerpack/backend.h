@@ -44,6 +44,8 @@ struct TokenBatch {
   std::vector<uint8_t> wants_logits;  // 1: return this row's logits
   size_t size() const { return token_ids.size(); }
   size_t logits_rows() const;
+  // Whether every row belongs to one sequence (such a pass may be longer than max_batch_rows).
+  bool one_sequence() const;
   void add(int32_t token, uint32_t sequence, uint32_t position, bool logits);
 };
 

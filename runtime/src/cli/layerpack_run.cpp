@@ -305,7 +305,9 @@ int main(int argc, char** argv) {
   app.add_option("--read-threads", a.read_threads, "reads in flight per layer payload")->check(CLI::Range(1, 64));
   app.add_option("--ring-slots", a.ring_slots, "ring slots for streamed layers (0: automatic)")
       ->check(CLI::Range(0, 16));
-  app.add_option("--max-batch-rows", a.max_batch_rows, "most token rows a layer computes at once (prefill chunk); a prompt of one sequence still streams each layer once per pass of up to 4096 rows on CUDA")
+  app.add_option("--max-batch-rows", a.max_batch_rows,
+                 "most token rows a layer computes at once (prefill chunk); a prompt of one sequence still streams "
+                 "each layer once per pass of up to 4096 rows on CUDA")
       ->check(CLI::Range(1, 4096));
   app.add_flag("--direct-io", a.direct_io, "read layer payloads with O_DIRECT (bypass the page cache)");
   app.add_flag("--json", a.json, "print one JSON object (text, ids, statistics) instead of streaming text");
@@ -527,7 +529,7 @@ int main(int argc, char** argv) {
   if (a.json) {
     nlohmann::json out = {{"pack", a.pack},
                           {"backend", engine.backend().name()},
-          {"backend_description", engine.backend().description()},
+                          {"backend_description", engine.backend().description()},
                           {"seed", generation.sampling.seed},
                           {"prompt_ids", prompt_ids},
                           {"generated_ids", result->tokens},

@@ -174,10 +174,9 @@ bool environment_flag(const char* name, bool fallback) {
   return !(std::strcmp(value, "0") == 0 || std::strcmp(value, "off") == 0 || std::strcmp(value, "false") == 0);
 }
 
-// Whether the NF4 matrices of a layer file share one code table, read from the file
-// (64 bytes each): a grouped matvec builds its table from the first matrix's.
-bool same_code_tables(const LayerFileInfo& file, const std::vector<const TensorInfo*>& tensors) {
-  std::ifstream in(file.path, std::ios::binary);
+// Whether the NF4 matrices of a layer file (open in `in`) share one code table, read
+// from the file (64 bytes each): a grouped matvec builds its table from the first matrix's.
+bool same_code_tables(std::ifstream& in, const LayerFileInfo& file, const std::vector<const TensorInfo*>& tensors) {
   if (!in) return false;
   std::vector<char> first;
   for (const TensorInfo* t : tensors) {
@@ -411,8 +410,9 @@ Status CudaBackend::initialize(const ModelPack& pack, const KVCacheLayout& kv_la
     for (uint32_t layer = 0; layer < c.num_layers; ++layer) {
       const DecoderTensors& d = pack.decoder(layer);
       const LayerFileInfo& file = pack.unit(pack.decoder_unit(layer));
-      qkv_tables_equal_[layer] = same_code_tables(file, {d.q_proj, d.k_proj, d.v_proj});
-      gate_up_tables_equal_[layer] = same_code_tables(file, {d.gate_proj, d.up_proj});
+      std::ifstream in(file.path, std::ios::binary);
+      qkv_tables_equal_[layer] = same_code_tables(in, file, {d.q_proj, d.k_proj, d.v_proj});
+      gate_up_tables_equal_[layer] = same_code_tables(in, file, {d.gate_proj, d.up_proj});
     }
   }
 
@@ -562,8 +562,7 @@ Status CudaBackend::wait_slot_idle(SlotId slot_id) {
 
 Status CudaBackend::embed(const TokenBatch& batch, const uint8_t* embedding_payload) {
   const uint32_t rows = static_cast<uint32_t>(batch.size());
-  bool one_sequence = true;
-  for (uint32_t r = 1; r < rows; ++r) one_sequence = one_sequence && batch.sequences[r] == batch.sequences[0];
+  const bool one_sequence = batch.one_sequence();
   const uint32_t limit = one_sequence ? max_sequence_rows_ : max_rows_;
   if (rows == 0 || rows > limit) {
     return make_error(ErrorCode::invalid_argument, "a pass holds 1.." + std::to_string(limit) + " rows" +
@@ -601,16 +600,14 @@ Status CudaBackend::embed(const TokenBatch& batch, const uint8_t* embedding_payl
            "uploading positions");
   CUDA_TRY(cudaEventRecord(inputs_consumed_, compute_), "recording input upload");
 
-  // One sequence with consecutive positions: one causal launch per layer. Otherwise
-  // (batched decode over several sequences) attention runs row by row.
-  single_sequence_ = true;
+  // One sequence with consecutive positions: causal attention from the first position.
+  // Otherwise (batched decode over several sequences) each row reads its own
+  // sequence's cache up to its KV length (still one launch per layer).
+  single_sequence_ = one_sequence;
   pass_positions_.assign(batch.positions.begin(), batch.positions.end());
   pass_max_position_ = *std::max_element(pass_positions_.begin(), pass_positions_.end());
-  for (uint32_t r = 1; r < rows; ++r) {
-    if (batch.sequences[r] != batch.sequences[0] || batch.positions[r] != batch.positions[0] + r) {
-      single_sequence_ = false;
-    }
-  }
+  for (uint32_t r = 1; r < rows && single_sequence_; ++r)
+    single_sequence_ = batch.positions[r] == batch.positions[0] + r;
   return Status::success();
 }
 
