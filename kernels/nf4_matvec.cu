@@ -302,20 +302,14 @@ struct PairLutRows {
   const uint8_t* row1;    // packed row g + 8, + 8 * tig
   const void* absmax;
   const float* nested_absmax;
-  uint32_t scale_step0;   // (row of this lane's scale) * K / 128
+  uint32_t scale_unit0;  // (row of this lane's scale) * K / 64 + part (tig & 1)
 };
 
-// Absmax block of (scale row, part tig & 1, step): with K % 128 == 0 the
-// element is (scale_step0 + step) * 128 + part * 64, so for blocksize <= 128
-// the block is ((scale_step0 + step) << (7 - shift)) + part * 64 >> shift and
-// for larger blocks (scale_step0 + step) >> (shift - 7).
-struct PairLutScaleIndex {
-  uint32_t left, right, part_term;
-};
-
+// Absmax block of (scale row, part, step): blocksize >= 64 and K % 128 == 0, so the
+// block is the 64-element unit (scale_unit0 + 2 * step) >> (log2(blocksize) - 6).
 template <bool kDoubleQuant>
-__device__ __forceinline__ void pair_lut_load(PairLutStage& st, int nested_shift, const PairLutRows& rows,
-                                              const PairLutScaleIndex& si, uint32_t item, uint32_t steps) {
+__device__ __forceinline__ void pair_lut_load(PairLutStage& st, int nested_shift, int unit_shift,
+                                              const PairLutRows& rows, uint32_t item, uint32_t steps) {
   const uint32_t offset = item * 128;
   const uint8_t* r0 = rows.row0 + offset;
   const uint8_t* r1 = rows.row1 + offset;
@@ -331,10 +325,10 @@ __device__ __forceinline__ void pair_lut_load(PairLutStage& st, int nested_shift
     st.w[1][1][0] = load_weights8(r1 + 64);
     st.w[1][1][1] = load_weights8(r1 + 96);
   }
+  const uint32_t unit = rows.scale_unit0 + 4 * item;
 #pragma unroll
   for (int s = 0; s < 2; ++s) {
-    const uint32_t step = 2 * item + (second ? s : 0);
-    const uint32_t block = (((rows.scale_step0 + step) << si.left) >> si.right) + si.part_term;
+    const uint32_t block = (unit + (second ? 2 * s : 0)) >> unit_shift;
     if constexpr (kDoubleQuant) {
       st.scale_bits[s] = __ldg(static_cast<const uint8_t*>(rows.absmax) + block);
       st.nested[s] = __ldg(rows.nested_absmax + (block >> nested_shift));
@@ -448,13 +442,7 @@ __global__ void __launch_bounds__(kWarps * 32, kBlocksPerSM)
   auto tile_at = [&](uint32_t s) { return pair_lut_tile_at(grp, s, group, kWarps / kGroup); };
   const uint32_t K = grp.cols;
   const uint32_t row_bytes = K / 2, steps = K / 128, items = (steps + 1) / 2;
-  PairLutScaleIndex scale_index;
-  if (grp.block_shift <= 7) {
-    scale_index = {static_cast<uint32_t>(7 - grp.block_shift), 0u,
-                   static_cast<uint32_t>((tig & 1) * 64) >> grp.block_shift};
-  } else {
-    scale_index = {0u, static_cast<uint32_t>(grp.block_shift - 7), 0u};
-  }
+  const int unit_shift = grp.block_shift - 6;  // blocksize >= 64
   auto rows_of = [&](PairLutTile t) {
     const PairLutMatrix& m = grp.m[t.matrix];
     const uint32_t r0 = min(t.tile * 16 + g, m.rows - 1), r1 = min(t.tile * 16 + g + 8, m.rows - 1);
@@ -463,7 +451,7 @@ __global__ void __launch_bounds__(kWarps * 32, kBlocksPerSM)
     r.row1 = m.packed + static_cast<uint64_t>(r1) * row_bytes + tig * 8;
     r.absmax = m.absmax;
     r.nested_absmax = m.nested_absmax;
-    r.scale_step0 = ((tig >> 1) ? r1 : r0) * steps;
+    r.scale_unit0 = ((tig >> 1) ? r1 : r0) * (K / 64) + (tig & 1);
     return r;
   };
 
@@ -473,7 +461,7 @@ __global__ void __launch_bounds__(kWarps * 32, kBlocksPerSM)
   PairLutRows load_rows = rows_of(load_tile.valid ? load_tile : PairLutTile{0, 0, true});
   const bool warp_works = member < items;
   if (warp_works && load_tile.valid)
-    pair_lut_load<kDoubleQuant>(stage_a, grp.nested_shift, load_rows, scale_index, member, steps);
+    pair_lut_load<kDoubleQuant>(stage_a, grp.nested_shift, unit_shift, load_rows, member, steps);
 
   // Table fill while the first loads are in flight: 8 lanes write one entry's 128 bytes.
   for (int chunk = threadIdx.x; chunk < 256 * 8; chunk += kWarps * 32) {
@@ -505,8 +493,10 @@ __global__ void __launch_bounds__(kWarps * 32, kBlocksPerSM)
   }
 
   const uint32_t lane_offset = lane * 4;  // byte 0 of the PRMT's second source; bytes 1..3 are zero
+  // One 32-bit offset per lane (batch * K < 2^32): every x load of an item is the
+  // item's pointer plus a constant.
   const bool has_x = g < batch;
-  const __nv_bfloat16* x_lane = x + static_cast<uint64_t>(has_x ? g : 0) * K + tig * 16;
+  const uint32_t x_lane = static_cast<uint32_t>(has_x ? g : 0) * K + tig * 16;
 
   // The tile being computed: its nested code table and offset (double quant).
   PairLutTile tile = load_tile;
@@ -531,13 +521,14 @@ __global__ void __launch_bounds__(kWarps * 32, kBlocksPerSM)
     for (int part = 0; part < 2; ++part) x_first[s][part][0] = x_first[s][part][1] = make_uint4(0, 0, 0, 0);
 
   auto compute = [&](const PairLutStage& st, uint32_t item) {
-    const __nv_bfloat16* x_item = x_lane + item * 256;
+    const __nv_bfloat16* x_item = x + (x_lane + item * 256);
+    const bool second = 2 * item + 1 < steps;
     if constexpr (kXFirst) {
 #pragma unroll
       for (int s = 0; s < 2; ++s)
 #pragma unroll
         for (int part = 0; part < 2; ++part) {
-          if (has_x && (s == 0 || 2 * item + 1 < steps)) {
+          if (has_x && (s == 0 || second)) {
             x_first[s][part][0] = load_x(x_item + s * 128 + part * 64);
             x_first[s][part][1] = load_x(x_item + s * 128 + part * 64 + 8);
           }
@@ -545,7 +536,7 @@ __global__ void __launch_bounds__(kWarps * 32, kBlocksPerSM)
     }
 #pragma unroll
     for (int s = 0; s < 2; ++s) {
-      if (s == 1 && 2 * item + 1 >= steps) break;
+      if (s == 1 && !second) break;
       // Lane tig holds the scale of (row half tig >> 1, part tig & 1); the quad shares them.
       const float mine = kDoubleQuant ? __fadd_rn(__fmul_rn(tile_nested_code[st.scale_bits[s]], st.nested[s]),
                                                   tile_nested_offset)
@@ -614,13 +605,13 @@ __global__ void __launch_bounds__(kWarps * 32, kBlocksPerSM)
   while (tile.valid) {
     advance_load();
     if (load_tile.valid)
-      pair_lut_load<kDoubleQuant>(stage_b, grp.nested_shift, load_rows, scale_index, load_item, steps);
+      pair_lut_load<kDoubleQuant>(stage_b, grp.nested_shift, unit_shift, load_rows, load_item, steps);
     compute(stage_a, item);
     advance_compute();
     if (!tile.valid) break;
     advance_load();
     if (load_tile.valid)
-      pair_lut_load<kDoubleQuant>(stage_a, grp.nested_shift, load_rows, scale_index, load_item, steps);
+      pair_lut_load<kDoubleQuant>(stage_a, grp.nested_shift, unit_shift, load_rows, load_item, steps);
     compute(stage_b, item);
     advance_compute();
   }
