@@ -510,30 +510,38 @@ __global__ void __launch_bounds__(kWarps * 32, kBlocksPerSM)
   };
   enter_tile();
 
-  // kXFirst: all of an item's x loads issued before any use (32 registers), so
-  // their latency overlaps the scale shuffles and the first table loads. Zeroed
-  // once: lanes past the batch never load (their mma columns stay zero), and a
-  // missing second step is never computed, so no item re-zeroes them.
+  // Zeroed once: lanes past the batch never load (their mma columns stay zero), and
+  // a missing second step is never computed, so no item re-zeroes them.
   uint4 x_first[2][2][2];
 #pragma unroll
   for (int s = 0; s < 2; ++s)
 #pragma unroll
     for (int part = 0; part < 2; ++part) x_first[s][part][0] = x_first[s][part][1] = make_uint4(0, 0, 0, 0);
 
+  // kXFirst: x_first holds the item's x before it is computed. Each step's registers
+  // are reloaded for the warp's next item (the next in this tile, or its first item
+  // of the next tile: x depends on the item only) as soon as the step is done, so the
+  // loads fly during the rest of this item instead of opening the next one.
+  auto load_x_step = [&](uint32_t at, int s) {
+    const __nv_bfloat16* x_at = x + (x_lane + at * 256 + s * 128);
+#pragma unroll
+    for (int part = 0; part < 2; ++part) {
+      x_first[s][part][0] = load_x(x_at + part * 64);
+      x_first[s][part][1] = load_x(x_at + part * 64 + 8);
+    }
+  };
+  if constexpr (kXFirst) {
+    if (has_x) {
+      load_x_step(member, 0);
+      if (2 * member + 1 < steps) load_x_step(member, 1);
+    }
+  }
+
   auto compute = [&](const PairLutStage& st, uint32_t item) {
     const __nv_bfloat16* x_item = x + (x_lane + item * 256);
     const bool second = 2 * item + 1 < steps;
-    if constexpr (kXFirst) {
-#pragma unroll
-      for (int s = 0; s < 2; ++s)
-#pragma unroll
-        for (int part = 0; part < 2; ++part) {
-          if (has_x && (s == 0 || second)) {
-            x_first[s][part][0] = load_x(x_item + s * 128 + part * 64);
-            x_first[s][part][1] = load_x(x_item + s * 128 + part * 64 + 8);
-          }
-        }
-    }
+    const uint32_t next = item + kGroup < items ? item + kGroup : member;
+    const bool next_second = 2 * next + 1 < steps;
 #pragma unroll
     for (int s = 0; s < 2; ++s) {
       if (s == 1 && !second) break;
@@ -576,6 +584,12 @@ __global__ void __launch_bounds__(kWarps * 32, kBlocksPerSM)
         acc[2] = fmaf(c[2], scale[1][part], acc[2]);
         acc[3] = fmaf(c[3], scale[1][part], acc[3]);
       }
+      if constexpr (kXFirst) {
+        if (has_x && (s == 0 || next_second)) load_x_step(next, s);
+      }
+    }
+    if constexpr (kXFirst) {
+      if (has_x && !second && next_second) load_x_step(next, 1);
     }
   };
 
