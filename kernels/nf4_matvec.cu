@@ -779,9 +779,10 @@ bool mma_applies(const NF4Matrix& m, const __nv_bfloat16* x) {
 
 // The pair-LUT kernel's conditions: whole 128-element steps per row, blocks of
 // at least 64 elements (a part never straddles two), 32-bit row, column and
-// 64-element-block counts (its index arithmetic is 32-bit inside a matrix).
+// 64-element-block counts (its index arithmetic is 32-bit inside a matrix; x
+// offsets of the 8 rows of a pass, 8 * cols, too).
 bool pair_lut_applies(const NF4Matrix& m, const __nv_bfloat16* x) {
-  return mma_applies(m, x) && m.cols % 128 == 0 && m.blocksize >= 64 && m.cols < (int64_t{1} << 31) &&
+  return mma_applies(m, x) && m.cols % 128 == 0 && m.blocksize >= 64 && m.cols < (int64_t{1} << 29) &&
          m.rows < (int64_t{1} << 31) && m.element_count() / 64 < (int64_t{1} << 32);
 }
 
