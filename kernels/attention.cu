@@ -1,6 +1,7 @@
 #include "kernels/attention.cuh"
 
 #include <algorithm>
+#include <cstdlib>
 
 #include "kernels/device_common.cuh"
 
@@ -16,11 +17,28 @@ struct Split {
   int64_t count;  // splits per (query, head)
 };
 
+// Blocks a launch with few (query, kv head) pairs aims for: blocks per SM x the
+// current device's SMs (2 x 132 = 264 on H100/H200), asked once per device.
+// LAYERPACK_ATTENTION_BLOCKS_PER_SM sets the factor (for comparison).
+int64_t target_blocks() {
+  static const int per_sm = [] {
+    const char* env = std::getenv("LAYERPACK_ATTENTION_BLOCKS_PER_SM");
+    return env && std::atoi(env) > 0 ? std::atoi(env) : 2;
+  }();
+  static int sms[64] = {0};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return int64_t{132} * per_sm;
+  if (sms[device] == 0 && cudaDeviceGetAttribute(&sms[device], cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+    return int64_t{132} * per_sm;
+  return int64_t{sms[device]} * per_sm;
+}
+
 // Small splits when there are few (query, kv head) pairs, so decode fills the GPU.
 Split choose_split(int queries, int kv_heads, int64_t max_kv_length) {
   const int64_t pairs = static_cast<int64_t>(queries) * (kv_heads > 0 ? kv_heads : 1);
+  const int64_t target = target_blocks();
   int64_t size = 256;
-  while (size > 64 && pairs * ((max_kv_length + size - 1) / size) < 264) size /= 2;
+  while (size > 64 && pairs * ((max_kv_length + size - 1) / size) < target) size /= 2;
   return {size, (max_kv_length + size - 1) / size};
 }
 
@@ -374,12 +392,13 @@ cudaError_t attention(const AttentionArgs& a, void* workspace, size_t workspace_
   int64_t stride = split.size;
   // Device lengths (decode): the grid must serve any length up to max_length, so the
   // visible positions of each query are spread over enough splits to fill the GPU
-  // (~264 blocks), with at most 1024 positions per split (shared memory).
+  // (target_blocks()), with at most 1024 positions per split (shared memory).
   const bool spread = a.kv_lengths != nullptr;
   if (spread) {
     const int64_t pairs = static_cast<int64_t>(a.queries) * a.kv_heads;
-    splits = std::min<int64_t>(std::max<int64_t>({int64_t{1}, (264 + pairs - 1) / pairs, (max_length + 1023) / 1024}),
-                               split.count);
+    const int64_t target = target_blocks();
+    splits = std::min<int64_t>(
+        std::max<int64_t>({int64_t{1}, (target + pairs - 1) / pairs, (max_length + 1023) / 1024}), split.count);
     stride = (max_length + splits - 1) / splits;
   }
   if (splits > 65535 || a.kv_heads > 65535 || a.queries > 65535) return cudaErrorInvalidValue;
