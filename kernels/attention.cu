@@ -18,19 +18,16 @@ struct Split {
 };
 
 // Blocks a launch with few (query, kv head) pairs aims for: blocks per SM x the
-// current device's SMs (2 x 132 = 264 on H100/H200), asked once per device.
+// current device's SMs (2 x 132 = 264 on H100/H200; 132 SMs if it cannot be asked).
 // LAYERPACK_ATTENTION_BLOCKS_PER_SM sets the factor (for comparison).
 int64_t target_blocks() {
   static const int per_sm = [] {
     const char* env = std::getenv("LAYERPACK_ATTENTION_BLOCKS_PER_SM");
     return env && std::atoi(env) > 0 ? std::atoi(env) : 2;
   }();
-  static int sms[64] = {0};
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return int64_t{132} * per_sm;
-  if (sms[device] == 0 && cudaDeviceGetAttribute(&sms[device], cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
-    return int64_t{132} * per_sm;
-  return int64_t{sms[device]} * per_sm;
+  int sms = 132;
+  detail::multiprocessor_count(&sms);
+  return int64_t{sms} * per_sm;
 }
 
 // Small splits when there are few (query, kv head) pairs, so decode fills the GPU.

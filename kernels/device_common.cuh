@@ -13,6 +13,21 @@ namespace layerpack::kernels::detail {
 // Launch errors surface through cudaGetLastError; the caller reports them.
 inline cudaError_t last_launch_error() { return cudaGetLastError(); }
 
+// Multiprocessors of the current device, asked once per device.
+inline cudaError_t multiprocessor_count(int* count) {
+  static int counts[64] = {0};
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  if (device < 0 || device >= 64) return cudaErrorInvalidDevice;
+  if (counts[device] == 0) {
+    err = cudaDeviceGetAttribute(&counts[device], cudaDevAttrMultiProcessorCount, device);
+    if (err != cudaSuccess) return err;
+  }
+  *count = counts[device];
+  return cudaSuccess;
+}
+
 // Programmatic dependent launch (sm_90+). A kernel started by launch_chained may
 // run its prologue (weights, tables) while the previous kernel of its stream
 // finishes, so it must call wait_for_previous_kernel() before it reads anything an

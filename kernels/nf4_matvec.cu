@@ -786,21 +786,6 @@ bool pair_lut_applies(const NF4Matrix& m, const __nv_bfloat16* x) {
          m.rows < (int64_t{1} << 31) && m.element_count() / 64 < (int64_t{1} << 32);
 }
 
-// Multiprocessors of the current device, asked once per device.
-cudaError_t multiprocessor_count(int* count) {
-  static int counts[64] = {0};
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  if (device < 0 || device >= 64) return cudaErrorInvalidDevice;
-  if (counts[device] == 0) {
-    err = cudaDeviceGetAttribute(&counts[device], cudaDevAttrMultiProcessorCount, device);
-    if (err != cudaSuccess) return err;
-  }
-  *count = counts[device];
-  return cudaSuccess;
-}
-
 // Launches the pair-LUT kernel with a persistent grid: as many blocks as fit on
 // the device at once (the 64 KB table is built once per block), at most one per tile.
 template <int kWarps, int kBlocksPerSM, bool kXFirst, bool kDoubleQuant, typename OutT, int kGroup = kWarps>
@@ -818,7 +803,7 @@ cudaError_t launch_pair_lut(const PairLutGroup& grp, const __nv_bfloat16* x, int
     int per_sm = 0, sms = 0;
     err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, kBytes);
     if (err != cudaSuccess) return err;
-    err = multiprocessor_count(&sms);
+    err = detail::multiprocessor_count(&sms);
     if (err != cudaSuccess) return err;
     if (per_sm < 1) return cudaErrorInvalidConfiguration;
     resident_blocks[device] = per_sm * sms;
@@ -842,7 +827,7 @@ struct PairLutShape {
 // else 16 warps x 1 block (k/v: 64 tiles on 132 SMs).
 PairLutShape pair_lut_automatic_shape(uint32_t tiles) {
   int sms = 132;  // if the device cannot be asked
-  multiprocessor_count(&sms);
+  detail::multiprocessor_count(&sms);
   const uint32_t count = static_cast<uint32_t>(sms);
   if (tiles < count) return PairLutShape{16, 1, false};
   // Tiles for at least 1.5 waves of 2-warp tile groups (gate/up with SwiGLU, lm_head):

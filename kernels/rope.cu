@@ -44,6 +44,13 @@ __global__ void rope_kernel(__nv_bfloat16* q, __nv_bfloat16* k, const int32_t* _
   }
 }
 
+// Grid of rope_kernel for `total` rotated pairs (grid-stride beyond 8 x 65535 blocks).
+constexpr int kRopeThreads = 256;
+unsigned rope_blocks(int64_t total) {
+  const int64_t blocks = (total + kRopeThreads - 1) / kRopeThreads;
+  return static_cast<unsigned>(blocks > 65535 * 8 ? 65535 * 8 : blocks);
+}
+
 }  // namespace
 
 cudaError_t rope_apply(__nv_bfloat16* q, __nv_bfloat16* k, const int32_t* positions, const float* inv_freq,
@@ -53,11 +60,8 @@ cudaError_t rope_apply(__nv_bfloat16* q, __nv_bfloat16* k, const int32_t* positi
     return cudaErrorInvalidValue;
   const int half = head_dim / 2;
   const int64_t total = tokens * (q_heads + (k ? kv_heads : 0)) * half;
-  constexpr int kThreads = 256;
-  int64_t blocks = (total + kThreads - 1) / kThreads;
-  if (blocks > 65535 * 8) blocks = 65535 * 8;
-  rope_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(q, k, positions, inv_freq, tokens, q_heads,
-                                                                      kv_heads, half, RopeCacheAppend{});
+  rope_kernel<<<rope_blocks(total), kRopeThreads, 0, stream>>>(q, k, positions, inv_freq, tokens, q_heads, kv_heads,
+                                                               half, RopeCacheAppend{});
   return detail::last_launch_error();
 }
 
@@ -70,11 +74,8 @@ cudaError_t rope_apply_and_append(__nv_bfloat16* q, __nv_bfloat16* k, const int3
     return cudaErrorInvalidValue;
   const int half = head_dim / 2;
   const int64_t total = tokens * (q_heads + kv_heads) * half;
-  constexpr int kThreads = 256;
-  int64_t blocks = (total + kThreads - 1) / kThreads;
-  if (blocks > 65535 * 8) blocks = 65535 * 8;
-  return detail::launch_chained(rope_kernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), 0, stream, q, k,
-                                positions, inv_freq, tokens, q_heads, kv_heads, half, cache);
+  return detail::launch_chained(rope_kernel, dim3(rope_blocks(total)), dim3(kRopeThreads), 0, stream, q, k, positions,
+                                inv_freq, tokens, q_heads, kv_heads, half, cache);
 }
 
 }  // namespace layerpack::kernels

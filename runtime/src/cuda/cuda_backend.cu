@@ -455,9 +455,9 @@ Status CudaBackend::initialize(const ModelPack& pack, const KVCacheLayout& kv_la
   sizing.max_kv_length = kv_layout.capacity;
   const size_t workspace = kernels::attention_workspace_bytes(sizing);
   uint8_t* workspace_bytes = nullptr;
-  LAYERPACK_TRY(device_alloc(&workspace_bytes, std::max<size_t>(workspace, 256), "the attention workspace"));
-  attention_workspace_ = workspace_bytes;
   attention_workspace_bytes_ = std::max<size_t>(workspace, 256);
+  LAYERPACK_TRY(device_alloc(&workspace_bytes, attention_workspace_bytes_, "the attention workspace"));
+  attention_workspace_ = workspace_bytes;
   // Its completion counters start at zero; every attention launch leaves them so.
   CUDA_TRY(cudaMemset(workspace_bytes, 0, attention_workspace_bytes_), "clearing the attention workspace");
 
