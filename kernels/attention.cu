@@ -2,15 +2,21 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <type_traits>
 
 #include "kernels/device_common.cuh"
 
 namespace layerpack::kernels {
 namespace {
 
-constexpr int kThreads = 128;  // 4 warps: the combine step gives each a head of the group
+constexpr int kThreads = 256;  // 8 warps: the combine step gives each a head of the group
 constexpr int kMaxGroup = 16;  // q heads per kv head
 constexpr int kMaxHeadDim = 256;
+// Decode of a short context: up to kShortPositions visible positions (head_dim up to
+// kShortHeadDim) are one block per (query, kv head) with the keys and values copied
+// to shared memory at once, and no split partials to combine.
+constexpr int kShortPositions = 128;
+constexpr int kShortHeadDim = 128;
 
 struct Split {
   int64_t size;   // positions per split
@@ -28,6 +34,16 @@ int64_t target_blocks() {
   int sms = 132;
   detail::multiprocessor_count(&sms);
   return int64_t{sms} * per_sm;
+}
+
+// Threads per block: kThreads; LAYERPACK_ATTENTION_THREADS=128 for comparison (the
+// kernel's bound allows both; 256 measured 1-2 % faster per decode step, NOTES.md).
+int attention_threads() {
+  static const int threads = [] {
+    const char* env = std::getenv("LAYERPACK_ATTENTION_THREADS");
+    return env && std::atoi(env) == kThreads / 2 ? kThreads / 2 : kThreads;
+  }();
+  return threads;
 }
 
 // Small splits when there are few (query, kv head) pairs, so decode fills the GPU.
@@ -128,6 +144,28 @@ __device__ void combine_splits(const AttentionArgs& a, const Workspace& ws, floa
   }
 }
 
+// Softmax pieces of `rows` rows of scores (row stride `stride`, `count` entries each),
+// in place: exp(s - max) in fp32, a row of only -inf gives zeros. Warp w takes rows
+// w, w + warps, ...; lane 0 reports each row's max and sum to store(row, max, sum).
+template <typename Store>
+__device__ __forceinline__ void softmax_rows(float* scores, int64_t stride, int rows, int64_t count, Store store) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  for (int g = warp; g < rows; g += warps) {
+    float* s = scores + g * stride;
+    float m = -INFINITY;
+    for (int64_t i = lane; i < count; i += 32) m = fmaxf(m, s[i]);
+    m = detail::warp_max(m);
+    float sum = 0.0f;
+    for (int64_t i = lane; i < count; i += 32) {
+      const float p = m == -INFINITY ? 0.0f : __expf(s[i] - m);
+      s[i] = p;
+      sum += p;
+    }
+    sum = detail::warp_sum(sum);
+    if (lane == 0) store(g, m, sum);
+  }
+}
+
 __device__ __forceinline__ int64_t kv_length_of(const AttentionArgs& a, int query) {
   return a.kv_lengths ? static_cast<int64_t>(a.kv_lengths[query]) : a.causal_start + query + 1;
 }
@@ -225,24 +263,10 @@ __device__ __forceinline__ void split_piece(const AttentionArgs& a, const Worksp
   }
   __syncthreads();
 
-  // Softmax pieces: warp w handles heads w, w+4, ...
-  for (int g = warp; g < group; g += warps) {
-    float* s = scores + g * split_size;
-    float m = -INFINITY;
-    for (int64_t i = lane; i < span; i += 32) m = fmaxf(m, s[i]);
-    m = detail::warp_max(m);
-    float sum = 0.0f;
-    for (int64_t i = lane; i < span; i += 32) {
-      const float p = m == -INFINITY ? 0.0f : __expf(s[i] - m);
-      s[i] = p;
-      sum += p;
-    }
-    sum = detail::warp_sum(sum);
-    if (lane == 0) {
-      stats[2 * g] = m;
-      stats[2 * g + 1] = sum;
-    }
-  }
+  softmax_rows(scores, split_size, group, span, [&](int g, float m, float sum) {
+    stats[2 * g] = m;
+    stats[2 * g + 1] = sum;
+  });
   __syncthreads();
 
   // P * V: thread = (position lane, pair of dims); lanes combined through shared memory.
@@ -295,11 +319,181 @@ __device__ __forceinline__ void split_piece(const AttentionArgs& a, const Worksp
   }
 }
 
+// Lanes that share one key row: a power of two covering the row's 16-byte pieces
+// (16 for head_dim 128), so a warp scores 32 / lanes rows at once.
+__device__ __forceinline__ int lanes_per_row(int pieces) {
+  int lanes = 1;
+  while (lanes < pieces) lanes <<= 1;
+  return lanes;
+}
+
+__device__ __forceinline__ void copy_async_16(void* shared_destination, const void* global_source) {
+  const unsigned destination = static_cast<unsigned>(__cvta_generic_to_shared(shared_destination));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(destination), "l"(global_source) : "memory");
+}
+
+// The short path computes kGroup heads per kv head: the group rounded up to a power
+// of two (the extra heads' q rows are zero), so its loops carry no head guards.
+__host__ __device__ inline int padded_group(int group) {
+  int padded = 1;
+  while (padded < group) padded <<= 1;
+  return padded;
+}
+
+// Calls f(std::integral_constant<int, padded>) for a padded group size (1 to 16).
+template <typename F>
+__device__ __forceinline__ void with_padded_group(int padded, F f) {
+  if (padded == 1)
+    f(std::integral_constant<int, 1>{});
+  else if (padded == 2)
+    f(std::integral_constant<int, 2>{});
+  else if (padded == 4)
+    f(std::integral_constant<int, 4>{});
+  else if (padded == 8)
+    f(std::integral_constant<int, 8>{});
+  else
+    f(std::integral_constant<int, 16>{});
+}
+
+// Bytes of shared memory the short-context path uses.
+size_t short_path_shared_bytes(int group, int head_dim) {
+  const int padded = padded_group(group);
+  // part_sums (16-byte aligned after the per-head floats: padded is a power of two).
+  const int pad = (padded + 3) / 4 * 4 - padded;
+  return sizeof(__nv_bfloat16) * 2 * kShortPositions * head_dim +
+         sizeof(float) * (padded * head_dim + padded * kShortPositions + padded + pad + 4 * kThreads);
+}
+
+// A short context (visible positions [begin, end), at most kShortPositions, head_dim
+// at most kShortHeadDim) by one block: every key and value row is copied to shared
+// memory in one go (cp.async: one round trip, no registers held), then scores,
+// softmax and P * V run from shared memory and the block writes the output. The
+// split path instead pays a round trip per stage plus the combine of the splits
+// (15 us per decode layer at 80 positions on the H200, NOTES.md).
+template <int kGroup>
+__device__ void short_context_attention(const AttentionArgs& a, float* shared, int group, int first_head, int heads,
+                                        int kv_head, int query, int64_t begin, int64_t end) {
+  const int hd = a.head_dim;
+  const int n = static_cast<int>(end - begin);
+  __nv_bfloat16* k_s = reinterpret_cast<__nv_bfloat16*>(shared);      // [kShortPositions][hd]
+  __nv_bfloat16* v_s = k_s + kShortPositions * hd;                    // [kShortPositions][hd]
+  float* q_s = reinterpret_cast<float*>(v_s + kShortPositions * hd);  // [kGroup][hd]
+  float* scores = q_s + kGroup * hd;                                  // [kGroup][kShortPositions]
+  float* inverse_sum = scores + kGroup * kShortPositions;             // [kGroup]
+  float* part_sums = inverse_sum + (kGroup + 3) / 4 * 4;              // [blockDim][4], 16-byte aligned
+
+  const int64_t cache = a.query_sequences ? a.query_sequences[query] : query;
+  const __nv_bfloat16* k_rows = a.k_cache + cache * a.sequence_stride + (kv_head * a.capacity + begin) * hd;
+  const __nv_bfloat16* v_rows = a.v_cache + cache * a.sequence_stride + (kv_head * a.capacity + begin) * hd;
+  const int pieces = hd / 8;  // 16-byte pieces of a row
+  for (int c = threadIdx.x; c < n * pieces; c += blockDim.x) {
+    copy_async_16(k_s + c * 8, k_rows + c * 8);
+    copy_async_16(v_s + c * 8, v_rows + c * 8);
+  }
+  asm volatile("cp.async.commit_group;" ::: "memory");
+  const __nv_bfloat16* q_rows = a.q + (static_cast<int64_t>(query) * a.q_heads + kv_head * group + first_head) * hd;
+  for (int i = threadIdx.x; i < kGroup * hd; i += blockDim.x)
+    q_s[i] = i < heads * hd ? __bfloat162float(q_rows[i]) * a.scale : 0.0f;
+  asm volatile("cp.async.wait_all;" ::: "memory");
+  __syncthreads();
+
+  // Scores: a row's lanes take 16 bytes of the key each and sum by shuffles, all
+  // kGroup heads at each shuffle step (independent chains).
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int width = lanes_per_row(pieces);  // <= 16: head_dim <= 128
+  const int rows_per_warp = 32 / width;
+  const int sub = lane / width, piece = lane % width;
+  for (int row0 = warp * rows_per_warp; row0 < n; row0 += warps * rows_per_warp) {
+    const int row = row0 + sub;
+    const bool used = piece < pieces && row < n;
+    uint4 key = make_uint4(0, 0, 0, 0);
+    if (used) key = reinterpret_cast<const uint4*>(k_s + row * hd)[piece];
+    const float k[8] = {detail::bf16_low(key.x),  detail::bf16_high(key.x), detail::bf16_low(key.y),
+                        detail::bf16_high(key.y), detail::bf16_low(key.z),  detail::bf16_high(key.z),
+                        detail::bf16_low(key.w),  detail::bf16_high(key.w)};
+    const int q_piece = used ? piece : 0;  // unused lanes multiply zeros
+    float acc[kGroup];
+#pragma unroll
+    for (int g = 0; g < kGroup; ++g) {
+      const float4* qg = reinterpret_cast<const float4*>(q_s + g * hd + q_piece * 8);
+      const float4 x = qg[0], y = qg[1];
+      float sum = x.x * k[0];
+      sum = fmaf(x.y, k[1], sum);
+      sum = fmaf(x.z, k[2], sum);
+      sum = fmaf(x.w, k[3], sum);
+      sum = fmaf(y.x, k[4], sum);
+      sum = fmaf(y.y, k[5], sum);
+      sum = fmaf(y.z, k[6], sum);
+      acc[g] = fmaf(y.w, k[7], sum);
+    }
+    for (int offset = width >> 1; offset > 0; offset >>= 1) {
+#pragma unroll
+      for (int g = 0; g < kGroup; ++g) acc[g] += __shfl_xor_sync(0xffffffffu, acc[g], offset);
+    }
+    if (piece == 0 && row < n) {
+#pragma unroll
+      for (int g = 0; g < kGroup; ++g) scores[g * kShortPositions + row] = acc[g];
+    }
+  }
+  __syncthreads();
+
+  softmax_rows(scores, kShortPositions, heads, n,
+               [&](int g, float, float sum) { inverse_sum[g] = sum > 0.0f ? 1.0f / sum : 0.0f; });
+  __syncthreads();
+
+  // P * V: a thread owns 4 dims of one head and a part of the positions (part p:
+  // p, p + parts, ...); the parts are summed in order through shared memory.
+  const int quads = hd / 4;
+  const int outputs = heads * quads;
+  const int parts = max(1, min(8, static_cast<int>(blockDim.x) / outputs));
+  __nv_bfloat16* out = a.out + (static_cast<int64_t>(query) * a.q_heads + kv_head * group + first_head) * hd;
+  for (int o0 = 0; o0 < outputs; o0 += static_cast<int>(blockDim.x) / parts) {
+    const int o = o0 + threadIdx.x % (blockDim.x / parts), part = threadIdx.x / (blockDim.x / parts);
+    const bool active = o < outputs && part < parts;
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (active) {
+      const int g = o / quads, quad = o % quads;
+      const float* p = scores + g * kShortPositions;
+#pragma unroll 4
+      for (int i = part; i < n; i += parts) {
+        const uint2 value = reinterpret_cast<const uint2*>(v_s + i * hd)[quad];
+        const float w = p[i];
+        acc[0] = fmaf(w, detail::bf16_low(value.x), acc[0]);
+        acc[1] = fmaf(w, detail::bf16_high(value.x), acc[1]);
+        acc[2] = fmaf(w, detail::bf16_low(value.y), acc[2]);
+        acc[3] = fmaf(w, detail::bf16_high(value.y), acc[3]);
+      }
+      if (parts > 1) reinterpret_cast<float4*>(part_sums)[threadIdx.x] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+    }
+    if (parts > 1) {
+      __syncthreads();
+      if (active && part == 0) {
+        for (int q = 1; q < parts; ++q) {
+          const float4 more = reinterpret_cast<const float4*>(part_sums)[threadIdx.x + q * (blockDim.x / parts)];
+          acc[0] += more.x;
+          acc[1] += more.y;
+          acc[2] += more.z;
+          acc[3] += more.w;
+        }
+      }
+      __syncthreads();
+    }
+    if (active && part == 0) {
+      const int g = o / quads, quad = o % quads;
+      const float inv = inverse_sum[g];
+      __nv_bfloat162* target = reinterpret_cast<__nv_bfloat162*>(out + g * hd + 4 * quad);
+      target[0] = __floats2bfloat162_rn(acc[0] * inv, acc[1] * inv);
+      target[1] = __floats2bfloat162_rn(acc[2] * inv, acc[3] * inv);
+    }
+  }
+}
+
 // Block: (split, kv head, query): one split's piece, then the last block of the
-// (query, kv head) to finish combines all of its splits. Bounds (128, 4) allow
-// 128 registers: left alone, ptxas chose 64 and spilled the combine's sums.
-__global__ void __launch_bounds__(kThreads, 4)
-    attention_split_kernel(AttentionArgs a, Workspace ws, int64_t split_size, int64_t splits, bool spread) {
+// (query, kv head) to finish combines all of its splits. Bounds (256, 2) allow
+// 128 registers (left alone, ptxas chose 64 and spilled the combine's sums) at
+// either block size (attention_threads()).
+__global__ void __launch_bounds__(kThreads, 2) attention_split_kernel(AttentionArgs a, Workspace ws, int64_t split_size,
+                                                                      int64_t splits, bool spread, bool short_context) {
   extern __shared__ float shared[];
   const int group = a.q_heads / a.kv_heads;
 
@@ -316,6 +510,24 @@ __global__ void __launch_bounds__(kThreads, 4)
   const int64_t begin = (spread ? window_start : 0) + split * span;
   const int64_t end = min(begin + span, length);
   const int64_t out_row0 = (static_cast<int64_t>(query) * a.q_heads + kv_head * group) * splits + split;
+  if (spread && short_context) {
+    // A short context: the group's heads over the first blocks of the grid (the split
+    // counters stay untouched).
+    const int64_t visible = length - window_start;
+    if (visible >= 1 && visible <= kShortPositions) {
+      if (gridDim.x >= group) {
+        // One block per q head of the group (each copies the kv head's rows: L2 hits
+        // after the first), so the scores and P * V of a head run on their own SM.
+        if (split < group) short_context_attention<1>(a, shared, group, split, 1, kv_head, query, window_start, length);
+      } else if (split == 0) {
+        with_padded_group(padded_group(group), [&](auto padded) {
+          short_context_attention<decltype(padded)::value>(a, shared, group, 0, group, kv_head, query, window_start,
+                                                           length);
+        });
+      }
+      return;
+    }
+  }
   if (begin >= length || begin + span <= window_start) {
     // No position of this split is visible to the query (a decode grid is sized for
     // the whole cache): an empty piece, skipped by the combine step.
@@ -402,7 +614,15 @@ cudaError_t attention(const AttentionArgs& a, void* workspace, size_t workspace_
   // The workspace layout is computed for split.count splits; fewer are used when capacity < max_kv_length.
   const Workspace ws = carve(workspace, workspace_bytes, a.queries, a.q_heads, a.kv_heads, a.head_dim, split.count);
   const int group = a.q_heads / a.kv_heads;
-  const size_t shared_bytes = sizeof(float) * (group * a.head_dim + group * stride + group * 256 + 2 * group);
+  size_t shared_bytes = sizeof(float) * (group * a.head_dim + group * stride + group * 256 + 2 * group);
+  // Decode: contexts of up to kShortPositions positions take the short path
+  // (LAYERPACK_ATTENTION_SHORT=0 turns it off, for comparison).
+  static const bool short_enabled = [] {
+    const char* env = std::getenv("LAYERPACK_ATTENTION_SHORT");
+    return !(env && std::atoi(env) == 0);
+  }();
+  const bool short_context = spread && short_enabled && a.head_dim <= kShortHeadDim;
+  if (short_context) shared_bytes = std::max(shared_bytes, short_path_shared_bytes(group, a.head_dim));
   dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(a.kv_heads), static_cast<unsigned>(a.queries));
   if (shared_bytes > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(attention_split_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -410,8 +630,8 @@ cudaError_t attention(const AttentionArgs& a, void* workspace, size_t workspace_
     if (err != cudaSuccess) return err;
   }
   // The layout stride stays split.count; only the first `splits` run (capacity may cut max_kv_length).
-  return detail::launch_chained(attention_split_kernel, grid, dim3(kThreads), shared_bytes, stream, a, ws, stride,
-                                split.count, spread);
+  return detail::launch_chained(attention_split_kernel, grid, dim3(attention_threads()), shared_bytes, stream, a, ws,
+                                stride, split.count, spread, short_context);
 }
 
 cudaError_t kv_cache_append(const __nv_bfloat16* k_new, const __nv_bfloat16* v_new, const int32_t* positions,

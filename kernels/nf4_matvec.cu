@@ -754,9 +754,9 @@ __global__ void bf16_matvec_simple_kernel(const __nv_bfloat16* __restrict__ weig
 
 // Compute capability of the current device, cached per device.
 bool device_has_mma(int* device_out = nullptr) {
-  static int cached_major[64] = {0};
+  static int cached_major[detail::kMaxDevices] = {0};
   int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return false;
+  if (detail::current_device_index(&device) != cudaSuccess) return false;
   if (device_out) *device_out = device;
   if (cached_major[device] == 0) {
     int major = 0;
@@ -791,11 +791,10 @@ bool pair_lut_applies(const NF4Matrix& m, const __nv_bfloat16* x) {
 template <int kWarps, int kBlocksPerSM, bool kXFirst, bool kDoubleQuant, typename OutT, int kGroup = kWarps>
 cudaError_t launch_pair_lut(const PairLutGroup& grp, const __nv_bfloat16* x, int batch, cudaStream_t stream) {
   constexpr int kBytes = PairLutLayout<kWarps>::bytes;
-  static int resident_blocks[64] = {0};  // per device: blocks per SM * SMs
+  static int resident_blocks[detail::kMaxDevices] = {0};  // per device: blocks per SM * SMs
   int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
+  cudaError_t err = detail::current_device_index(&device);
   if (err != cudaSuccess) return err;
-  if (device < 0 || device >= 64) return cudaErrorInvalidDevice;
   auto kernel = nf4_matvec_pair_lut_kernel<kWarps, kBlocksPerSM, kXFirst, kDoubleQuant, OutT, kGroup>;
   if (resident_blocks[device] == 0) {
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
@@ -814,6 +813,34 @@ cudaError_t launch_pair_lut(const PairLutGroup& grp, const __nv_bfloat16* x, int
       static_cast<unsigned>(std::min<int64_t>((int64_t{grp.tiles} + kGroups - 1) / kGroups, resident_blocks[device]));
   return detail::launch_chained(kernel, dim3(blocks), dim3(kWarps * 32), kBytes, stream, grp, x, batch);
 }
+
+}  // namespace
+
+namespace detail {
+// The pair-LUT kernel's shared memory per SM at its usual shape (8 warps x 2 blocks,
+// each with the driver's reserved bytes), as a percent of the SM's maximum, rounded
+// up (the driver rounds a preference up to the next carveout it supports).
+cudaError_t chained_carveout_percent(int* percent) {
+  static int percents[kMaxDevices] = {0};
+  int device = 0;
+  cudaError_t err = current_device_index(&device);
+  if (err != cudaSuccess) return err;
+  if (percents[device] == 0) {
+    int max_per_sm = 0, reserved = 0;
+    err = cudaDeviceGetAttribute(&max_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
+    if (err != cudaSuccess) return err;
+    err = cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device);
+    if (err != cudaSuccess) return err;
+    if (max_per_sm <= 0) return cudaErrorInvalidValue;
+    const int64_t need = 2 * (int64_t{PairLutLayout<8>::bytes} + reserved);
+    percents[device] = static_cast<int>(std::min<int64_t>(100, (need * 100 + max_per_sm - 1) / max_per_sm));
+  }
+  *percent = percents[device];
+  return cudaSuccess;
+}
+}  // namespace detail
+
+namespace {
 
 // Block shapes of the pair-LUT kernel: warps per block x blocks per SM (the
 // register cap follows: 65536 / threads per SM). Measured on H200 (NOTES.md).

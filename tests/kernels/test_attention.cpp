@@ -102,17 +102,28 @@ void run_case(std::mt19937& rng, const Case& c, SharedWorkspace shared = {}) {
 TEST(Attention, DecodeMatchesReference) {
   std::mt19937 rng(41);
   const Case cases[] = {
-      {32, 8, 128, 1, 1, false, 0, 0, false},     {32, 8, 128, 1, 733, false, 0, 0, false},
-      {32, 8, 128, 1, 4097, false, 0, 0, false},  {28, 4, 128, 3, 300, false, 0, 0, true},
-      {8, 8, 64, 7, 1000, false, 0, 0, true},     {16, 1, 256, 2, 513, false, 0, 0, true},
-      {4, 2, 40, 5, 77, false, 0, 0, true},       {32, 8, 128, 2, 5000, false, 0, 4096, true},
+      {32, 8, 128, 1, 1, false, 0, 0, false},
+      {32, 8, 128, 1, 733, false, 0, 0, false},
+      {32, 8, 128, 1, 4097, false, 0, 0, false},
+      {28, 4, 128, 3, 300, false, 0, 0, true},
+      {8, 8, 64, 7, 1000, false, 0, 0, true},
+      {16, 1, 256, 2, 513, false, 0, 0, true},
+      {4, 2, 40, 5, 77, false, 0, 0, true},
+      {32, 8, 128, 2, 5000, false, 0, 4096, true},
       {12, 3, 8, 1, 3, false, 0, 0, false},
       // Short lengths in a big cache spread over many splits; a window over few splits;
       // group 16 at head_dim 256 (shared memory above 48 KB with few splits).
-      {32, 8, 128, 4, 4096, false, 0, 0, true},   {32, 8, 128, 3, 2000, false, 0, 100, true},
-      {16, 1, 256, 1, 4097, false, 0, 0, false},  {64, 4, 128, 70, 600, false, 0, 0, false},
+      {32, 8, 128, 4, 4096, false, 0, 0, true},
+      {32, 8, 128, 3, 2000, false, 0, 100, true},
+      {16, 1, 256, 1, 4097, false, 0, 0, false},
+      {64, 4, 128, 70, 600, false, 0, 0, false},
+      // The short-context path's edge (128 visible positions) and the first length past it.
+      {32, 8, 128, 1, 128, false, 0, 0, false},
+      {32, 8, 128, 1, 129, false, 0, 0, false},
+      {32, 8, 128, 2, 300, false, 0, 128, true},
       // Batched decode in one launch: each query's cache through query_sequences.
-      {32, 8, 128, 5, 700, false, 0, 0, true, true}, {28, 4, 128, 9, 64, false, 0, 16, true, true},
+      {32, 8, 128, 5, 700, false, 0, 0, true, true},
+      {28, 4, 128, 9, 64, false, 0, 16, true, true},
   };
   for (const Case& c : cases) run_case(rng, c);
 }
