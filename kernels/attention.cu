@@ -372,7 +372,7 @@ size_t short_path_shared_bytes(int group, int head_dim) {
 // (15 us per decode layer at 80 positions on the H200, NOTES.md).
 template <int kGroup>
 __device__ void short_context_attention(const AttentionArgs& a, float* shared, int group, int first_head, int heads,
-                                        int kv_head, int query, int64_t begin, int64_t end, bool early) {
+                                        int kv_head, int query, int64_t begin, int64_t end) {
   const int hd = a.head_dim;
   const int n = static_cast<int>(end - begin);
   __nv_bfloat16* k_s = reinterpret_cast<__nv_bfloat16*>(shared);      // [kShortPositions][hd]
@@ -386,18 +386,7 @@ __device__ void short_context_attention(const AttentionArgs& a, float* shared, i
   const __nv_bfloat16* k_rows = a.k_cache + cache * a.sequence_stride + (kv_head * a.capacity + begin) * hd;
   const __nv_bfloat16* v_rows = a.v_cache + cache * a.sequence_stride + (kv_head * a.capacity + begin) * hd;
   const int pieces = hd / 8;  // 16-byte pieces of a row
-  // Early (settled history): every row but the newest is copied before waiting for
-  // the kernel that appends the newest one.
-  const int settled = early ? n - 1 : 0;
-  for (int c = threadIdx.x; c < settled * pieces; c += blockDim.x) {
-    copy_async_16(k_s + c * 8, k_rows + c * 8);
-    copy_async_16(v_s + c * 8, v_rows + c * 8);
-  }
-  if (early) {
-    detail::wait_for_previous_kernel();
-    detail::allow_next_kernel();
-  }
-  for (int c = settled * pieces + threadIdx.x; c < n * pieces; c += blockDim.x) {
+  for (int c = threadIdx.x; c < n * pieces; c += blockDim.x) {
     copy_async_16(k_s + c * 8, k_rows + c * 8);
     copy_async_16(v_s + c * 8, v_rows + c * 8);
   }
@@ -509,14 +498,8 @@ __global__ void __launch_bounds__(kThreads, 2) attention_split_kernel(AttentionA
   const int group = a.q_heads / a.kv_heads;
 
   const int split = blockIdx.x, kv_head = blockIdx.y, query = blockIdx.z;
-  // Settled history (AttentionArgs::history_settled): the short path copies the rows
-  // before each query's newest while the previous kernel still runs; the lengths
-  // come from memory no kernel of this step writes.
-  const bool early = spread && short_context && a.history_settled;
-  if (!early) {
-    detail::wait_for_previous_kernel();
-    detail::allow_next_kernel();
-  }
+  detail::wait_for_previous_kernel();
+  detail::allow_next_kernel();
   // Spread: never more than the grid covers (a length above max_kv_length is a caller bug).
   const int64_t length = min(min(kv_length_of(a, query), a.capacity), spread ? split_size * gridDim.x : a.capacity);
   const int64_t window_start = a.sliding_window > 0 ? max(int64_t{0}, length - a.sliding_window) : 0;
@@ -535,20 +518,15 @@ __global__ void __launch_bounds__(kThreads, 2) attention_split_kernel(AttentionA
       if (gridDim.x >= group) {
         // One block per q head of the group (each copies the kv head's rows: L2 hits
         // after the first), so the scores and P * V of a head run on their own SM.
-        if (split < group)
-          short_context_attention<1>(a, shared, group, split, 1, kv_head, query, window_start, length, early);
+        if (split < group) short_context_attention<1>(a, shared, group, split, 1, kv_head, query, window_start, length);
       } else if (split == 0) {
         with_padded_group(padded_group(group), [&](auto padded) {
           short_context_attention<decltype(padded)::value>(a, shared, group, 0, group, kv_head, query, window_start,
-                                                           length, early);
+                                                           length);
         });
       }
       return;
     }
-  }
-  if (early) {
-    detail::wait_for_previous_kernel();
-    detail::allow_next_kernel();
   }
   if (begin >= length || begin + span <= window_start) {
     // No position of this split is visible to the query (a decode grid is sized for

@@ -45,10 +45,6 @@ struct AttentionArgs {
   float scale = 0.0f;            // softmax scale, usually 1/sqrt(head_dim)
   int64_t sliding_window = 0;    // 0: none
   __nv_bfloat16* out = nullptr;  // [queries, q_heads, head_dim]
-  // Decode of one row per sequence: the kernel launched just before (chained) writes
-  // at most each query's newest row (position kv_lengths[i] - 1) and nothing of
-  // kv_lengths / query_sequences, so the older rows may be read while it runs.
-  bool history_settled = false;
 };
 
 // Bytes of device workspace attention() needs for these arguments (reads the

@@ -47,20 +47,10 @@ __global__ void __launch_bounds__(kVectorMaxThreads)
     rms_norm_vector_kernel(const __nv_bfloat16* x, __nv_bfloat16* residual, const __nv_bfloat16* delta,
                            const float* __restrict__ weight, float eps, int64_t dim, __nv_bfloat16* out) {
   __shared__ float scratch[32];
-  const int64_t row = blockIdx.x;
-  const int64_t chunks = dim / 8;
-  // The weights are no kernel's output: loaded before waiting for the previous kernel.
-  float4 weights[kChunks][2];
-#pragma unroll
-  for (int k = 0; k < kChunks; ++k) {
-    const int64_t c = threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
-    weights[k][0] = weights[k][1] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    if (c >= chunks) continue;
-    weights[k][0] = *reinterpret_cast<const float4*>(weight + c * 8);
-    weights[k][1] = *reinterpret_cast<const float4*>(weight + c * 8 + 4);
-  }
   detail::wait_for_previous_kernel();
   detail::allow_next_kernel();
+  const int64_t row = blockIdx.x;
+  const int64_t chunks = dim / 8;
   const __nv_bfloat16* src = kAddResidual ? residual + row * dim : x + row * dim;
   uint4 piece[kChunks];
   float sum_sq = 0.0f;
@@ -97,7 +87,8 @@ __global__ void __launch_bounds__(kVectorMaxThreads)
   for (int k = 0; k < kChunks; ++k) {
     const int64_t c = threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
     if (c >= chunks) continue;
-    const float4 w0 = weights[k][0], w1 = weights[k][1];
+    const float4 w0 = *reinterpret_cast<const float4*>(weight + c * 8);
+    const float4 w1 = *reinterpret_cast<const float4*>(weight + c * 8 + 4);
     const float w[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
     const uint32_t* p = reinterpret_cast<const uint32_t*>(&piece[k]);
     uint4 result;

@@ -8,30 +8,22 @@ namespace {
 // One thread per rotated pair. With a cache, the thread of a k pair also stores
 // the rotated pair and the same pair of v in the token's KV-cache row.
 __global__ void rope_kernel(__nv_bfloat16* q, __nv_bfloat16* k, const int32_t* __restrict__ positions,
-                            const float* __restrict__ inv_freq, int64_t tokens, int q_heads, int kv_heads, int half,
-                            RopeCacheAppend cache) {
-  const int heads = q_heads + (k ? kv_heads : 0);
-  const int64_t total = tokens * heads * half;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  // The first pair's angle needs only positions and inv_freq (no kernel's output, see
-  // rope.cuh): computed while the previous kernel may still run.
-  auto angle_of = [&](int64_t idx) {
-    const int i = static_cast<int>(idx % half);
-    const int64_t token = idx / (static_cast<int64_t>(half) * heads);
-    return __fmul_rn(static_cast<float>(positions[token]), inv_freq[i]);
-  };
-  float first_sin = 0.0f, first_cos = 1.0f;
-  if (first < total) sincosf(angle_of(first), &first_sin, &first_cos);
+                            const float* __restrict__ inv_freq, int64_t tokens, int q_heads, int kv_heads,
+                            int half, RopeCacheAppend cache) {
   detail::wait_for_previous_kernel();
   detail::allow_next_kernel();
-  for (int64_t idx = first; idx < total; idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  const int heads = q_heads + (k ? kv_heads : 0);
+  const int64_t total = tokens * heads * half;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int i = static_cast<int>(idx % half);
     const int head = static_cast<int>((idx / half) % heads);
     const int64_t token = idx / (static_cast<int64_t>(half) * heads);
     __nv_bfloat16* v = head < q_heads ? q + (token * q_heads + head) * 2 * half
                                       : k + (token * kv_heads + (head - q_heads)) * 2 * half;
-    float s = first_sin, c = first_cos;
-    if (idx != first) sincosf(angle_of(idx), &s, &c);
+    const float angle = __fmul_rn(static_cast<float>(positions[token]), inv_freq[i]);
+    float s, c;
+    sincosf(angle, &s, &c);
     const float x1 = __bfloat162float(v[i]), x2 = __bfloat162float(v[i + half]);
     const __nv_bfloat16 y1 = __float2bfloat16_rn(x1 * c - x2 * s), y2 = __float2bfloat16_rn(x2 * c + x1 * s);
     v[i] = y1;

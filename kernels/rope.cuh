@@ -22,9 +22,7 @@ cudaError_t rope_apply(__nv_bfloat16* q, __nv_bfloat16* k, const int32_t* positi
 // the rotated k and with v_new: token t's row goes to position positions[t] of
 // cache sequence sequences[t] (t without sequences), layout [sequence][kv head]
 // [capacity][head_dim]; rows whose position is outside [0, capacity) are skipped.
-// Decode uses it to save a launch per layer; the values are the same bits. Chained
-// (it may start while the previous kernel runs): positions and inv_freq must not be
-// written by that kernel.
+// Decode uses it to save a launch per layer; the values are the same bits.
 struct RopeCacheAppend {
   const __nv_bfloat16* v_new = nullptr;  // [tokens, kv_heads, head_dim]
   __nv_bfloat16* k_cache = nullptr;

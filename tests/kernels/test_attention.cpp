@@ -71,9 +71,6 @@ void run_case(std::mt19937& rng, const Case& c, SharedWorkspace shared = {}) {
   a.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
   a.sliding_window = c.sliding_window;
   a.out = as_bf16(dout.get());
-  // Decode cases alternate between the settled-history launch (older rows copied
-  // before the wait for the previous kernel) and the plain one.
-  a.history_settled = !c.causal && c.queries % 2 == 1;
   DeviceBuffer<uint8_t> own_workspace(shared.pointer ? 0 : attention_workspace_bytes(a));
   if (!shared.pointer) {
     shared = {own_workspace.get(), attention_workspace_bytes(a)};

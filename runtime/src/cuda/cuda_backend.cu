@@ -854,7 +854,6 @@ Status CudaBackend::layer_rows(uint32_t layer, const DeviceSlot& slot, const Tok
       // whole cache, so the same launch serves every step (and a CUDA graph).
       args.kv_lengths = kv_lengths;
       args.max_kv_length = layout_.capacity;
-      args.history_settled = true;  // the append just before writes only this row's position
     } else {
       args.causal_start = pass_positions_[first];
       args.max_kv_length = pass_positions_[first] + rows;
