@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <initializer_list>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -259,9 +260,10 @@ class CudaBackend : public Backend {
   // Decode products of several NF4 matrices reading the same x in ONE launch, with
   // the epilogue fused (kernels::nf4_matvec_group). Returns false, launching
   // nothing, where the group does not apply; the caller then runs them one by one.
-  Result<bool> grouped_matvec(const char* role, const std::vector<const TensorInfo*>& weights,
-                              const DeviceSlot& slot, const bf16* x, uint32_t rows, std::vector<bf16*> outputs,
-                              kernels::MatvecEpilogue epilogue);
+  // The lists are the call sites' braced lists (no allocation per decode step).
+  Result<bool> grouped_matvec(const char* role, std::initializer_list<const TensorInfo*> weights,
+                              const DeviceSlot& slot, const bf16* x, uint32_t rows,
+                              std::initializer_list<bf16*> outputs, kernels::MatvecEpilogue epilogue);
   Result<const float*> vector_pointer(const TensorInfo& tensor, const DeviceSlot& slot, uint64_t expected) const;
 
   BackendOptions options_;
@@ -678,22 +680,24 @@ Status CudaBackend::linear(const char* role, const TensorInfo& weight, const Dev
                                                 "matrices, the pack has " + dtype_name(weight.dtype));
 }
 
-Result<bool> CudaBackend::grouped_matvec(const char* role, const std::vector<const TensorInfo*>& weights,
+Result<bool> CudaBackend::grouped_matvec(const char* role, std::initializer_list<const TensorInfo*> weights,
                                          const DeviceSlot& slot, const bf16* x, uint32_t rows,
-                                         std::vector<bf16*> outputs, kernels::MatvecEpilogue epilogue) {
+                                         std::initializer_list<bf16*> outputs, kernels::MatvecEpilogue epilogue) {
   if (!fused_matvecs_ || (rows > options_.matvec_max_rows && dequantize_scratch_)) return false;
-  if (weights.empty() || weights.size() > size_t(kernels::kMaxMatvecGroup)) return false;
+  if (weights.size() == 0 || weights.size() > size_t(kernels::kMaxMatvecGroup) || outputs.size() != weights.size())
+    return false;
   kernels::NF4Matrix views[kernels::kMaxMatvecGroup];
   const int count = static_cast<int>(weights.size());
   for (int i = 0; i < count; ++i) {
-    if (!weights[i] || weights[i]->dtype != DType::nf4) return false;
-    auto view = kernels::nf4_matrix_view(*weights[i], slot.data, slot.size);
+    const TensorInfo* weight = weights.begin()[i];
+    if (!weight || weight->dtype != DType::nf4) return false;
+    auto view = kernels::nf4_matrix_view(*weight, slot.data, slot.size);
     if (!view) return view.error();
     views[i] = view.value();
   }
   if (!kernels::nf4_matvec_group_applies(views, count, x)) return false;
   ProfileScope profile(profiler_, "NF4 matvec ", role);
-  CUDA_TRY(kernels::nf4_matvec_group(views, outputs.data(), count, x, static_cast<int>(rows), epilogue, compute_),
+  CUDA_TRY(kernels::nf4_matvec_group(views, outputs.begin(), count, x, static_cast<int>(rows), epilogue, compute_),
            std::string("NF4 matvec ") + role);
   return true;
 }
