@@ -18,6 +18,10 @@
 // and sum per split, fp32), then the splits are combined: numerically stable
 // for any length, and long contexts spread over the whole GPU. One launch: the
 // last split block of each (query, kv head) to finish combines its splits.
+// Decode (kv_lengths given) of up to 128 visible positions with head_dim <= 128
+// skips the splits: one block per q head copies the kv head's rows to shared
+// memory and writes the output itself (the same launch serves both, so a CUDA
+// graph captured at a short length stays right as the context grows).
 #pragma once
 
 #include <cuda_bf16.h>
