@@ -1,6 +1,7 @@
 #include "kernels/attention.cuh"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <type_traits>
 
@@ -319,12 +320,12 @@ __device__ __forceinline__ void split_piece(const AttentionArgs& a, const Worksp
   }
 }
 
-// Lanes that share one key row: a power of two covering the row's 16-byte pieces
-// (16 for head_dim 128), so a warp scores 32 / lanes rows at once.
-__device__ __forceinline__ int lanes_per_row(int pieces) {
-  int lanes = 1;
-  while (lanes < pieces) lanes <<= 1;
-  return lanes;
+// The smallest power of two >= n (n >= 1): lanes per key row (covering its 16-byte
+// pieces) and the short path's padded group.
+__host__ __device__ inline int next_power_of_two(int n) {
+  int p = 1;
+  while (p < n) p <<= 1;
+  return p;
 }
 
 __device__ __forceinline__ void copy_async_16(void* shared_destination, const void* global_source) {
@@ -333,13 +334,8 @@ __device__ __forceinline__ void copy_async_16(void* shared_destination, const vo
 }
 
 // The short path computes kGroup heads per kv head: the group rounded up to a power
-// of two (the extra heads' q rows are zero), so its loops carry no head guards.
-__host__ __device__ inline int padded_group(int group) {
-  int padded = 1;
-  while (padded < group) padded <<= 1;
-  return padded;
-}
-
+// of two (next_power_of_two; the extra heads' q rows are zero), so its loops carry
+// no head guards.
 // Calls f(std::integral_constant<int, padded>) for a padded group size (1 to 16).
 template <typename F>
 __device__ __forceinline__ void with_padded_group(int padded, F f) {
@@ -357,7 +353,7 @@ __device__ __forceinline__ void with_padded_group(int padded, F f) {
 
 // Bytes of shared memory the short-context path uses.
 size_t short_path_shared_bytes(int group, int head_dim) {
-  const int padded = padded_group(group);
+  const int padded = next_power_of_two(group);
   // part_sums (16-byte aligned after the per-head floats: padded is a power of two).
   const int pad = (padded + 3) / 4 * 4 - padded;
   return sizeof(__nv_bfloat16) * 2 * kShortPositions * head_dim +
@@ -400,7 +396,7 @@ __device__ void short_context_attention(const AttentionArgs& a, float* shared, i
   // Scores: a row's lanes take 16 bytes of the key each and sum by shuffles, all
   // kGroup heads at each shuffle step (independent chains).
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  const int width = lanes_per_row(pieces);  // <= 16: head_dim <= 128
+  const int width = next_power_of_two(pieces);  // lanes per row, <= 16: head_dim <= 128
   const int rows_per_warp = 32 / width;
   const int sub = lane / width, piece = lane % width;
   for (int row0 = warp * rows_per_warp; row0 < n; row0 += warps * rows_per_warp) {
@@ -520,7 +516,7 @@ __global__ void __launch_bounds__(kThreads, 2) attention_split_kernel(AttentionA
         // after the first), so the scores and P * V of a head run on their own SM.
         if (split < group) short_context_attention<1>(a, shared, group, split, 1, kv_head, query, window_start, length);
       } else if (split == 0) {
-        with_padded_group(padded_group(group), [&](auto padded) {
+        with_padded_group(next_power_of_two(group), [&](auto padded) {
           short_context_attention<decltype(padded)::value>(a, shared, group, 0, group, kv_head, query, window_start,
                                                            length);
         });
@@ -624,10 +620,18 @@ cudaError_t attention(const AttentionArgs& a, void* workspace, size_t workspace_
   const bool short_context = spread && short_enabled && a.head_dim <= kShortHeadDim;
   if (short_context) shared_bytes = std::max(shared_bytes, short_path_shared_bytes(group, a.head_dim));
   dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(a.kv_heads), static_cast<unsigned>(a.queries));
-  if (shared_bytes > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(attention_split_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 static_cast<int>(shared_bytes));
+  // Above 48 KB the kernel must be allowed the bytes: asked once per device and size
+  // (the short path needs ~68 KB on every decode step; launches outside CUDA graphs
+  // would otherwise pay the call each time).
+  static std::atomic<size_t> allowed[detail::kMaxDevices] = {};
+  int device = 0;
+  cudaError_t err = detail::current_device_index(&device);
+  if (err != cudaSuccess) return err;
+  if (shared_bytes > 48 * 1024 && shared_bytes > allowed[device].load(std::memory_order_relaxed)) {
+    err = cudaFuncSetAttribute(attention_split_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(shared_bytes));
     if (err != cudaSuccess) return err;
+    allowed[device].store(shared_bytes, std::memory_order_relaxed);
   }
   // The layout stride stays split.count; only the first `splits` run (capacity may cut max_kv_length).
   return detail::launch_chained(attention_split_kernel, grid, dim3(attention_threads()), shared_bytes, stream, a, ws,

@@ -4,12 +4,11 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <mutex>
-#include <string>
 #include <string_view>
-#include <unordered_set>
 
 namespace layerpack::kernels::detail {
 
@@ -78,37 +77,53 @@ inline bool chained_launches_enabled() {
 cudaError_t chained_carveout_percent(int* percent);
 
 // LAYERPACK_CUDA_CARVEOUT=<percent> overrides it; =driver leaves each kernel to the
-// driver's choice (for comparison). Returns -1 for the driver's choice, -2 for none set.
+// driver's choice (for comparison).
+constexpr int kCarveoutDriver = -1;   // LAYERPACK_CUDA_CARVEOUT=driver
+constexpr int kCarveoutDefault = -2;  // unset: chained_carveout_percent()
 inline int carveout_override() {
   static const int percent = [] {
     const char* env = std::getenv("LAYERPACK_CUDA_CARVEOUT");
-    if (env == nullptr || *env == '\0') return -2;
-    if (std::string_view(env) == "driver") return -1;
+    if (env == nullptr || *env == '\0') return kCarveoutDefault;
+    if (std::string_view(env) == "driver") return kCarveoutDriver;
     const int value = std::atoi(env);
-    return value >= 0 && value <= 100 ? value : -2;
+    return value >= 0 && value <= 100 ? value : kCarveoutDefault;
   }();
   return percent;
 }
 
-// Sets the carveout preference of `kernel` once per process and device.
+// Sets the carveout preference of `kernel` once per process and device. Every
+// chained launch asks, so the lookup takes no lock and allocates nothing; only a
+// kernel's first launch on a device sets the attribute.
 inline cudaError_t apply_carveout_preference(const void* kernel) {
   int percent = carveout_override();
-  if (percent == -1) return cudaSuccess;
+  if (percent == kCarveoutDriver) return cudaSuccess;
   int device = 0;
   cudaError_t err = current_device_index(&device);
   if (err != cudaSuccess) return err;
+  constexpr int kKernels = 64;  // distinct chained kernels (instantiations) per device
+  static std::atomic<const void*> applied[kMaxDevices][kKernels] = {};
+  for (const auto& slot : applied[device]) {
+    const void* k = slot.load(std::memory_order_acquire);
+    if (k == kernel) return cudaSuccess;
+    if (k == nullptr) break;
+  }
   static std::mutex mutex;
-  static std::unordered_set<std::string> done;  // "device:kernel"
-  const std::string key = std::to_string(device) + ":" + std::to_string(reinterpret_cast<uintptr_t>(kernel));
   std::lock_guard<std::mutex> lock(mutex);
-  if (done.count(key)) return cudaSuccess;
-  if (percent == -2) {
+  if (percent == kCarveoutDefault) {
     err = chained_carveout_percent(&percent);
     if (err != cudaSuccess) return err;
   }
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, percent);
-  if (err == cudaSuccess) done.insert(key);
-  return err;
+  if (err != cudaSuccess) return err;
+  for (auto& slot : applied[device]) {  // a full table only means setting it again next time
+    const void* k = slot.load(std::memory_order_relaxed);
+    if (k == kernel) break;
+    if (k == nullptr) {
+      slot.store(kernel, std::memory_order_release);
+      break;
+    }
+  }
+  return cudaSuccess;
 }
 
 // Launches `kernel` allowed to overlap the previous kernel of `stream` (see

@@ -814,12 +814,16 @@ cudaError_t launch_pair_lut(const PairLutGroup& grp, const __nv_bfloat16* x, int
   return detail::launch_chained(kernel, dim3(blocks), dim3(kWarps * 32), kBytes, stream, grp, x, batch);
 }
 
+// The pair-LUT kernel's usual shape (pair_lut_automatic_shape, launches with at least
+// as many tiles as SMs): its shared memory sets every chained kernel's carveout.
+constexpr int kUsualWarps = 8, kUsualBlocksPerSM = 2;
+
 }  // namespace
 
 namespace detail {
-// The pair-LUT kernel's shared memory per SM at its usual shape (8 warps x 2 blocks,
-// each with the driver's reserved bytes), as a percent of the SM's maximum, rounded
-// up (the driver rounds a preference up to the next carveout it supports).
+// The pair-LUT kernel's shared memory per SM at its usual shape (each block with the
+// driver's reserved bytes), as a percent of the SM's maximum, rounded up (the driver
+// rounds a preference up to the next carveout it supports).
 cudaError_t chained_carveout_percent(int* percent) {
   static int percents[kMaxDevices] = {0};
   int device = 0;
@@ -832,7 +836,7 @@ cudaError_t chained_carveout_percent(int* percent) {
     err = cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device);
     if (err != cudaSuccess) return err;
     if (max_per_sm <= 0) return cudaErrorInvalidValue;
-    const int64_t need = 2 * (int64_t{PairLutLayout<8>::bytes} + reserved);
+    const int64_t need = kUsualBlocksPerSM * (int64_t{PairLutLayout<kUsualWarps>::bytes} + reserved);
     percents[device] = static_cast<int>(std::min<int64_t>(100, (need * 100 + max_per_sm - 1) / max_per_sm));
   }
   *percent = percents[device];
@@ -865,7 +869,7 @@ PairLutShape pair_lut_automatic_shape(uint32_t tiles) {
     return env ? std::atoi(env) : 0;
   }();
   const bool groups = forced ? forced == 2 : tiles >= count * 2 * 4 * 3 / 2;
-  return PairLutShape{8, 2, true, groups ? 2 : 0};
+  return PairLutShape{kUsualWarps, kUsualBlocksPerSM, true, groups ? 2 : 0};
 }
 
 template <bool kDoubleQuant, typename OutT>
