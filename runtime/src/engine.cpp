@@ -231,6 +231,30 @@ uint32_t Engine::prefill_pass_rows() const {
 }
 
 Status Engine::forward(const TokenBatch& batch, std::vector<float>& logits) {
+  logits.resize(batch.logits_rows() * static_cast<size_t>(config().vocab_size));
+  return run_pass(batch, [&](SlotId slot) { return backend_->run_output(slot, batch, logits.data()); });
+}
+
+bool Engine::selects_tokens(const SamplingParams& params) const { return backend_->selects_tokens(params); }
+
+Status Engine::forward_tokens(const TokenBatch& batch, const SamplingParams& params,
+                              const std::vector<double>& uniforms, std::vector<int32_t>& tokens) {
+  if (!backend_->selects_tokens(params)) {
+    return make_error(ErrorCode::invalid_argument, std::string("the ") + backend_->name() +
+                                                       " backend does not select tokens with these sampling settings");
+  }
+  if (uniforms.size() != batch.logits_rows()) {
+    return make_error(ErrorCode::invalid_argument, "forward_tokens needs one draw per logits row (" +
+                                                       std::to_string(batch.logits_rows()) + "), got " +
+                                                       std::to_string(uniforms.size()));
+  }
+  tokens.assign(batch.logits_rows(), -1);
+  return run_pass(batch, [&](SlotId slot) {
+    return backend_->run_output_tokens(slot, batch, params, uniforms.data(), tokens.data());
+  });
+}
+
+Status Engine::run_pass(const TokenBatch& batch, const std::function<Status(SlotId)>& output_step) {
   if (broken_) return *broken_;
   if (batch.size() == 0) return make_error(ErrorCode::invalid_argument, "forward pass with no tokens");
   const bool one_sequence = batch.one_sequence();
@@ -263,7 +287,6 @@ Status Engine::forward(const TokenBatch& batch, std::vector<float>& logits) {
     broken_ = std::make_unique<Error>(e);
     return e;
   };
-  logits.resize(batch.logits_rows() * static_cast<size_t>(config().vocab_size));
   Status status = backend_->embed(batch, streamer_->host_payload(ModelPack::embedding_unit()));
   if (!status) return status;  // bad token id: nothing has moved yet
   for (uint32_t layer = 0; layer < config().num_layers; ++layer) {
@@ -277,7 +300,7 @@ Status Engine::forward(const TokenBatch& batch, std::vector<float>& logits) {
   const UnitIndex output = pack_.output_unit();
   auto slot = streamer_->acquire(output);
   if (!slot) return fail(slot.error());
-  status = backend_->run_output(slot.value(), batch, logits.data());
+  status = output_step(slot.value());
   streamer_->release(output);
   if (!status) return fail(status.error());
   for (const auto& [s, end] : next_position) kv_book_.advance(s, end - kv_book_.length(s));
@@ -364,6 +387,18 @@ Result<GenerationResult> Generator::generate(uint32_t sequence, const std::vecto
   const uint32_t vocab = engine_.config().vocab_size;
   std::vector<float> logits;
   std::vector<float> last_logits;
+  Sampler sampler(options.sampling);
+  // Greedy, or top-k sampling without a repetition penalty: the backend picks the
+  // token (CUDA: on the GPU) and only its id crosses to the host, not the logits.
+  const bool backend_selects = engine_.selects_tokens(options.sampling);
+  std::vector<double> draws(1);
+  std::vector<int32_t> chosen;  // the backend's pick after the latest pass
+  auto pass = [&](const TokenBatch& batch) -> Status {
+    if (!backend_selects || batch.logits_rows() == 0) return engine_.forward(batch, logits);
+    // The draw sample() would have taken (none when greedy), so a seed gives the same tokens.
+    draws[0] = options.sampling.temperature > 0.0f ? sampler.next_uniform() : 0.0;
+    return engine_.forward_tokens(batch, options.sampling, draws, chosen);
+  };
 
   // Prefill in passes of up to prefill_pass_rows() (the CUDA backend splits a pass
   // into max_batch_rows chunks per layer, so each layer streams once per pass);
@@ -377,10 +412,10 @@ Result<GenerationResult> Generator::generate(uint32_t sequence, const std::vecto
     for (size_t i = start; i < end; ++i) {
       batch.add(new_prompt[i], sequence, kv.length(sequence) + static_cast<uint32_t>(i - start), i + 1 == new_prompt.size());
     }
-    LAYERPACK_TRY(engine_.forward(batch, logits));
+    LAYERPACK_TRY(pass(batch));
     history.insert(history.end(), new_prompt.begin() + start, new_prompt.begin() + end);
   }
-  last_logits = logits;
+  if (!backend_selects) last_logits = logits;
   auto t1 = Clock::now();
   const EngineCounters before_decode = engine_.counters();
   const uint64_t bytes1 = before_decode.payload_bytes_read;
@@ -389,7 +424,6 @@ Result<GenerationResult> Generator::generate(uint32_t sequence, const std::vecto
   result.stats.prefill_seconds = std::chrono::duration<double>(t1 - t0).count();
   result.stats.prefill_bytes_read = bytes1 - bytes0;
 
-  Sampler sampler(options.sampling);
   std::vector<int32_t> penalty_context = options.penalty_context;
   penalty_context.insert(penalty_context.end(), history.begin(), history.end());
   std::unique_ptr<StreamingDecoder> decoder;
@@ -406,7 +440,7 @@ Result<GenerationResult> Generator::generate(uint32_t sequence, const std::vecto
   };
 
   while (true) {
-    const int32_t token = sampler.sample(last_logits.data(), vocab, penalty_context);
+    const int32_t token = backend_selects ? chosen.at(0) : sampler.sample(last_logits.data(), vocab, penalty_context);
     result.tokens.push_back(token);
     if (options.on_token) options.on_token(token);
     if (std::find(options.eos_ids.begin(), options.eos_ids.end(), token) != options.eos_ids.end()) {
@@ -441,9 +475,9 @@ Result<GenerationResult> Generator::generate(uint32_t sequence, const std::vecto
     }
     TokenBatch batch;
     batch.add(token, sequence, kv.length(sequence), true);
-    LAYERPACK_TRY(engine_.forward(batch, logits));
+    LAYERPACK_TRY(pass(batch));
     history.push_back(token);
-    last_logits.swap(logits);
+    if (!backend_selects) last_logits.swap(logits);
     result.stats.decode_passes += 1;
   }
   if (decoder && result.stop_reason != StopReason::stop_string) {
@@ -526,6 +560,29 @@ Result<std::vector<GenerationResult>> generate_batch(Engine& engine, const Token
   const uint32_t vocab = engine.config().vocab_size;
   std::vector<std::vector<float>> last_logits(prompts.size());
   std::vector<float> logits;
+  // As in Generator::generate: where the backend picks tokens, each sequence's draw
+  // comes from its own sampler before the pass and only ids come back.
+  const bool backend_selects = engine.selects_tokens(options.sampling);
+  std::vector<int32_t> next_token(prompts.size(), -1);  // the backend's pick per sequence
+  std::vector<double> draws;
+  std::vector<int32_t> chosen;
+  // One pass; owners[r]: the sequence of logits row r.
+  auto pass = [&](const TokenBatch& batch, const std::vector<size_t>& owners) -> Status {
+    if (!backend_selects || owners.empty()) {
+      LAYERPACK_TRY(engine.forward(batch, logits));
+      for (size_t r = 0; r < owners.size(); ++r) {
+        last_logits[owners[r]].assign(logits.begin() + r * vocab, logits.begin() + (r + 1) * vocab);
+      }
+      return Status::success();
+    }
+    draws.clear();
+    for (size_t i : owners) {
+      draws.push_back(options.sampling.temperature > 0.0f ? states[i]->sampler.next_uniform() : 0.0);
+    }
+    LAYERPACK_TRY(engine.forward_tokens(batch, options.sampling, draws, chosen));
+    for (size_t r = 0; r < owners.size(); ++r) next_token[owners[r]] = chosen[r];
+    return Status::success();
+  };
 
   // Prefill: rows of every prompt packed into shared passes.
   const auto t0 = Clock::now();
@@ -535,10 +592,7 @@ Result<std::vector<GenerationResult>> generate_batch(Engine& engine, const Token
     std::vector<size_t> owners;  // prompt of each logits row of the batch
     auto flush = [&]() -> Status {
       if (batch.size() == 0) return Status::success();
-      LAYERPACK_TRY(engine.forward(batch, logits));
-      for (size_t r = 0; r < owners.size(); ++r) {
-        last_logits[owners[r]].assign(logits.begin() + r * vocab, logits.begin() + (r + 1) * vocab);
-      }
+      LAYERPACK_TRY(pass(batch, owners));
       batch = TokenBatch();
       owners.clear();
       return Status::success();
@@ -560,10 +614,12 @@ Result<std::vector<GenerationResult>> generate_batch(Engine& engine, const Token
   totals.prefill_seconds = std::chrono::duration<double>(t1 - t0).count();
   totals.prefill_bytes_read = c1.payload_bytes_read - c0.payload_bytes_read;
 
-  // Samples the next token of sequence i from its last logits; false when it stopped.
+  // Samples the next token of sequence i from its last logits (or takes the backend's
+  // pick); false when it stopped.
   auto step = [&](size_t i) -> bool {
     SequenceState& st = *states[i];
-    const int32_t token = st.sampler.sample(last_logits[i].data(), vocab, st.penalty_context);
+    const int32_t token =
+        backend_selects ? next_token[i] : st.sampler.sample(last_logits[i].data(), vocab, st.penalty_context);
     st.result.tokens.push_back(token);
     if (std::find(options.eos_ids.begin(), options.eos_ids.end(), token) != options.eos_ids.end()) {
       st.result.stop_reason = StopReason::eos;
@@ -602,13 +658,12 @@ Result<std::vector<GenerationResult>> generate_batch(Engine& engine, const Token
       const uint32_t sequence = states[i]->sequence;
       batch.add(states[i]->result.tokens.back(), sequence, kv.length(sequence), true);
     }
-    LAYERPACK_TRY(engine.forward(batch, logits));
+    LAYERPACK_TRY(pass(batch, active));
     totals.decode_passes += 1;
     totals.decode_tokens += static_cast<uint32_t>(active.size());
     std::vector<size_t> still;
     for (size_t r = 0; r < active.size(); ++r) {
       const size_t i = active[r];
-      last_logits[i].assign(logits.begin() + r * vocab, logits.begin() + (r + 1) * vocab);
       states[i]->result.stats.decode_passes += 1;
       if (step(i)) still.push_back(i);
     }

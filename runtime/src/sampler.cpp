@@ -77,13 +77,15 @@ std::vector<TokenProbability> filtered_distribution(const std::vector<float>& lo
 
 Sampler::Sampler(const SamplingParams& params) : params_(params), generator_(params.seed) {}
 
+// 53 random bits -> uniform double in [0, 1); identical on every platform for a seed.
+double Sampler::next_uniform() { return static_cast<double>(generator_() >> 11) * (1.0 / 9007199254740992.0); }
+
 int32_t Sampler::sample(const float* logits, size_t vocab_size, const std::vector<int32_t>& context) {
   scratch_.assign(logits, logits + vocab_size);
   apply_repetition_penalty(scratch_, context, params_.repetition_penalty);
   if (params_.temperature <= 0.0f) return argmax(scratch_.data(), scratch_.size());
   std::vector<TokenProbability> candidates = filtered_distribution(scratch_, params_);
-  // 53 random bits -> uniform double in [0, 1); identical on every platform for a seed.
-  double u = static_cast<double>(generator_() >> 11) * (1.0 / 9007199254740992.0);
+  const double u = next_uniform();
   double cumulative = 0;
   for (const auto& c : candidates) {
     cumulative += c.probability;

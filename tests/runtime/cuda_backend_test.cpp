@@ -1,11 +1,13 @@
 // The CUDA backend against the CPU backend and the transformers fixtures: logits at
 // every prompt position (prefill through dequantize + cuBLAS, and row by row through
-// the NF4 matvec) and every greedy decode step, greedy continuations, and streaming
-// through a two-slot VRAM ring equal to fully resident, bit for bit.
+// the NF4 matvec) and every greedy decode step, greedy continuations, tokens picked
+// on the GPU against the host's pick, and streaming through a two-slot VRAM ring
+// equal to fully resident, bit for bit.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 
 #include "layerpack/engine.h"
@@ -97,6 +99,115 @@ TEST_P(CudaBackendTest, GreedyContinuationEqualsTheCpuBackend) {
   }
   EXPECT_EQ(tokens[0], tokens[1]) << GetParam();
   EXPECT_EQ(tokens[0], ref.generated_ids) << GetParam() << ": greedy tokens differ from transformers";
+}
+
+// Tokens picked on the GPU (argmax; top-k / top-p / min-p sampling with the host's
+// draws) against the host's pick from the logits of the same pass, every prompt row.
+TEST_P(CudaBackendTest, TokensPickedOnTheGpuEqualTheHostsPick) {
+  const Reference ref = load_reference(GetParam());
+  auto engine = open_engine(converted_pack(GetParam()), "cuda");
+  ASSERT_TRUE(engine);
+  const size_t vocab = ref.vocab_size, rows = ref.prompt_ids.size();
+  auto prompt_batch = [&](uint32_t sequence) {
+    TokenBatch batch;
+    for (size_t i = 0; i < rows; ++i) batch.add(ref.prompt_ids[i], sequence, static_cast<uint32_t>(i), true);
+    return batch;
+  };
+  std::vector<float> logits;
+  {
+    auto sequence = engine->kv().open_sequence();
+    ASSERT_TRUE(sequence.ok());
+    Status s = engine->forward(prompt_batch(sequence.value()), logits);
+    ASSERT_TRUE(s.ok()) << s.error().to_string();
+    engine->kv().close_sequence(sequence.value());
+  }
+  ASSERT_EQ(logits.size(), rows * vocab);
+  auto pick = [&](const SamplingParams& params, const std::vector<double>& draws) {
+    std::vector<int32_t> tokens;
+    auto sequence = engine->kv().open_sequence();
+    EXPECT_TRUE(sequence.ok());
+    if (!sequence.ok()) return tokens;
+    Status s = engine->forward_tokens(prompt_batch(sequence.value()), params, draws, tokens);
+    EXPECT_TRUE(s.ok()) << (s.ok() ? "" : s.error().to_string());
+    engine->kv().close_sequence(sequence.value());
+    return tokens;
+  };
+
+  SamplingParams greedy;
+  ASSERT_TRUE(engine->selects_tokens(greedy));
+  const std::vector<int32_t> greedy_tokens = pick(greedy, std::vector<double>(rows, 0.0));
+  ASSERT_EQ(greedy_tokens.size(), rows);
+  for (size_t r = 0; r < rows; ++r) {
+    EXPECT_EQ(static_cast<size_t>(greedy_tokens[r]), argmax_of(logits.data() + r * vocab, vocab)) << "row " << r;
+  }
+
+  // A high temperature: the fixture models' distributions are peaked, and the check
+  // needs rows with several candidates left after top-k / top-p / min-p.
+  SamplingParams sampled;
+  sampled.temperature = 4.0f;
+  sampled.top_k = 40;
+  sampled.top_p = 0.98f;
+  sampled.min_p = 0.001f;
+  ASSERT_TRUE(engine->selects_tokens(sampled));
+  // Row r's draw lands in the middle of candidate (r mod candidates)'s interval of the
+  // host's distribution, so float rounding on the device cannot move it across.
+  std::vector<double> draws(rows);
+  std::vector<int32_t> expected(rows);
+  size_t beyond_first = 0;
+  for (size_t r = 0; r < rows; ++r) {
+    const std::vector<float> row(logits.begin() + r * vocab, logits.begin() + (r + 1) * vocab);
+    const std::vector<TokenProbability> candidates = filtered_distribution(row, sampled);
+    const size_t c = r % candidates.size();
+    double before = 0;
+    for (size_t i = 0; i < c; ++i) before += candidates[i].probability;
+    draws[r] = before + candidates[c].probability / 2;
+    expected[r] = candidates[c].token;
+    beyond_first += c > 0;
+  }
+  EXPECT_GT(beyond_first, 0u) << "every row had one candidate: the sampling check would be the greedy one";
+  EXPECT_EQ(pick(sampled, draws), expected);
+
+  // What stays on the host: the repetition penalty (needs the context) and sampling
+  // without a top-k bound.
+  SamplingParams penalty;
+  penalty.repetition_penalty = 1.1f;
+  EXPECT_FALSE(engine->selects_tokens(penalty));
+  SamplingParams unbounded = sampled;
+  unbounded.top_k = 0;
+  EXPECT_FALSE(engine->selects_tokens(unbounded));
+  std::vector<int32_t> unused;
+  EXPECT_FALSE(engine->forward_tokens(prompt_batch(0), unbounded, draws, unused).ok());
+}
+
+// A seeded sampled generation gives the same tokens whether the GPU or the host picks
+// them (the same draws are consumed in the same order).
+TEST_P(CudaBackendTest, SampledGenerationIsTheSameWithTheHostSampling) {
+  const Reference ref = load_reference(GetParam());
+  const std::string pack = converted_pack(GetParam());
+  std::vector<int32_t> tokens[2];
+  for (int on_gpu = 0; on_gpu < 2; ++on_gpu) {
+    if (on_gpu) {
+      unsetenv("LAYERPACK_CUDA_SELECT");
+    } else {
+      setenv("LAYERPACK_CUDA_SELECT", "0", 1);
+    }
+    auto engine = open_engine(pack, "cuda");
+    unsetenv("LAYERPACK_CUDA_SELECT");
+    ASSERT_TRUE(engine);
+    Generator generator(*engine, nullptr);
+    GenerationOptions options;
+    options.max_new_tokens = 24;
+    options.sampling.temperature = 3.0f;
+    options.sampling.top_k = 50;
+    options.sampling.seed = 7;
+    EXPECT_EQ(engine->selects_tokens(options.sampling), on_gpu == 1);
+    auto sequence = engine->kv().open_sequence();
+    ASSERT_TRUE(sequence.ok());
+    auto result = generator.generate(sequence.value(), ref.prompt_ids, options);
+    ASSERT_TRUE(result.ok()) << result.error().to_string();
+    tokens[on_gpu] = result->tokens;
+  }
+  EXPECT_EQ(tokens[0], tokens[1]) << GetParam();
 }
 
 TEST_P(CudaBackendTest, StreamingThroughTwoSlotsEqualsResident) {

@@ -27,6 +27,7 @@
 #include "layerpack/error.h"
 #include "layerpack/kv_cache.h"
 #include "layerpack/model_pack.h"
+#include "layerpack/sampler.h"
 
 namespace layerpack {
 
@@ -112,6 +113,18 @@ class Backend {
   // Final norm + lm_head for rows with wants_logits; logits has logits_rows() x vocab
   // floats, rows in batch order. Returns when the logits are in host memory.
   virtual Status run_output(SlotId slot, const TokenBatch& batch, float* logits) = 0;
+  // Token selection in the backend: whether run_output_tokens can apply `params`
+  // itself (the repetition penalty needs the host's context, so a backend says no
+  // to it).
+  virtual bool selects_tokens(const SamplingParams& /*params*/) const { return false; }
+  // run_output's work, then the chosen token of each logits row (batch order) instead
+  // of its logits, so only the token ids cross to the host. uniforms[r] in [0, 1) is
+  // row r's draw (Sampler::next_uniform; unused when greedy). Returns when tokens
+  // are in host memory. Only called when selects_tokens(params).
+  virtual Status run_output_tokens(SlotId /*slot*/, const TokenBatch& /*batch*/, const SamplingParams& /*params*/,
+                                   const double* /*uniforms*/, int32_t* /*tokens*/) {
+    return make_error(ErrorCode::unsupported, "this backend does not select tokens itself");
+  }
 };
 
 // "cpu" or "cuda" ("auto": CUDA when built and a device is present, else CPU).

@@ -89,6 +89,12 @@ class Engine {
   // One pass over the model. Rows must continue their sequences' caches (checked);
   // on success the KV book advances. logits: logits_rows() x vocab_size floats.
   Status forward(const TokenBatch& batch, std::vector<float>& logits);
+  // The same pass, but the backend picks each logits row's token (greedy, or a draw
+  // with uniforms[r] in [0, 1)) and only the ids come back: tokens has logits_rows()
+  // entries. Only where selects_tokens(params); the Generator uses it then.
+  bool selects_tokens(const SamplingParams& params) const;
+  Status forward_tokens(const TokenBatch& batch, const SamplingParams& params, const std::vector<double>& uniforms,
+                        std::vector<int32_t>& tokens);
   EngineCounters counters() const;
   // Budget split and measured device memory (peak updated after every pass).
   MemoryReport memory() const { return memory_; }
@@ -98,6 +104,8 @@ class Engine {
  private:
   Engine(ModelPack pack, EngineOptions options, KVCacheLayout layout);
   void sample_device_memory();
+  // Checks, embedding, every layer, then output_step(output slot); advances the KV book.
+  Status run_pass(const TokenBatch& batch, const std::function<Status(SlotId)>& output_step);
   ModelPack pack_;
   EngineOptions options_;
   KVCacheBook kv_book_;

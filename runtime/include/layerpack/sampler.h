@@ -38,6 +38,10 @@ class Sampler {
   const SamplingParams& params() const { return params_; }
   // context: tokens the repetition penalty applies to (prompt + generated).
   int32_t sample(const float* logits, size_t vocab_size, const std::vector<int32_t>& context);
+  // The next draw in [0, 1) (53 random bits), the one sample() would use: a
+  // backend that samples on the device takes it from here, so a seed gives the
+  // same sequence of draws whichever side picks the token.
+  double next_uniform();
 
  private:
   SamplingParams params_;

@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <initializer_list>
 #include <map>
 #include <memory>
@@ -35,6 +36,7 @@
 #include "kernels/nf4_matvec.cuh"
 #include "kernels/norm.cuh"
 #include "kernels/rope.cuh"
+#include "kernels/sampling.cuh"
 #include "layerpack/backend.h"
 #include "layerpack/cpu_backend.h"
 #include "layerpack/cuda_backend.h"
@@ -215,8 +217,10 @@ class CudaBackend : public Backend {
     const std::string fused = fused_matvecs_
                                   ? "; decode q/k/v, gate/up (+SwiGLU), o/down (+residual), RoPE + KV append fused"
                                   : "; fused decode matvecs off (LAYERPACK_CUDA_FUSED=0)";
-    if (!graph_note_.empty()) return description_ + fused + "; " + graph_note_;
-    return description_ + fused +
+    const std::string selection = token_selection_ ? "; greedy / top-k tokens picked on the GPU"
+                                                   : "; logits sampled on the host (LAYERPACK_CUDA_SELECT=0)";
+    if (!graph_note_.empty()) return description_ + fused + selection + "; " + graph_note_;
+    return description_ + fused + selection +
            (graphs_enabled_ ? "; decode layers replayed as CUDA graphs"
                             : "; CUDA graphs off (LAYERPACK_CUDA_GRAPHS=0)");
   }
@@ -236,6 +240,9 @@ class CudaBackend : public Backend {
   Status embed(const TokenBatch& batch, const uint8_t* embedding_payload) override;
   Status run_decoder_layer(uint32_t layer, SlotId slot, const TokenBatch& batch) override;
   Status run_output(SlotId slot, const TokenBatch& batch, float* logits) override;
+  bool selects_tokens(const SamplingParams& params) const override;
+  Status run_output_tokens(SlotId slot, const TokenBatch& batch, const SamplingParams& params, const double* uniforms,
+                           int32_t* tokens) override;
 
  private:
   template <class T>
@@ -265,6 +272,13 @@ class CudaBackend : public Backend {
                               const DeviceSlot& slot, const bf16* x, uint32_t rows,
                               std::initializer_list<bf16*> outputs, kernels::MatvecEpilogue epilogue);
   Result<const float*> vector_pointer(const TensorInfo& tensor, const DeviceSlot& slot, uint64_t expected) const;
+  // run_output's shared part: waits for the output slot, then for each chunk of up to
+  // max_logits_rows_ rows that want logits (rows first.. of them): final norm +
+  // lm_head into logits_, enqueue(first, count) (launches and a copy to pinned host
+  // memory), a synchronization, then collect(first, count) on the host.
+  using OutputChunkStep = std::function<Status(size_t first, uint32_t count)>;
+  Status output_chunks(SlotId slot_id, const TokenBatch& batch, const OutputChunkStep& enqueue,
+                       const OutputChunkStep& collect);
 
   BackendOptions options_;
   std::string description_;
@@ -307,6 +321,14 @@ class CudaBackend : public Backend {
   int32_t* host_row_data_ = nullptr;  // row_data_'s host side
   float* host_logits_ = nullptr;
   cudaEvent_t inputs_consumed_ = nullptr;
+  // Token selection on the GPU (run_output_tokens): per logits row the chosen id, the
+  // host's draw, and the top-k candidates (values, ids) of sampling.
+  int32_t* chosen_tokens_ = nullptr;
+  float* draws_ = nullptr;
+  float* candidate_values_ = nullptr;
+  int32_t* candidate_ids_ = nullptr;
+  int32_t* host_chosen_tokens_ = nullptr;
+  float* host_draws_ = nullptr;
 
   // Per pass, decided in embed().
   bool single_sequence_ = true;
@@ -317,6 +339,7 @@ class CudaBackend : public Backend {
   int pass_profile_ = -1;  // profiler entry spanning embed() .. run_output()
   bool graphs_enabled_ = true;  // LAYERPACK_CUDA_GRAPHS=0 turns decode graphs off
   bool fused_matvecs_ = true;   // LAYERPACK_CUDA_FUSED=0: every matrix, RoPE and KV append on its own
+  bool token_selection_ = true;  // LAYERPACK_CUDA_SELECT=0: logits go to the host, which samples
   // Per decoder layer: q/k/v and gate/up share a code table (may share a launch).
   std::vector<uint8_t> qkv_tables_equal_, gate_up_tables_equal_;
   std::string graph_note_;
@@ -340,6 +363,8 @@ CudaBackend::~CudaBackend() {
   cudaFreeHost(host_embedding_rows_);
   cudaFreeHost(host_row_data_);
   cudaFreeHost(host_logits_);
+  cudaFreeHost(host_chosen_tokens_);
+  cudaFreeHost(host_draws_);
   if (cublas_) cublasDestroy(cublas_);
   if (compute_) cudaStreamDestroy(compute_);
   if (copy_) cudaStreamDestroy(copy_);
@@ -374,6 +399,7 @@ Status CudaBackend::create() {
   if (environment_flag("LAYERPACK_CUDA_PROFILE", false)) profiler_.enable(compute_);
   graphs_enabled_ = environment_flag("LAYERPACK_CUDA_GRAPHS", true);
   fused_matvecs_ = environment_flag("LAYERPACK_CUDA_FUSED", true);
+  token_selection_ = environment_flag("LAYERPACK_CUDA_SELECT", true);
   description_ = std::string("CUDA, ") + prop.name + " (sm_" + std::to_string(prop.major) +
                  std::to_string(prop.minor) + ", " + std::to_string(prop.totalGlobalMem >> 20) +
                  " MiB), bf16 activations and KV cache";
@@ -439,6 +465,11 @@ Status CudaBackend::initialize(const ModelPack& pack, const KVCacheLayout& kv_la
   LAYERPACK_TRY(device_alloc(&row_data_, 3 * sequence_rows, "positions"));
   LAYERPACK_TRY(device_alloc(&inverse_frequencies_, inverse->size(), "RoPE frequencies"));
   LAYERPACK_TRY(device_alloc(&logits_, uint64_t(max_logits_rows_) * vocab_, "logits"));
+  LAYERPACK_TRY(device_alloc(&chosen_tokens_, max_logits_rows_, "token selection"));
+  LAYERPACK_TRY(device_alloc(&draws_, max_logits_rows_, "token selection"));
+  LAYERPACK_TRY(
+      device_alloc(&candidate_values_, uint64_t(max_logits_rows_) * kernels::kMaxTopK, "sampling candidates"));
+  LAYERPACK_TRY(device_alloc(&candidate_ids_, uint64_t(max_logits_rows_) * kernels::kMaxTopK, "sampling candidates"));
   // Prefill tiles: the largest projection whole, up to 64 Mi elements (128 MiB; the
   // 8B shape's 58.7 Mi), else tiles of rows. A 4096 x 14336 down_proj in 1024-row
   // tiles gave cuBLAS 32 output tiles per product for 132 SMs: 641 us per layer at
@@ -474,6 +505,12 @@ Status CudaBackend::initialize(const ModelPack& pack, const KVCacheLayout& kv_la
   CUDA_TRY(cudaHostAlloc(reinterpret_cast<void**>(&host_logits_), uint64_t(max_logits_rows_) * vocab_ * sizeof(float),
                          cudaHostAllocDefault),
            "allocating pinned host memory");
+  CUDA_TRY(cudaHostAlloc(reinterpret_cast<void**>(&host_chosen_tokens_), max_logits_rows_ * sizeof(int32_t),
+                         cudaHostAllocDefault),
+           "allocating pinned host memory");
+  CUDA_TRY(
+      cudaHostAlloc(reinterpret_cast<void**>(&host_draws_), max_logits_rows_ * sizeof(float), cudaHostAllocDefault),
+      "allocating pinned host memory");
   // cuBLAS works in a workspace we allocate and count (32 MiB, what it uses by
   // default on Hopper) instead of its own pool outside the budget.
   constexpr uint64_t kCublasWorkspace = uint64_t(32) << 20;
@@ -922,7 +959,8 @@ Status CudaBackend::layer_rows(uint32_t layer, const DeviceSlot& slot, const Tok
   return Status::success();
 }
 
-Status CudaBackend::run_output(SlotId slot_id, const TokenBatch& batch, float* logits) {
+Status CudaBackend::output_chunks(SlotId slot_id, const TokenBatch& batch, const OutputChunkStep& enqueue,
+                                  const OutputChunkStep& collect) {
   DeviceSlot slot;
   {
     std::lock_guard<std::mutex> lock(slots_mutex_);
@@ -951,19 +989,14 @@ Status CudaBackend::run_output(SlotId slot_id, const TokenBatch& batch, float* l
                "final RMSNorm");
     }
     LAYERPACK_TRY(linear("lm_head", *o.lm_head, slot, normed_, count, logits_));
-    {
-      ProfileScope profile(profiler_, "logits to host");
-      CUDA_TRY(cudaMemcpyAsync(host_logits_, logits_, uint64_t(count) * vocab_ * sizeof(float),
-                               cudaMemcpyDeviceToHost, compute_),
-               "copying logits to the host");
-    }
+    LAYERPACK_TRY(enqueue(first, count));
     if (first + count >= wanted.size()) {
       profiler_.end(pass_profile_);
       pass_profile_ = -1;
     }
     CUDA_TRY(cudaStreamSynchronize(compute_), "running the forward pass");
     profiler_.harvest();
-    std::memcpy(logits + first * vocab_, host_logits_, uint64_t(count) * vocab_ * sizeof(float));
+    LAYERPACK_TRY(collect(first, count));
   }
   CUDA_TRY(cudaEventRecord(slot.free, compute_), "recording layer completion");
   if (wanted.empty()) {
@@ -973,6 +1006,77 @@ Status CudaBackend::run_output(SlotId slot_id, const TokenBatch& batch, float* l
     profiler_.harvest();
   }
   return Status::success();
+}
+
+Status CudaBackend::run_output(SlotId slot_id, const TokenBatch& batch, float* logits) {
+  return output_chunks(
+      slot_id, batch,
+      [&](size_t, uint32_t count) -> Status {
+        ProfileScope profile(profiler_, "logits to host");
+        CUDA_TRY(cudaMemcpyAsync(host_logits_, logits_, uint64_t(count) * vocab_ * sizeof(float),
+                                 cudaMemcpyDeviceToHost, compute_),
+                 "copying logits to the host");
+        return Status::success();
+      },
+      [&](size_t first, uint32_t count) -> Status {
+        std::memcpy(logits + first * vocab_, host_logits_, uint64_t(count) * vocab_ * sizeof(float));
+        return Status::success();
+      });
+}
+
+bool CudaBackend::selects_tokens(const SamplingParams& params) const {
+  if (!token_selection_) return false;
+  if (params.repetition_penalty != 1.0f) return false;  // needs the host's context
+  if (params.temperature <= 0.0f) return true;          // greedy: argmax
+  // Sampling draws from the top-k candidates; without top-k (or a larger k) the set
+  // would not be the whole distribution, so the host samples.
+  return params.top_k >= 1 && params.top_k <= static_cast<uint32_t>(kernels::kMaxTopK);
+}
+
+Status CudaBackend::run_output_tokens(SlotId slot_id, const TokenBatch& batch, const SamplingParams& params,
+                                      const double* uniforms, int32_t* tokens) {
+  assert(selects_tokens(params));
+  const bool greedy = params.temperature <= 0.0f;
+  auto enqueue = [&](size_t first, uint32_t count) -> Status {
+    ProfileScope profile(profiler_, "token selection");
+    if (greedy) {
+      CUDA_TRY(kernels::argmax(logits_, count, vocab_, chosen_tokens_, compute_), "argmax over the logits");
+    } else {
+      for (uint32_t i = 0; i < count; ++i) {
+        // A double just below 1 rounds to 1.0f: keep the draw inside [0, 1).
+        host_draws_[i] = std::min(static_cast<float>(uniforms[first + i]), std::nextafter(1.0f, 0.0f));
+      }
+      CUDA_TRY(cudaMemcpyAsync(draws_, host_draws_, count * sizeof(float), cudaMemcpyHostToDevice, compute_),
+               "uploading sampling draws");
+      const int k = static_cast<int>(std::min<uint32_t>(params.top_k, vocab_));
+      CUDA_TRY(kernels::top_k_candidates(logits_, count, vocab_, k, candidate_values_, candidate_ids_, compute_),
+               "top-k candidates of the logits");
+      kernels::SamplingParams device_params;
+      device_params.temperature = params.temperature;
+      device_params.top_p = params.top_p;
+      device_params.min_p = params.min_p;
+      CUDA_TRY(kernels::sample_from_candidates(candidate_values_, candidate_ids_, count, k, device_params, draws_,
+                                               chosen_tokens_, compute_),
+               "sampling from the top-k candidates");
+    }
+    CUDA_TRY(
+        cudaMemcpyAsync(host_chosen_tokens_, chosen_tokens_, count * sizeof(int32_t), cudaMemcpyDeviceToHost, compute_),
+        "copying chosen tokens to the host");
+    return Status::success();
+  };
+  auto collect = [&](size_t first, uint32_t count) -> Status {
+    for (uint32_t i = 0; i < count; ++i) {
+      const int32_t token = host_chosen_tokens_[i];
+      if (token < 0 || static_cast<uint32_t>(token) >= vocab_) {
+        return make_error(ErrorCode::cuda, "logits row " + std::to_string(first + i) +
+                                               " has no number to choose from (every logit is NaN): the "
+                                               "forward pass broke down numerically");
+      }
+      tokens[first + i] = token;
+    }
+    return Status::success();
+  };
+  return output_chunks(slot_id, batch, enqueue, collect);
 }
 
 }  // namespace
