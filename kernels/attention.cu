@@ -573,6 +573,244 @@ __global__ void kv_cache_append_kernel(const __nv_bfloat16* __restrict__ k_new, 
   }
 }
 
+// Prefill of one sequence (queries at causal_start + i, one cache): flash attention
+// on tensor cores. Block: one q head and kFlashQueries queries (16 per warp, the
+// mma's m); key tiles of kFlashKeys positions stream through shared memory (cp.async,
+// two stages) and each warp keeps a running max, sum and output per row (fp32), so
+// K and V are read once per block and nothing goes through a workspace. The split
+// kernel gave each (query, kv head) its own blocks: every query re-read the keys,
+// 650 us per 8B layer at 512 queries (H200, NOTES.md).
+constexpr int kFlashQueries = 64;
+constexpr int kFlashKeys = 64;
+constexpr int kFlashThreads = 128;
+
+template <int D>
+struct FlashLayout {
+  static constexpr int row_bytes = D * 2 + 16;  // padded: conflict-free ldmatrix and 32-bit loads
+  static constexpr int tile_bytes = kFlashKeys * row_bytes;
+  static constexpr int bytes = 2 * 2 * tile_bytes;  // two stages of K and V
+};
+
+// cp.async of 16 bytes, or 16 zero bytes when !valid (rows past the cache's end).
+__device__ __forceinline__ void copy_async_16_or_zero(void* shared_destination, const void* global_source, bool valid) {
+  const unsigned destination = static_cast<unsigned>(__cvta_generic_to_shared(shared_destination));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(destination), "l"(global_source),
+               "r"(valid ? 16 : 0)
+               : "memory");
+}
+
+__device__ __forceinline__ uint32_t pack_bf16_pair(float low, float high) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(low, high);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+__device__ __forceinline__ uint32_t load_u32(const void* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+template <int D>
+__global__ void __launch_bounds__(kFlashThreads) attention_prefill_kernel(AttentionArgs a) {
+  using Layout = FlashLayout<D>;
+  extern __shared__ __align__(16) uint8_t flash_shared[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tig = lane & 3;
+  const int head = blockIdx.y, kv_head = head / (a.q_heads / a.kv_heads);
+  const int q_first = blockIdx.x * kFlashQueries;
+  const int q_last = min(q_first + kFlashQueries, a.queries) - 1;
+  const __nv_bfloat16* k_head = a.k_cache + static_cast<int64_t>(kv_head) * a.capacity * D;
+  const __nv_bfloat16* v_head = a.v_cache + static_cast<int64_t>(kv_head) * a.capacity * D;
+  // Keys any query of the block sees: [window start of the first, position of the last].
+  const int64_t key_end = min(a.causal_start + q_last + 1, a.capacity);
+  const int64_t first_position = a.causal_start + q_first;
+  const int64_t key_begin = a.sliding_window > 0 ? max(int64_t{0}, first_position + 1 - a.sliding_window) : 0;
+  const int64_t tile_begin = key_begin / kFlashKeys * kFlashKeys;
+  const int tiles = key_end > tile_begin ? static_cast<int>((key_end - tile_begin + kFlashKeys - 1) / kFlashKeys) : 0;
+  detail::wait_for_previous_kernel();
+  detail::allow_next_kernel();
+
+  auto load_tile = [&](int tile, int stage) {
+    const int64_t key0 = tile_begin + static_cast<int64_t>(tile) * kFlashKeys;
+    uint8_t* k_s = flash_shared + stage * 2 * Layout::tile_bytes;
+    uint8_t* v_s = k_s + Layout::tile_bytes;
+    constexpr int kChunks = D / 8;  // 16-byte pieces of a row
+    for (int c = threadIdx.x; c < kFlashKeys * kChunks; c += kFlashThreads) {
+      const int row = c / kChunks, piece = c % kChunks;
+      const int64_t key = key0 + row;
+      const bool valid = key < key_end;
+      const int64_t source = (valid ? key : 0) * D + piece * 8;
+      copy_async_16_or_zero(k_s + row * Layout::row_bytes + piece * 16, k_head + source, valid);
+      copy_async_16_or_zero(v_s + row * Layout::row_bytes + piece * 16, v_head + source, valid);
+    }
+    asm volatile("cp.async.commit_group;" ::: "memory");
+  };
+  if (tiles > 0) load_tile(0, 0);
+
+  // This lane's rows: queries r0 (row g of the warp's 16) and r1 = r0 + 8. q as the
+  // mma's A operand, one fragment per 16 dimensions.
+  const int r0 = q_first + warp * 16 + g, r1 = r0 + 8;
+  const int64_t q_stride = static_cast<int64_t>(a.q_heads) * D;
+  const __nv_bfloat16* q0 = a.q + static_cast<int64_t>(min(r0, a.queries - 1)) * q_stride + head * D + 2 * tig;
+  const __nv_bfloat16* q1 = a.q + static_cast<int64_t>(min(r1, a.queries - 1)) * q_stride + head * D + 2 * tig;
+  uint32_t qf[D / 16][4];
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) {
+    qf[ks][0] = load_u32(q0 + ks * 16);
+    qf[ks][1] = load_u32(q1 + ks * 16);
+    qf[ks][2] = load_u32(q0 + ks * 16 + 8);
+    qf[ks][3] = load_u32(q1 + ks * 16 + 8);
+  }
+  const int64_t position[2] = {a.causal_start + r0, a.causal_start + r1};
+  int64_t window_start[2] = {0, 0};
+  if (a.sliding_window > 0) {
+    window_start[0] = max(int64_t{0}, position[0] + 1 - a.sliding_window);
+    window_start[1] = max(int64_t{0}, position[1] + 1 - a.sliding_window);
+  }
+  // Scores in the log2 domain (exp2), running max and this lane's part of the sum.
+  const float scale_log2 = a.scale * 1.4426950408889634f;
+  float o[D / 8][4];
+#pragma unroll
+  for (int dt = 0; dt < D / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
+
+  for (int tile = 0; tile < tiles; ++tile) {
+    if (tile + 1 < tiles) {
+      load_tile(tile + 1, (tile + 1) & 1);
+      asm volatile("cp.async.wait_group 1;" ::: "memory");
+    } else {
+      asm volatile("cp.async.wait_group 0;" ::: "memory");
+    }
+    __syncthreads();
+    const uint8_t* k_s = flash_shared + (tile & 1) * 2 * Layout::tile_bytes;
+    const uint8_t* v_s = k_s + Layout::tile_bytes;
+    const int64_t key0 = tile_begin + static_cast<int64_t>(tile) * kFlashKeys;
+
+    // S = Q K^T for the tile's 64 keys: 8 mma columns of 8 keys.
+    float s[kFlashKeys / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < kFlashKeys / 8; ++nt) {
+      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+      const uint8_t* key_row = k_s + (nt * 8 + g) * Layout::row_bytes + tig * 4;
+#pragma unroll
+      for (int ks = 0; ks < D / 16; ++ks) {
+        detail::mma_bf16_16x8x16(s[nt], qf[ks][0], qf[ks][1], qf[ks][2], qf[ks][3], load_u32(key_row + ks * 32),
+                                 load_u32(key_row + ks * 32 + 16));
+      }
+    }
+    // Causal and window masks, then the online softmax per row (a row's 64 scores
+    // lie in the 4 lanes of a quad).
+    float tile_max[2] = {row_max[0], row_max[1]};
+#pragma unroll
+    for (int nt = 0; nt < kFlashKeys / 8; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int r = i >> 1;
+        const int64_t key = key0 + nt * 8 + 2 * tig + (i & 1);
+        const bool visible = key <= position[r] && key >= window_start[r] && key < key_end;
+        s[nt][i] = visible ? s[nt][i] * scale_log2 : -INFINITY;
+        tile_max[r] = fmaxf(tile_max[r], s[nt][i]);
+      }
+    float correction[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+      // Nothing visible yet: subtract 0 (every term is exp2(-inf) = 0).
+      const float base = tile_max[r] == -INFINITY ? 0.0f : tile_max[r];
+      correction[r] = exp2f(row_max[r] - base);
+      row_max[r] = tile_max[r];
+      tile_max[r] = base;
+    }
+    float tile_sum[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int nt = 0; nt < kFlashKeys / 8; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        s[nt][i] = exp2f(s[nt][i] - tile_max[i >> 1]);
+        tile_sum[i >> 1] += s[nt][i];
+      }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) row_sum[r] = row_sum[r] * correction[r] + tile_sum[r];
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      o[dt][0] *= correction[0];
+      o[dt][1] *= correction[0];
+      o[dt][2] *= correction[1];
+      o[dt][3] *= correction[1];
+    }
+    // O += P V: P (bf16) as the A operand, 16 keys per step; V through ldmatrix.trans
+    // (lanes 0-15 address keys 0-15 at dims dt * 8, lanes 16-31 at dims dt * 8 + 8).
+#pragma unroll
+    for (int kk = 0; kk < kFlashKeys / 16; ++kk) {
+      const uint32_t p0 = pack_bf16_pair(s[2 * kk][0], s[2 * kk][1]);
+      const uint32_t p1 = pack_bf16_pair(s[2 * kk][2], s[2 * kk][3]);
+      const uint32_t p2 = pack_bf16_pair(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      const uint32_t p3 = pack_bf16_pair(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      const uint8_t* v_row = v_s + (kk * 16 + (lane & 15)) * Layout::row_bytes + (lane >> 4) * 16;
+#pragma unroll
+      for (int dt = 0; dt < D / 8; dt += 2) {
+        const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(v_row + dt * 16));
+        uint32_t b0, b1, b2, b3;
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(b0), "=r"(b1), "=r"(b2), "=r"(b3)
+                     : "r"(address));
+        detail::mma_bf16_16x8x16(o[dt], p0, p1, p2, p3, b0, b1);
+        detail::mma_bf16_16x8x16(o[dt + 1], p0, p1, p2, p3, b2, b3);
+      }
+    }
+    __syncthreads();  // every warp is done with this stage before it is refilled
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
+    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
+  }
+  const float inverse[2] = {row_sum[0] > 0.0f ? 1.0f / row_sum[0] : 0.0f, row_sum[1] > 0.0f ? 1.0f / row_sum[1] : 0.0f};
+  const int rows[2] = {r0, r1};
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (rows[r] >= a.queries) continue;
+    __nv_bfloat16* out = a.out + static_cast<int64_t>(rows[r]) * q_stride + head * D + 2 * tig;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      *reinterpret_cast<uint32_t*>(out + dt * 8) =
+          pack_bf16_pair(o[dt][2 * r] * inverse[r], o[dt][2 * r + 1] * inverse[r]);
+    }
+  }
+}
+
+// Whether the flash kernel takes this call: causal prefill of one cache, head_dim 64
+// or 128, enough queries to fill its blocks (LAYERPACK_ATTENTION_FLASH=0: never).
+bool flash_prefill_applies(const AttentionArgs& a) {
+  static const bool enabled = [] {
+    const char* env = std::getenv("LAYERPACK_ATTENTION_FLASH");
+    return !(env && std::atoi(env) == 0);
+  }();
+  int device = 0, major = 0;
+  if (!enabled || a.kv_lengths != nullptr || a.sequence_stride != 0 || a.queries < 16) return false;
+  if (a.head_dim != 64 && a.head_dim != 128) return false;
+  if (!detail::aligned_to(a.q, 4) || !detail::aligned_to(a.out, 4)) return false;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess)
+    return false;
+  return major >= 8;
+}
+
+template <int D>
+cudaError_t launch_flash_prefill(const AttentionArgs& a, cudaStream_t stream) {
+  static std::atomic<bool> allowed[detail::kMaxDevices] = {};
+  int device = 0;
+  cudaError_t err = detail::current_device_index(&device);
+  if (err != cudaSuccess) return err;
+  if (!allowed[device].load(std::memory_order_relaxed)) {
+    err = cudaFuncSetAttribute(attention_prefill_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               FlashLayout<D>::bytes);
+    if (err != cudaSuccess) return err;
+    allowed[device].store(true, std::memory_order_relaxed);
+  }
+  const dim3 grid(static_cast<unsigned>((a.queries + kFlashQueries - 1) / kFlashQueries),
+                  static_cast<unsigned>(a.q_heads));
+  return detail::launch_chained(attention_prefill_kernel<D>, grid, dim3(kFlashThreads), FlashLayout<D>::bytes, stream,
+                                a);
+}
+
 bool valid_args(const AttentionArgs& a) {
   return a.q && a.k_cache && a.v_cache && a.out && a.queries > 0 && a.q_heads > 0 && a.kv_heads > 0 &&
          a.q_heads % a.kv_heads == 0 && a.q_heads / a.kv_heads <= kMaxGroup && a.head_dim > 0 && a.head_dim % 8 == 0 &&
@@ -591,6 +829,9 @@ size_t attention_workspace_bytes(const AttentionArgs& a) {
 
 cudaError_t attention(const AttentionArgs& a, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   if (!valid_args(a) || !workspace || workspace_bytes < attention_workspace_bytes(a)) return cudaErrorInvalidValue;
+  if (flash_prefill_applies(a)) {
+    return a.head_dim == 64 ? launch_flash_prefill<64>(a, stream) : launch_flash_prefill<128>(a, stream);
+  }
   const int64_t max_length = a.max_kv_length < a.capacity ? a.max_kv_length : a.capacity;
   const Split split = choose_split(a.queries, a.kv_heads, a.max_kv_length);
   int64_t splits = (max_length + split.size - 1) / split.size;

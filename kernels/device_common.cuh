@@ -189,6 +189,21 @@ __device__ __forceinline__ float bf16_high(uint32_t pair) { return __uint_as_flo
 
 __device__ __forceinline__ float load_bf16(const __nv_bfloat16* p) { return __bfloat162float(*p); }
 
+// c += A * B on tensor cores (sm_80+): A 16x16 bf16 (row), B 16x8 bf16 (col), C 16x8 f32.
+// Fragments as the PTX ISA lays them out for lane (g = lane / 4, t = lane % 4): a0 (row
+// g, k 2t..2t+1), a1 (row g+8), a2 (row g, k 2t+8..), a3 (row g+8, k 2t+8..); b0 (k
+// 2t..2t+1, n g), b1 (k 2t+8..); c0, c1 (row g, n 2t, 2t+1), c2, c3 (row g+8).
+__device__ __forceinline__ void mma_bf16_16x8x16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                 uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+}
+
 inline unsigned int ceil_div(long long a, long long b) { return static_cast<unsigned int>((a + b - 1) / b); }
 
 inline bool aligned_to(const void* p, uintptr_t bytes) { return (reinterpret_cast<uintptr_t>(p) % bytes) == 0; }

@@ -1,4 +1,5 @@
-// Decode and prefill attention (GQA, split softmax, sliding window) and the KV cache append.
+// Decode and prefill attention (GQA, split softmax, the flash prefill kernel, sliding
+// window) and the KV cache append.
 #include <algorithm>
 #include <string>
 
@@ -131,9 +132,19 @@ TEST(Attention, DecodeMatchesReference) {
 TEST(Attention, PrefillCausalMatchesReference) {
   std::mt19937 rng(42);
   const Case cases[] = {
-      {32, 8, 128, 1, 16, true, 0, 0, false},    {32, 8, 128, 7, 16, true, 0, 0, false},
-      {32, 8, 128, 512, 512, true, 0, 0, false}, {28, 4, 128, 33, 200, true, 100, 0, false},
-      {8, 2, 64, 733, 800, true, 3, 0, false},   {32, 8, 128, 300, 400, true, 50, 128, false},
+      {32, 8, 128, 1, 16, true, 0, 0, false},
+      {32, 8, 128, 7, 16, true, 0, 0, false},
+      {32, 8, 128, 512, 512, true, 0, 0, false},
+      {28, 4, 128, 33, 200, true, 100, 0, false},
+      {8, 2, 64, 733, 800, true, 3, 0, false},
+      {32, 8, 128, 300, 400, true, 50, 128, false},
+      // The flash kernel's edges (16+ queries, head_dim 64 / 128): a window of one
+      // position (each query sees only itself), whole key tiles before the window,
+      // multi-head (group 1), a partial last block of queries, 15 queries (split kernel).
+      {16, 16, 128, 100, 200, true, 20, 1, false},
+      {8, 2, 64, 257, 600, true, 300, 64, false},
+      {12, 12, 64, 65, 70, true, 5, 0, false},
+      {32, 8, 128, 15, 40, true, 0, 0, false},
   };
   for (const Case& c : cases) run_case(rng, c);
 }
