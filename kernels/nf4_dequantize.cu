@@ -26,34 +26,57 @@ __device__ __forceinline__ float absmax_of(const DequantParams& p, const float* 
                    p.nested_offset);
 }
 
-// Vector path: one thread per 32-element chunk (16 packed bytes, one block).
-__global__ void nf4_dequantize_chunks_kernel(DequantParams p, int64_t first_element, int64_t chunk_count,
-                                             __nv_bfloat16* __restrict__ out) {
+// Vector path: 8-element chunks (4 packed bytes in, 16 bytes out), lane-adjacent, so
+// a warp loads 128 contiguous bytes and stores 512; 4 chunks in flight per thread.
+// (The previous one-thread-per-32-elements kernel stored 16-byte pieces 64 bytes
+// apart and divided 64-bit indices per chunk: 82 us for an 8B gate_proj on an H200,
+// 0.43 of the copy rate.) blocksize and nested_blocksize are powers of two here.
+constexpr int kDequantizeInFlight = 4;
+__global__ void nf4_dequantize_chunks_kernel(DequantParams p, int block_shift, int nested_shift, int64_t first_element,
+                                             int64_t chunk_count, __nv_bfloat16* __restrict__ out) {
   __shared__ float lut[16];
   __shared__ float nested_code[256];
   if (threadIdx.x < 16) lut[threadIdx.x] = p.code[threadIdx.x];
   if (p.double_quant)
     for (int i = threadIdx.x; i < 256; i += blockDim.x) nested_code[i] = p.nested_code[i];
   __syncthreads();
-  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < chunk_count;
-       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t flat = first_element + c * 32;
-    const uint4 packed = __ldg(reinterpret_cast<const uint4*>(p.packed + flat / 2));
-    const float scale = absmax_of(p, nested_code, flat / p.blocksize);
-    const uint32_t words[4] = {packed.x, packed.y, packed.z, packed.w};
-    uint32_t result[16];
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const uint32_t* packed = reinterpret_cast<const uint32_t*>(p.packed + first_element / 2);
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; base < chunk_count;
+       base += stride * kDequantizeInFlight) {
+    uint32_t word[kDequantizeInFlight];
+    float scale[kDequantizeInFlight];
 #pragma unroll
-    for (int wi = 0; wi < 4; ++wi)
+    for (int u = 0; u < kDequantizeInFlight; ++u) {
+      const int64_t c = base + u * stride;
+      if (c >= chunk_count) break;
+      word[u] = __ldg(packed + c);
+      const int64_t block = (first_element + c * 8) >> block_shift;
+      scale[u] = p.double_quant ? __fadd_rn(__fmul_rn(nested_code[__ldg(p.absmax_u8 + block)],
+                                                      __ldg(p.nested_absmax + (block >> nested_shift))),
+                                            p.nested_offset)
+                                : __ldg(p.absmax_f32 + block);
+    }
+#pragma unroll
+    for (int u = 0; u < kDequantizeInFlight; ++u) {
+      const int64_t c = base + u * stride;
+      if (c >= chunk_count) break;
+      uint32_t result[4];
 #pragma unroll
       for (int b = 0; b < 4; ++b) {
-        const uint32_t byte = (words[wi] >> (8 * b)) & 0xffu;
-        __nv_bfloat162 pair = __floats2bfloat162_rn(lut[byte >> 4] * scale, lut[byte & 15] * scale);
-        result[wi * 4 + b] = *reinterpret_cast<uint32_t*>(&pair);
+        const uint32_t byte = (word[u] >> (8 * b)) & 0xffu;
+        const __nv_bfloat162 pair = __floats2bfloat162_rn(lut[byte >> 4] * scale[u], lut[byte & 15] * scale[u]);
+        result[b] = *reinterpret_cast<const uint32_t*>(&pair);
       }
-    uint4* dst = reinterpret_cast<uint4*>(out + c * 32);
-#pragma unroll
-    for (int q = 0; q < 4; ++q) dst[q] = make_uint4(result[4 * q], result[4 * q + 1], result[4 * q + 2], result[4 * q + 3]);
+      reinterpret_cast<uint4*>(out)[c] = make_uint4(result[0], result[1], result[2], result[3]);
+    }
   }
+}
+
+int log2_of_power_of_two(int64_t v) {
+  int s = 0;
+  while ((int64_t{1} << s) < v) ++s;
+  return (int64_t{1} << s) == v ? s : -1;
 }
 
 // Any shape: one thread per element.
@@ -159,9 +182,14 @@ cudaError_t nf4_dequantize(const NF4Matrix& w, int64_t row_begin, int64_t row_co
                   w.nested_code, w.nested_offset, w.blocksize, w.nested_blocksize, w.double_quant};
   const int64_t first = row_begin * w.cols, count = row_count * w.cols;
   constexpr int kThreads = 256;
-  if (w.cols % 32 == 0 && w.blocksize >= 32 && detail::aligned_to(w.packed, 16) && detail::aligned_to(out, 16)) {
-    const int64_t chunks = count / 32;
-    nf4_dequantize_chunks_kernel<<<grid_for(chunks, kThreads), kThreads, 0, stream>>>(p, first, chunks, out);
+  const int block_shift = log2_of_power_of_two(w.blocksize);
+  const int nested_shift = w.double_quant ? log2_of_power_of_two(w.nested_blocksize) : 0;
+  if (w.cols % 32 == 0 && w.blocksize >= 32 && block_shift >= 0 && nested_shift >= 0 &&
+      detail::aligned_to(w.packed, 16) && detail::aligned_to(out, 16)) {
+    const int64_t chunks = count / 8;
+    const int64_t threads_needed = (chunks + kDequantizeInFlight - 1) / kDequantizeInFlight;
+    nf4_dequantize_chunks_kernel<<<grid_for(threads_needed, kThreads), kThreads, 0, stream>>>(
+        p, block_shift, nested_shift, first, chunks, out);
   } else {
     nf4_dequantize_elements_kernel<<<grid_for(count, kThreads), kThreads, 0, stream>>>(p, first, count, out);
   }

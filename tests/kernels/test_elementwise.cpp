@@ -15,7 +15,9 @@
 namespace layerpack::kernels::testing {
 namespace {
 
-const int64_t kCounts[] = {1, 3, 7, 733, 4097, 4096 * 3 + 5};
+// Odd counts take the scalar kernels; multiples of 8 (aligned buffers) the 8-wide ones,
+// up to a 512-row prefill's gate activations.
+const int64_t kCounts[] = {1, 3, 7, 733, 4097, 4096 * 3 + 5, 8, 4096, 512 * 14336};
 
 TEST(RmsNorm, MatchesReference) {
   std::mt19937 rng(3);
@@ -190,8 +192,8 @@ TEST(SwiGLU, MatchesReference) {
 
 TEST(BiasAndResidual, MatchReference) {
   std::mt19937 rng(8);
-  for (int64_t rows : {1, 3})
-    for (int64_t dim : {1, 7, 733, 4097}) {
+  for (int64_t rows : {1, 3, 512})
+    for (int64_t dim : {1, 7, 733, 4097, 4096}) {
       auto x = random_bf16(rng, rows * dim);
       const auto bias = random_floats(rng, dim, -0.5f, 0.5f);
       DeviceBuffer<uint16_t> dx(x.size());

@@ -360,7 +360,8 @@ TEST(BF16Matvec, MatchesReference) {
 
 TEST(NF4Dequantize, BitExactAgainstReference) {
   std::mt19937 rng(11);
-  for (const Shape& s : {Shape{1, 7}, Shape{3, 64}, Shape{733, 733}, Shape{4097, 96}, Shape{512, 4096}})
+  for (const Shape& s :
+       {Shape{1, 7}, Shape{3, 64}, Shape{733, 733}, Shape{4097, 96}, Shape{512, 4096}, Shape{2048, 14336}})
     for (bool dq : {false, true}) {
       RandomNF4 w(rng, s.rows, s.cols, dq);
       std::vector<float> ref(static_cast<size_t>(s.rows * s.cols));
