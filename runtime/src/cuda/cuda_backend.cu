@@ -841,8 +841,9 @@ Status CudaBackend::layer_rows(uint32_t layer, const DeviceSlot& slot, const Tok
     CUDA_TRY(kernels::rms_norm(q_, q_norm.value(), eps_, int64_t(rows) * heads_, head_dim_, q_, compute_), "q norm");
     CUDA_TRY(kernels::rms_norm(k_, k_norm.value(), eps_, int64_t(rows) * kv_heads_, head_dim_, k_, compute_), "k norm");
   }
-  // Decode: RoPE and the KV-cache append in one launch (the same bits as the two).
-  const bool append_with_rope = rows <= options_.matvec_max_rows && fused_matvecs_;
+  // RoPE and the KV-cache append in one launch (the same bits as the two), decode and
+  // prefill alike (a 512-row prefill chunk paid 8 us a layer for the separate append).
+  const bool append_with_rope = fused_matvecs_;
   if (!append_with_rope) {
     ProfileScope profile(profiler_, "RoPE");
     CUDA_TRY(kernels::rope_apply(q_, k_, positions, inverse_frequencies_, rows, static_cast<int>(heads_),
