@@ -189,6 +189,18 @@ __device__ __forceinline__ float bf16_high(uint32_t pair) { return __uint_as_flo
 
 __device__ __forceinline__ float load_bf16(const __nv_bfloat16* p) { return __bfloat162float(*p); }
 
+// One rotate-half RoPE pair: angle = position * inv_freq (the fp32 product, as
+// transformers computes it), y1 = x1 cos - x2 sin, y2 = x2 cos + x1 sin, each rounded
+// to bf16. Shared by the RoPE kernel and the q/k/v matvec epilogue (the same bits).
+__device__ __forceinline__ void rope_pair(float x1, float x2, float position, float inv_freq, __nv_bfloat16* y1,
+                                          __nv_bfloat16* y2) {
+  const float angle = __fmul_rn(position, inv_freq);
+  float s, c;
+  sincosf(angle, &s, &c);
+  *y1 = __float2bfloat16_rn(__fmaf_rn(x1, c, -__fmul_rn(x2, s)));
+  *y2 = __float2bfloat16_rn(__fmaf_rn(x2, c, __fmul_rn(x1, s)));
+}
+
 // c += A * B on tensor cores (sm_80+): A 16x16 bf16 (row), B 16x8 bf16 (col), C 16x8 f32.
 // Fragments as the PTX ISA lays them out for lane (g = lane / 4, t = lane % 4): a0 (row
 // g, k 2t..2t+1), a1 (row g+8), a2 (row g, k 2t+8..), a3 (row g+8, k 2t+8..); b0 (k

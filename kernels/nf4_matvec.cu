@@ -254,7 +254,24 @@ struct PairLutGroup {
   int block_shift;            // log2(blocksize)
   int nested_shift;           // log2(nested_blocksize)
   uint32_t tiles;             // tiles of the launch (swiglu: units of a gate and an up tile)
+  // q/k/v with RoPE and the KV-cache append (MatvecRope); rope_head_dim 0: off.
+  int rope_head_dim;
+  const int32_t* rope_positions;  // this launch's tokens
+  const float* rope_inv_freq;
+  RopeCacheAppend cache;
+  int first_token;  // of this launch (cache sequence t without cache.sequences)
 };
+
+// Row of slot (0..15) of a tile. With RoPE, a tile of q or k holds 8 rotation pairs:
+// slots s and s + 8 are dims j * 8 + s and j * 8 + s + head_dim / 2 of one head, so
+// both halves of a pair end in the same lane's accumulators (rows g and g + 8).
+__device__ __forceinline__ uint32_t pair_lut_row(const PairLutGroup& grp, uint32_t matrix, uint32_t tile,
+                                                 uint32_t slot) {
+  if (grp.rope_head_dim == 0 || matrix == 2) return tile * 16 + slot;
+  const uint32_t per_head = grp.rope_head_dim / 16;
+  const uint32_t head = tile / per_head, j = tile - head * per_head;
+  return head * grp.rope_head_dim + j * 8 + (slot & 7) + (slot >= 8 ? grp.rope_head_dim / 2 : 0);
+}
 
 // A block's warps work on 1 to kMaxTileGroups tiles at once (kGroup warps each).
 constexpr int kMaxTileGroups = 4;
@@ -352,6 +369,61 @@ __device__ __forceinline__ PairLutTile pair_lut_tile_at(const PairLutGroup& grp,
   return t;
 }
 
+// The q/k/v epilogue with RoPE and the KV-cache append (rope_kernel's arithmetic on
+// the bf16-rounded products). q and k: a lane takes a pair (slots m, m + 8) of one
+// token; v: single elements. k and v rows also go to the token's cache position.
+template <int kWarps, int kGroup>
+__device__ __forceinline__ void pair_lut_rope_epilogue(const PairLutGroup& grp, const float* partial, PairLutTile t,
+                                                       uint32_t rows, __nv_bfloat16* y, int batch, int lane, int member,
+                                                       int group) {
+  const int head_dim = grp.rope_head_dim, half = head_dim / 2;
+  auto tile_sum = [&](int m, int n) {
+    const int i = (m >= 8 ? 2 : 0) + (n & 1), l = (m & 7) * 4 + (n >> 1);
+    float sum = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kGroup; ++w) sum += partial[((group * kGroup + w) * 4 + i) * 32 + l];
+    return sum;
+  };
+  // Cache offset of (token n, row of k or v), or -1 where the position is outside the cache.
+  auto cache_index = [&](int n, uint32_t row) -> int64_t {
+    const int64_t position = grp.rope_positions[n];
+    if (position < 0 || position >= grp.cache.capacity) return -1;
+    const int64_t sequence = grp.cache.sequences ? grp.cache.sequences[n] : grp.first_token + n;
+    const int64_t kv_head = row / head_dim;
+    return sequence * grp.cache.sequence_stride + (kv_head * grp.cache.capacity + position) * head_dim +
+           (row - kv_head * head_dim);
+  };
+  if (t.matrix == 2) {  // v: no rotation
+    for (int o = lane * kGroup + member; o < 16 * batch; o += kGroup * 32) {
+      const int m = o & 15, n = o >> 4;
+      const uint32_t row = t.tile * 16 + m;
+      if (row >= rows) continue;
+      const __nv_bfloat16 value = __float2bfloat16_rn(tile_sum(m, n));
+      y[static_cast<int64_t>(n) * rows + row] = value;
+      const int64_t at = cache_index(n, row);
+      if (at >= 0) grp.cache.v_cache[at] = value;
+    }
+    return;
+  }
+  for (int o = lane * kGroup + member; o < 8 * batch; o += kGroup * 32) {
+    const int m = o & 7, n = o >> 3;
+    const uint32_t row = pair_lut_row(grp, t.matrix, t.tile, m);  // dim < half of its head
+    const float x1 = __bfloat162float(__float2bfloat16_rn(tile_sum(m, n)));
+    const float x2 = __bfloat162float(__float2bfloat16_rn(tile_sum(m + 8, n)));
+    __nv_bfloat16 y1, y2;
+    detail::rope_pair(x1, x2, static_cast<float>(grp.rope_positions[n]), grp.rope_inv_freq[row % head_dim], &y1, &y2);
+    y[static_cast<int64_t>(n) * rows + row] = y1;
+    y[static_cast<int64_t>(n) * rows + row + half] = y2;
+    if (t.matrix == 1) {
+      const int64_t at = cache_index(n, row);
+      if (at >= 0) {
+        grp.cache.k_cache[at] = y1;
+        grp.cache.k_cache[at + half] = y2;
+      }
+    }
+  }
+}
+
 // Sums the accumulators of the kGroup warps on tile t and applies the epilogue
 // (buffer by tile parity: one barrier per tile; a named barrier per tile group).
 template <int kWarps, int kGroup, typename OutT>
@@ -375,6 +447,14 @@ __device__ __forceinline__ void pair_lut_finish_tile(const PairLutGroup& grp, ui
   }
   const uint32_t rows = t.matrix == 0 ? grp.m[0].rows : t.matrix == 1 ? grp.m[1].rows : grp.m[2].rows;
   OutT* y = static_cast<OutT*>(t.matrix == 0 ? grp.m[0].y : t.matrix == 1 ? grp.m[1].y : grp.m[2].y);
+  if constexpr (sizeof(OutT) == 2) {
+    if (grp.rope_head_dim != 0) {
+      pair_lut_rope_epilogue<kWarps, kGroup>(grp, partial, t, rows, y, batch, lane, member, group);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[i] = 0.0f;
+      return;
+    }
+  }
   // Output o goes to lane o / kGroup of the group's warp o % kGroup: every warp takes
   // a share of the epilogue, so no single warp starts the next tile late and makes
   // the others wait for it at the next barrier.
@@ -436,7 +516,8 @@ __global__ void __launch_bounds__(kWarps * 32, kBlocksPerSM)
   const int unit_shift = grp.block_shift - 6;  // blocksize >= 64
   auto rows_of = [&](PairLutTile t) {
     const PairLutMatrix& m = grp.m[t.matrix];
-    const uint32_t r0 = min(t.tile * 16 + g, m.rows - 1), r1 = min(t.tile * 16 + g + 8, m.rows - 1);
+    const uint32_t r0 = min(pair_lut_row(grp, t.matrix, t.tile, g), m.rows - 1);
+    const uint32_t r1 = min(pair_lut_row(grp, t.matrix, t.tile, g + 8), m.rows - 1);
     PairLutRows r;
     r.row0 = m.packed + static_cast<uint64_t>(r0) * row_bytes + tig * 8;
     r.row1 = m.packed + static_cast<uint64_t>(r1) * row_bytes + tig * 8;
@@ -1028,16 +1109,35 @@ bool nf4_matvec_group_applies(const NF4Matrix* matrices, int count, const __nv_b
   return true;
 }
 
+bool nf4_matvec_rope_applies(const NF4Matrix* matrices, int count, const MatvecRope& rope) {
+  const int64_t head_dim = rope.head_dim;
+  if (count != 3 || !rope.positions || !rope.inv_freq || head_dim <= 0 || head_dim % 16 != 0) return false;
+  if (!rope.cache.k_cache || !rope.cache.v_cache || rope.cache.capacity <= 0 || rope.cache.sequence_stride < 0)
+    return false;
+  return matrices[0].rows % head_dim == 0 && matrices[1].rows % head_dim == 0 && matrices[2].rows == matrices[1].rows;
+}
+
 cudaError_t nf4_matvec_group(const NF4Matrix* matrices, __nv_bfloat16* const* outputs, int count,
-                             const __nv_bfloat16* x, int batch, MatvecEpilogue epilogue, cudaStream_t stream) {
+                             const __nv_bfloat16* x, int batch, MatvecEpilogue epilogue, cudaStream_t stream,
+                             const MatvecRope* rope) {
   if (!outputs || !x || batch <= 0 || !nf4_matvec_group_applies(matrices, count, x)) return cudaErrorInvalidValue;
+  if (rope && (epilogue != MatvecEpilogue::store || !nf4_matvec_rope_applies(matrices, count, *rope)))
+    return cudaErrorInvalidValue;
   for (int i = 0; i < count; ++i)
     if (!outputs[i] && !(epilogue == MatvecEpilogue::swiglu && i == 1)) return cudaErrorInvalidValue;
   if (epilogue == MatvecEpilogue::swiglu && (count != 2 || matrices[0].rows != matrices[1].rows))
     return cudaErrorInvalidValue;
   for (int b0 = 0; b0 < batch; b0 += kBatchPerPass) {
     const int pass = batch - b0 < kBatchPerPass ? batch - b0 : kBatchPerPass;
-    const PairLutGroup grp = pair_lut_group(matrices, outputs, count, b0, epilogue);
+    PairLutGroup grp = pair_lut_group(matrices, outputs, count, b0, epilogue);
+    if (rope) {
+      grp.rope_head_dim = rope->head_dim;
+      grp.rope_positions = rope->positions + b0;
+      grp.rope_inv_freq = rope->inv_freq;
+      grp.cache = rope->cache;
+      if (grp.cache.sequences) grp.cache.sequences += b0;
+      grp.first_token = b0;
+    }
     const cudaError_t err = pair_lut_dispatch<__nv_bfloat16>(grp, matrices[0].double_quant,
                                                              x + static_cast<int64_t>(b0) * matrices[0].cols, pass,
                                                              PairLutShape{0, 0}, stream);

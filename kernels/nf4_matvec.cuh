@@ -23,6 +23,7 @@
 #include <cstdint>
 
 #include "kernels/nf4_matrix.h"
+#include "kernels/rope.cuh"
 
 namespace layerpack::kernels {
 
@@ -69,8 +70,22 @@ cudaError_t nf4_matvec_pair_lut(const NF4Matrix& weight, const __nv_bfloat16* x,
 enum class MatvecEpilogue { store, add_to_output, swiglu };
 constexpr int kMaxMatvecGroup = 3;
 bool nf4_matvec_group_applies(const NF4Matrix* matrices, int count, const __nv_bfloat16* x);
+// store of q, k, v (count 3) may also apply rotary embeddings and append to the KV
+// cache, as rope_apply_and_append (rope.cuh) would after it, the same bits: outputs
+// [0] and [1] hold the rotated q and k, outputs[2] v, and token t's k and v rows go
+// to the cache (cache.v_new is not used). Each 16-row tile of q and k then holds 8
+// rotation pairs (dims i and i + head_dim / 2 of one head). head_dim % 16 == 0; q
+// and k rows whole heads; v rows == k rows.
+struct MatvecRope {
+  const int32_t* positions = nullptr;  // device, [batch]
+  const float* inv_freq = nullptr;     // device, [head_dim / 2]
+  int head_dim = 0;
+  RopeCacheAppend cache;
+};
+bool nf4_matvec_rope_applies(const NF4Matrix* matrices, int count, const MatvecRope& rope);
 cudaError_t nf4_matvec_group(const NF4Matrix* matrices, __nv_bfloat16* const* outputs, int count,
-                             const __nv_bfloat16* x, int batch, MatvecEpilogue epilogue, cudaStream_t stream);
+                             const __nv_bfloat16* x, int batch, MatvecEpilogue epilogue, cudaStream_t stream,
+                             const MatvecRope* rope = nullptr);
 
 cudaError_t bf16_matvec_with_path(const __nv_bfloat16* weight, int64_t rows, int64_t cols, const __nv_bfloat16* x,
                                   int batch, __nv_bfloat16* y, MatvecPath path, cudaStream_t stream);

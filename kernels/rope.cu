@@ -21,11 +21,9 @@ __global__ void rope_kernel(__nv_bfloat16* q, __nv_bfloat16* k, const int32_t* _
     const int64_t token = idx / (static_cast<int64_t>(half) * heads);
     __nv_bfloat16* v = head < q_heads ? q + (token * q_heads + head) * 2 * half
                                       : k + (token * kv_heads + (head - q_heads)) * 2 * half;
-    const float angle = __fmul_rn(static_cast<float>(positions[token]), inv_freq[i]);
-    float s, c;
-    sincosf(angle, &s, &c);
-    const float x1 = __bfloat162float(v[i]), x2 = __bfloat162float(v[i + half]);
-    const __nv_bfloat16 y1 = __float2bfloat16_rn(x1 * c - x2 * s), y2 = __float2bfloat16_rn(x2 * c + x1 * s);
+    __nv_bfloat16 y1, y2;
+    detail::rope_pair(__bfloat162float(v[i]), __bfloat162float(v[i + half]), static_cast<float>(positions[token]),
+                      inv_freq[i], &y1, &y2);
     v[i] = y1;
     v[i + half] = y2;
     if (cache.k_cache && head >= q_heads) {

@@ -2,6 +2,7 @@
 #include <cublas_v2.h>
 
 #include <algorithm>
+#include <cmath>
 #include <memory>
 #include <string>
 
@@ -10,6 +11,7 @@
 #include "kernels/nf4_dequantize.cuh"
 #include "kernels/nf4_matvec.cuh"
 #include "kernels/nf4_matvec_reference.h"
+#include "kernels/rope.cuh"
 
 namespace layerpack::kernels::testing {
 namespace {
@@ -324,6 +326,129 @@ TEST(NF4MatvecGroup, RejectsMismatchedMatrices) {
   NF4Matrix pair[2] = {a.device_view, a.device_view};
   EXPECT_EQ(nf4_matvec_group(pair, missing, 2, as_bf16(dx.get()), 1, MatvecEpilogue::store, nullptr),
             cudaErrorInvalidValue);
+}
+
+// q/k/v with RoPE and the KV-cache append in the epilogue, bit for bit against the
+// plain grouped launch followed by rope_apply_and_append, on the outputs and on
+// both caches (rows with a position outside the cache are left alone).
+struct QkvRopeCase {
+  int heads, kv_heads, head_dim, cols, batch;
+  bool double_quant;
+  int caches;          // cache sequences; 1: every token in cache 0 (stride 0)
+  bool sequence_list;  // token n's cache from a device list, else token n's own (caches == batch)
+};
+
+void check_qkv_rope(std::mt19937& rng, const QkvRopeCase& c) {
+  const std::string what = "q/k/v + RoPE heads " + std::to_string(c.heads) + "/" + std::to_string(c.kv_heads) + " hd " +
+                           std::to_string(c.head_dim) + " K " + std::to_string(c.cols) + " batch " +
+                           std::to_string(c.batch);
+  const int64_t q_rows = int64_t{c.heads} * c.head_dim, kv_rows = int64_t{c.kv_heads} * c.head_dim;
+  RandomNF4 wq(rng, q_rows, c.cols, c.double_quant), wk(rng, kv_rows, c.cols, c.double_quant),
+      wv(rng, kv_rows, c.cols, c.double_quant);
+  const NF4Matrix views[3] = {wq.device_view, wk.device_view, wv.device_view};
+  const auto x = random_bf16(rng, static_cast<size_t>(c.batch) * c.cols);
+  const int64_t capacity = 3 * c.batch + 4;
+  std::vector<int32_t> positions(c.batch), sequences(c.batch);
+  for (int n = 0; n < c.batch; ++n) {
+    positions[n] = 3 * n + 1;  // distinct: no two tokens write one cache row
+    sequences[n] = (n * 7) % c.caches;
+  }
+  if (c.batch > 1) positions[1] = static_cast<int32_t>(capacity);  // outside the cache: skipped
+  std::vector<float> inv_freq(c.head_dim / 2);
+  for (int i = 0; i < c.head_dim / 2; ++i) inv_freq[i] = std::pow(500000.0f, -2.0f * i / c.head_dim);
+  const int64_t stride = c.caches > 1 ? kv_rows * capacity : 0;
+  const auto initial_cache = random_bf16(rng, static_cast<size_t>(kv_rows * capacity * c.caches));
+
+  DeviceBuffer<uint16_t> dx(x.size());
+  DeviceBuffer<int32_t> dpos(positions.size()), dseq(sequences.size());
+  DeviceBuffer<float> dfreq(inv_freq.size());
+  dx.upload(x);
+  dpos.upload(positions);
+  dseq.upload(sequences);
+  dfreq.upload(inv_freq);
+  struct Outputs {
+    DeviceBuffer<uint16_t> q, k, v, k_cache, v_cache;
+    explicit Outputs(size_t qn, size_t kn, size_t cn) : q(qn), k(kn), v(kn), k_cache(cn), v_cache(cn) {}
+  };
+  const size_t qn = static_cast<size_t>(c.batch) * q_rows, kn = static_cast<size_t>(c.batch) * kv_rows;
+  Outputs fused(qn, kn, initial_cache.size()), separate(qn, kn, initial_cache.size());
+  for (Outputs* o : {&fused, &separate}) {
+    o->k_cache.upload(initial_cache);
+    o->v_cache.upload(initial_cache);
+  }
+  auto cache_of = [&](Outputs& o) {
+    RopeCacheAppend cache;
+    cache.v_new = as_bf16(o.v.get());
+    cache.k_cache = as_bf16(o.k_cache.get());
+    cache.v_cache = as_bf16(o.v_cache.get());
+    cache.capacity = capacity;
+    cache.sequence_stride = stride;
+    cache.sequences = c.sequence_list ? dseq.get() : nullptr;
+    return cache;
+  };
+  __nv_bfloat16* separate_out[3] = {as_bf16(separate.q.get()), as_bf16(separate.k.get()), as_bf16(separate.v.get())};
+  CUDA_OK(nf4_matvec_group(views, separate_out, 3, as_bf16(dx.get()), c.batch, MatvecEpilogue::store, nullptr));
+  CUDA_OK(rope_apply_and_append(separate_out[0], separate_out[1], dpos.get(), dfreq.get(), c.batch, c.heads, c.kv_heads,
+                                c.head_dim, cache_of(separate), nullptr));
+  MatvecRope rope;
+  rope.positions = dpos.get();
+  rope.inv_freq = dfreq.get();
+  rope.head_dim = c.head_dim;
+  rope.cache = cache_of(fused);
+  ASSERT_TRUE(nf4_matvec_rope_applies(views, 3, rope)) << what;
+  __nv_bfloat16* fused_out[3] = {as_bf16(fused.q.get()), as_bf16(fused.k.get()), as_bf16(fused.v.get())};
+  CUDA_OK(nf4_matvec_group(views, fused_out, 3, as_bf16(dx.get()), c.batch, MatvecEpilogue::store, nullptr, &rope));
+  CUDA_OK(cudaDeviceSynchronize());
+  EXPECT_EQ(fused.q.download(), separate.q.download()) << what << ": q";
+  EXPECT_EQ(fused.k.download(), separate.k.download()) << what << ": k";
+  EXPECT_EQ(fused.v.download(), separate.v.download()) << what << ": v";
+  EXPECT_EQ(fused.k_cache.download(), separate.k_cache.download()) << what << ": k cache";
+  EXPECT_EQ(fused.v_cache.download(), separate.v_cache.download()) << what << ": v cache";
+  // And the rotation is real: q differs from the plain product.
+  DeviceBuffer<uint16_t> plain(qn);
+  __nv_bfloat16* plain_out[1] = {as_bf16(plain.get())};
+  CUDA_OK(nf4_matvec_group(views, plain_out, 1, as_bf16(dx.get()), c.batch, MatvecEpilogue::store, nullptr));
+  CUDA_OK(cudaDeviceSynchronize());
+  EXPECT_NE(plain.download(), fused.q.download()) << what << ": q was not rotated";
+}
+
+TEST(NF4MatvecGroup, QkvWithRopeAndCacheAppendEqualsTheSeparateLaunch) {
+  std::mt19937 rng(313);
+  const QkvRopeCase cases[] = {
+      {32, 8, 128, 4096, 1, true, 1, false},  // Llama-3-8B decode
+      {12, 4, 64, 384, 3, false, 2, true},    // two sequences from a list
+      {8, 8, 64, 256, 11, true, 11, false},   // two launches of 8 rows; token n's own cache
+      {4, 2, 16, 128, 2, false, 1, false},    // one tile per head
+      {28, 4, 128, 640, 8, true, 3, true},    // group 7
+  };
+  for (const QkvRopeCase& c : cases) check_qkv_rope(rng, c);
+}
+
+TEST(NF4MatvecGroup, RopeRejectsWhatItCannotFuse) {
+  std::mt19937 rng(9);
+  RandomNF4 q(rng, 120, 128, true), k(rng, 40, 128, true), v(rng, 40, 128, true), v2(rng, 80, 128, true);
+  DeviceBuffer<int32_t> dpos(1);
+  DeviceBuffer<float> dfreq(64);
+  DeviceBuffer<uint16_t> cache(4096);
+  MatvecRope rope;
+  rope.positions = dpos.get();
+  rope.inv_freq = dfreq.get();
+  rope.head_dim = 40;  // not a multiple of 16
+  rope.cache.k_cache = rope.cache.v_cache = as_bf16(cache.get());
+  rope.cache.capacity = 8;
+  const NF4Matrix qkv[3] = {q.device_view, k.device_view, v.device_view};
+  EXPECT_FALSE(nf4_matvec_rope_applies(qkv, 3, rope));
+  rope.head_dim = 16;
+  RandomNF4 q16(rng, 128, 128, true), k16(rng, 32, 128, true), v16(rng, 32, 128, true);
+  const NF4Matrix good[3] = {q16.device_view, k16.device_view, v16.device_view};
+  EXPECT_TRUE(nf4_matvec_rope_applies(good, 3, rope));
+  EXPECT_FALSE(nf4_matvec_rope_applies(good, 2, rope));  // q/k/v only
+  const NF4Matrix unequal_kv[3] = {q16.device_view, k16.device_view, v2.device_view};
+  EXPECT_FALSE(nf4_matvec_rope_applies(unequal_kv, 3, rope));
+  DeviceBuffer<uint16_t> dx(128), y(128 * 2);
+  __nv_bfloat16* outputs[3] = {as_bf16(y.get()), as_bf16(y.get()), as_bf16(y.get())};
+  EXPECT_EQ(nf4_matvec_group(good, outputs, 3, as_bf16(dx.get()), 1, MatvecEpilogue::add_to_output, nullptr, &rope),
+            cudaErrorInvalidValue);  // store only
 }
 
 void check_bf16_matvec(std::mt19937& rng, const Shape& s, int batch, MatvecPath path) {

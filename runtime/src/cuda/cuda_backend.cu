@@ -215,7 +215,10 @@ class CudaBackend : public Backend {
   std::string name() const override { return "cuda"; }
   std::string description() const override {
     const std::string fused = fused_matvecs_
-                                  ? "; decode q/k/v, gate/up (+SwiGLU), o/down (+residual), RoPE + KV append fused"
+                                  ? (fused_rope_ ? "; decode q/k/v (+RoPE, KV append), gate/up (+SwiGLU), o/down "
+                                                   "(+residual) fused"
+                                                 : "; decode q/k/v, gate/up (+SwiGLU), o/down (+residual), RoPE + KV "
+                                                   "append fused; RoPE after q/k/v (LAYERPACK_CUDA_FUSED_ROPE=0)")
                                   : "; fused decode matvecs off (LAYERPACK_CUDA_FUSED=0)";
     const std::string selection = token_selection_ ? "; greedy / top-k tokens picked on the GPU"
                                                    : "; logits sampled on the host (LAYERPACK_CUDA_SELECT=0)";
@@ -268,9 +271,12 @@ class CudaBackend : public Backend {
   // the epilogue fused (kernels::nf4_matvec_group). Returns false, launching
   // nothing, where the group does not apply; the caller then runs them one by one.
   // The lists are the call sites' braced lists (no allocation per decode step).
+  // rope (q/k/v only): the launch also rotates q and k and appends k and v to the KV
+  // cache where nf4_matvec_rope_applies; *roped says whether it did.
   Result<bool> grouped_matvec(const char* role, std::initializer_list<const TensorInfo*> weights,
                               const DeviceSlot& slot, const bf16* x, uint32_t rows,
-                              std::initializer_list<bf16*> outputs, kernels::MatvecEpilogue epilogue);
+                              std::initializer_list<bf16*> outputs, kernels::MatvecEpilogue epilogue,
+                              const kernels::MatvecRope* rope = nullptr, bool* roped = nullptr);
   Result<const float*> vector_pointer(const TensorInfo& tensor, const DeviceSlot& slot, uint64_t expected) const;
   // run_output's shared part: waits for the output slot, then for each chunk of up to
   // max_logits_rows_ rows that want logits (rows first.. of them): final norm +
@@ -340,6 +346,7 @@ class CudaBackend : public Backend {
   bool graphs_enabled_ = true;  // LAYERPACK_CUDA_GRAPHS=0 turns decode graphs off
   bool fused_matvecs_ = true;   // LAYERPACK_CUDA_FUSED=0: every matrix, RoPE and KV append on its own
   bool token_selection_ = true;  // LAYERPACK_CUDA_SELECT=0: logits go to the host, which samples
+  bool fused_rope_ = true;       // LAYERPACK_CUDA_FUSED_ROPE=0: RoPE + KV append after q/k/v, not in its epilogue
   // Per decoder layer: q/k/v and gate/up share a code table (may share a launch).
   std::vector<uint8_t> qkv_tables_equal_, gate_up_tables_equal_;
   std::string graph_note_;
@@ -400,6 +407,7 @@ Status CudaBackend::create() {
   graphs_enabled_ = environment_flag("LAYERPACK_CUDA_GRAPHS", true);
   fused_matvecs_ = environment_flag("LAYERPACK_CUDA_FUSED", true);
   token_selection_ = environment_flag("LAYERPACK_CUDA_SELECT", true);
+  fused_rope_ = environment_flag("LAYERPACK_CUDA_FUSED_ROPE", true);
   description_ = std::string("CUDA, ") + prop.name + " (sm_" + std::to_string(prop.major) +
                  std::to_string(prop.minor) + ", " + std::to_string(prop.totalGlobalMem >> 20) +
                  " MiB), bf16 activations and KV cache";
@@ -719,7 +727,9 @@ Status CudaBackend::linear(const char* role, const TensorInfo& weight, const Dev
 
 Result<bool> CudaBackend::grouped_matvec(const char* role, std::initializer_list<const TensorInfo*> weights,
                                          const DeviceSlot& slot, const bf16* x, uint32_t rows,
-                                         std::initializer_list<bf16*> outputs, kernels::MatvecEpilogue epilogue) {
+                                         std::initializer_list<bf16*> outputs, kernels::MatvecEpilogue epilogue,
+                                         const kernels::MatvecRope* rope, bool* roped) {
+  if (roped) *roped = false;
   if (!fused_matvecs_ || (rows > options_.matvec_max_rows && dequantize_scratch_)) return false;
   if (weights.size() == 0 || weights.size() > size_t(kernels::kMaxMatvecGroup) || outputs.size() != weights.size())
     return false;
@@ -733,9 +743,14 @@ Result<bool> CudaBackend::grouped_matvec(const char* role, std::initializer_list
     views[i] = view.value();
   }
   if (!kernels::nf4_matvec_group_applies(views, count, x)) return false;
-  ProfileScope profile(profiler_, "NF4 matvec ", role);
-  CUDA_TRY(kernels::nf4_matvec_group(views, outputs.begin(), count, x, static_cast<int>(rows), epilogue, compute_),
-           std::string("NF4 matvec ") + role);
+  if (rope && (!fused_rope_ || epilogue != kernels::MatvecEpilogue::store ||
+               !kernels::nf4_matvec_rope_applies(views, count, *rope)))
+    rope = nullptr;
+  ProfileScope profile(profiler_, rope ? "NF4 matvec (+RoPE, KV append) " : "NF4 matvec ", role);
+  CUDA_TRY(
+      kernels::nf4_matvec_group(views, outputs.begin(), count, x, static_cast<int>(rows), epilogue, compute_, rope),
+      std::string("NF4 matvec ") + role);
+  if (roped) *roped = rope != nullptr;
   return true;
 }
 
@@ -808,10 +823,33 @@ Status CudaBackend::layer_rows(uint32_t layer, const DeviceSlot& slot, const Tok
     ProfileScope profile(profiler_, "RMSNorm");
     CUDA_TRY(kernels::rms_norm(hidden, attention_norm.value(), eps_, rows, hidden_, normed_, compute_), "RMSNorm");
   }
+  // Where this chunk's keys and values go: one sequence's cache, or each row's.
+  auto cache = [&](bf16* base, uint32_t sequence) { return base + layout_.offset(layer, sequence, 0, 0); };
+  kernels::RopeCacheAppend target;
+  target.v_new = v_;
+  target.capacity = layout_.capacity;
+  if (single_sequence_) {
+    target.k_cache = cache(keys_, batch.sequences[first]);
+    target.v_cache = cache(values_, batch.sequences[first]);
+  } else {
+    target.k_cache = cache(keys_, 0);
+    target.v_cache = cache(values_, 0);
+    target.sequence_stride = static_cast<int64_t>(layout_.offset(0, 1, 0, 0));
+    target.sequences = row_sequences;
+  }
+  // Without biases or q/k norms (they come between the product and RoPE), the q/k/v
+  // launch rotates q and k and appends k and v itself.
+  const bool rope_in_epilogue_allowed = !d.q_bias && !d.k_bias && !d.v_bias && !(d.q_norm && d.k_norm);
+  kernels::MatvecRope rope;
+  rope.positions = positions;
+  rope.inv_freq = inverse_frequencies_;
+  rope.head_dim = static_cast<int>(head_dim_);
+  rope.cache = target;
+  bool roped = false;
   bool fused = false;
   if (qkv_tables_equal_[layer]) {
     auto grouped = grouped_matvec("q/k/v", {d.q_proj, d.k_proj, d.v_proj}, slot, normed_, rows, {q_, k_, v_},
-                                  kernels::MatvecEpilogue::store);
+                                  kernels::MatvecEpilogue::store, rope_in_epilogue_allowed ? &rope : nullptr, &roped);
     if (!grouped) return grouped.error();
     fused = grouped.value();
   }
@@ -841,41 +879,30 @@ Status CudaBackend::layer_rows(uint32_t layer, const DeviceSlot& slot, const Tok
     CUDA_TRY(kernels::rms_norm(q_, q_norm.value(), eps_, int64_t(rows) * heads_, head_dim_, q_, compute_), "q norm");
     CUDA_TRY(kernels::rms_norm(k_, k_norm.value(), eps_, int64_t(rows) * kv_heads_, head_dim_, k_, compute_), "k norm");
   }
-  // RoPE and the KV-cache append in one launch (the same bits as the two), decode and
-  // prefill alike (a 512-row prefill chunk paid 8 us a layer for the separate append).
-  const bool append_with_rope = fused_matvecs_;
-  if (!append_with_rope) {
-    ProfileScope profile(profiler_, "RoPE");
-    CUDA_TRY(kernels::rope_apply(q_, k_, positions, inverse_frequencies_, rows, static_cast<int>(heads_),
-                                 static_cast<int>(kv_heads_), static_cast<int>(head_dim_), compute_),
-             "RoPE");
-  }
-  auto append = [&](bf16* k_cache, bf16* v_cache, int64_t sequence_stride, const int32_t* sequences) -> Status {
-    if (append_with_rope) {
-      kernels::RopeCacheAppend target;
-      target.v_new = v_;
-      target.k_cache = k_cache;
-      target.v_cache = v_cache;
-      target.capacity = layout_.capacity;
-      target.sequence_stride = sequence_stride;
-      target.sequences = sequences;
-      ProfileScope profile(profiler_, "RoPE + KV-cache append");
-      CUDA_TRY(kernels::rope_apply_and_append(q_, k_, positions, inverse_frequencies_, rows, static_cast<int>(heads_),
-                                              static_cast<int>(kv_heads_), static_cast<int>(head_dim_), target,
-                                              compute_),
-               "RoPE + KV-cache append");
-      return Status::success();
+  // RoPE and the KV-cache append: in the q/k/v launch's epilogue (roped), else in one
+  // launch (the same bits as the two; decode and prefill alike: a 512-row prefill
+  // chunk paid 8 us a layer for a separate append), else one launch each
+  // (LAYERPACK_CUDA_FUSED=0).
+  if (!roped && fused_matvecs_) {
+    ProfileScope profile(profiler_, "RoPE + KV-cache append");
+    CUDA_TRY(kernels::rope_apply_and_append(q_, k_, positions, inverse_frequencies_, rows, static_cast<int>(heads_),
+                                            static_cast<int>(kv_heads_), static_cast<int>(head_dim_), target, compute_),
+             "RoPE + KV-cache append");
+  } else if (!roped) {
+    {
+      ProfileScope profile(profiler_, "RoPE");
+      CUDA_TRY(kernels::rope_apply(q_, k_, positions, inverse_frequencies_, rows, static_cast<int>(heads_),
+                                   static_cast<int>(kv_heads_), static_cast<int>(head_dim_), compute_),
+               "RoPE");
     }
     ProfileScope profile(profiler_, "KV-cache append");
     CUDA_TRY(kernels::kv_cache_append(k_, v_, positions, rows, static_cast<int>(kv_heads_), static_cast<int>(head_dim_),
-                                      layout_.capacity, sequence_stride, sequences, k_cache, v_cache, nullptr,
-                                      compute_),
+                                      layout_.capacity, target.sequence_stride, target.sequences, target.k_cache,
+                                      target.v_cache, nullptr, compute_),
              "KV-cache append");
-    return Status::success();
-  };
+  }
 
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim_));
-  auto cache = [&](bf16* base, uint32_t sequence) { return base + layout_.offset(layer, sequence, 0, 0); };
   kernels::AttentionArgs args;
   args.capacity = layout_.capacity;
   args.sequence_stride = 0;
@@ -885,12 +912,10 @@ Status CudaBackend::layer_rows(uint32_t layer, const DeviceSlot& slot, const Tok
   args.head_dim = static_cast<int>(head_dim_);
   args.scale = scale;
   args.sliding_window = window_;
+  args.q = q_;
+  args.k_cache = target.k_cache;
+  args.v_cache = target.v_cache;
   if (single_sequence_) {
-    const uint32_t sequence = batch.sequences[first];
-    LAYERPACK_TRY(append(cache(keys_, sequence), cache(values_, sequence), 0, nullptr));
-    args.q = q_;
-    args.k_cache = cache(keys_, sequence);
-    args.v_cache = cache(values_, sequence);
     if (rows == 1) {
       // Decode: the length comes from device memory and the grid is sized for the
       // whole cache, so the same launch serves every step (and a CUDA graph).
@@ -905,15 +930,10 @@ Status CudaBackend::layer_rows(uint32_t layer, const DeviceSlot& slot, const Tok
     ProfileScope profile(profiler_, "attention");
     CUDA_TRY(kernels::attention(args, attention_workspace_, attention_workspace_bytes_, compute_), "attention");
   } else {
-    // Several sequences (rows <= max_rows_, first == 0), one launch each: every
-    // row's keys and values go to its sequence's cache, then each row attends to
-    // its own cache up to its position (rows of one sequence stay causal).
-    const int64_t sequence_stride = static_cast<int64_t>(layout_.offset(0, 1, 0, 0));
-    LAYERPACK_TRY(append(cache(keys_, 0), cache(values_, 0), sequence_stride, row_sequences));
-    args.q = q_;
-    args.k_cache = cache(keys_, 0);
-    args.v_cache = cache(values_, 0);
-    args.sequence_stride = sequence_stride;
+    // Several sequences (rows <= max_rows_, first == 0), one launch: every row's keys
+    // and values went to its sequence's cache above, and each row attends to its own
+    // cache up to its position (rows of one sequence stay causal).
+    args.sequence_stride = target.sequence_stride;
     args.query_sequences = row_sequences;
     args.kv_lengths = kv_lengths;
     args.max_kv_length = pass_max_position_ + 1;
