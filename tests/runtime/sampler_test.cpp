@@ -43,6 +43,35 @@ TEST(Sampler, SameSeedSameSequenceDifferentSeedDifferentSequence) {
   EXPECT_NE(draw(42), draw(43));
 }
 
+// A backend that samples on the device takes its draws from next_uniform(): the token
+// that draw picks from filtered_distribution is the one sample() returns.
+TEST(Sampler, NextUniformIsTheDrawSampleTakes) {
+  std::vector<float> l(300);
+  for (size_t i = 0; i < l.size(); ++i) l[i] = static_cast<float>(std::cos(i * 0.37) * 3.0);
+  SamplingParams p;
+  p.temperature = 0.9f;
+  p.top_k = 40;
+  p.top_p = 0.9f;
+  p.seed = 11;
+  Sampler host(p), device_side(p);
+  const std::vector<TokenProbability> candidates = filtered_distribution(l, p);
+  for (int i = 0; i < 200; ++i) {
+    const double u = device_side.next_uniform();
+    ASSERT_GE(u, 0.0);
+    ASSERT_LT(u, 1.0);
+    double cumulative = 0;
+    int32_t picked = candidates.back().token;
+    for (const auto& c : candidates) {
+      cumulative += c.probability;
+      if (u < cumulative) {
+        picked = c.token;
+        break;
+      }
+    }
+    EXPECT_EQ(host.sample(l.data(), l.size(), {}), picked) << "draw " << i;
+  }
+}
+
 TEST(Sampler, FrequenciesFollowTheDistribution) {
   std::vector<float> l = logits_for({0.5, 0.3, 0.15, 0.05});
   SamplingParams p;

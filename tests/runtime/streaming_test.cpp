@@ -120,6 +120,26 @@ TEST(Streaming, LayerFileRemovedMidRunFailsThePass) {
   EXPECT_NE(failed.error().message.find("layer-00002.lpk"), std::string::npos) << failed.error().message;
 }
 
+// The CPU backend picks no tokens itself: forward_tokens says so instead of running.
+TEST(Engine, ForwardTokensOnABackendThatDoesNotSelectIsAClearError) {
+  EngineOptions options;
+  options.backend = "cpu";
+  auto engine = Engine::open(converted_pack("llama_gqa"), options);
+  ASSERT_TRUE(engine.ok()) << engine.error().to_string();
+  SamplingParams greedy;
+  EXPECT_FALSE((*engine)->selects_tokens(greedy));
+  auto sequence = (*engine)->kv().open_sequence();
+  ASSERT_TRUE(sequence.ok());
+  TokenBatch batch;
+  batch.add(5, sequence.value(), 0, true);
+  std::vector<int32_t> tokens;
+  const Status status = (*engine)->forward_tokens(batch, greedy, {0.0}, tokens);
+  ASSERT_FALSE(status.ok());
+  EXPECT_EQ(status.error().code, ErrorCode::invalid_argument);
+  EXPECT_NE(status.error().message.find("does not select tokens"), std::string::npos) << status.error().message;
+  EXPECT_EQ((*engine)->kv().length(sequence.value()), 0u) << "a refused pass must not advance the cache";
+}
+
 // ---- plan and budget ---------------------------------------------------------------
 
 TEST(StreamingPlan, OutputResidentShrinksTheRingSlots) {
