@@ -20,7 +20,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
-#include <functional>
 #include <initializer_list>
 #include <map>
 #include <memory>
@@ -281,10 +280,10 @@ class CudaBackend : public Backend {
   // run_output's shared part: waits for the output slot, then for each chunk of up to
   // max_logits_rows_ rows that want logits (rows first.. of them): final norm +
   // lm_head into logits_, enqueue(first, count) (launches and a copy to pinned host
-  // memory), a synchronization, then collect(first, count) on the host.
-  using OutputChunkStep = std::function<Status(size_t first, uint32_t count)>;
-  Status output_chunks(SlotId slot_id, const TokenBatch& batch, const OutputChunkStep& enqueue,
-                       const OutputChunkStep& collect);
+  // memory), a synchronization, then collect(first, count) on the host. Both are
+  // Status(size_t first, uint32_t count) callables (templates: nothing allocated per pass).
+  template <class Enqueue, class Collect>
+  Status output_chunks(SlotId slot_id, const TokenBatch& batch, const Enqueue& enqueue, const Collect& collect);
 
   BackendOptions options_;
   std::string description_;
@@ -980,8 +979,9 @@ Status CudaBackend::layer_rows(uint32_t layer, const DeviceSlot& slot, const Tok
   return Status::success();
 }
 
-Status CudaBackend::output_chunks(SlotId slot_id, const TokenBatch& batch, const OutputChunkStep& enqueue,
-                                  const OutputChunkStep& collect) {
+template <class Enqueue, class Collect>
+Status CudaBackend::output_chunks(SlotId slot_id, const TokenBatch& batch, const Enqueue& enqueue,
+                                  const Collect& collect) {
   DeviceSlot slot;
   {
     std::lock_guard<std::mutex> lock(slots_mutex_);
