@@ -22,6 +22,10 @@
 // skips the splits: one block per q head copies the kv head's rows to shared
 // memory and writes the output itself (the same launch serves both, so a CUDA
 // graph captured at a short length stays right as the context grows).
+// Prefill of one cache (kv_lengths null, sequence_stride 0, 16+ queries, head_dim 64
+// or 128, sm_80+) is flash attention instead: one block per q head and 64 queries,
+// key/value tiles through shared memory, QK^T and PV on tensor cores (P in bf16),
+// online softmax in fp32; it needs no workspace.
 #pragma once
 
 #include <cuda_bf16.h>
