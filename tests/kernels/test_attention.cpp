@@ -118,9 +118,14 @@ TEST(Attention, DecodeMatchesReference) {
       {32, 8, 128, 3, 2000, false, 0, 100, true},
       {16, 1, 256, 1, 4097, false, 0, 0, false},
       {64, 4, 128, 70, 600, false, 0, 0, false},
-      // The short-context path's edge (128 visible positions) and the first length past it.
+      // The short-context path's edge (128 visible positions), the first length past
+      // it, and split-path lengths around 256 and 1024 positions.
       {32, 8, 128, 1, 128, false, 0, 0, false},
       {32, 8, 128, 1, 129, false, 0, 0, false},
+      {32, 8, 128, 1, 256, false, 0, 0, false},
+      {32, 8, 128, 1, 1024, false, 0, 0, false},
+      {32, 8, 128, 1, 1025, false, 0, 0, false},
+      {8, 2, 64, 3, 900, false, 0, 300, true},
       {32, 8, 128, 2, 300, false, 0, 128, true},
       // Batched decode in one launch: each query's cache through query_sequences.
       {32, 8, 128, 5, 700, false, 0, 0, true, true},
