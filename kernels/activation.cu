@@ -19,9 +19,7 @@ __global__ void swiglu_kernel(const __nv_bfloat16* gate, const __nv_bfloat16* up
                               __nv_bfloat16* out) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const float g = __bfloat162float(gate[i]);
-    const float silu = __bfloat162float(__float2bfloat16_rn(g / (1.0f + expf(-g))));
-    out[i] = __float2bfloat16_rn(silu * __bfloat162float(up[i]));
+    out[i] = __float2bfloat16_rn(detail::swiglu_value(__bfloat162float(gate[i]), __bfloat162float(up[i])));
   }
 }
 
@@ -39,11 +37,8 @@ __global__ void swiglu_vector_kernel(const __nv_bfloat16* gate, const __nv_bfloa
     uint32_t r[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const float g0 = detail::bf16_low(g[i]), g1 = detail::bf16_high(g[i]);
-      const float s0 = __bfloat162float(__float2bfloat16_rn(g0 / (1.0f + expf(-g0))));
-      const float s1 = __bfloat162float(__float2bfloat16_rn(g1 / (1.0f + expf(-g1))));
-      const __nv_bfloat162 v = __floats2bfloat162_rn(s0 * detail::bf16_low(u[i]), s1 * detail::bf16_high(u[i]));
-      r[i] = *reinterpret_cast<const uint32_t*>(&v);
+      r[i] = detail::pack_bf16x2(detail::swiglu_value(detail::bf16_low(g[i]), detail::bf16_low(u[i])),
+                                 detail::swiglu_value(detail::bf16_high(g[i]), detail::bf16_high(u[i])));
     }
     *reinterpret_cast<uint4*>(out + c * 8) = make_uint4(r[0], r[1], r[2], r[3]);
   }
@@ -58,9 +53,8 @@ __global__ void residual_add_vector_kernel(__nv_bfloat16* residual, const __nv_b
     uint32_t r[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const __nv_bfloat162 v = __floats2bfloat162_rn(detail::bf16_low(x[i]) + detail::bf16_low(d[i]),
-                                                     detail::bf16_high(x[i]) + detail::bf16_high(d[i]));
-      r[i] = *reinterpret_cast<const uint32_t*>(&v);
+      r[i] = detail::pack_bf16x2(detail::bf16_low(x[i]) + detail::bf16_low(d[i]),
+                                 detail::bf16_high(x[i]) + detail::bf16_high(d[i]));
     }
     *reinterpret_cast<uint4*>(residual + c * 8) = make_uint4(r[0], r[1], r[2], r[3]);
   }

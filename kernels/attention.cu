@@ -332,6 +332,13 @@ __device__ __forceinline__ void copy_async_16(void* shared_destination, const vo
   const unsigned destination = static_cast<unsigned>(__cvta_generic_to_shared(shared_destination));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(destination), "l"(global_source) : "memory");
 }
+// The same, or 16 zero bytes when !valid (the source is not read: rows past the cache's end).
+__device__ __forceinline__ void copy_async_16(void* shared_destination, const void* global_source, bool valid) {
+  const unsigned destination = static_cast<unsigned>(__cvta_generic_to_shared(shared_destination));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(destination), "l"(global_source),
+               "r"(valid ? 16 : 0)
+               : "memory");
+}
 
 // The short path computes kGroup heads per kv head: the group rounded up to a power
 // of two (next_power_of_two; the extra heads' q rows are zero), so its loops carry
@@ -591,19 +598,6 @@ struct FlashLayout {
   static constexpr int bytes = 2 * 2 * tile_bytes;  // two stages of K and V
 };
 
-// cp.async of 16 bytes, or 16 zero bytes when !valid (rows past the cache's end).
-__device__ __forceinline__ void copy_async_16_or_zero(void* shared_destination, const void* global_source, bool valid) {
-  const unsigned destination = static_cast<unsigned>(__cvta_generic_to_shared(shared_destination));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(destination), "l"(global_source),
-               "r"(valid ? 16 : 0)
-               : "memory");
-}
-
-__device__ __forceinline__ uint32_t pack_bf16_pair(float low, float high) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(low, high);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-
 __device__ __forceinline__ uint32_t load_u32(const void* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
 template <int D>
@@ -635,8 +629,8 @@ __global__ void __launch_bounds__(kFlashThreads) attention_prefill_kernel(Attent
       const int64_t key = key0 + row;
       const bool valid = key < key_end;
       const int64_t source = (valid ? key : 0) * D + piece * 8;
-      copy_async_16_or_zero(k_s + row * Layout::row_bytes + piece * 16, k_head + source, valid);
-      copy_async_16_or_zero(v_s + row * Layout::row_bytes + piece * 16, v_head + source, valid);
+      copy_async_16(k_s + row * Layout::row_bytes + piece * 16, k_head + source, valid);
+      copy_async_16(v_s + row * Layout::row_bytes + piece * 16, v_head + source, valid);
     }
     asm volatile("cp.async.commit_group;" ::: "memory");
   };
@@ -738,10 +732,10 @@ __global__ void __launch_bounds__(kFlashThreads) attention_prefill_kernel(Attent
     // (lanes 0-15 address keys 0-15 at dims dt * 8, lanes 16-31 at dims dt * 8 + 8).
 #pragma unroll
     for (int kk = 0; kk < kFlashKeys / 16; ++kk) {
-      const uint32_t p0 = pack_bf16_pair(s[2 * kk][0], s[2 * kk][1]);
-      const uint32_t p1 = pack_bf16_pair(s[2 * kk][2], s[2 * kk][3]);
-      const uint32_t p2 = pack_bf16_pair(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      const uint32_t p3 = pack_bf16_pair(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      const uint32_t p0 = detail::pack_bf16x2(s[2 * kk][0], s[2 * kk][1]);
+      const uint32_t p1 = detail::pack_bf16x2(s[2 * kk][2], s[2 * kk][3]);
+      const uint32_t p2 = detail::pack_bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      const uint32_t p3 = detail::pack_bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
       const uint8_t* v_row = v_s + (kk * 16 + (lane & 15)) * Layout::row_bytes + (lane >> 4) * 16;
 #pragma unroll
       for (int dt = 0; dt < D / 8; dt += 2) {
@@ -771,7 +765,7 @@ __global__ void __launch_bounds__(kFlashThreads) attention_prefill_kernel(Attent
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) {
       *reinterpret_cast<uint32_t*>(out + dt * 8) =
-          pack_bf16_pair(o[dt][2 * r] * inverse[r], o[dt][2 * r + 1] * inverse[r]);
+          detail::pack_bf16x2(o[dt][2 * r] * inverse[r], o[dt][2 * r + 1] * inverse[r]);
     }
   }
 }

@@ -189,6 +189,26 @@ __device__ __forceinline__ float bf16_high(uint32_t pair) { return __uint_as_flo
 
 __device__ __forceinline__ float load_bf16(const __nv_bfloat16* p) { return __bfloat162float(*p); }
 
+// Two floats rounded to a bf16 pair packed in 32 bits (low half first).
+__device__ __forceinline__ uint32_t pack_bf16x2(float low, float high) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(low, high);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// SwiGLU of one element as every kernel computes it: silu of the (bf16) gate, rounded
+// to bf16, times the (bf16) up, rounded once more by the caller's store.
+__device__ __forceinline__ float swiglu_value(float gate, float up) {
+  return __bfloat162float(__float2bfloat16_rn(gate / (1.0f + expf(-gate)))) * up;
+}
+
+// log2 of v where v is a power of two, else -1 (host side: block shifts).
+inline int log2_of_power_of_two(int64_t v) {
+  if (v <= 0 || (v & (v - 1)) != 0) return -1;
+  int s = 0;
+  while ((int64_t{1} << s) < v) ++s;
+  return s;
+}
+
 // One rotate-half RoPE pair: angle = position * inv_freq (the fp32 product, as
 // transformers computes it), y1 = x1 cos - x2 sin, y2 = x2 cos + x1 sin, each rounded
 // to bf16. Shared by the RoPE kernel and the q/k/v matvec epilogue (the same bits).

@@ -20,9 +20,11 @@ struct DequantParams {
   bool double_quant;
 };
 
-__device__ __forceinline__ float absmax_of(const DequantParams& p, const float* nested_code, int64_t block) {
-  if (!p.double_quant) return p.absmax_f32[block];
-  return __fadd_rn(__fmul_rn(nested_code[p.absmax_u8[block]], p.nested_absmax[block / p.nested_blocksize]),
+// Absmax of quantization block `block` (double quant: its nested block is nested_block).
+__device__ __forceinline__ float absmax_of(const DequantParams& p, const float* nested_code, int64_t block,
+                                           int64_t nested_block) {
+  if (!p.double_quant) return __ldg(p.absmax_f32 + block);
+  return __fadd_rn(__fmul_rn(nested_code[__ldg(p.absmax_u8 + block)], __ldg(p.nested_absmax + nested_block)),
                    p.nested_offset);
 }
 
@@ -52,10 +54,7 @@ __global__ void nf4_dequantize_chunks_kernel(DequantParams p, int block_shift, i
       if (c >= chunk_count) break;
       word[u] = __ldg(packed + c);
       const int64_t block = (first_element + c * 8) >> block_shift;
-      scale[u] = p.double_quant ? __fadd_rn(__fmul_rn(nested_code[__ldg(p.absmax_u8 + block)],
-                                                      __ldg(p.nested_absmax + (block >> nested_shift))),
-                                            p.nested_offset)
-                                : __ldg(p.absmax_f32 + block);
+      scale[u] = absmax_of(p, nested_code, block, block >> nested_shift);
     }
 #pragma unroll
     for (int u = 0; u < kDequantizeInFlight; ++u) {
@@ -73,12 +72,6 @@ __global__ void nf4_dequantize_chunks_kernel(DequantParams p, int block_shift, i
   }
 }
 
-int log2_of_power_of_two(int64_t v) {
-  int s = 0;
-  while ((int64_t{1} << s) < v) ++s;
-  return (int64_t{1} << s) == v ? s : -1;
-}
-
 // Any shape: one thread per element.
 __global__ void nf4_dequantize_elements_kernel(DequantParams p, int64_t first_element, int64_t count,
                                                __nv_bfloat16* __restrict__ out) {
@@ -93,7 +86,9 @@ __global__ void nf4_dequantize_elements_kernel(DequantParams p, int64_t first_el
     const int64_t flat = first_element + i;
     const uint8_t byte = p.packed[flat >> 1];
     const int nibble = (flat & 1) ? (byte & 15) : (byte >> 4);
-    out[i] = __float2bfloat16_rn(lut[nibble] * absmax_of(p, nested_code, flat / p.blocksize));
+    const int64_t block = flat / p.blocksize;
+    const int64_t nested_block = p.double_quant ? block / p.nested_blocksize : 0;
+    out[i] = __float2bfloat16_rn(lut[nibble] * absmax_of(p, nested_code, block, nested_block));
   }
 }
 
@@ -182,8 +177,8 @@ cudaError_t nf4_dequantize(const NF4Matrix& w, int64_t row_begin, int64_t row_co
                   w.nested_code, w.nested_offset, w.blocksize, w.nested_blocksize, w.double_quant};
   const int64_t first = row_begin * w.cols, count = row_count * w.cols;
   constexpr int kThreads = 256;
-  const int block_shift = log2_of_power_of_two(w.blocksize);
-  const int nested_shift = w.double_quant ? log2_of_power_of_two(w.nested_blocksize) : 0;
+  const int block_shift = detail::log2_of_power_of_two(w.blocksize);
+  const int nested_shift = w.double_quant ? detail::log2_of_power_of_two(w.nested_blocksize) : 0;
   if (w.cols % 32 == 0 && w.blocksize >= 32 && block_shift >= 0 && nested_shift >= 0 &&
       detail::aligned_to(w.packed, 16) && detail::aligned_to(out, 16)) {
     const int64_t chunks = count / 8;

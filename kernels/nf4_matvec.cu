@@ -27,14 +27,6 @@ struct NF4Params {
   int64_t cols;
 };
 
-int log2_exact(uint32_t v) {
-  int s = 0;
-  while ((1u << s) < v) ++s;
-  return s;
-}
-
-bool power_of_two(uint32_t v) { return v != 0 && (v & (v - 1)) == 0; }
-
 // Absmax of one quantization block, reconstructed as bitsandbytes does:
 // nested_code[u8] * nested_absmax[block >> shift], then + offset (two roundings).
 template <bool kDoubleQuant>
@@ -58,11 +50,6 @@ __device__ __forceinline__ uint4 load_weights(const void* ptr) {
 
 __device__ __forceinline__ uint4 load_x(const void* ptr) { return __ldg(reinterpret_cast<const uint4*>(ptr)); }
 
-__device__ __forceinline__ uint32_t pack_bf16(float low, float high) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(low, high);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-
 using detail::mma_bf16_16x8x16;
 
 // Dequantizes 4 consecutive elements held in bits [16*half, 16*half+16) of a
@@ -79,8 +66,8 @@ __device__ __forceinline__ void dequantize_four(uint32_t word, int half, const f
   const float e1 = *reinterpret_cast<const float*>(lut_bytes + __byte_perm(low_offsets, 0, 0x4440 | byte0));
   const float e2 = *reinterpret_cast<const float*>(lut_bytes + __byte_perm(high_offsets, 0, 0x4440 | byte1));
   const float e3 = *reinterpret_cast<const float*>(lut_bytes + __byte_perm(low_offsets, 0, 0x4440 | byte1));
-  first_pair = pack_bf16(e0 * scale, e1 * scale);
-  second_pair = pack_bf16(e2 * scale, e3 * scale);
+  first_pair = detail::pack_bf16x2(e0 * scale, e1 * scale);
+  second_pair = detail::pack_bf16x2(e2 * scale, e3 * scale);
 }
 
 template <typename OutT>
@@ -369,6 +356,18 @@ __device__ __forceinline__ PairLutTile pair_lut_tile_at(const PairLutGroup& grp,
   return t;
 }
 
+// Tile row m (0..15), batch row n of tile group `group`: the sum of its kGroup warps'
+// mma accumulators (m16n8 f32 layout: c0, c1 -> row g, n 2t, 2t+1; c2, c3 -> row g+8),
+// in warp order.
+template <int kGroup>
+__device__ __forceinline__ float tile_partial_sum(const float* partial, int group, int m, int n) {
+  const int i = (m >= 8 ? 2 : 0) + (n & 1), l = (m & 7) * 4 + (n >> 1);
+  float sum = 0.0f;
+#pragma unroll
+  for (int w = 0; w < kGroup; ++w) sum += partial[((group * kGroup + w) * 4 + i) * 32 + l];
+  return sum;
+}
+
 // The q/k/v epilogue with RoPE and the KV-cache append (rope_kernel's arithmetic on
 // the bf16-rounded products). q and k: a lane takes a pair (slots m, m + 8) of one
 // token; v: single elements. k and v rows also go to the token's cache position.
@@ -377,13 +376,7 @@ __device__ __forceinline__ void pair_lut_rope_epilogue(const PairLutGroup& grp, 
                                                        uint32_t rows, __nv_bfloat16* y, int batch, int lane, int member,
                                                        int group) {
   const int head_dim = grp.rope_head_dim, half = head_dim / 2;
-  auto tile_sum = [&](int m, int n) {
-    const int i = (m >= 8 ? 2 : 0) + (n & 1), l = (m & 7) * 4 + (n >> 1);
-    float sum = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kGroup; ++w) sum += partial[((group * kGroup + w) * 4 + i) * 32 + l];
-    return sum;
-  };
+  auto tile_sum = [&](int m, int n) { return tile_partial_sum<kGroup>(partial, group, m, n); };
   // Cache offset of (token n, row of k or v), or -1 where the position is outside the cache.
   auto cache_index = [&](int n, uint32_t row) -> int64_t {
     const int64_t position = grp.rope_positions[n];
@@ -461,10 +454,7 @@ __device__ __forceinline__ void pair_lut_finish_tile(const PairLutGroup& grp, ui
   const int outputs = 16 * batch;
   for (int o = lane * kGroup + member; o < outputs; o += kGroup * 32) {
     const int m = o & 15, n = o >> 4;
-    const int i = (m >= 8 ? 2 : 0) + (n & 1), l = (m & 7) * 4 + (n >> 1);
-    float sum = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kGroup; ++w) sum += partial[((group * kGroup + w) * 4 + i) * 32 + l];
+    const float sum = tile_partial_sum<kGroup>(partial, group, m, n);
     const uint32_t row = t.tile * 16 + m;
     if (row >= rows) continue;
     const int64_t index = static_cast<int64_t>(n) * rows + row;
@@ -481,9 +471,7 @@ __device__ __forceinline__ void pair_lut_finish_tile(const PairLutGroup& grp, ui
           pending[o] = value;  // read by this block's up tile, after its barrier
         } else {
           // swiglu: silu of the bf16 gate, rounded to bf16, times the bf16 up.
-          const float g = pending[o];
-          const float silu = __bfloat162float(__float2bfloat16_rn(g / (1.0f + expf(-g))));
-          static_cast<OutT*>(grp.m[0].y)[index] = __float2bfloat16_rn(silu * value);
+          static_cast<OutT*>(grp.m[0].y)[index] = __float2bfloat16_rn(detail::swiglu_value(pending[o], value));
         }
         continue;
       }
@@ -840,8 +828,9 @@ bool device_has_mma(int* device_out = nullptr) {
 
 bool valid_matrix(const NF4Matrix& m) {
   if (!m.packed || !m.code || m.rows <= 0 || m.cols <= 0) return false;
-  if (!power_of_two(m.blocksize) || m.blocksize < 32 || m.blocksize > 4096) return false;
-  if (m.double_quant) return m.absmax_u8 && m.nested_absmax && m.nested_code && power_of_two(m.nested_blocksize);
+  if (detail::log2_of_power_of_two(m.blocksize) < 0 || m.blocksize < 32 || m.blocksize > 4096) return false;
+  if (m.double_quant)
+    return m.absmax_u8 && m.nested_absmax && m.nested_code && detail::log2_of_power_of_two(m.nested_blocksize) >= 0;
   return m.absmax_f32 != nullptr;
 }
 
@@ -973,8 +962,8 @@ PairLutGroup pair_lut_group(const NF4Matrix* matrices, OutT* const* outputs, int
                  : epilogue == MatvecEpilogue::swiglu      ? kEpilogueSwiglu
                                                            : kEpilogueStore;
   grp.cols = static_cast<uint32_t>(matrices[0].cols);
-  grp.block_shift = log2_exact(matrices[0].blocksize);
-  grp.nested_shift = log2_exact(matrices[0].nested_blocksize);
+  grp.block_shift = detail::log2_of_power_of_two(matrices[0].blocksize);
+  grp.nested_shift = matrices[0].double_quant ? detail::log2_of_power_of_two(matrices[0].nested_blocksize) : 0;
   uint32_t tiles = 0;
   for (int i = 0; i < count; ++i) {
     const NF4Matrix& m = matrices[i];
@@ -1011,8 +1000,17 @@ template <typename OutT>
 cudaError_t nf4_matvec_dispatch(const NF4Matrix& m, const __nv_bfloat16* x, int batch, OutT* y, MatvecPath path,
                                 cudaStream_t stream, PairLutShape pair_lut_shape = {0, 0}) {
   if (!valid_matrix(m) || !x || !y || batch <= 0) return cudaErrorInvalidValue;
-  NF4Params p{m.packed,      m.code,        m.absmax_f32, m.absmax_u8, m.nested_absmax, m.nested_code,
-              m.nested_offset, log2_exact(m.blocksize), log2_exact(m.nested_blocksize), m.rows, m.cols};
+  NF4Params p{m.packed,
+              m.code,
+              m.absmax_f32,
+              m.absmax_u8,
+              m.nested_absmax,
+              m.nested_code,
+              m.nested_offset,
+              detail::log2_of_power_of_two(m.blocksize),
+              m.double_quant ? detail::log2_of_power_of_two(m.nested_blocksize) : 0,
+              m.rows,
+              m.cols};
   if (path == MatvecPath::tensor_core_pair_lut && !pair_lut_applies(m, x)) return cudaErrorInvalidValue;
   if (path != MatvecPath::automatic && path != MatvecPath::simple && !mma_applies(m, x)) return cudaErrorInvalidValue;
   if (path == MatvecPath::automatic) path = resolve_path(m, x);
