@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <future>
 #include <cstdio>
 #include <map>
 #include <optional>
@@ -53,6 +54,10 @@ uint64_t default_device_margin(uint64_t total) { return std::max<uint64_t>(uint6
 }  // namespace
 
 Result<std::unique_ptr<Engine>> Engine::open(const std::string& pack_dir, const EngineOptions& options) {
+  using Clock = std::chrono::steady_clock;
+  const auto open_start = Clock::now();
+  auto since = [](Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); };
+  OpenTimings timings;
   auto pack = ModelPack::open(pack_dir);
   if (!pack) return pack.error();
   const ModelConfig& c = pack->config();
@@ -73,11 +78,32 @@ Result<std::unique_ptr<Engine>> Engine::open(const std::string& pack_dir, const 
 
   // The device's memory before the backend allocates anything (this creates the
   // context, so what is measured later is the runtime's own use).
+  timings.pack = since(open_start);
+
+  PayloadReadOptions read_options;
+  read_options.check_hash = options.verify_hashes;
+  read_options.direct_io = options.direct_io;
+  read_options.threads = std::max<uint32_t>(1, options.read_threads);
+  auto reader = std::make_unique<PayloadReader>(read_options);
+  // The embedding (unit 0, always placed on the host: 1 GB at 8B) is read while the
+  // GPU context and the backend start (~0.3 s on an H200), which need nothing from it.
+  // On an early return the future's destructor waits for the read.
+  std::future<Result<AlignedBuffer>> embedding =
+      std::async(std::launch::async,
+                 [file = pack->unit(0), hash = pack->file_hash(0), reader = reader.get()]() -> Result<AlignedBuffer> {
+                   auto buffer = AlignedBuffer::allocate_for_read(file.payload_size, file.path);
+                   if (!buffer) return buffer.error();
+                   LAYERPACK_TRY(reader->read(file, buffer->data(), hash));
+                   return buffer;
+                 });
+  auto phase_start = Clock::now();
   std::optional<DeviceMemoryInfo> device_at_open;
   if (options.backend != "cpu") {
     auto info = query_device_memory(options.backend_options.device);
     if (info) device_at_open = info.value();
   }
+  timings.device = since(phase_start);
+  phase_start = Clock::now();
   auto backend = create_backend(options.backend, options.backend_options);
   if (!backend) return backend.error();
   layout.dtype = backend.value()->kv_cache_dtype();
@@ -126,6 +152,7 @@ Result<std::unique_ptr<Engine>> Engine::open(const std::string& pack_dir, const 
     }
   }
   LAYERPACK_TRY(engine->backend_->initialize(engine->pack_, layout, std::max<uint32_t>(1, options.max_batch_rows)));
+  timings.backend = since(phase_start);
   memory.backend_bytes = engine->backend_->reserved_bytes();
   if (device) {
     // Pinned host memory (host cache, staging) is mapped into the GPU's address space,
@@ -150,12 +177,6 @@ Result<std::unique_ptr<Engine>> Engine::open(const std::string& pack_dir, const 
     slot_budget = std::min(slot_budget, memory.budget - fixed);
   }
 
-  PayloadReadOptions read_options;
-  read_options.check_hash = options.verify_hashes;
-  read_options.direct_io = options.direct_io;
-  read_options.threads = std::max<uint32_t>(1, options.read_threads);
-  engine->reader_ = std::make_unique<PayloadReader>(read_options);
-
   SchedulerInput input;
   for (UnitIndex u = 0; u < engine->pack_.unit_count(); ++u) input.payload_sizes.push_back(engine->pack_.payload_size(u));
   input.slot_budget = slot_budget;
@@ -170,10 +191,24 @@ Result<std::unique_ptr<Engine>> Engine::open(const std::string& pack_dir, const 
   memory.slot_bytes = plan->slot_bytes();
   StreamerOptions streamer_options;
   streamer_options.host_cache_bytes = options.host_cache_bytes;
-  engine->streamer_ = std::make_unique<LayerStreamer>(engine->pack_, *engine->backend_, *engine->reader_,
+  engine->streamer_ = std::make_unique<LayerStreamer>(engine->pack_, *engine->backend_, *reader,
                                                       std::move(plan.value()), streamer_options);
+  phase_start = Clock::now();
+  auto embedding_payload = embedding.get();
+  if (!embedding_payload) return embedding_payload.error();
+  timings.embedding_wait = since(phase_start);
+  // Only now: until the read is done, an early return must destroy the engine (and
+  // with it anything holding the reader) before the future and the reader.
+  engine->reader_ = std::move(reader);
+  engine->streamer_->provide_host_unit(0, std::move(embedding_payload.value()));
   LAYERPACK_TRY(engine->streamer_->start());
+  const StreamerStats started = engine->streamer_->stats();
+  timings.host_units = started.startup_host_seconds;
+  timings.slots = started.startup_slot_seconds;
+  timings.resident = started.startup_resident_seconds;
   engine->sample_device_memory();
+  timings.total = since(open_start);
+  engine->open_timings_ = timings;
   return engine;
 }
 

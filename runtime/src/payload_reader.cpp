@@ -1,6 +1,7 @@
 #include "layerpack/payload_reader.h"
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <xxhash.h>
@@ -22,15 +23,25 @@ namespace layerpack {
 void AlignedBuffer::Free::operator()(uint8_t* p) const { std::free(p); }
 
 Result<AlignedBuffer> AlignedBuffer::allocate(uint64_t bytes, const std::string& what) {
+  auto buffer = allocate_for_read(bytes, what);
+  if (buffer) std::memset(buffer->data(), 0, bytes);
+  return buffer;
+}
+
+Result<AlignedBuffer> AlignedBuffer::allocate_for_read(uint64_t bytes, const std::string& what) {
+  constexpr uint64_t kHugePage = uint64_t(2) << 20;
   AlignedBuffer buffer;
   uint64_t rounded = (bytes + kPayloadAlignment - 1) / kPayloadAlignment * kPayloadAlignment;
   if (rounded == 0) rounded = kPayloadAlignment;
+  const bool huge = rounded >= kHugePage;
+  if (huge) rounded = (rounded + kHugePage - 1) / kHugePage * kHugePage;
   void* p = nullptr;
-  if (posix_memalign(&p, kPayloadAlignment, rounded) != 0 || p == nullptr) {
+  if (posix_memalign(&p, huge ? kHugePage : kPayloadAlignment, rounded) != 0 || p == nullptr) {
     return make_error(ErrorCode::out_of_memory,
                       "cannot allocate " + std::to_string(rounded) + " bytes of host memory for " + what);
   }
-  std::memset(p, 0, rounded);
+  if (huge) madvise(p, rounded, MADV_HUGEPAGE);  // advice only: without THP the buffer still works
+  std::memset(static_cast<uint8_t*>(p) + bytes, 0, rounded - bytes);
   buffer.data_.reset(static_cast<uint8_t*>(p));
   buffer.size_ = bytes;
   return buffer;

@@ -96,6 +96,64 @@ TEST(PayloadReader, FileCutShortOrRemovedWhileRunningIsAnErrorNamingIt) {
   EXPECT_NE(removed.error().message.find(info.path), std::string::npos) << removed.error().message;
 }
 
+// allocate_for_read leaves the payload to the reader and zeroes only the padding;
+// large buffers are 2 MiB aligned (transparent huge pages).
+TEST(AlignedBuffer, ForReadZeroesThePaddingAndAlignsLargeBuffers) {
+  for (uint64_t bytes : {uint64_t{1}, uint64_t{4095}, uint64_t{4097}, (uint64_t{2} << 20) + 12345}) {
+    auto buffer = AlignedBuffer::allocate_for_read(bytes, "test");
+    ASSERT_TRUE(buffer.ok());
+    EXPECT_EQ(buffer->size(), bytes);
+    const uint64_t alignment = bytes >= (uint64_t{2} << 20) ? (uint64_t{2} << 20) : 4096;
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(buffer->data()) % alignment, 0u) << bytes;
+    const uint64_t rounded = (bytes + alignment - 1) / alignment * alignment;
+    std::memset(buffer->data(), 0xab, bytes);  // the payload is writable
+    for (uint64_t i = bytes; i < rounded; ++i)
+      ASSERT_EQ(buffer->data()[i], 0) << "padding byte " << i << " of " << bytes;
+  }
+}
+
+// The embedding is read on a thread while the backend starts: a hash mismatch found
+// by that read still comes out of Engine::open, naming the file.
+TEST(Engine, EmbeddingHashMismatchIsAnErrorFromOpen) {
+  const std::string pack_dir = copy_pack(converted_pack("llama_gqa"), "embedding_flip");
+  auto probe = ModelPack::open(pack_dir);
+  ASSERT_TRUE(probe.ok());
+  const LayerFileInfo embedding = probe->unit(0);
+  {
+    std::fstream file(embedding.path, std::ios::in | std::ios::out | std::ios::binary);
+    file.seekg(static_cast<std::streamoff>(embedding.payload_offset + 100));
+    char byte = 0;
+    file.read(&byte, 1);
+    byte = static_cast<char>(byte ^ 0x10);
+    file.seekp(static_cast<std::streamoff>(embedding.payload_offset + 100));
+    file.write(&byte, 1);
+  }
+  EngineOptions options;
+  options.backend = "cpu";
+  options.verify_hashes = true;
+  auto engine = Engine::open(pack_dir, options);
+  ASSERT_FALSE(engine.ok());
+  EXPECT_NE(engine.error().message.find(embedding.path), std::string::npos) << engine.error().to_string();
+}
+
+// open_timings accounts for Engine::open: the phases are non-negative and sum to no
+// more than the total.
+TEST(Engine, OpenTimingsAddUpToTheTotal) {
+  EngineOptions options;
+  options.backend = "cpu";
+  auto engine = Engine::open(converted_pack("llama_gqa"), options);
+  ASSERT_TRUE(engine.ok()) << engine.error().to_string();
+  const OpenTimings& t = (*engine)->open_timings();
+  const double phases[] = {t.pack, t.device, t.backend, t.embedding_wait, t.host_units, t.slots, t.resident};
+  double sum = 0;
+  for (double phase : phases) {
+    EXPECT_GE(phase, 0.0);
+    sum += phase;
+  }
+  EXPECT_GT(t.total, 0.0);
+  EXPECT_LE(sum, t.total + 1e-6);
+}
+
 // A pack file removed mid-run surfaces as an error from forward(), not a hang.
 TEST(Streaming, LayerFileRemovedMidRunFailsThePass) {
   const std::string pack_dir = copy_pack(converted_pack("llama_gqa"), "removed");

@@ -76,6 +76,7 @@ if [ "$part" = 8b ]; then
   echo "== ours, 8B"
   drop_caches
   ours cold_start_8b "$pack" --prompt-ids "$prompt16" -n 1 --temp 0 --backend cuda
+  ours cold_start_8b_pagecache "$pack" --prompt-ids "$prompt16" -n 1 --temp 0 --backend cuda
   ours resident_8b_batch1 "$pack" --prompt-ids "$prompt16" -n 64 --temp 0 --ignore-eos --backend cuda
   export LAYERPACK_CUDA_GRAPHS=0
   ours resident_8b_batch1_no_graphs "$pack" --prompt-ids "$prompt16" -n 64 --temp 0 --ignore-eos --backend cuda

@@ -68,10 +68,24 @@ struct MemoryReport {
   uint64_t measured_peak = 0;
 };
 
+// Where Engine::open spent its time, in seconds (time to first token is this plus
+// the prefill; the CLI reports both).
+struct OpenTimings {
+  double pack = 0;            // manifest, layer headers, tokenizer-free checks
+  double device = 0;          // first device query: creates the GPU context
+  double backend = 0;         // backend creation and initialize (KV cache, workspaces, library handles)
+  double embedding_wait = 0;  // waiting for the embedding, read on a thread since the pack opened
+  double host_units = 0;      // host-placed units besides the embedding read into host memory
+  double slots = 0;           // resident slots, ring slots and staging allocated
+  double resident = 0;        // resident units read and uploaded
+  double total = 0;
+};
+
 class Engine {
  public:
   // Opens the pack, creates the backend, plans and loads layers.
   static Result<std::unique_ptr<Engine>> open(const std::string& pack_dir, const EngineOptions& options);
+  const OpenTimings& open_timings() const { return open_timings_; }
   ~Engine();
 
   const ModelPack& pack() const { return pack_; }
@@ -114,6 +128,7 @@ class Engine {
   std::unique_ptr<LayerStreamer> streamer_;
   EngineCounters counters_;
   MemoryReport memory_;
+  OpenTimings open_timings_;
   uint64_t device_used_baseline_ = 0;  // total - free before the backend allocated anything
   // An error inside a pass leaves the streamer mid-sequence; later passes repeat it.
   std::unique_ptr<Error> broken_;

@@ -87,6 +87,9 @@ struct StreamerStats {
   uint64_t bytes_from_host_cache = 0;  // ... taken from the host cache
   uint64_t bytes_uploaded = 0;         // ... copied over the host-device link
   uint64_t startup_bytes_read = 0;     // resident units and host units at start()
+  double startup_host_seconds = 0;     // start(): host units read
+  double startup_slot_seconds = 0;     // start(): slots and staging allocated
+  double startup_resident_seconds = 0;  // start(): resident units read and uploaded
   double wait_seconds = 0;             // compute thread waiting for a load
   double read_seconds = 0;             // loader reading files
   uint64_t host_cache_bytes = 0;       // pinned bytes held by the host cache
@@ -102,6 +105,9 @@ class LayerStreamer {
   LayerStreamer(const ModelPack& pack, Backend& backend, PayloadReader& reader, SchedulePlan plan,
                 StreamerOptions options = {});
   ~LayerStreamer();
+  // A host-placed unit already read (Engine::open reads the embedding while the GPU
+  // context starts); start() then keeps it instead of reading the file. Before start().
+  void provide_host_unit(UnitIndex unit, AlignedBuffer payload);
   // Allocates slots and staging, loads the resident units, starts the loader thread.
   Status start();
   // Slot holding `unit`, waiting for its load (and surfacing its error) if needed.

@@ -18,11 +18,18 @@ namespace layerpack {
 
 class ThreadPool;
 
-// Owns host memory aligned to kPayloadAlignment (4096), zero-initialised.
+// Owns host memory aligned to kPayloadAlignment (4096; 2 MiB from 2 MiB up).
 class AlignedBuffer {
  public:
   AlignedBuffer() = default;
+  // Zero-initialised.
   static Result<AlignedBuffer> allocate(uint64_t bytes, const std::string& what);
+  // For a buffer a read fills at once: the first `bytes` are left as they are (the
+  // reader's threads touch the pages in parallel instead of one memset touching them
+  // all first: ~0.4 s for a 1 GB embedding), the padding after them is zero. From
+  // 2 MiB up the buffer is 2 MiB aligned and asks for transparent huge pages (512x
+  // fewer page faults).
+  static Result<AlignedBuffer> allocate_for_read(uint64_t bytes, const std::string& what);
   uint8_t* data() { return data_.get(); }
   const uint8_t* data() const { return data_.get(); }
   uint64_t size() const { return size_; }

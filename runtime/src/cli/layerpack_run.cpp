@@ -190,6 +190,42 @@ void print_stats(const GenerationResult& r, const Engine& engine, const Sampling
                static_cast<unsigned long long>(sampling.seed), engine.backend().name().c_str());
 }
 
+// Seconds since this process started: the kernel's start time of the process
+// (/proc/self/stat, clock ticks of 10 ms) against CLOCK_BOOTTIME, so library loading
+// before main() counts; 0 where /proc cannot be read.
+double seconds_since_process_start() {
+  std::ifstream in("/proc/self/stat");
+  std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const size_t close = stat.rfind(')');  // the command name may hold spaces
+  if (close == std::string::npos) return 0;
+  std::istringstream fields(stat.substr(close + 2));
+  std::string field;
+  for (int i = 3; i <= 22 && fields >> field; ++i) {
+    if (i < 22) continue;
+    timespec now{};
+    if (clock_gettime(CLOCK_BOOTTIME, &now) != 0) return 0;
+    const double start = std::stod(field) / static_cast<double>(sysconf(_SC_CLK_TCK));
+    return std::max(0.0, now.tv_sec + now.tv_nsec * 1e-9 - start);
+  }
+  return 0;
+}
+
+// Time to first token and where Engine::open spent its part of it.
+nlohmann::json startup_json(const Engine& engine, double generate_start, double prefill_seconds) {
+  const OpenTimings& t = engine.open_timings();
+  return {{"time_to_first_token_seconds", generate_start + prefill_seconds},
+          {"open_seconds", t.total},
+          {"open_pack_seconds", t.pack},
+          {"open_device_seconds", t.device},
+          {"open_backend_seconds", t.backend},
+          {"open_embedding_wait_seconds", t.embedding_wait},
+          {"open_host_units_seconds", t.host_units},
+          {"open_slots_seconds", t.slots},
+          {"open_resident_seconds", t.resident},
+          {"bytes_read_at_open", engine.streamer().stats().startup_bytes_read},
+          {"prefill_seconds", prefill_seconds}};
+}
+
 nlohmann::json stats_json(const GenerationResult& r) {
   const GenerationStats& s = r.stats;
   return {{"prompt_tokens", s.prompt_tokens},
@@ -401,6 +437,7 @@ int main(int argc, char** argv) {
     if (!a.ignore_eos) generation.eos_ids = eos_ids_for(engine, tokenizer.get());
     generation.stop_strings = a.stop;
     BatchGenerationStats stats;
+    const double generate_start = seconds_since_process_start();
     auto results = generate_batch(engine, tokenizer.get(), prompts, generation, &stats);
     if (!results) return fail(results.error());
     if (a.json) {
@@ -413,27 +450,27 @@ int main(int argc, char** argv) {
                         {"text", r.text},
                         {"stop_reason", stop_reason_name(r.stop_reason)}});
       }
-      nlohmann::json out = {
-          {"pack", a.pack},
-          {"backend", engine.backend().name()},
-          {"backend_description", engine.backend().description()},
-          {"seed", generation.sampling.seed},
-          {"results", list},
-          {"stats",
-           {{"sequences", stats.sequences},
-            {"prompt_tokens", stats.prompt_tokens},
-            {"generated_tokens", stats.generated_tokens},
-            {"prefill_seconds", stats.prefill_seconds},
-            {"decode_passes", stats.decode_passes},
-            {"decode_tokens", stats.decode_tokens},
-            {"decode_seconds", stats.decode_seconds},
-            {"decode_tokens_per_second", stats.decode_tokens_per_second()},
-            {"decode_seconds_per_pass", stats.decode_seconds_per_pass()},
-            {"decode_bytes_read", stats.decode_bytes_read},
-            {"decode_bytes_from_host_cache", stats.decode_bytes_from_host_cache},
-            {"decode_bytes_uploaded", stats.decode_bytes_uploaded},
-            {"peak_rss_bytes", peak_rss_bytes()}}},
-          {"memory", memory_json(engine)}};
+      nlohmann::json out = {{"pack", a.pack},
+                            {"backend", engine.backend().name()},
+                            {"backend_description", engine.backend().description()},
+                            {"seed", generation.sampling.seed},
+                            {"results", list},
+                            {"stats",
+                             {{"sequences", stats.sequences},
+                              {"prompt_tokens", stats.prompt_tokens},
+                              {"generated_tokens", stats.generated_tokens},
+                              {"prefill_seconds", stats.prefill_seconds},
+                              {"decode_passes", stats.decode_passes},
+                              {"decode_tokens", stats.decode_tokens},
+                              {"decode_seconds", stats.decode_seconds},
+                              {"decode_tokens_per_second", stats.decode_tokens_per_second()},
+                              {"decode_seconds_per_pass", stats.decode_seconds_per_pass()},
+                              {"decode_bytes_read", stats.decode_bytes_read},
+                              {"decode_bytes_from_host_cache", stats.decode_bytes_from_host_cache},
+                              {"decode_bytes_uploaded", stats.decode_bytes_uploaded},
+                              {"peak_rss_bytes", peak_rss_bytes()}}},
+                            {"startup", startup_json(engine, generate_start, stats.prefill_seconds)},
+                            {"memory", memory_json(engine)}};
       std::printf("%s\n", out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
     } else {
       for (size_t i = 0; i < results->size(); ++i) {
@@ -524,6 +561,7 @@ int main(int argc, char** argv) {
   }
   auto sequence = engine.kv().open_sequence();
   if (!sequence) return fail(sequence.error());
+  const double generate_start = seconds_since_process_start();
   auto result = generator.generate(sequence.value(), prompt_ids, generation);
   if (!result) return fail(result.error());
   if (a.json) {
@@ -536,11 +574,18 @@ int main(int argc, char** argv) {
                           {"text", result->text},
                           {"stop_reason", stop_reason_name(result->stop_reason)},
                           {"stats", stats_json(result.value())},
+                          {"startup", startup_json(engine, generate_start, result->stats.prefill_seconds)},
                           {"memory", memory_json(engine)}};
     std::printf("%s\n", out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
   } else {
     std::printf("\n");
     print_stats(result.value(), engine, generation.sampling);
+    const OpenTimings& t = engine.open_timings();
+    std::fprintf(stderr,
+                 "[layerpack-run] first token %.3f s after process start; open %.3f s (pack %.3f, device %.3f, "
+                 "backend %.3f, waiting for the embedding %.3f, slots %.3f, resident layers %.3f)\n",
+                 generate_start + result->stats.prefill_seconds, t.total, t.pack, t.device, t.backend,
+                 t.embedding_wait + t.host_units, t.slots, t.resident);
   }
   if (a.verbose || !a.json) {
     const GenerationStats& s = result->stats;
