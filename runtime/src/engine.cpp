@@ -4,8 +4,8 @@
 
 #include <algorithm>
 #include <chrono>
-#include <future>
 #include <cstdio>
+#include <future>
 #include <map>
 #include <optional>
 #include <sstream>
@@ -76,8 +76,6 @@ Result<std::unique_ptr<Engine>> Engine::open(const std::string& pack_dir, const 
   layout.max_sequences = std::max<uint32_t>(1, options.max_sequences);
   layout.capacity = context;
 
-  // The device's memory before the backend allocates anything (this creates the
-  // context, so what is measured later is the runtime's own use).
   timings.pack = since(open_start);
 
   PayloadReadOptions read_options;
@@ -97,6 +95,8 @@ Result<std::unique_ptr<Engine>> Engine::open(const std::string& pack_dir, const 
                    return buffer;
                  });
   auto phase_start = Clock::now();
+  // The device's memory before the backend allocates anything (this creates the
+  // context, so what is measured later is the runtime's own use).
   std::optional<DeviceMemoryInfo> device_at_open;
   if (options.backend != "cpu") {
     auto info = query_device_memory(options.backend_options.device);

@@ -85,6 +85,11 @@ TEST(RunCli, TextPromptGreedyMatchesTransformersAndTokenizers) {
   EXPECT_EQ(j["stats"]["prompt_tokens"].get<uint32_t>(), ref.text_prompt_ids.size());
   EXPECT_GT(j["stats"]["prefill_tokens_per_second"].get<double>(), 0);
   EXPECT_GT(j["stats"]["peak_rss_bytes"].get<uint64_t>(), 0u);
+  // Time to first token counts from the process's start: at least the open and the prefill.
+  const nlohmann::json& startup = j["startup"];
+  EXPECT_GE(startup["time_to_first_token_seconds"].get<double>(),
+            startup["open_seconds"].get<double>() + startup["prefill_seconds"].get<double>() - 0.011);
+  EXPECT_GT(startup["bytes_read_at_open"].get<uint64_t>(), 0u);
 }
 
 TEST(RunCli, StreamsTextAndPrintsStatistics) {
