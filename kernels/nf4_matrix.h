@@ -14,6 +14,11 @@ namespace layerpack::kernels {
 struct NF4Matrix {
   const uint8_t* packed = nullptr;  // (rows*cols+1)/2 bytes, even flat index in the high nibble
   const float* code = nullptr;      // f32[16] NF4 code table
+  // The same 16 values on the host, when the caller has read them (code_on_host): the
+  // decode kernel then builds its table from its launch parameters instead of loading
+  // `code` from device memory at the start of every launch (measured -2 % per token).
+  float code_on_host_values[16] = {};
+  bool code_on_host = false;
   // Absmax per block of `blocksize` consecutive flat elements:
   //   double_quant false: absmax_f32[b]
   //   double_quant true : nested_code[absmax_u8[b]] * nested_absmax[b / nested_blocksize] + nested_offset

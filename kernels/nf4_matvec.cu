@@ -235,6 +235,8 @@ struct PairLutMatrix {
 struct PairLutGroup {
   PairLutMatrix m[kMaxMatvecGroup];
   const float* code;          // f32[16], shared by every matrix
+  float code_values[16];      // the same on the host (code_known): the table fill loads nothing
+  int code_known;
   int count;
   int epilogue;
   uint32_t cols;
@@ -526,7 +528,9 @@ __global__ void __launch_bounds__(kWarps * 32, kBlocksPerSM)
   // Table fill while the first loads are in flight: 8 lanes write one entry's 128 bytes.
   for (int chunk = threadIdx.x; chunk < 256 * 8; chunk += kWarps * 32) {
     const int entry = chunk >> 3;
-    __nv_bfloat162 v = __floats2bfloat162_rn(__ldg(grp.code + (entry >> 4)), __ldg(grp.code + (entry & 15)));
+    const float high = grp.code_known ? grp.code_values[entry >> 4] : __ldg(grp.code + (entry >> 4));
+    const float low = grp.code_known ? grp.code_values[entry & 15] : __ldg(grp.code + (entry & 15));
+    __nv_bfloat162 v = __floats2bfloat162_rn(high, low);
     const uint32_t u = *reinterpret_cast<uint32_t*>(&v);
     *reinterpret_cast<uint4*>(smem + entry * kPairLutEntryBytes + (chunk & 7) * 16) = make_uint4(u, u, u, u);
   }
@@ -957,6 +961,8 @@ PairLutGroup pair_lut_group(const NF4Matrix* matrices, OutT* const* outputs, int
                             MatvecEpilogue epilogue) {
   PairLutGroup grp{};
   grp.code = matrices[0].code;
+  grp.code_known = matrices[0].code_on_host ? 1 : 0;
+  for (int i = 0; i < 16; ++i) grp.code_values[i] = matrices[0].code_on_host_values[i];
   grp.count = count;
   grp.epilogue = epilogue == MatvecEpilogue::add_to_output ? kEpilogueAdd
                  : epilogue == MatvecEpilogue::swiglu      ? kEpilogueSwiglu

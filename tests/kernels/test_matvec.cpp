@@ -271,6 +271,27 @@ void check_nf4_matvec_group(std::mt19937& rng, const std::vector<int64_t>& rows,
   DeviceBuffer<uint16_t> product(first_size);
   __nv_bfloat16* product_out[1] = {as_bf16(product.get())};
   CUDA_OK(nf4_matvec_group(views.data(), product_out, 1, as_bf16(dx.get()), batch, MatvecEpilogue::store, nullptr));
+  // The code table from the launch parameters (code_on_host) gives the same bits as
+  // that one-matrix launch; a different host table changes the result, so the kernel
+  // really builds its table from the parameters.
+  std::vector<NF4Matrix> with_host_code = views;
+  for (NF4Matrix& m : with_host_code) {
+    std::copy(std::begin(kNF4Code), std::end(kNF4Code), m.code_on_host_values);
+    m.code_on_host = true;
+  }
+  DeviceBuffer<uint16_t> from_params(static_cast<size_t>(batch) * rows[0]);
+  from_params.poison();
+  __nv_bfloat16* params_out[1] = {as_bf16(from_params.get())};
+  CUDA_OK(
+      nf4_matvec_group(with_host_code.data(), params_out, 1, as_bf16(dx.get()), batch, MatvecEpilogue::store, nullptr));
+  CUDA_OK(cudaDeviceSynchronize());
+  EXPECT_EQ(from_params.download(), product.download()) << what << ": code table from the launch parameters";
+  for (float& value : with_host_code[0].code_on_host_values) value = -value;
+  CUDA_OK(
+      nf4_matvec_group(with_host_code.data(), params_out, 1, as_bf16(dx.get()), batch, MatvecEpilogue::store, nullptr));
+  CUDA_OK(cudaDeviceSynchronize());
+  EXPECT_NE(from_params.download(), product.download()) << what << ": a negated host table must change the product";
+
   __nv_bfloat16* fused_out[1] = {as_bf16(fused.get())};
   CUDA_OK(nf4_matvec_group(views.data(), fused_out, 1, as_bf16(dx.get()), batch, MatvecEpilogue::add_to_output,
                            nullptr));

@@ -14,6 +14,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <array>
 #include <cassert>
 #include <cmath>
 #include <cstdio>
@@ -24,8 +25,10 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <tuple>
+#include <unordered_map>
 #include <vector>
 
 #include "kernels/activation.cuh"
@@ -176,20 +179,16 @@ bool environment_flag(const char* name, bool fallback) {
   return !(std::strcmp(value, "0") == 0 || std::strcmp(value, "off") == 0 || std::strcmp(value, "false") == 0);
 }
 
-// Whether the NF4 matrices of a layer file (open in `in`) share one code table, read
-// from the file (64 bytes each): a grouped matvec builds its table from the first matrix's.
-bool same_code_tables(std::ifstream& in, const LayerFileInfo& file, const std::vector<const TensorInfo*>& tensors) {
-  if (!in) return false;
-  std::vector<char> first;
-  for (const TensorInfo* t : tensors) {
-    if (!t || t->dtype != DType::nf4 || !t->quant || t->quant->code.size < 64) return false;
-    std::vector<char> code(64);
-    in.seekg(static_cast<std::streamoff>(file.payload_offset + t->quant->code.offset));
-    if (!in.read(code.data(), 64)) return false;
-    if (first.empty()) first = code;
-    else if (code != first) return false;
-  }
-  return true;
+using CodeTable = std::array<float, 16>;
+
+// The NF4 code table of `tensor`, read from its layer file (open in `in`): 64 bytes.
+std::optional<CodeTable> read_code_table(std::ifstream& in, const LayerFileInfo& file, const TensorInfo* tensor) {
+  if (!in || !tensor || tensor->dtype != DType::nf4 || !tensor->quant || tensor->quant->code.size < 64)
+    return std::nullopt;
+  CodeTable code;
+  in.seekg(static_cast<std::streamoff>(file.payload_offset + tensor->quant->code.offset));
+  if (!in.read(reinterpret_cast<char*>(code.data()), 64)) return std::nullopt;
+  return code;
 }
 
 // Matvecs take up to 8 rows per launch. Up to BackendOptions::matvec_max_rows (32)
@@ -348,6 +347,9 @@ class CudaBackend : public Backend {
   bool fused_rope_ = true;       // LAYERPACK_CUDA_FUSED_ROPE=0: RoPE + KV append after q/k/v, not in its epilogue
   // Per decoder layer: q/k/v and gate/up share a code table (may share a launch).
   std::vector<uint8_t> qkv_tables_equal_, gate_up_tables_equal_;
+  std::unordered_map<const TensorInfo*, std::array<float, 16>> host_codes_;  // NF4 code tables read at initialize
+  // The view of an NF4 matrix, with its code table on the host when it was read.
+  Result<kernels::NF4Matrix> nf4_view(const TensorInfo& weight, const DeviceSlot& slot) const;
   std::string graph_note_;
   std::map<std::tuple<uint32_t, SlotId, uint32_t>, cudaGraphExec_t> graphs_;
 };
@@ -439,17 +441,40 @@ Status CudaBackend::initialize(const ModelPack& pack, const KVCacheLayout& kv_la
   constexpr uint32_t kMaxSequenceRows = 4096;
   max_sequence_rows_ = std::max(max_rows_, std::min<uint32_t>(kv_layout.capacity, kMaxSequenceRows));
 
+  // Every NF4 matrix's code table on the host: the decode kernels take it in their
+  // launch parameters, and a grouped matvec (one table for all its matrices) needs
+  // them equal.
+  host_codes_.clear();
+  auto read_codes = [&](UnitIndex unit, std::initializer_list<const TensorInfo*> tensors) {
+    const LayerFileInfo& file = pack.unit(unit);
+    std::ifstream in(file.path, std::ios::binary);
+    for (const TensorInfo* t : tensors) {
+      if (auto code = read_code_table(in, file, t)) host_codes_[t] = *code;
+    }
+  };
+  auto same_codes = [&](std::initializer_list<const TensorInfo*> tensors) -> uint8_t {
+    const CodeTable* first = nullptr;
+    for (const TensorInfo* t : tensors) {
+      auto found = host_codes_.find(t);
+      if (found == host_codes_.end()) return 0;
+      if (!first)
+        first = &found->second;
+      else if (std::memcmp(first->data(), found->second.data(), sizeof(CodeTable)) != 0)
+        return 0;
+    }
+    return 1;
+  };
   qkv_tables_equal_.assign(c.num_layers, 0);
   gate_up_tables_equal_.assign(c.num_layers, 0);
-  if (fused_matvecs_) {
-    for (uint32_t layer = 0; layer < c.num_layers; ++layer) {
-      const DecoderTensors& d = pack.decoder(layer);
-      const LayerFileInfo& file = pack.unit(pack.decoder_unit(layer));
-      std::ifstream in(file.path, std::ios::binary);
-      qkv_tables_equal_[layer] = same_code_tables(in, file, {d.q_proj, d.k_proj, d.v_proj});
-      gate_up_tables_equal_[layer] = same_code_tables(in, file, {d.gate_proj, d.up_proj});
+  for (uint32_t layer = 0; layer < c.num_layers; ++layer) {
+    const DecoderTensors& d = pack.decoder(layer);
+    read_codes(pack.decoder_unit(layer), {d.q_proj, d.k_proj, d.v_proj, d.o_proj, d.gate_proj, d.up_proj, d.down_proj});
+    if (fused_matvecs_) {
+      qkv_tables_equal_[layer] = same_codes({d.q_proj, d.k_proj, d.v_proj});
+      gate_up_tables_equal_[layer] = same_codes({d.gate_proj, d.up_proj});
     }
   }
+  read_codes(pack.output_unit(), {pack.output().lm_head});
 
   auto inverse = rope_inverse_frequencies(c);
   if (!inverse) return file_error(inverse.error().code, pack.directory() + "/manifest.lpk", inverse.error().message);
@@ -669,13 +694,24 @@ Result<const float*> CudaBackend::vector_pointer(const TensorInfo& tensor, const
   return reinterpret_cast<const float*>(slot.data + tensor.data.offset);
 }
 
+Result<kernels::NF4Matrix> CudaBackend::nf4_view(const TensorInfo& weight, const DeviceSlot& slot) const {
+  auto view = kernels::nf4_matrix_view(weight, slot.data, slot.size);
+  if (!view) return view.error();
+  auto code = host_codes_.find(&weight);
+  if (code != host_codes_.end()) {
+    std::copy(code->second.begin(), code->second.end(), view->code_on_host_values);
+    view->code_on_host = true;
+  }
+  return view;
+}
+
 template <class Out>
 Status CudaBackend::linear(const char* role, const TensorInfo& weight, const DeviceSlot& slot, const bf16* x,
                            uint32_t rows, Out* y) {
   const uint64_t in_features = weight.shape.size() == 2 ? weight.shape[1] : 0;
   const uint64_t out_features = weight.shape.size() == 2 ? weight.shape[0] : 0;
   if (weight.dtype == DType::nf4) {
-    auto view = kernels::nf4_matrix_view(weight, slot.data, slot.size);
+    auto view = nf4_view(weight, slot);
     if (!view) return view.error();
     if (rows <= options_.matvec_max_rows || !dequantize_scratch_) {
       ProfileScope profile(profiler_, "NF4 matvec ", role);
@@ -737,7 +773,7 @@ Result<bool> CudaBackend::grouped_matvec(const char* role, std::initializer_list
   for (int i = 0; i < count; ++i) {
     const TensorInfo* weight = weights.begin()[i];
     if (!weight || weight->dtype != DType::nf4) return false;
-    auto view = kernels::nf4_matrix_view(*weight, slot.data, slot.size);
+    auto view = nf4_view(*weight, slot);
     if (!view) return view.error();
     views[i] = view.value();
   }
