@@ -53,6 +53,9 @@ uint64_t default_device_margin(uint64_t total) { return std::max<uint64_t>(uint6
 
 }  // namespace
 
+// Prefill chunk rows where the budget is unknown or small (EngineOptions::max_batch_rows).
+constexpr uint32_t kDefaultBatchRows = 256;
+
 Result<std::unique_ptr<Engine>> Engine::open(const std::string& pack_dir, const EngineOptions& options) {
   using Clock = std::chrono::steady_clock;
   const auto open_start = Clock::now();
@@ -151,7 +154,20 @@ Result<std::unique_ptr<Engine>> Engine::open(const std::string& pack_dir, const 
                             " (or lower --context / the number of prompts)");
     }
   }
-  LAYERPACK_TRY(engine->backend_->initialize(engine->pack_, layout, std::max<uint32_t>(1, options.max_batch_rows)));
+  if (options.max_batch_rows == 0) {
+    uint32_t rows = kDefaultBatchRows;
+    const uint64_t per_row = engine->backend_->activation_bytes_per_row(engine->pack_.config());
+    if (device && per_row > 0) {
+      for (uint32_t candidate : {2048u, 1024u, 512u}) {
+        if (candidate * per_row <= memory.budget / 64) {
+          rows = candidate;
+          break;
+        }
+      }
+    }
+    engine->options_.max_batch_rows = rows;
+  }
+  LAYERPACK_TRY(engine->backend_->initialize(engine->pack_, layout, engine->options_.max_batch_rows));
   timings.backend = since(phase_start);
   memory.backend_bytes = engine->backend_->reserved_bytes();
   if (device) {

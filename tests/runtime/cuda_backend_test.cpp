@@ -228,6 +228,30 @@ TEST_P(CudaBackendTest, StreamingThroughTwoSlotsEqualsResident) {
   EXPECT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * sizeof(float))) << GetParam();
 }
 
+// max_batch_rows 0: the largest chunk of 2048, 1024, 512 rows whose activations fit in
+// 1/64 of the GPU budget, else 256; what the engine picked is what it reports.
+TEST(CudaEngine, AutomaticPrefillChunkFitsItsShareOfTheBudget) {
+  const std::string pack = converted_pack(testing::fixture_variants().front());
+  for (uint64_t vram : {uint64_t{0}, uint64_t{1} << 30}) {
+    EngineOptions options;
+    options.backend = "cuda";
+    options.vram_budget = vram;
+    auto engine = Engine::open(pack, options);
+    ASSERT_TRUE(engine.ok()) << engine.error().to_string();
+    const uint32_t rows = (*engine)->options().max_batch_rows;
+    const uint64_t per_row = (*engine)->backend().activation_bytes_per_row((*engine)->config());
+    const uint64_t share = (*engine)->memory().budget / 64;
+    ASSERT_GT(per_row, 0u);
+    if (rows == 256) {
+      EXPECT_GT(512 * per_row, share) << "a larger chunk fit the budget " << (*engine)->memory().budget;
+    } else {
+      EXPECT_TRUE(rows == 512 || rows == 1024 || rows == 2048) << rows;
+      EXPECT_LE(rows * per_row, share);
+      if (rows < 2048) EXPECT_GT(2 * rows * per_row, share);
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Variants, CudaBackendTest, ::testing::ValuesIn(testing::fixture_variants()),
                          [](const ::testing::TestParamInfo<std::string>& info) { return info.param; });
 

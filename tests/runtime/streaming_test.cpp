@@ -136,6 +136,16 @@ TEST(Engine, EmbeddingHashMismatchIsAnErrorFromOpen) {
   EXPECT_NE(engine.error().message.find(embedding.path), std::string::npos) << engine.error().to_string();
 }
 
+// The automatic prefill chunk (max_batch_rows 0) is 256 rows on the CPU backend.
+TEST(Engine, AutomaticPrefillChunkOnTheCpuIs256Rows) {
+  EngineOptions options;
+  options.backend = "cpu";
+  ASSERT_EQ(options.max_batch_rows, 0u);
+  auto engine = Engine::open(converted_pack("llama_gqa"), options);
+  ASSERT_TRUE(engine.ok()) << engine.error().to_string();
+  EXPECT_EQ((*engine)->options().max_batch_rows, 256u);
+}
+
 // open_timings accounts for Engine::open: the phases are non-negative and sum to no
 // more than the total.
 TEST(Engine, OpenTimingsAddUpToTheTotal) {

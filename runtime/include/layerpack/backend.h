@@ -88,6 +88,10 @@ class Backend {
   // once per chunk. 0 (the default): max_batch_rows, and the engine chunks the prompt.
   virtual uint32_t max_sequence_rows() const { return 0; }
 
+  // Bytes of activations initialize() allocates per row of max_batch_rows, before it
+  // is called: the engine sizes an automatic prefill chunk from it. 0: unknown.
+  virtual uint64_t activation_bytes_per_row(const ModelConfig& /*config*/) const { return 0; }
+
   // Bytes the backend needs besides layer slots (KV cache, activations, workspaces);
   // the scheduler subtracts it from the budget.
   virtual uint64_t reserved_bytes() const = 0;

@@ -50,7 +50,7 @@ struct Arguments {
   std::string batch_file;
   uint32_t read_threads = 8;
   uint32_t ring_slots = 0;
-  uint32_t max_batch_rows = 256;
+  uint32_t max_batch_rows = 0;  // automatic (EngineOptions::max_batch_rows)
   bool direct_io = false;
   bool json = false;
   bool verify_hashes = false;
@@ -342,9 +342,10 @@ int main(int argc, char** argv) {
   app.add_option("--ring-slots", a.ring_slots, "ring slots for streamed layers (0: automatic)")
       ->check(CLI::Range(0, 16));
   app.add_option("--max-batch-rows", a.max_batch_rows,
-                 "most token rows a layer computes at once (prefill chunk); a prompt of one sequence still streams "
-                 "each layer once per pass of up to 4096 rows on CUDA")
-      ->check(CLI::Range(1, 4096));
+                 "most token rows a layer computes at once (prefill chunk; 0: automatic, 256 on the CPU, up to 2048 "
+                 "on a GPU with room); a prompt of one sequence still streams each layer once per pass of up to 4096 "
+                 "rows on CUDA")
+      ->check(CLI::Range(0, 4096));
   app.add_flag("--direct-io", a.direct_io, "read layer payloads with O_DIRECT (bypass the page cache)");
   app.add_flag("--json", a.json, "print one JSON object (text, ids, statistics) instead of streaming text");
   app.add_flag("--verify-hashes", a.verify_hashes, "check every payload's XXH3-64 as it is read");

@@ -228,6 +228,12 @@ class CudaBackend : public Backend {
   KVCacheDType kv_cache_dtype() const override { return KVCacheDType::bf16; }
 
   Status initialize(const ModelPack& pack, const KVCacheLayout& kv_layout, uint32_t max_batch_rows) override;
+  uint64_t activation_bytes_per_row(const ModelConfig& c) const override {
+    // normed_, q_, k_, v_, attention_out_, gate_, up_, delta_ (initialize), bf16.
+    const uint64_t q_width = uint64_t(c.num_heads) * c.head_dim, kv_width = uint64_t(c.num_kv_heads) * c.head_dim;
+    return sizeof(uint16_t) * (std::max<uint64_t>(c.hidden_size, q_width) + 2 * q_width + 2 * kv_width +
+                               2 * uint64_t(c.intermediate_size) + c.hidden_size);
+  }
   uint64_t reserved_bytes() const override { return reserved_bytes_; }
   uint32_t max_sequence_rows() const override { return max_sequence_rows_; }
 
