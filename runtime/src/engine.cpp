@@ -157,9 +157,15 @@ Result<std::unique_ptr<Engine>> Engine::open(const std::string& pack_dir, const 
   if (options.max_batch_rows == 0) {
     uint32_t rows = kDefaultBatchRows;
     const uint64_t per_row = engine->backend_->activation_bytes_per_row(engine->pack_.config());
+    // Only where the layers stay resident: a streamed prefill is bound by the link,
+    // and the activations would take budget from resident layers.
+    uint64_t layers = 0;
+    for (UnitIndex u = 1; u < engine->pack_.unit_count(); ++u) layers += engine->pack_.payload_size(u);
     if (device && per_row > 0) {
       for (uint32_t candidate : {2048u, 1024u, 512u}) {
-        if (candidate * per_row <= memory.budget / 64) {
+        const uint64_t activations = candidate * per_row;
+        if (activations <= memory.budget / 64 &&
+            layers + memory.kv_cache_bytes + activations + memory.budget / 16 <= memory.budget) {
           rows = candidate;
           break;
         }

@@ -39,9 +39,10 @@ struct EngineOptions {
   uint32_t context_length = 0;  // 0: min(max_position_embeddings, 4096)
   uint32_t max_sequences = 1;
   // Longer prompts are prefilled in chunks of this many rows. 0: automatic, 256 on the
-  // CPU; on a GPU the largest of 2048, 1024, 512 whose activations take at most 1/64 of
-  // the GPU budget, else 256 (each chunk dequantizes every matrix once more: 512-token
-  // prompts on an H200 ran 1.9x faster in one chunk than in two).
+  // CPU and where layers stream; on a GPU that holds every layer, the largest of 2048,
+  // 1024, 512 whose activations take at most 1/64 of the budget (each chunk
+  // dequantizes every matrix once more: 512-token prompts on an H200 ran 1.9x faster
+  // in one chunk than in two).
   uint32_t max_batch_rows = 0;
 };
 

@@ -341,10 +341,11 @@ int main(int argc, char** argv) {
   app.add_option("--read-threads", a.read_threads, "reads in flight per layer payload")->check(CLI::Range(1, 64));
   app.add_option("--ring-slots", a.ring_slots, "ring slots for streamed layers (0: automatic)")
       ->check(CLI::Range(0, 16));
-  app.add_option("--max-batch-rows", a.max_batch_rows,
-                 "most token rows a layer computes at once (prefill chunk; 0: automatic, 256 on the CPU, up to 2048 "
-                 "on a GPU with room); a prompt of one sequence still streams each layer once per pass of up to 4096 "
-                 "rows on CUDA")
+  app.add_option(
+         "--max-batch-rows", a.max_batch_rows,
+         "most token rows a layer computes at once (prefill chunk; 0: automatic, up to 2048 on a GPU that "
+         "holds every layer, else 256); a prompt of one sequence still streams each layer once per pass of up to 4096 "
+         "rows on CUDA")
       ->check(CLI::Range(0, 4096));
   app.add_flag("--direct-io", a.direct_io, "read layer payloads with O_DIRECT (bypass the page cache)");
   app.add_flag("--json", a.json, "print one JSON object (text, ids, statistics) instead of streaming text");
