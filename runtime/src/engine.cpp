@@ -154,18 +154,19 @@ Result<std::unique_ptr<Engine>> Engine::open(const std::string& pack_dir, const 
                             " (or lower --context / the number of prompts)");
     }
   }
+  // Decoder layers and output: everything that could take a slot or the host cache.
+  uint64_t slot_payloads = 0;
+  for (UnitIndex u = 1; u < engine->pack_.unit_count(); ++u) slot_payloads += engine->pack_.payload_size(u);
   if (options.max_batch_rows == 0) {
     uint32_t rows = kDefaultBatchRows;
     const uint64_t per_row = engine->backend_->activation_bytes_per_row(engine->pack_.config());
     // Only where the layers stay resident: a streamed prefill is bound by the link,
     // and the activations would take budget from resident layers.
-    uint64_t layers = 0;
-    for (UnitIndex u = 1; u < engine->pack_.unit_count(); ++u) layers += engine->pack_.payload_size(u);
     if (device && per_row > 0) {
       for (uint32_t candidate : {2048u, 1024u, 512u}) {
         const uint64_t activations = candidate * per_row;
         if (activations <= memory.budget / 64 &&
-            layers + memory.kv_cache_bytes + activations + memory.budget / 16 <= memory.budget) {
+            slot_payloads + memory.kv_cache_bytes + activations + memory.budget / 16 <= memory.budget) {
           rows = candidate;
           break;
         }
@@ -180,8 +181,6 @@ Result<std::unique_ptr<Engine>> Engine::open(const std::string& pack_dir, const 
     // Pinned host memory (host cache, staging) is mapped into the GPU's address space,
     // and the driver's page tables for it come out of device memory: measured on an
     // H200, 56 MiB for 29 GB pinned. Reserve 2 MiB per GiB of what may be pinned.
-    uint64_t slot_payloads = 0;  // decoder layers and output: all that could ever be host-cached
-    for (UnitIndex u = 1; u < engine->pack_.unit_count(); ++u) slot_payloads += engine->pack_.payload_size(u);
     const uint64_t pinned = std::min(options.host_cache_bytes, slot_payloads) + 2 * largest_layer;
     const uint64_t mapping = (pinned / 512 + kDeviceAllocationGranularity - 1) / kDeviceAllocationGranularity *
                              kDeviceAllocationGranularity;

@@ -290,14 +290,12 @@ Status LayerStreamer::start() {
   startup.startup_host_seconds = seconds_since(phase_start);
   phase_start = std::chrono::steady_clock::now();
   for (UnitIndex u = 0; u < units; ++u) {
-    if (plan_.placement[u] == UnitPlacement::host) {
-      continue;
-    } else if (plan_.placement[u] == UnitPlacement::resident) {
+    if (plan_.placement[u] == UnitPlacement::resident) {
       auto slot = backend_.allocate_slot(pack_.payload_size(u));
       if (!slot) return slot.error();
       resident_slot_[u] = slot.value();
       if (!backend_.slot_host_pointer(slot.value())) need_staging = true;
-    } else {
+    } else if (plan_.placement[u] == UnitPlacement::streamed) {
       stream_order_.push_back(u);
     }
   }

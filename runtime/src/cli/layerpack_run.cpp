@@ -198,16 +198,16 @@ double seconds_since_process_start() {
   std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   const size_t close = stat.rfind(')');  // the command name may hold spaces
   if (close == std::string::npos) return 0;
+  // Fields 3.. follow the name; starttime is field 22.
   std::istringstream fields(stat.substr(close + 2));
   std::string field;
-  for (int i = 3; i <= 22 && fields >> field; ++i) {
-    if (i < 22) continue;
-    timespec now{};
-    if (clock_gettime(CLOCK_BOOTTIME, &now) != 0) return 0;
-    const double start = std::stod(field) / static_cast<double>(sysconf(_SC_CLK_TCK));
-    return std::max(0.0, now.tv_sec + now.tv_nsec * 1e-9 - start);
+  for (int i = 3; i <= 22; ++i) {
+    if (!(fields >> field)) return 0;
   }
-  return 0;
+  timespec now{};
+  if (clock_gettime(CLOCK_BOOTTIME, &now) != 0) return 0;
+  const double start = std::stod(field) / static_cast<double>(sysconf(_SC_CLK_TCK));
+  return std::max(0.0, now.tv_sec + now.tv_nsec * 1e-9 - start);
 }
 
 // Time to first token and where Engine::open spent its part of it.

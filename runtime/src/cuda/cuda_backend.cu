@@ -353,7 +353,7 @@ class CudaBackend : public Backend {
   bool fused_rope_ = true;       // LAYERPACK_CUDA_FUSED_ROPE=0: RoPE + KV append after q/k/v, not in its epilogue
   // Per decoder layer: q/k/v and gate/up share a code table (may share a launch).
   std::vector<uint8_t> qkv_tables_equal_, gate_up_tables_equal_;
-  std::unordered_map<const TensorInfo*, std::array<float, 16>> host_codes_;  // NF4 code tables read at initialize
+  std::unordered_map<const TensorInfo*, CodeTable> host_codes_;  // NF4 code tables read at initialize
   // The view of an NF4 matrix, with its code table on the host when it was read.
   Result<kernels::NF4Matrix> nf4_view(const TensorInfo& weight, const DeviceSlot& slot) const;
   std::string graph_note_;
