@@ -212,6 +212,7 @@ Result<std::unique_ptr<Engine>> Engine::open(const std::string& pack_dir, const 
   memory.slot_bytes = plan->slot_bytes();
   StreamerOptions streamer_options;
   streamer_options.host_cache_bytes = options.host_cache_bytes;
+  streamer_options.startup_piece_bytes = options.startup_piece_bytes;
   engine->streamer_ = std::make_unique<LayerStreamer>(engine->pack_, *engine->backend_, *reader,
                                                       std::move(plan.value()), streamer_options);
   phase_start = Clock::now();

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include <algorithm>
+#include <cassert>
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
@@ -134,11 +135,27 @@ Status PayloadReader::read_chunks(int fd, const LayerFileInfo& info, uint8_t* ds
   return Status::success();
 }
 
-Status PayloadReader::read(const LayerFileInfo& info, void* dst, uint64_t expected_file_hash) {
+Status PayloadReader::read_range(const LayerFileInfo& info, uint64_t offset, uint64_t length, void* dst) {
+  assert(offset % kPayloadAlignment == 0 && offset + length <= info.payload_size);
   const auto start = std::chrono::steady_clock::now();
   std::lock_guard<std::mutex> lock(read_mutex_);
-  uint8_t* out = static_cast<uint8_t*>(dst);
-  bool direct = options_.direct_io && reinterpret_cast<uintptr_t>(dst) % kPayloadAlignment == 0 &&
+  LayerFileInfo part = info;
+  part.payload_offset += offset;
+  part.payload_size = length;
+  bool direct = false;
+  LAYERPACK_TRY(read_file_bytes(part, static_cast<uint8_t*>(dst), &direct));
+  last_direct_ = direct;
+  bytes_read_ += length;
+  reads_ += 1;
+  read_nanoseconds_ += static_cast<uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start).count());
+  return Status::success();
+}
+
+// [payload_offset, payload_offset + payload_size) of the file into out: O_DIRECT where
+// asked and possible, else (or when the file system refuses it) through the page cache.
+Status PayloadReader::read_file_bytes(const LayerFileInfo& info, uint8_t* out, bool* used_direct) {
+  bool direct = options_.direct_io && reinterpret_cast<uintptr_t>(out) % kPayloadAlignment == 0 &&
                 info.payload_offset % kPayloadAlignment == 0;
   int fd = -1;
   if (direct) {
@@ -167,6 +184,15 @@ Status PayloadReader::read(const LayerFileInfo& info, void* dst, uint64_t expect
     FileCloser buffered_closer{buffered};
     LAYERPACK_TRY(read_chunks(buffered, info, out, false, &refused));
   }
+  *used_direct = direct;
+  return Status::success();
+}
+
+Status PayloadReader::read(const LayerFileInfo& info, void* dst, uint64_t expected_file_hash) {
+  const auto start = std::chrono::steady_clock::now();
+  std::lock_guard<std::mutex> lock(read_mutex_);
+  bool direct = false;
+  LAYERPACK_TRY(read_file_bytes(info, static_cast<uint8_t*>(dst), &direct));
   if (options_.check_hash && expected_file_hash != 0) {
     // Whole-file hash: the bytes before the payload (preamble, header, padding; a few
     // KiB) read through the page cache, then the payload already in memory.

@@ -136,6 +136,35 @@ TEST(Engine, EmbeddingHashMismatchIsAnErrorFromOpen) {
   EXPECT_NE(engine.error().message.find(embedding.path), std::string::npos) << engine.error().to_string();
 }
 
+// Every layer resident through staging (the GPU's path): payloads go up in pieces
+// through two buffers; pieces of one page, of 12 KB and whole payloads give the
+// logits of slots filled directly.
+TEST(Engine, ResidentLoadsInPiecesEqualDirectLoads) {
+  const std::string pack = converted_pack("llama_gqa");
+  auto logits_with = [&](bool staging, uint64_t piece) {
+    EngineOptions options;
+    options.backend = "cpu";
+    options.backend_options.force_staging = staging;
+    options.startup_piece_bytes = piece;
+    auto engine = Engine::open(pack, options);
+    EXPECT_TRUE(engine.ok()) << engine.error().to_string();
+    std::vector<float> logits;
+    if (!engine.ok()) return logits;
+    auto sequence = (*engine)->kv().open_sequence();
+    TokenBatch batch;
+    for (uint32_t i = 0; i < 5; ++i) batch.add(7 + i, sequence.value(), i, true);
+    EXPECT_TRUE((*engine)->forward(batch, logits).ok());
+    return logits;
+  };
+  const std::vector<float> direct = logits_with(false, 0);
+  ASSERT_FALSE(direct.empty());
+  for (uint64_t piece : {uint64_t{4096}, uint64_t{12288}, uint64_t{0}, uint64_t{64} << 20}) {
+    const std::vector<float> staged = logits_with(true, piece);
+    ASSERT_EQ(staged.size(), direct.size());
+    EXPECT_EQ(0, std::memcmp(staged.data(), direct.data(), direct.size() * sizeof(float))) << "piece " << piece;
+  }
+}
+
 // The automatic prefill chunk (max_batch_rows 0) is 256 rows on the CPU backend.
 TEST(Engine, AutomaticPrefillChunkOnTheCpuIs256Rows) {
   EngineOptions options;

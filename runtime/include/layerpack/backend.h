@@ -101,10 +101,11 @@ class Backend {
   // Host-writable address of a slot (CPU), or nullptr (GPU: fill it with upload()).
   virtual uint8_t* slot_host_pointer(SlotId slot) = 0;
   virtual Result<std::unique_ptr<HostBuffer>> allocate_staging(uint64_t bytes) = 0;
-  // Copies bytes from a staging buffer into a slot. May be asynchronous; the backend
-  // orders it after the slot's previous use and before the next compute that reads
-  // it. The staging buffer may be reused once wait_upload(ticket) returns.
-  virtual Result<UploadTicket> upload(SlotId slot, const HostBuffer& staging, uint64_t bytes) = 0;
+  // Copies the first `bytes` of a staging buffer to [slot_offset, slot_offset + bytes)
+  // of a slot. May be asynchronous; the backend orders it after the slot's previous
+  // use and before the next compute that reads it. The staging buffer may be reused
+  // once wait_upload(ticket) returns.
+  virtual Result<UploadTicket> upload(SlotId slot, uint64_t slot_offset, const HostBuffer& staging, uint64_t bytes) = 0;
   virtual Status wait_upload(UploadTicket ticket) = 0;
   // Blocks until every compute call that reads `slot` has finished, so its memory
   // may be overwritten by the host (the CPU computes synchronously: no-op).

@@ -34,6 +34,7 @@ struct EngineOptions {
   // open minus a margin. Ignored by the CPU backend (slot_budget applies there).
   uint64_t vram_budget = 0;
   uint64_t host_cache_bytes = 0;  // pinned host copies of streamed payloads (--host-cache)
+  uint64_t startup_piece_bytes = uint64_t(64) << 20;  // StreamerOptions::startup_piece_bytes
   uint32_t min_ring_slots = 2;
   uint32_t ring_slots = 0;        // 0: automatic (3 when the budget allows, else 2)
   uint32_t context_length = 0;  // 0: min(max_position_embeddings, 4096)

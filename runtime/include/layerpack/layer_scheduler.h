@@ -78,6 +78,10 @@ struct StreamerOptions {
   // Streamed units are cached in compute order until it is full.
   uint64_t host_cache_bytes = 0;
   uint32_t staging_buffers = 2;  // read one payload while the previous one is in DMA
+  // When every layer is resident (and hashes are not checked), payloads go to their
+  // slots in pieces of this many bytes (a multiple of 4096) through two staging
+  // buffers, so reads overlap the copies.
+  uint64_t startup_piece_bytes = uint64_t(64) << 20;
 };
 
 struct StreamerStats {
@@ -154,6 +158,7 @@ class LayerStreamer {
   uint64_t next_acquire_ = 0;  // global index of the next streamed acquire
   uint64_t first_in_window_ = 0;  // global index of window_.front()
   bool loader_failed_ = false;
+  uint64_t startup_piece_bytes_ = 0;  // all-resident start: pieces of this size (0: whole payloads)
   mutable std::mutex mutex_;
   std::condition_variable changed_;
   std::thread loader_;

@@ -73,6 +73,10 @@ class PayloadReader {
   // payload, so a flip in the preamble's reserved word or the padding is caught too.
   // Otherwise the payload alone is checked against the header's payload hash.
   Status read(const LayerFileInfo& info, void* dst, uint64_t expected_file_hash = 0);
+  // Bytes [offset, offset + length) of the payload into dst (offset a multiple of 4096),
+  // with read()'s checks of the file but no hash (a hash covers the whole payload:
+  // with check_hash, read whole payloads with read()).
+  Status read_range(const LayerFileInfo& info, uint64_t offset, uint64_t length, void* dst);
   uint64_t bytes_read() const { return bytes_read_.load(); }
   uint64_t reads() const { return reads_.load(); }
   double read_seconds() const;  // wall time spent inside read()
@@ -82,6 +86,7 @@ class PayloadReader {
 
  private:
   Status read_chunks(int fd, const LayerFileInfo& info, uint8_t* dst, bool direct, bool* refused);
+  Status read_file_bytes(const LayerFileInfo& info, uint8_t* out, bool* used_direct);
   PayloadReadOptions options_;
   std::unique_ptr<ThreadPool> pool_;  // options_.threads readers (the caller is one of them)
   std::mutex read_mutex_;

@@ -95,9 +95,9 @@ class CpuBackend : public Backend {
     if (!buffer) return buffer.error();
     return std::unique_ptr<HostBuffer>(new CpuHostBuffer(std::move(buffer.value())));
   }
-  Result<UploadTicket> upload(SlotId slot, const HostBuffer& staging, uint64_t bytes) override {
-    assert(bytes <= slots_[slot].size() && bytes <= staging.size());
-    std::memcpy(slots_[slot].data(), const_cast<HostBuffer&>(staging).data(), bytes);
+  Result<UploadTicket> upload(SlotId slot, uint64_t slot_offset, const HostBuffer& staging, uint64_t bytes) override {
+    assert(slot_offset + bytes <= slots_[slot].size() && bytes <= staging.size());
+    std::memcpy(slots_[slot].data() + slot_offset, const_cast<HostBuffer&>(staging).data(), bytes);
     return UploadTicket{0};  // synchronous
   }
   Status wait_upload(UploadTicket) override { return Status::success(); }

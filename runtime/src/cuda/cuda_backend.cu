@@ -240,7 +240,7 @@ class CudaBackend : public Backend {
   Result<SlotId> allocate_slot(uint64_t bytes) override;
   uint8_t* slot_host_pointer(SlotId) override { return nullptr; }
   Result<std::unique_ptr<HostBuffer>> allocate_staging(uint64_t bytes) override;
-  Result<UploadTicket> upload(SlotId slot, const HostBuffer& staging, uint64_t bytes) override;
+  Result<UploadTicket> upload(SlotId slot, uint64_t slot_offset, const HostBuffer& staging, uint64_t bytes) override;
   Status wait_upload(UploadTicket ticket) override;
   Status wait_slot_idle(SlotId slot) override;
 
@@ -598,16 +598,18 @@ Result<std::unique_ptr<HostBuffer>> CudaBackend::allocate_staging(uint64_t bytes
   return std::unique_ptr<HostBuffer>(new PinnedBuffer(static_cast<uint8_t*>(data), bytes));
 }
 
-Result<UploadTicket> CudaBackend::upload(SlotId slot_id, const HostBuffer& staging, uint64_t bytes) {
+Result<UploadTicket> CudaBackend::upload(SlotId slot_id, uint64_t slot_offset, const HostBuffer& staging,
+                                         uint64_t bytes) {
   CUDA_TRY(cudaSetDevice(options_.device), "selecting the device");  // called from the loader thread
   DeviceSlot slot;
   {
     std::lock_guard<std::mutex> lock(slots_mutex_);
     slot = slots_[slot_id];
   }
-  assert(bytes <= slot.size);
+  assert(slot_offset + bytes <= slot.size);
   CUDA_TRY(cudaStreamWaitEvent(copy_, slot.free, 0), "ordering an upload after compute");
-  CUDA_TRY(cudaMemcpyAsync(slot.data, const_cast<HostBuffer&>(staging).data(), bytes, cudaMemcpyHostToDevice, copy_),
+  CUDA_TRY(cudaMemcpyAsync(slot.data + slot_offset, const_cast<HostBuffer&>(staging).data(), bytes,
+                           cudaMemcpyHostToDevice, copy_),
            "copying a layer payload to the GPU");
   CUDA_TRY(cudaEventRecord(slot.ready, copy_), "recording an upload");
   std::lock_guard<std::mutex> lock(ticket_mutex_);
