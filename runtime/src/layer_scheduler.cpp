@@ -305,6 +305,7 @@ Status LayerStreamer::start() {
     ring_.push_back(slot.value());
     if (!backend_.slot_host_pointer(slot.value())) need_staging = true;
   }
+  uint64_t piece_bytes = 0;  // all-resident start through staging: pieces of this size (0: whole payloads)
   if (need_staging) {
     // Double-buffered staging, each the largest payload that goes through it (a
     // streamed layer is one read and one DMA). When everything is resident, two pieces
@@ -319,9 +320,9 @@ Status LayerStreamer::start() {
     }
     if (ring_.empty() && !reader_.options().check_hash && options_.startup_piece_bytes % kPayloadAlignment == 0 &&
         options_.startup_piece_bytes > 0)
-      startup_piece_bytes_ = std::min(largest, options_.startup_piece_bytes);
-    const uint64_t staging_bytes = startup_piece_bytes_ ? startup_piece_bytes_ : largest;
-    const size_t count = ring_.empty() && !startup_piece_bytes_ ? 1 : std::max<uint32_t>(1, options_.staging_buffers);
+      piece_bytes = std::min(largest, options_.startup_piece_bytes);
+    const uint64_t staging_bytes = piece_bytes ? piece_bytes : largest;
+    const size_t count = ring_.empty() && !piece_bytes ? 1 : std::max<uint32_t>(1, options_.staging_buffers);
     for (size_t i = 0; i < count; ++i) {
       auto staging = backend_.allocate_staging(staging_bytes);
       if (!staging) return staging.error();
@@ -337,10 +338,10 @@ Status LayerStreamer::start() {
   for (UnitIndex u = 0; u < units; ++u) {
     if (plan_.placement[u] != UnitPlacement::resident) continue;
     startup.bytes_from_file += pack_.payload_size(u);
-    if (startup_piece_bytes_ && !backend_.slot_host_pointer(resident_slot_[u])) {
+    if (piece_bytes && !backend_.slot_host_pointer(resident_slot_[u])) {
       const LayerFileInfo& file = pack_.unit(u);
-      for (uint64_t offset = 0; offset < file.payload_size; offset += startup_piece_bytes_) {
-        const uint64_t length = std::min(startup_piece_bytes_, file.payload_size - offset);
+      for (uint64_t offset = 0; offset < file.payload_size; offset += piece_bytes) {
+        const uint64_t length = std::min(piece_bytes, file.payload_size - offset);
         const size_t k = resident_index++ % staging_.size();
         LAYERPACK_TRY(backend_.wait_upload(staging_ticket_[k]));
         LAYERPACK_TRY(reader_.read_range(file, offset, length, staging_[k]->data()));

@@ -144,12 +144,16 @@ Status PayloadReader::read_range(const LayerFileInfo& info, uint64_t offset, uin
   part.payload_size = length;
   bool direct = false;
   LAYERPACK_TRY(read_file_bytes(part, static_cast<uint8_t*>(dst), &direct));
+  count_read(start, length, direct);
+  return Status::success();
+}
+
+void PayloadReader::count_read(std::chrono::steady_clock::time_point start, uint64_t bytes, bool direct) {
   last_direct_ = direct;
-  bytes_read_ += length;
+  bytes_read_ += bytes;
   reads_ += 1;
   read_nanoseconds_ += static_cast<uint64_t>(
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start).count());
-  return Status::success();
 }
 
 // [payload_offset, payload_offset + payload_size) of the file into out: O_DIRECT where
@@ -233,11 +237,7 @@ Status PayloadReader::read(const LayerFileInfo& info, void* dst, uint64_t expect
       return file_error(ErrorCode::hash_mismatch, info.path, message);
     }
   }
-  last_direct_ = direct;
-  bytes_read_ += info.payload_size;
-  reads_ += 1;
-  read_nanoseconds_ += static_cast<uint64_t>(
-      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start).count());
+  count_read(start, info.payload_size, direct);
   return Status::success();
 }
 

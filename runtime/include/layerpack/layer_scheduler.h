@@ -158,7 +158,6 @@ class LayerStreamer {
   uint64_t next_acquire_ = 0;  // global index of the next streamed acquire
   uint64_t first_in_window_ = 0;  // global index of window_.front()
   bool loader_failed_ = false;
-  uint64_t startup_piece_bytes_ = 0;  // all-resident start: pieces of this size (0: whole payloads)
   mutable std::mutex mutex_;
   std::condition_variable changed_;
   std::thread loader_;

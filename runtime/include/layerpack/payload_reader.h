@@ -6,6 +6,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -87,6 +88,8 @@ class PayloadReader {
  private:
   Status read_chunks(int fd, const LayerFileInfo& info, uint8_t* dst, bool direct, bool* refused);
   Status read_file_bytes(const LayerFileInfo& info, uint8_t* out, bool* used_direct);
+  // The counters of one finished read (the caller holds read_mutex_).
+  void count_read(std::chrono::steady_clock::time_point start, uint64_t bytes, bool direct);
   PayloadReadOptions options_;
   std::unique_ptr<ThreadPool> pool_;  // options_.threads readers (the caller is one of them)
   std::mutex read_mutex_;
