@@ -236,6 +236,34 @@ __device__ __forceinline__ void mma_bf16_16x8x16(float (&c)[4], uint32_t a0, uin
 #endif
 }
 
+// The pair-LUT product of one 64-element part (nf4_matvec.cu): each of the lane's 8
+// bytes of rows g (w0) and g + 8 (w1) becomes one bf16 pair through the lane's copy of
+// the 256-entry table (PRMT(word, lane * 4) = (byte << 8) | lane * 4 is the whole
+// offset), times 16 elements of x (xw: the B fragments of 4 mma), summed into c.
+__device__ __forceinline__ void pair_lut_part(float (&c)[4], const uint8_t* table, uint32_t lane_offset, uint2 w0,
+                                              uint2 w1, const uint32_t* xw) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    // Bytes 2j, 2j + 1 of the lane's 8: elements 4j .. 4j + 3 of its 16.
+    const uint32_t word0 = (j >> 1) ? w0.y : w0.x, word1 = (j >> 1) ? w1.y : w1.x;
+    const uint32_t sel_low = 0x5504u | ((2 * (j & 1)) << 4), sel_high = 0x5504u | ((2 * (j & 1) + 1) << 4);
+    const uint32_t a0 = *reinterpret_cast<const uint32_t*>(table + __byte_perm(word0, lane_offset, sel_low));
+    const uint32_t a2 = *reinterpret_cast<const uint32_t*>(table + __byte_perm(word0, lane_offset, sel_high));
+    const uint32_t a1 = *reinterpret_cast<const uint32_t*>(table + __byte_perm(word1, lane_offset, sel_low));
+    const uint32_t a3 = *reinterpret_cast<const uint32_t*>(table + __byte_perm(word1, lane_offset, sel_high));
+    mma_bf16_16x8x16(c, a0, a1, a2, a3, xw[2 * j], xw[2 * j + 1]);
+  }
+}
+
+// The quad's four absmax scales of a step: lane tig computed the scale of (row half
+// tig >> 1, part tig & 1); every lane of the quad gets all four.
+__device__ __forceinline__ void pair_lut_quad_scales(float mine, int lane, float (&scale)[2][2]) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int part = 0; part < 2; ++part) scale[h][part] = __shfl_sync(0xffffffffu, mine, (lane & ~3) | (h * 2 + part));
+}
+
 inline unsigned int ceil_div(long long a, long long b) { return static_cast<unsigned int>((a + b - 1) / b); }
 
 inline bool aligned_to(const void* p, uintptr_t bytes) { return (reinterpret_cast<uintptr_t>(p) % bytes) == 0; }

@@ -609,16 +609,11 @@ __global__ void __launch_bounds__(kWarps * 32, kBlocksPerSM)
 #pragma unroll
     for (int s = 0; s < 2; ++s) {
       if (s == 1 && !second) break;
-      // Lane tig holds the scale of (row half tig >> 1, part tig & 1); the quad shares them.
       const float mine = kDoubleQuant ? __fadd_rn(__fmul_rn(tile_nested_code[st.scale_bits[s]], st.nested[s]),
                                                   tile_nested_offset)
                                       : __uint_as_float(st.scale_bits[s]);
       float scale[2][2];
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int part = 0; part < 2; ++part)
-          scale[h][part] = __shfl_sync(0xffffffffu, mine, (lane & ~3) | (h * 2 + part));
+      detail::pair_lut_quad_scales(mine, lane, scale);
 #pragma unroll
       for (int part = 0; part < 2; ++part) {
         uint4 xv[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
@@ -632,17 +627,7 @@ __global__ void __launch_bounds__(kWarps * 32, kBlocksPerSM)
         const uint32_t* xw = reinterpret_cast<const uint32_t*>(xv);  // 8 words = 16 bf16
         const uint2 w0 = st.w[s][0][part], w1 = st.w[s][1][part];
         float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          // Bytes 2j, 2j + 1 of the lane's 8: elements 4j .. 4j + 3 of its 16.
-          const uint32_t word0 = (j >> 1) ? w0.y : w0.x, word1 = (j >> 1) ? w1.y : w1.x;
-          const uint32_t sel_low = 0x5504u | ((2 * (j & 1)) << 4), sel_high = 0x5504u | ((2 * (j & 1) + 1) << 4);
-          const uint32_t a0 = *reinterpret_cast<const uint32_t*>(smem + __byte_perm(word0, lane_offset, sel_low));
-          const uint32_t a2 = *reinterpret_cast<const uint32_t*>(smem + __byte_perm(word0, lane_offset, sel_high));
-          const uint32_t a1 = *reinterpret_cast<const uint32_t*>(smem + __byte_perm(word1, lane_offset, sel_low));
-          const uint32_t a3 = *reinterpret_cast<const uint32_t*>(smem + __byte_perm(word1, lane_offset, sel_high));
-          mma_bf16_16x8x16(c, a0, a1, a2, a3, xw[2 * j], xw[2 * j + 1]);
-        }
+        detail::pair_lut_part(c, smem, lane_offset, w0, w1, xw);
         acc[0] = fmaf(c[0], scale[0][part], acc[0]);
         acc[1] = fmaf(c[1], scale[0][part], acc[1]);
         acc[2] = fmaf(c[2], scale[1][part], acc[2]);
