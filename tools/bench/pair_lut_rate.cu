@@ -7,8 +7,9 @@
 //     scaling), the library's inner loop with the weights made in registers, and of what a
 //     real kernel adds to it: the absmax scales (code table load + 4 shuffles per step), x
 //     read from shared memory, the weights read from a shared-memory ring, an 8-warp barrier
-//     per tile. Printed as SM clocks per item and as microseconds for the 464 items per SM
-//     of a Llama-3-8B layer (218 M weights / 2 KB / 132 SMs) at the clock measured here.
+//     per tile. Printed as SM clocks per item and as microseconds for a Llama-3-8B layer's
+//     items spread evenly over the SMs (218.1 M weights / 4096 per item: 403 per SM on
+//     132 SMs) at the clock measured here.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -230,7 +231,7 @@ int main() {
     }
 
   const int items = 2048;
-  const double layer_items = 464;  // 8B layer: 218.1 M weights / 4096 per item / 132 SMs, rounded up per group
+  const double layer_items = 218.1e6 / 4096 / sms;  // an 8B layer's items per SM, evenly spread
   auto item_line = [&](auto kernel, const char* name, int warps) {
     double hz = 0;
     const double c = run_once(kernel, sms, warps, items, floats, cycles, &hz);
