@@ -156,7 +156,7 @@ __global__ void item_kernel(int items, uint32_t seed, float* out, unsigned long 
           const int i = lane >= 8 ? 2 : 0, l = (lane & 7) * 4;
           float sum = 0.0f;
           for (int m = 0; m < 8; ++m) sum += buffer[(m * 4 + i) * 32 + l];
-          out[(blockIdx.x * 64 + group * 16 + lane) % (132 * 1024)] = sum;
+          out[blockIdx.x * blockDim.x + threadIdx.x] = sum;  // this thread's own slot: no race
         }
 #pragma unroll
         for (int i = 0; i < 4; ++i) acc[i] = 0.0f;
@@ -211,12 +211,14 @@ int main() {
   CK(cudaGetDeviceProperties(&prop, 0));
   const int sms = prop.multiProcessorCount;
   std::printf("device: %s, %d SMs\n", prop.name, sms);
+  // One output word per thread of the widest launch (1024 threads a block, a block per SM).
+  const size_t outputs = size_t{1024} * sms;
   uint32_t* words = nullptr;
   float* floats = nullptr;
   unsigned long long* cycles = nullptr;
-  CK(cudaMalloc(&words, size_t{1024} * 32 * 4 * sms));
-  CK(cudaMalloc(&floats, size_t{1024} * 32 * 4 * sms));
-  CK(cudaMemset(floats, 0, size_t{1024} * 32 * 4 * sms));
+  CK(cudaMalloc(&words, outputs * sizeof(uint32_t)));
+  CK(cudaMalloc(&floats, outputs * sizeof(float)));
+  CK(cudaMemset(floats, 0, outputs * sizeof(float)));
   CK(cudaMalloc(&cycles, sizeof(unsigned long long) * sms));
 
   const int iterations = 4096;
