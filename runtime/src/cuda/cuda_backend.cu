@@ -35,6 +35,7 @@
 #include "kernels/attention.cuh"
 #include "kernels/nf4_dequantize.cuh"
 #include "kernels/nf4_matrix.h"
+#include "kernels/nf4_chain.cuh"
 #include "kernels/nf4_matvec.cuh"
 #include "kernels/norm.cuh"
 #include "kernels/rope.cuh"
@@ -220,8 +221,11 @@ class CudaBackend : public Backend {
                                   : "; fused decode matvecs off (LAYERPACK_CUDA_FUSED=0)";
     const std::string selection = token_selection_ ? "; greedy / top-k tokens picked on the GPU"
                                                    : "; logits sampled on the host (LAYERPACK_CUDA_SELECT=0)";
-    if (!graph_note_.empty()) return description_ + fused + selection + "; " + graph_note_;
-    return description_ + fused + selection +
+    const std::string chain = !chain_note_.empty() ? "; " + chain_note_
+                              : chain_enabled_ ? "; decode o/gate/up/down chained in one persistent launch per layer"
+                                               : "; decode MLP chain off (LAYERPACK_CUDA_CHAIN=0)";
+    if (!graph_note_.empty()) return description_ + fused + chain + selection + "; " + graph_note_;
+    return description_ + fused + chain + selection +
            (graphs_enabled_ ? "; decode layers replayed as CUDA graphs"
                             : "; CUDA graphs off (LAYERPACK_CUDA_GRAPHS=0)");
   }
@@ -358,6 +362,14 @@ class CudaBackend : public Backend {
   Result<kernels::NF4Matrix> nf4_view(const TensorInfo& weight, const DeviceSlot& slot) const;
   std::string graph_note_;
   std::map<std::tuple<uint32_t, SlotId, uint32_t>, cudaGraphExec_t> graphs_;
+  // Decode of one row: the layer's MLP half (o_proj + residual, RMSNorm + gate/up +
+  // SwiGLU, down_proj + residual) in ONE persistent launch (kernels/nf4_chain.cuh),
+  // planned once per (layer, slot buffer) before any graph capture; null where the
+  // chain does not apply (chain_note_ says why, once).
+  Status plan_mlp_chain(uint32_t layer, const DeviceSlot& slot);
+  bool chain_enabled_ = true;  // LAYERPACK_CUDA_CHAIN=0: the separate launches
+  std::map<std::pair<uint32_t, const uint8_t*>, std::unique_ptr<kernels::NF4ChainPlan>> chain_plans_;
+  std::string chain_note_;
 };
 
 CudaBackend::~CudaBackend() {
@@ -415,6 +427,7 @@ Status CudaBackend::create() {
   fused_matvecs_ = environment_flag("LAYERPACK_CUDA_FUSED", true);
   token_selection_ = environment_flag("LAYERPACK_CUDA_SELECT", true);
   fused_rope_ = environment_flag("LAYERPACK_CUDA_FUSED_ROPE", true);
+  chain_enabled_ = environment_flag("LAYERPACK_CUDA_CHAIN", true);
   description_ = std::string("CUDA, ") + prop.name + " (sm_" + std::to_string(prop.major) +
                  std::to_string(prop.minor) + ", " + std::to_string(prop.totalGlobalMem >> 20) +
                  " MiB), bf16 activations and KV cache";
@@ -797,6 +810,61 @@ Result<bool> CudaBackend::grouped_matvec(const char* role, std::initializer_list
   return true;
 }
 
+Status CudaBackend::plan_mlp_chain(uint32_t layer, const DeviceSlot& slot) {
+  const auto key = std::make_pair(layer, static_cast<const uint8_t*>(slot.data));
+  if (chain_plans_.count(key)) return Status::success();
+  std::unique_ptr<kernels::NF4ChainPlan> plan;
+  std::string why;
+  const DecoderTensors& d = pack_->decoder(layer);
+  if (!chain_enabled_) {
+    why = "off (LAYERPACK_CUDA_CHAIN=0)";
+  } else if (!fused_matvecs_) {
+    why = "off with the fused matvecs (LAYERPACK_CUDA_FUSED=0)";
+  } else if (!gate_up_tables_equal_[layer]) {
+    why = "gate and up have different code tables";
+  } else {
+    bool nf4 = true;
+    for (const TensorInfo* t : {d.o_proj, d.gate_proj, d.up_proj, d.down_proj})
+      nf4 = nf4 && t && t->dtype == DType::nf4;
+    if (!nf4) why = "o/gate/up/down are not all NF4";
+  }
+  if (why.empty()) {
+    auto ffn_norm = vector_pointer(*d.ffn_norm, slot, hidden_);
+    if (!ffn_norm) return ffn_norm.error();
+    kernels::ChainOp ops[3];
+    auto o = nf4_view(*d.o_proj, slot);
+    if (!o) return o.error();
+    auto gate = nf4_view(*d.gate_proj, slot);
+    if (!gate) return gate.error();
+    auto up = nf4_view(*d.up_proj, slot);
+    if (!up) return up.error();
+    auto down = nf4_view(*d.down_proj, slot);
+    if (!down) return down.error();
+    ops[0].weight[0] = o.value();
+    ops[0].epilogue = kernels::ChainEpilogue::add_to_output;
+    ops[0].x = attention_out_;
+    ops[0].y = hidden_state_;
+    ops[1].weight[0] = gate.value();
+    ops[1].weight[1] = up.value();
+    ops[1].epilogue = kernels::ChainEpilogue::swiglu;
+    ops[1].x = hidden_state_;
+    ops[1].norm_weight = ffn_norm.value();
+    ops[1].eps = eps_;
+    ops[1].y = gate_;
+    ops[2].weight[0] = down.value();
+    ops[2].epilogue = kernels::ChainEpilogue::add_to_output;
+    ops[2].x = gate_;
+    ops[2].y = hidden_state_;
+    const cudaError_t err = kernels::NF4ChainPlan::create(ops, 3, &plan, &why);
+    if (err != cudaSuccess && err != cudaErrorInvalidValue)
+      return cuda_error(err, "planning the NF4 chain of layer " + std::to_string(layer));
+    if (err != cudaSuccess) cudaGetLastError();  // a refusal is not an error of the stream
+  }
+  if (!plan && chain_note_.empty()) chain_note_ = "decode MLP chain " + why + " (layer " + std::to_string(layer) + ")";
+  chain_plans_.emplace(key, std::move(plan));
+  return Status::success();
+}
+
 Status CudaBackend::run_decoder_layer(uint32_t layer, SlotId slot_id, const TokenBatch& batch) {
   DeviceSlot slot;
   {
@@ -805,6 +873,7 @@ Status CudaBackend::run_decoder_layer(uint32_t layer, SlotId slot_id, const Toke
   }
   CUDA_TRY(cudaStreamWaitEvent(compute_, slot.ready, 0), "ordering compute after an upload");
   const uint32_t rows = static_cast<uint32_t>(batch.size());
+  if (rows == 1 && single_sequence_) LAYERPACK_TRY(plan_mlp_chain(layer, slot));
   if (rows == 1 && graphs_enabled_) {
     LAYERPACK_TRY(layer_graph(layer, slot_id, slot, batch));
   } else {
@@ -984,6 +1053,14 @@ Status CudaBackend::layer_rows(uint32_t layer, const DeviceSlot& slot, const Tok
     args.out = attention_out_;
     ProfileScope profile(profiler_, "attention");
     CUDA_TRY(kernels::attention(args, attention_workspace_, attention_workspace_bytes_, compute_), "attention");
+  }
+  if (rows == 1 && single_sequence_) {
+    auto chain = chain_plans_.find({layer, slot.data});
+    if (chain != chain_plans_.end() && chain->second) {
+      ProfileScope profile(profiler_, "NF4 chain: o (+residual), RMSNorm + gate/up (+SwiGLU), down (+residual)");
+      CUDA_TRY(chain->second->launch(compute_), "NF4 chain (o, gate/up, down) of layer " + std::to_string(layer));
+      return Status::success();
+    }
   }
   // MLP block: hidden += o_proj(...); normed = RMSNorm(hidden); down(silu(gate) * up).
   // Fused or not, the arithmetic is the same: each product rounded to bf16 first.
