@@ -34,8 +34,8 @@ constexpr int kMaxCols = 28672;  // Llama-3-70B's intermediate size
 
 // Shared memory, from the dynamic window's start.
 constexpr int kTableOff = 0;                               // pair table: 256 entries x 32 lanes x 4 B
-constexpr int kNestedCodeOff = kTableOff + 256 * 256;      // f32 [2][256]: the op's matrices
-constexpr int kPartialOff = kNestedCodeOff + 2 * 256 * 4;  // f32 [groups][2][group warps][4][32]
+constexpr int kNestedCodeOff = kTableOff + 256 * 256;      // f32 [3][256]: the op's matrices
+constexpr int kPartialOff = kNestedCodeOff + 3 * 256 * 4;  // f32 [groups][2][group warps][4][32]
 constexpr int kPendingOff = kPartialOff + kGroups * 2 * kGroupWarps * 128 * 4;  // f32 [groups][16]: gate rows
 constexpr int kReduceOff = kPendingOff + kGroups * 16 * 4;                      // f32 [consumer warps]
 constexpr int kBarOff = kReduceOff + kConsumerWarps * 4;                        // u64 full[groups][slots], empty[...]
@@ -44,35 +44,57 @@ constexpr int kRingOff = (kXOff + kMaxCols * 2 + 1023) / 1024 * 1024;
 constexpr int kSmemBytes = kRingOff + kGroups * kSlots * kSlotBytes;
 static_assert(kSmemBytes <= 227 * 1024, "one block per SM must fit");
 
-enum : int { kStore = 0, kAdd = 1, kSwiglu = 2 };
+// Device ops: the three NF4 epilogues, and an attention op's two steps.
+enum : int { kStore = 0, kAdd = 1, kSwiglu = 2, kAttention = 3, kCombine = 4 };
+constexpr int kMaxDeviceOps = kMaxChainDeviceOps;
+constexpr int kMaxChunksPerHead = 64;  // attention units per q head (scratch size)
 
 struct DeviceMatrix {
   const float* nested_absmax;
   const float* nested_code;
   float nested_offset;
   uint32_t first_tile;  // store with several matrices: where this one's tiles start
+  uint32_t map;         // its tensor maps: Params::maps[map]
   __nv_bfloat16* y;
 };
 
+struct DeviceAttention {
+  const __nv_bfloat16* q;
+  const __nv_bfloat16* k_new;
+  const __nv_bfloat16* v_new;
+  const int32_t* position;
+  const float* inv_freq;
+  __nv_bfloat16* k_cache;
+  __nv_bfloat16* v_cache;
+  long long capacity;
+  long long window;
+  int q_heads, kv_heads, head_dim;
+  float scale;
+  __nv_bfloat16* out;
+  float* scratch;
+};
+
 struct DeviceOp {
-  DeviceMatrix m[2];
+  DeviceMatrix m[3];
   int count;
-  int epilogue;
+  int kind;
   uint32_t cols;
-  uint32_t tiles;  // swiglu: gate/up tile pairs
+  uint32_t tiles;  // all matrices' 16-row tiles (swiglu: gate/up tile pairs); 0 for attention
   const __nv_bfloat16* x;
   const float* norm_weight;
   float eps;
+  DeviceAttention attention;
 };
 
 }  // namespace
 
 struct NF4ChainPlan::Params {
-  CUtensorMap maps[kMaxChainOps][2][2];  // [op][matrix][weights, absmax]
-  DeviceOp op[kMaxChainOps];
+  CUtensorMap maps[kMaxChainMatrices][2];  // [matrix][weights, absmax]
+  DeviceOp op[kMaxDeviceOps];
   int ops;
   float code_values[16];
   unsigned* done;
+  unsigned long long* timeline;  // set_timeline: per block, per device op, [waited, ready, done] in ns
 };
 
 namespace {
@@ -148,7 +170,7 @@ struct Tile {
 // deals gate/up pairs, s even the gate tile, s odd the up tile).
 __device__ __forceinline__ Tile tile_at(const DeviceOp& op, uint32_t s) {
   Tile t;
-  if (op.epilogue == kSwiglu) {
+  if (op.kind == kSwiglu) {
     t.tile = blockIdx.x + (s >> 1) * gridDim.x;
     t.matrix = s & 1;
     t.valid = t.tile < op.tiles;
@@ -156,7 +178,9 @@ __device__ __forceinline__ Tile tile_at(const DeviceOp& op, uint32_t s) {
   }
   const uint32_t flat = blockIdx.x + s * gridDim.x;
   t.valid = flat < op.tiles;
-  t.matrix = (op.count > 1 && flat >= op.m[1].first_tile) ? 1 : 0;
+  t.matrix = 0;
+  if (op.count > 1 && flat >= op.m[1].first_tile) t.matrix = 1;
+  if (op.count > 2 && flat >= op.m[2].first_tile) t.matrix = 2;
   t.tile = flat - op.m[t.matrix].first_tile;
   return t;
 }
@@ -219,6 +243,215 @@ __device__ __forceinline__ void load_op_x(const DeviceOp& op, __nv_bfloat16* xs,
   consumers_sync();
 }
 
+// An attention op's split: chunks of a multiple of 32 positions, at most
+// kMaxChunksPerHead per q head. Both steps compute it from the position alone.
+struct AttentionSplit {
+  int position;
+  long long start, chunk;
+  int chunks;
+};
+__device__ __forceinline__ AttentionSplit attention_split(const DeviceAttention& a) {
+  AttentionSplit s;
+  s.position = __ldcg(a.position);
+  const long long length = static_cast<long long>(s.position) + 1;
+  s.start = a.window > 0 && length > a.window ? length - a.window : 0;
+  const int visible = static_cast<int>(length - s.start);  // 32-bit: no division subroutine
+  const int steps = (visible + 32 * kMaxChunksPerHead - 1) / (32 * kMaxChunksPerHead);
+  s.chunk = 32 * steps;
+  s.chunks = (visible + 32 * steps - 1) / (32 * steps);
+  return s;
+}
+
+// The cache rows an attention op will read, into L2 at the launch's start (the q/k/v
+// op runs meanwhile): rows read after a layer's weights streamed through L2 come from
+// DRAM, and the units' loads are a chain of round trips. At most the last
+// kPrefetchPositions positions of each kv head; one 128-byte line per thread and step.
+constexpr long long kPrefetchPositions = 2048;
+__device__ __forceinline__ void prefetch_cache(const DeviceAttention& a, int thread, int threads) {
+  const AttentionSplit split = attention_split(a);
+  const long long length = min(static_cast<long long>(split.position), a.capacity);  // the new row is written later
+  const long long first = max(split.start, length - kPrefetchPositions);
+  // 32-bit from here: 64-bit divisions are subroutine calls, which cost the NF4 loop
+  // its uniform addressing (see attention_units).
+  const int rows = static_cast<int>(length - first), lines_per_row = a.head_dim / 64;
+  const int lines = rows * lines_per_row * a.kv_heads * 2;
+  for (int i0 = 0; i0 < lines; i0 += threads) {  // a uniform trip count
+    const int i = min(i0 + thread, lines - 1);   // past the end: the last line again
+    const int line = i % lines_per_row, rest = i / lines_per_row;
+    const int row = rest % rows, head_and_tensor = rest / rows;
+    const int kv_head = head_and_tensor % a.kv_heads;
+    const __nv_bfloat16* base = head_and_tensor < a.kv_heads ? a.k_cache : a.v_cache;
+    const __nv_bfloat16* address = base + (kv_head * a.capacity + first + row) * a.head_dim + line * 64;
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(address));
+  }
+}
+
+// Units (q head, chunk), one per consumer warp at a time. A unit rotates its q head
+// into shared memory (rounded to bf16, as the q/k/v launch stores it), appends the
+// rotated k and v at the position when its chunk holds it (the q heads sharing that
+// kv head write the same bits), then runs the chunk 32 positions at a time: lanes take
+// positions for q.k, then head dimensions for p.v, with a running max and sum (fp32).
+// Partial result per unit: [head_dim] unnormalized output, then max, then sum.
+// Loops and branches stay warp-uniform (lanes predicated): divergent control flow
+// anywhere in this kernel costs the NF4 loop its uniform table addressing. Loads are
+// unrolled in batches so their latencies overlap.
+template <int kHeadDim>
+__device__ __forceinline__ void attention_units(const DeviceAttention& a, float* q_rotated, int lane, int worker,
+                                                int workers) {
+  constexpr int kHalf = kHeadDim / 2, kPerLane = kHeadDim / 32, kSlice = kHeadDim / 8;
+  const AttentionSplit split = attention_split(a);
+  const int group = a.q_heads / a.kv_heads;
+  const float position = static_cast<float>(split.position);
+  for (int unit = worker; unit < a.q_heads * split.chunks; unit += workers) {
+    const int head = unit / split.chunks, chunk = unit % split.chunks, kv_head = head / group;
+    const long long begin = split.start + chunk * split.chunk;
+    // (The engine keeps the position inside the cache; the bound only guards the reads.)
+    const long long end = min(min(begin + split.chunk, static_cast<long long>(split.position) + 1), a.capacity);
+#pragma unroll
+    for (int i0 = 0; i0 < kHalf; i0 += 32) {
+      const int i = i0 + lane;
+      __nv_bfloat16 y1, y2;
+      detail::rope_pair(__bfloat162float(__ldcg(a.q + head * kHeadDim + i)),
+                        __bfloat162float(__ldcg(a.q + head * kHeadDim + i + kHalf)), position, a.inv_freq[i], &y1, &y2);
+      q_rotated[i] = __bfloat162float(y1);
+      q_rotated[i + kHalf] = __bfloat162float(y2);
+    }
+    __nv_bfloat16* k_head = a.k_cache + kv_head * a.capacity * kHeadDim;
+    __nv_bfloat16* v_head = a.v_cache + kv_head * a.capacity * kHeadDim;
+    if (begin <= split.position && split.position < end) {  // end <= capacity
+      __nv_bfloat16* k_row = k_head + static_cast<long long>(split.position) * kHeadDim;
+      __nv_bfloat16* v_row = v_head + static_cast<long long>(split.position) * kHeadDim;
+#pragma unroll
+      for (int i0 = 0; i0 < kHalf; i0 += 32) {
+        const int i = i0 + lane;
+        __nv_bfloat16 y1, y2;
+        detail::rope_pair(__bfloat162float(__ldcg(a.k_new + kv_head * kHeadDim + i)),
+                          __bfloat162float(__ldcg(a.k_new + kv_head * kHeadDim + i + kHalf)), position, a.inv_freq[i],
+                          &y1, &y2);
+        __stcg(k_row + i, y1);
+        __stcg(k_row + i + kHalf, y2);
+        __stcg(v_row + i, __ldcg(a.v_new + kv_head * kHeadDim + i));
+        __stcg(v_row + i + kHalf, __ldcg(a.v_new + kv_head * kHeadDim + i + kHalf));
+      }
+    }
+    __syncwarp();  // the rotated q and the appended row, for every lane
+    float q_slice[kSlice];
+#pragma unroll
+    for (int e = 0; e < kSlice; ++e) q_slice[e] = q_rotated[(lane & 7) * kSlice + e];
+    float running_max = -INFINITY, running_sum = 0.0f, acc[kPerLane];
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) acc[k] = 0.0f;
+    for (long long base = begin; base < end; base += 32) {
+      const long long pos = base + lane;
+      const bool valid = pos < end;
+      // q.k, coalesced: 8 lanes per position (each a slice of kSlice dimensions), 4
+      // positions per round, 8 rounds; lane j ends with position base + j's dot.
+      float dot = 0.0f;
+#pragma unroll
+      for (int r0 = 0; r0 < 8; r0 += 4) {  // 4 rounds' loads in flight
+        uint4 packed[4][kSlice / 8];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const long long row = min(base + (r0 + r) * 4 + (lane >> 3), end - 1);  // past the end: masked below
+          const __nv_bfloat16* k_slice = k_head + row * kHeadDim + (lane & 7) * kSlice;
+#pragma unroll
+          for (int u = 0; u < kSlice / 8; ++u) packed[r][u] = __ldcg(reinterpret_cast<const uint4*>(k_slice) + u);
+        }
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          float partial = 0.0f;
+#pragma unroll
+          for (int u = 0; u < kSlice / 8; ++u) {
+            const __nv_bfloat16* k8 = reinterpret_cast<const __nv_bfloat16*>(&packed[r][u]);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) partial = fmaf(q_slice[u * 8 + e], __bfloat162float(k8[e]), partial);
+          }
+          partial += __shfl_xor_sync(0xffffffffu, partial, 1);
+          partial += __shfl_xor_sync(0xffffffffu, partial, 2);
+          partial += __shfl_xor_sync(0xffffffffu, partial, 4);
+          const float mine = __shfl_sync(0xffffffffu, partial, (lane & 3) * 8);
+          if ((lane >> 2) == r0 + r) dot = mine;
+        }
+      }
+      const float score = valid ? dot * a.scale : -INFINITY;
+      float step_max = score;
+#pragma unroll
+      for (int offset = 16; offset > 0; offset >>= 1)
+        step_max = fmaxf(step_max, __shfl_xor_sync(0xffffffffu, step_max, offset));
+      const float new_max = fmaxf(running_max, step_max);
+      const float weight = valid ? expf(score - new_max) : 0.0f;
+      const float correction = expf(running_max - new_max);  // 0 on the first step
+      float step_sum = weight;
+#pragma unroll
+      for (int offset = 16; offset > 0; offset >>= 1) step_sum += __shfl_xor_sync(0xffffffffu, step_sum, offset);
+      running_sum = running_sum * correction + step_sum;
+#pragma unroll
+      for (int k = 0; k < kPerLane; ++k) acc[k] *= correction;
+      const int count = static_cast<int>(min(32LL, end - base));
+      for (int t0 = 0; t0 < count; t0 += 8) {  // 8 rows of v in flight (L2 hits: prefetched)
+        float v_values[8][kPerLane];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+          const long long row = base + min(t0 + u, count - 1);  // past the count: a row, weight 0
+          const __nv_bfloat16* v_row = v_head + row * kHeadDim + lane * kPerLane;
+          if constexpr (kPerLane == 4) {
+            const uint2 packed = __ldcg(reinterpret_cast<const uint2*>(v_row));
+            const __nv_bfloat16* v4 = reinterpret_cast<const __nv_bfloat16*>(&packed);
+#pragma unroll
+            for (int k = 0; k < 4; ++k) v_values[u][k] = __bfloat162float(v4[k]);
+          } else {
+            const unsigned packed = __ldcg(reinterpret_cast<const unsigned*>(v_row));
+            const __nv_bfloat16* v2 = reinterpret_cast<const __nv_bfloat16*>(&packed);
+            v_values[u][0] = __bfloat162float(v2[0]);
+            v_values[u][1] = __bfloat162float(v2[1]);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+          const float w = __shfl_sync(0xffffffffu, weight, (t0 + u) & 31);
+          const float wu = t0 + u < count ? w : 0.0f;
+#pragma unroll
+          for (int k = 0; k < kPerLane; ++k) acc[k] = fmaf(wu, v_values[u][k], acc[k]);
+        }
+      }
+      running_max = new_max;
+    }
+    float* partial = a.scratch + (static_cast<long long>(head) * kMaxChunksPerHead + chunk) * (kHeadDim + 2);
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) __stcg(partial + lane * kPerLane + k, acc[k]);
+    if (lane == 0) {
+      __stcg(partial + kHeadDim, running_max);
+      __stcg(partial + kHeadDim + 1, running_sum);
+    }
+    __syncwarp();  // q_rotated is rewritten by the warp's next unit
+  }
+}
+
+// The combine step: one warp per q head, lanes over head dimensions; the chunks in
+// order, weighted by exp(max_j - max) (flash-decoding), normalized once, bf16.
+__device__ void combine_units(const DeviceAttention& a, int lane, int worker, int workers) {
+  const AttentionSplit split = attention_split(a);
+  const int hd = a.head_dim, per_lane = hd / 32;
+  for (int head = worker; head < a.q_heads; head += workers) {
+    const float* partial = a.scratch + static_cast<long long>(head) * kMaxChunksPerHead * (hd + 2);
+    float max_all = -INFINITY;
+    for (int j = 0; j < split.chunks; ++j) max_all = fmaxf(max_all, __ldcg(partial + j * (hd + 2) + hd));
+    float sum = 0.0f, acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int j = 0; j < split.chunks; ++j) {
+      const float* part = partial + j * (hd + 2);
+      const float w = expf(__ldcg(part + hd) - max_all);
+      sum = fmaf(w, __ldcg(part + hd + 1), sum);
+#pragma unroll
+      for (int k = 0; k < 4; ++k)
+        if (k < per_lane) acc[k] = fmaf(w, __ldcg(part + lane * per_lane + k), acc[k]);
+    }
+    const float inverse = 1.0f / sum;
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+      if (k < per_lane) a.out[head * hd + lane * per_lane + k] = __float2bfloat16_rn(acc[k] * inverse);
+  }
+}
+
 __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_constant__ Params p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ __align__(1024) uint8_t smem[];
@@ -252,7 +485,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
     bool valid;
   };
   auto owns = [&](const DeviceOp& op, uint32_t s) {
-    return ((op.epilogue == kSwiglu ? s >> 1 : s) % kGroups) == static_cast<uint32_t>(group);
+    return ((op.kind == kSwiglu ? s >> 1 : s) % kGroups) == static_cast<uint32_t>(group);
   };
   auto advance = [&](Work& w, bool first) {
     if (!first) {
@@ -288,8 +521,9 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
         mbar_wait(&empty[slot], phase ^ 1);
         mbar_expect_tx(&full[slot], kSlotCopyBytes);
         uint8_t* dst = ring + slot * kSlotBytes;
-        const CUtensorMap* weight_map = &p.maps[w.op][w.t.matrix][0];
-        const CUtensorMap* absmax_map = &p.maps[w.op][w.t.matrix][1];
+        const uint32_t map = p.op[w.op].m[w.t.matrix].map;
+        const CUtensorMap* weight_map = &p.maps[map][0];
+        const CUtensorMap* absmax_map = &p.maps[map][1];
         const int y0 = static_cast<int>(w.t.tile * 16);
 #pragma unroll
         for (int b = 0; b < 8; ++b)
@@ -309,6 +543,11 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
     const uint32_t u = *reinterpret_cast<uint32_t*>(&v);
     *reinterpret_cast<uint4*>(table + entry * 256 + (chunk & 7) * 16) = make_uint4(u, u, u, u);
   }
+
+  for (int o = 0; o < p.ops; ++o)
+    if (p.op[o].kind == kAttention)
+      prefetch_cache(p.op[o].attention, blockIdx.x * kConsumerWarps * 32 + threadIdx.x,
+                     gridDim.x * kConsumerWarps * 32);
 
   const int g = lane >> 2, tig = lane & 3, gw = warp % kGroupWarps;
   const uint32_t lane_offset = lane * 4;
@@ -387,10 +626,10 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
       for (int w2 = 0; w2 < kGroupWarps; ++w2) sum += part_buf[(w2 * 4 + i) * 32 + l];
       const uint32_t row = wk.t.tile * 16 + mrow;
       __nv_bfloat16* y = m.y;
-      if (op.epilogue == kAdd) {
+      if (op.kind == kAdd) {
         const float delta = __bfloat162float(__float2bfloat16_rn(sum));
         __stcg(y + row, __float2bfloat16_rn(__bfloat162float(__ldcg(y + row)) + delta));
-      } else if (op.epilogue == kSwiglu) {
+      } else if (op.kind == kSwiglu) {
         const float value = __bfloat162float(__float2bfloat16_rn(sum));
         if (wk.t.matrix == 0) {
           pend[mrow] = value;  // the gate row; its up tile comes next in this group
@@ -408,11 +647,22 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
 
   Work next{0, 0, 0, 0, {0, 0, false}, true};
   advance(next, true);
-  Stage stage_a, stage_b;
-  int which = 0;
+  auto stamp = [&](int o, int what) {  // the global timer, for layerpack-bench-chain
+    if (p.timeline != nullptr && threadIdx.x == 0) {
+      unsigned long long ns;
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
+      p.timeline[(blockIdx.x * (kMaxDeviceOps + 1) + o) * 3 + what] = ns;
+    }
+  };
+  stamp(kMaxDeviceOps, 0);  // consumers ready
   for (int o = 0; o < p.ops; ++o) {
     const DeviceOp& op = p.op[o];
     const NormWeights norm_weights = prefetch_norm(op);
+    // The op's nested code tables need no previous op: loaded before the wait (every
+    // warp of this block is past the last op, whose end is a barrier).
+    if (op.kind != kAttention && op.kind != kCombine)
+      for (int i = threadIdx.x; i < op.count * 256; i += kConsumerWarps * 32)
+        nested_code[i] = __ldg(op.m[i >> 8].nested_code + (i & 255));
     if (o > 0) {  // this op's x is the last op's output: wait until every block is done with it
       if (threadIdx.x == 0) {
         const unsigned target = gridDim.x;
@@ -421,11 +671,27 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
           asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(p.done + o - 1) : "memory");
         } while (seen < target);
       }
-      consumers_sync();  // also: every warp is past the last op's reads of nested_code and xs
+      consumers_sync();
     }
-    for (int i = threadIdx.x; i < op.count * 256; i += kConsumerWarps * 32)
-      nested_code[i] = __ldg(op.m[i >> 8].nested_code + (i & 255));
-    load_op_x(op, xs, reinterpret_cast<float*>(smem + kReduceOff), norm_weights);  // ends with a barrier
+    stamp(o, 0);
+    if (op.kind == kAttention) {
+      float* q_rotated = reinterpret_cast<float*>(xs) + warp * 128;
+      // Units go to one warp per SM first (an SM's load units are the bottleneck of a unit).
+      const int worker = warp * gridDim.x + blockIdx.x, workers = gridDim.x * kConsumerWarps;
+      if (op.attention.head_dim == 128)
+        attention_units<128>(op.attention, q_rotated, lane, worker, workers);
+      else
+        attention_units<64>(op.attention, q_rotated, lane, worker, workers);
+    } else if (op.kind == kCombine) {
+      combine_units(op.attention, lane, warp * gridDim.x + blockIdx.x, gridDim.x * kConsumerWarps);
+    } else {
+      load_op_x(op, xs, reinterpret_cast<float*>(smem + kReduceOff), norm_weights);  // ends with a barrier
+    }
+    stamp(o, 1);
+    // The op's items, fetched one ahead (the stages live inside an op only, so the
+    // attention steps do not keep them in registers).
+    Stage stage_a, stage_b;
+    int which = 0;
     if (next.valid && next.op == o) {
       if (which == 0)
         fetch(next, stage_a);
@@ -448,6 +714,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
     // Every output of this block for this op is stored (the barrier orders the
     // groups' stores before thread 0's release): count the block done.
     consumers_sync();
+    stamp(o, 2);
     if (threadIdx.x == 0) {
       __threadfence();
       const unsigned before = atomicAdd(p.done + o, 1u);
@@ -490,15 +757,40 @@ std::string matrix_supports(const NF4Matrix& m) {
 
 }  // namespace
 
+int nf4_chain_matrices(const ChainOp& op) {
+  if (op.is_attention) return 0;
+  if (op.epilogue == ChainEpilogue::swiglu) return 2;
+  if (op.epilogue == ChainEpilogue::add_to_output) return 1;
+  return op.matrices;
+}
+
+size_t nf4_chain_attention_scratch_bytes(int q_heads, int head_dim) {
+  return static_cast<size_t>(q_heads) * kMaxChunksPerHead * (head_dim + 2) * sizeof(float);
+}
+
 std::string nf4_chain_supports(const ChainOp& op) {
-  const int count = op.epilogue == ChainEpilogue::swiglu ? 2 : 1;
+  if (op.is_attention) {
+    const ChainAttention& a = op.attention;
+    if (a.head_dim != 64 && a.head_dim != 128)
+      return "attention head_dim " + std::to_string(a.head_dim) + " is not 64 or 128";
+    if (a.q_heads <= 0 || a.kv_heads <= 0 || a.q_heads % a.kv_heads != 0) return "q heads not a multiple of kv heads";
+    if (!a.q || !a.k_new || !a.v_new || !a.position || !a.inv_freq || !a.k_cache || !a.v_cache || !a.out ||
+        !a.scratch || a.capacity <= 0)
+      return "an attention pointer or the capacity is missing";
+    return "";
+  }
+  const int count = nf4_chain_matrices(op);
+  if (count < 1 || count > 3) return "a store op has 1 to 3 matrices";
   for (int i = 0; i < count; ++i) {
     const std::string why = matrix_supports(op.weight[i]);
     if (!why.empty()) return why;
+    if (op.weight[i].cols != op.weight[0].cols) return "its matrices differ in cols";
   }
-  if (count == 2 && (op.weight[0].rows != op.weight[1].rows || op.weight[0].cols != op.weight[1].cols))
+  if (op.epilogue == ChainEpilogue::swiglu && op.weight[0].rows != op.weight[1].rows)
     return "gate and up differ in shape";
-  if (op.x == nullptr || op.y == nullptr) return "no input or output";
+  if (op.x == nullptr) return "no input";
+  for (int i = 0; i < (op.epilogue == ChainEpilogue::store ? count : 1); ++i)
+    if (op.y[i] == nullptr) return "no output";
   if (reinterpret_cast<uintptr_t>(op.x) % 16 != 0) return "x not 16-byte aligned";
   if (op.norm_weight != nullptr && reinterpret_cast<uintptr_t>(op.norm_weight) % 16 != 0)
     return "norm weight not 16-byte aligned";
@@ -525,13 +817,21 @@ cudaError_t NF4ChainPlan::create(const ChainOp* ops, int count, std::unique_ptr<
   err = cudaGetDeviceProperties(&prop, device);
   if (err != cudaSuccess) return err;
   if (prop.major != 9) return refuse("the chain kernel is built and measured for sm_90 (Hopper) only");
+  const float* code = nullptr;  // every matrix's, the first one's
+  int matrices = 0;
   for (int i = 0; i < count; ++i) {
     const std::string reason = nf4_chain_supports(ops[i]);
     if (!reason.empty()) return refuse("op " + std::to_string(i) + ": " + reason);
-    for (int j = 0; j < (ops[i].epilogue == ChainEpilogue::swiglu ? 2 : 1); ++j)
-      if (std::memcmp(ops[i].weight[j].code_on_host_values, ops[0].weight[0].code_on_host_values, 64) != 0)
-        return refuse("op " + std::to_string(i) + ": a code table unlike op 0's");
+    if (ops[i].is_attention) continue;
+    const int n = nf4_chain_matrices(ops[i]);
+    for (int j = 0; j < n; ++j) {
+      if (code == nullptr) code = ops[i].weight[j].code_on_host_values;
+      if (std::memcmp(ops[i].weight[j].code_on_host_values, code, 64) != 0)
+        return refuse("op " + std::to_string(i) + ": a code table unlike the first matrix's");
+    }
+    matrices += n;
   }
+  if (matrices > kMaxChainMatrices) return refuse("more than " + std::to_string(kMaxChainMatrices) + " matrices");
 
   PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
   cudaDriverEntryPointQueryResult found{};
@@ -544,42 +844,58 @@ cudaError_t NF4ChainPlan::create(const ChainOp* ops, int count, std::unique_ptr<
   std::unique_ptr<NF4ChainPlan> made(new NF4ChainPlan());
   Params& p = *made->params_;
   std::memset(&p, 0, sizeof p);
-  p.ops = count;
-  std::memcpy(p.code_values, ops[0].weight[0].code_on_host_values, sizeof p.code_values);
+  if (code != nullptr) std::memcpy(p.code_values, code, sizeof p.code_values);
+  int next_map = 0;
   for (int i = 0; i < count; ++i) {
     const ChainOp& op = ops[i];
-    DeviceOp& d = p.op[i];
-    d.epilogue = epilogue_code(op.epilogue);
-    d.count = op.epilogue == ChainEpilogue::swiglu ? 2 : 1;
+    if (op.is_attention) {  // two device ops: the units, then the combine
+      const ChainAttention& a = op.attention;
+      DeviceAttention da{a.q,       a.k_new,    a.v_new,          a.position, a.inv_freq, a.k_cache,
+                         a.v_cache, a.capacity, a.sliding_window, a.q_heads,  a.kv_heads, a.head_dim,
+                         a.scale,   a.out,      a.scratch};
+      for (int kind : {kAttention, kCombine}) {
+        DeviceOp& d = p.op[p.ops++];
+        d.kind = kind;
+        d.attention = da;
+      }
+      continue;
+    }
+    DeviceOp& d = p.op[p.ops++];
+    d.kind = epilogue_code(op.epilogue);
+    d.count = nf4_chain_matrices(op);
     d.cols = static_cast<uint32_t>(op.weight[0].cols);
-    d.tiles = static_cast<uint32_t>(op.weight[0].rows / 16);
     d.x = op.x;
     d.norm_weight = op.norm_weight;
     d.eps = op.eps;
+    uint32_t tiles = 0;
     for (int j = 0; j < d.count; ++j) {
       const NF4Matrix& m = op.weight[j];
       d.m[j].nested_absmax = m.nested_absmax;
       d.m[j].nested_code = m.nested_code;
       d.m[j].nested_offset = m.nested_offset;
-      d.m[j].first_tile = 0;
-      d.m[j].y = op.y;
+      d.m[j].first_tile = tiles;
+      d.m[j].y = op.epilogue == ChainEpilogue::store ? op.y[j] : op.y[0];
+      d.m[j].map = static_cast<uint32_t>(next_map);
+      if (d.kind != kSwiglu) tiles += static_cast<uint32_t>(m.rows / 16);
       const cuuint64_t rows = static_cast<cuuint64_t>(m.rows), cols = static_cast<cuuint64_t>(m.cols);
       const cuuint64_t weight_dims[2] = {cols / 2, rows}, weight_strides[1] = {cols / 2};
       const cuuint32_t weight_box[2] = {128, 16}, ones[2] = {1, 1};
       CUresult r =
-          encode(&p.maps[i][j][0], CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<uint8_t*>(m.packed), weight_dims,
+          encode(&p.maps[next_map][0], CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<uint8_t*>(m.packed), weight_dims,
                  weight_strides, weight_box, ones, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                  CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
       const cuuint64_t absmax_dims[2] = {cols / 64, rows}, absmax_strides[1] = {cols / 64};
       const cuuint32_t absmax_box[2] = {kAbsmaxRowBytes, 16};
       if (r == CUDA_SUCCESS)
-        r = encode(&p.maps[i][j][1], CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<uint8_t*>(m.absmax_u8), absmax_dims,
-                   absmax_strides, absmax_box, ones, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
-                   CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+        r = encode(&p.maps[next_map][1], CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<uint8_t*>(m.absmax_u8),
+                   absmax_dims, absmax_strides, absmax_box, ones, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                   CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
       if (r != CUDA_SUCCESS)
         return refuse("op " + std::to_string(i) + ": encoding a tensor map failed (CUresult " + std::to_string(r) +
                       ")");
+      ++next_map;
     }
+    d.tiles = d.kind == kSwiglu ? static_cast<uint32_t>(op.weight[0].rows / 16) : tiles;
   }
 
   err = cudaFuncSetAttribute(nf4_chain_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
@@ -589,14 +905,18 @@ cudaError_t NF4ChainPlan::create(const ChainOp* ops, int count, std::unique_ptr<
   if (err != cudaSuccess) return err;
   if (per_sm < 1) return refuse("one block of the chain kernel does not fit an SM");
   made->grid_ = prop.multiProcessorCount;
-  err = cudaMalloc(&made->counters_, kMaxChainOps * sizeof(unsigned));
+  err = cudaMalloc(&made->counters_, kMaxDeviceOps * sizeof(unsigned));
   if (err != cudaSuccess) return err;
-  err = cudaMemset(made->counters_, 0, kMaxChainOps * sizeof(unsigned));
+  err = cudaMemset(made->counters_, 0, kMaxDeviceOps * sizeof(unsigned));
   if (err != cudaSuccess) return err;
   p.done = made->counters_;
   *plan = std::move(made);
   return cudaSuccess;
 }
+
+void NF4ChainPlan::set_timeline(unsigned long long* timeline) { params_->timeline = timeline; }
+
+int NF4ChainPlan::device_ops() const { return params_->ops; }
 
 cudaError_t NF4ChainPlan::launch(cudaStream_t stream) const {
   cudaLaunchConfig_t config{};

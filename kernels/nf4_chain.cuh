@@ -17,7 +17,8 @@
 // What a chain accepts (nf4_chain_supports says why not): double-quantized NF4 with
 // blocksize 64 and nested blocksize 256, cols a multiple of 2048 and at most 28672,
 // rows a multiple of 16, packed weights and u8 absmax 16-byte aligned, one code
-// table (code_on_host) for every matrix, at most 4 ops, sm_90 (tensor-map copies).
+// table (code_on_host) for every matrix, at most 6 ops and 8 matrices, sm_90 (tensor-map
+// copies). Attention ops: head_dim 64 or 128, q_heads a multiple of kv_heads.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -32,21 +33,55 @@
 namespace layerpack::kernels {
 
 enum class ChainEpilogue {
-  store,          // y = bf16(W x)
-  add_to_output,  // y = bf16(y + bf16(W x))
-  swiglu,         // two matrices (gate, up) of equal shape: y = bf16(silu(bf16(G x)) * bf16(U x))
+  store,          // y[i] = bf16(W[i] x) for each of the op's 1..3 matrices
+  add_to_output,  // y[0] = bf16(y[0] + bf16(W x))
+  swiglu,         // two matrices (gate, up) of equal shape: y[0] = bf16(silu(bf16(G x)) * bf16(U x))
 };
 
+// Decode attention of one token at position *position over one sequence's cache,
+// as kernels/rope.cuh + attention.cuh do it in three launches: q and the new k
+// rotated (RoPE, rope_pair's arithmetic, rounded to bf16), k and v appended at the
+// position, then softmax(q k^T * scale) v over positions [max(0, length - window),
+// length), length = position + 1, grouped-query. Inside the chain: units of (q head,
+// chunk of positions) over every consumer warp, fp32 running max and sum per unit,
+// then a combine step (its own wait) writing `out`.
+struct ChainAttention {
+  const __nv_bfloat16* q = nullptr;      // [q_heads, head_dim], before RoPE
+  const __nv_bfloat16* k_new = nullptr;  // [kv_heads, head_dim], before RoPE
+  const __nv_bfloat16* v_new = nullptr;  // [kv_heads, head_dim]
+  const int32_t* position = nullptr;     // device: the token's position
+  const float* inv_freq = nullptr;       // device: [head_dim / 2]
+  __nv_bfloat16* k_cache = nullptr;      // this layer's and sequence's [kv_heads][capacity][head_dim]
+  __nv_bfloat16* v_cache = nullptr;
+  int64_t capacity = 0;
+  int q_heads = 0, kv_heads = 0, head_dim = 0;  // head_dim 64 or 128
+  float scale = 0.0f;
+  int64_t sliding_window = 0;    // 0: none
+  __nv_bfloat16* out = nullptr;  // [q_heads, head_dim]
+  float* scratch = nullptr;      // nf4_chain_attention_scratch_bytes(q_heads, head_dim) of device memory
+};
+
+// Device scratch an attention op needs: fp32 partial results of up to 64 chunks per q head.
+size_t nf4_chain_attention_scratch_bytes(int q_heads, int head_dim);
+
 struct ChainOp {
-  NF4Matrix weight[2];  // swiglu: gate, up; otherwise weight[0] only
+  bool is_attention = false;  // true: `attention` below; false: an NF4 product
+  NF4Matrix weight[3];        // store: 1..3 matrices reading one x; swiglu: gate, up; add_to_output: 1
+  int matrices = 1;
   ChainEpilogue epilogue = ChainEpilogue::store;
   const __nv_bfloat16* x = nullptr;    // [cols]
   const float* norm_weight = nullptr;  // non-null: the op's input is RMSNorm(x) * norm_weight
   float eps = 1e-5f;
-  __nv_bfloat16* y = nullptr;  // [rows]
+  __nv_bfloat16* y[3] = {};  // [rows] per matrix (swiglu, add_to_output: y[0])
+  ChainAttention attention;
 };
 
-constexpr int kMaxChainOps = 4;
+constexpr int kMaxChainOps = 6;                       // a decoder layer: q/k/v, attention, o, gate/up, down
+constexpr int kMaxChainMatrices = 8;                  // its 7 NF4 matrices
+constexpr int kMaxChainDeviceOps = kMaxChainOps + 2;  // an attention op runs as 2 (units, combine)
+
+// NF4 matrices `op` reads: swiglu 2, add_to_output 1, store `matrices`, attention 0.
+int nf4_chain_matrices(const ChainOp& op);
 
 // Empty when `op` can run in a chain, else the reason (for logs and fallbacks).
 std::string nf4_chain_supports(const ChainOp& op);
@@ -66,6 +101,14 @@ class NF4ChainPlan {
 
   // One cooperative launch on `stream` (capturable in a CUDA graph).
   cudaError_t launch(cudaStream_t stream) const;
+
+  // Diagnostics (layerpack-bench-chain): each block writes the global timer (ns), per
+  // device op, when its wait ended, its input was ready and it was done, into
+  // [blocks()][kMaxChainDeviceOps + 1][3]; entry [block][kMaxChainDeviceOps][0] is when
+  // its consumers were ready. Null turns it off.
+  void set_timeline(unsigned long long* timeline);
+  int device_ops() const;  // an attention op counts 2 (its units, its combine)
+  int blocks() const { return grid_; }
 
   struct Params;
 

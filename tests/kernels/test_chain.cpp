@@ -8,11 +8,14 @@
 
 #include "kernel_test_util.h"
 #include "kernels/activation.cuh"
+#include "kernels/attention.cuh"
 #include "kernels/nf4_chain.cuh"
 #include "kernels/nf4_chain_reference.h"
 #include "kernels/nf4_matvec.cuh"
 #include "kernels/nf4_matvec_reference.h"
 #include "kernels/norm.cuh"
+#include "kernels/rope.cuh"
+#include "kernels/rope_reference.h"
 #include "random_nf4.h"
 
 namespace layerpack::kernels::testing {
@@ -81,18 +84,18 @@ struct LayerChain {
     out[0].weight[0] = view(*o);
     out[0].epilogue = ChainEpilogue::add_to_output;
     out[0].x = att;
-    out[0].y = hid;
+    out[0].y[0] = hid;
     out[1].weight[0] = view(*gate);
     out[1].weight[1] = view(*up);
     out[1].epilogue = ChainEpilogue::swiglu;
     out[1].x = hid;
     out[1].norm_weight = device ? d_norm.get() : norm.data();
     out[1].eps = 1e-5f;
-    out[1].y = act;
+    out[1].y[0] = act;
     out[2].weight[0] = view(*down);
     out[2].epilogue = ChainEpilogue::add_to_output;
     out[2].x = act;
-    out[2].y = hid;
+    out[2].y[0] = hid;
     return out;
   }
 };
@@ -165,6 +168,189 @@ TEST(NF4Chain, MatchesReferenceAndLaunches) {
   check_layer_chain(rng, 4096, 14336);  // Llama-3-8B: more tiles than blocks, K = 7 chunks
 }
 
+// A whole decoder layer as the runtime chains a decode step: RMSNorm + q/k/v,
+// RoPE + KV append + attention, o + residual, RMSNorm + gate/up + SwiGLU, down +
+// residual, against the CPU reference and the library's separate launches.
+struct WholeLayer {
+  int heads, kv_heads, head_dim;
+  int64_t hidden_size, intermediate, capacity;
+  int position;
+  int64_t window;
+  std::unique_ptr<RandomNF4> q, k, v;
+  LayerChain mlp;
+  std::vector<float> attention_norm, inv_freq;
+  std::vector<uint16_t> keys, values;  // the cache before this token: random rows below the position
+  DeviceBuffer<uint16_t> d_q, d_k, d_v, d_keys, d_values;
+  DeviceBuffer<float> d_attention_norm, d_inv_freq, d_scratch;
+  DeviceBuffer<int32_t> d_position;
+
+  WholeLayer(std::mt19937& rng, int heads_, int kv_heads_, int head_dim_, int64_t intermediate_, int position_,
+             int64_t window_ = 0)
+      : heads(heads_),
+        kv_heads(kv_heads_),
+        head_dim(head_dim_),
+        hidden_size(int64_t(heads_) * head_dim_),
+        intermediate(intermediate_),
+        capacity(position_ + 37),
+        position(position_),
+        window(window_),
+        mlp(rng, int64_t(heads_) * head_dim_, intermediate_) {
+    q = std::make_unique<RandomNF4>(rng, hidden_size, hidden_size, true);
+    k = std::make_unique<RandomNF4>(rng, int64_t(kv_heads) * head_dim, hidden_size, true);
+    v = std::make_unique<RandomNF4>(rng, int64_t(kv_heads) * head_dim, hidden_size, true);
+    attention_norm = random_floats(rng, hidden_size, 0.5f, 1.5f);
+    auto freq = rope_inv_freq(static_cast<uint32_t>(head_dim), 500000.0f, RopeScaling{});
+    inv_freq = freq.value();
+    const size_t cache = static_cast<size_t>(kv_heads) * capacity * head_dim;
+    keys = random_bf16(rng, cache, -2.0f, 2.0f);
+    values = random_bf16(rng, cache, -2.0f, 2.0f);
+    d_q.allocate(hidden_size);
+    d_k.allocate(int64_t(kv_heads) * head_dim);
+    d_v.allocate(int64_t(kv_heads) * head_dim);
+    d_keys.allocate(cache);
+    d_values.allocate(cache);
+    d_attention_norm.allocate(hidden_size);
+    d_attention_norm.upload(attention_norm);
+    d_inv_freq.allocate(inv_freq.size());
+    d_inv_freq.upload(inv_freq);
+    d_scratch.allocate(nf4_chain_attention_scratch_bytes(heads, head_dim) / sizeof(float));
+    d_position.allocate(1);
+    d_position.upload({position});
+  }
+
+  void reset_device() {
+    mlp.d_hidden.upload(mlp.hidden);
+    d_keys.upload(keys);
+    d_values.upload(values);
+  }
+
+  std::vector<ChainOp> ops(bool device, uint16_t* h_hidden, uint16_t* h_act, uint16_t* h_q, uint16_t* h_k,
+                           uint16_t* h_v, uint16_t* h_attention, uint16_t* h_keys, uint16_t* h_values,
+                           const int32_t* h_position) {
+    std::vector<ChainOp> out(2);
+    ChainOp& qkv = out[0];
+    qkv.matrices = 3;
+    qkv.weight[0] = with_host_code(device ? q->device_view : q->host_view);
+    qkv.weight[1] = with_host_code(device ? k->device_view : k->host_view);
+    qkv.weight[2] = with_host_code(device ? v->device_view : v->host_view);
+    qkv.x = device ? as_bf16(mlp.d_hidden.get()) : as_bf16(h_hidden);
+    qkv.norm_weight = device ? d_attention_norm.get() : attention_norm.data();
+    qkv.eps = 1e-5f;
+    qkv.y[0] = device ? as_bf16(d_q.get()) : as_bf16(h_q);
+    qkv.y[1] = device ? as_bf16(d_k.get()) : as_bf16(h_k);
+    qkv.y[2] = device ? as_bf16(d_v.get()) : as_bf16(h_v);
+    ChainAttention& a = out[1].attention;
+    out[1].is_attention = true;
+    a.q = qkv.y[0];
+    a.k_new = qkv.y[1];
+    a.v_new = qkv.y[2];
+    a.position = device ? d_position.get() : h_position;
+    a.inv_freq = device ? d_inv_freq.get() : inv_freq.data();
+    a.k_cache = device ? as_bf16(d_keys.get()) : as_bf16(h_keys);
+    a.v_cache = device ? as_bf16(d_values.get()) : as_bf16(h_values);
+    a.capacity = capacity;
+    a.q_heads = heads;
+    a.kv_heads = kv_heads;
+    a.head_dim = head_dim;
+    a.scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+    a.sliding_window = window;
+    a.out = device ? as_bf16(mlp.d_attention.get()) : as_bf16(h_attention);
+    a.scratch = device ? d_scratch.get() : nullptr;
+    const std::vector<ChainOp> rest = mlp.ops(device, h_hidden, h_act, h_attention);
+    out.insert(out.end(), rest.begin(), rest.end());
+    return out;
+  }
+};
+
+void check_whole_layer(WholeLayer& layer, const std::string& what) {
+  const int64_t kv_width = int64_t(layer.kv_heads) * layer.head_dim;
+  // CPU reference.
+  std::vector<uint16_t> hidden = layer.mlp.hidden, act(layer.intermediate), q(layer.hidden_size), k(kv_width),
+                        v(kv_width), ref_attention(layer.hidden_size), keys = layer.keys, values = layer.values;
+  const std::vector<ChainOp> host_ops = layer.ops(false, hidden.data(), act.data(), q.data(), k.data(), v.data(),
+                                                  ref_attention.data(), keys.data(), values.data(), &layer.position);
+  reference::nf4_chain(host_ops.data(), static_cast<int>(host_ops.size()));
+
+  const std::vector<ChainOp> ops =
+      layer.ops(true, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr);
+  std::unique_ptr<NF4ChainPlan> plan;
+  std::string why;
+  CUDA_OK(NF4ChainPlan::create(ops.data(), static_cast<int>(ops.size()), &plan, &why));
+  ASSERT_TRUE(why.empty()) << why;
+  layer.reset_device();
+  layer.mlp.d_attention.poison();
+  CUDA_OK(plan->launch(nullptr));
+  CUDA_OK(cudaDeviceSynchronize());
+  const std::vector<uint16_t> chained_hidden = layer.mlp.d_hidden.download(),
+                              chained_attention = layer.mlp.d_attention.download(),
+                              chained_keys = layer.d_keys.download(), chained_values = layer.d_values.download();
+  expect_close(bf16_to_floats(chained_attention), bf16_to_floats(ref_attention), kBf16Tolerance, what + " attention");
+  expect_close(bf16_to_floats(chained_hidden), bf16_to_floats(hidden), kBf16Tolerance, what + " hidden");
+  expect_close(bf16_to_floats(chained_keys), bf16_to_floats(keys), kBf16Tolerance, what + " keys");
+  expect_close(bf16_to_floats(chained_values), bf16_to_floats(values), kBf16Tolerance, what + " values");
+
+  // The library's launches, from the same state.
+  layer.reset_device();
+  DeviceBuffer<uint16_t> normed(layer.hidden_size);
+  CUDA_OK(rms_norm(as_bf16(layer.mlp.d_hidden.get()), layer.d_attention_norm.get(), 1e-5f, 1, layer.hidden_size,
+                   as_bf16(normed.get()), nullptr));
+  NF4Matrix qkv[3] = {ops[0].weight[0], ops[0].weight[1], ops[0].weight[2]};
+  __nv_bfloat16* qkv_out[3] = {as_bf16(layer.d_q.get()), as_bf16(layer.d_k.get()), as_bf16(layer.d_v.get())};
+  MatvecRope rope;
+  rope.positions = layer.d_position.get();
+  rope.inv_freq = layer.d_inv_freq.get();
+  rope.head_dim = layer.head_dim;
+  rope.cache.v_new = as_bf16(layer.d_v.get());
+  rope.cache.k_cache = as_bf16(layer.d_keys.get());
+  rope.cache.v_cache = as_bf16(layer.d_values.get());
+  rope.cache.capacity = layer.capacity;
+  ASSERT_TRUE(nf4_matvec_rope_applies(qkv, 3, rope)) << what;
+  CUDA_OK(nf4_matvec_group(qkv, qkv_out, 3, as_bf16(normed.get()), 1, MatvecEpilogue::store, nullptr, &rope));
+  AttentionArgs args;
+  args.q = as_bf16(layer.d_q.get());
+  args.k_cache = as_bf16(layer.d_keys.get());
+  args.v_cache = as_bf16(layer.d_values.get());
+  args.capacity = layer.capacity;
+  DeviceBuffer<int32_t> length(1);
+  length.upload({layer.position + 1});
+  args.kv_lengths = length.get();
+  args.max_kv_length = layer.capacity;
+  args.queries = 1;
+  args.q_heads = layer.heads;
+  args.kv_heads = layer.kv_heads;
+  args.head_dim = layer.head_dim;
+  args.scale = 1.0f / std::sqrt(static_cast<float>(layer.head_dim));
+  args.sliding_window = layer.window;
+  args.out = as_bf16(layer.mlp.d_attention.get());
+  DeviceBuffer<uint8_t> workspace(attention_workspace_bytes(args));
+  CUDA_OK(cudaMemset(workspace.get(), 0, workspace.size()));
+  CUDA_OK(attention(args, workspace.get(), workspace.size(), nullptr));
+  CUDA_OK(cudaDeviceSynchronize());
+  // The rotated k and v rows: the same products and rotation, up to the folded norm's ulps.
+  expect_close(bf16_to_floats(chained_keys), bf16_to_floats(layer.d_keys.download()), 2e-3, what + " keys vs launches");
+  expect_close(bf16_to_floats(chained_values), bf16_to_floats(layer.d_values.download()), 2e-3,
+               what + " values vs launches");
+  expect_close(bf16_to_floats(chained_attention), bf16_to_floats(layer.mlp.d_attention.download()), 4e-3,
+               what + " attention vs launches");
+}
+
+TEST(NF4Chain, WholeLayerMatchesReferenceAndLaunches) {
+  SKIP_WITHOUT_CHAIN();
+  std::mt19937 rng(781);
+  // Positions: the first token, a part of one 32-position step, exact steps, several
+  // chunks, and past 64 chunks of 32 (chunks of 64 positions).
+  for (int position : {0, 1, 31, 32, 100, 2047, 2600}) {
+    WholeLayer layer(rng, 16, 4, 128, 4096, position);
+    check_whole_layer(layer, "GQA 16/4 x 128, position " + std::to_string(position));
+  }
+  WholeLayer no_gqa(rng, 32, 32, 64, 2048, 77);  // head_dim 64, as many kv heads as q heads
+  check_whole_layer(no_gqa, "MHA 32 x 64, position 77");
+  WholeLayer windowed(rng, 16, 8, 128, 2048, 300, 100);  // Mistral-style sliding window
+  check_whole_layer(windowed, "window 100, position 300");
+  WholeLayer llama3(rng, 32, 8, 128, 14336, 40);  // Llama-3-8B
+  check_whole_layer(llama3, "Llama-3-8B, position 40");
+}
+
 TEST(NF4Chain, LargestColumnsAndUnevenTiles) {
   SKIP_WITHOUT_CHAIN();
   std::mt19937 rng(778);
@@ -179,7 +365,7 @@ TEST(NF4Chain, LargestColumnsAndUnevenTiles) {
   ChainOp op;
   op.weight[0] = with_host_code(w.device_view);
   op.x = as_bf16(dx.get());
-  op.y = as_bf16(dy.get());
+  op.y[0] = as_bf16(dy.get());
   std::unique_ptr<NF4ChainPlan> plan;
   std::string why;
   CUDA_OK(NF4ChainPlan::create(&op, 1, &plan, &why));
@@ -230,7 +416,7 @@ TEST(NF4Chain, RefusesWhatItCannotRun) {
     ChainOp op;
     op.weight[0] = m;
     op.x = as_bf16(dx.get());
-    op.y = as_bf16(dy.get());
+    op.y[0] = as_bf16(dy.get());
     std::unique_ptr<NF4ChainPlan> plan;
     std::string why;
     EXPECT_EQ(NF4ChainPlan::create(&op, 1, &plan, &why), cudaErrorInvalidValue);
@@ -257,7 +443,7 @@ TEST(NF4Chain, RefusesWhatItCannotRun) {
   ops[1].weight[0].code_on_host_values[3] += 0.01f;
   for (ChainOp& op : ops) {
     op.x = as_bf16(dx.get());
-    op.y = as_bf16(dy.get());
+    op.y[0] = as_bf16(dy.get());
   }
   std::unique_ptr<NF4ChainPlan> plan;
   std::string why;

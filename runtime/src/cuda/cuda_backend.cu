@@ -222,8 +222,8 @@ class CudaBackend : public Backend {
     const std::string selection = token_selection_ ? "; greedy / top-k tokens picked on the GPU"
                                                    : "; logits sampled on the host (LAYERPACK_CUDA_SELECT=0)";
     const std::string chain = !chain_note_.empty() ? "; " + chain_note_
-                              : chain_enabled_ ? "; decode o/gate/up/down chained in one persistent launch per layer"
-                                               : "; decode MLP chain off (LAYERPACK_CUDA_CHAIN=0)";
+                              : chain_enabled_     ? "; decode layers in one persistent launch each (NF4 chain)"
+                                                   : "; decode MLP chain off (LAYERPACK_CUDA_CHAIN=0)";
     if (!graph_note_.empty()) return description_ + fused + chain + selection + "; " + graph_note_;
     return description_ + fused + chain + selection +
            (graphs_enabled_ ? "; decode layers replayed as CUDA graphs"
@@ -362,13 +362,20 @@ class CudaBackend : public Backend {
   Result<kernels::NF4Matrix> nf4_view(const TensorInfo& weight, const DeviceSlot& slot) const;
   std::string graph_note_;
   std::map<std::tuple<uint32_t, SlotId, uint32_t>, cudaGraphExec_t> graphs_;
-  // Decode of one row: the layer's MLP half (o_proj + residual, RMSNorm + gate/up +
-  // SwiGLU, down_proj + residual) in ONE persistent launch (kernels/nf4_chain.cuh),
-  // planned once per (layer, slot buffer) before any graph capture; null where the
-  // chain does not apply (chain_note_ says why, once).
-  Status plan_mlp_chain(uint32_t layer, const DeviceSlot& slot);
+  // Decode of one row in ONE persistent launch per layer (kernels/nf4_chain.cuh):
+  // the whole layer (RMSNorm + q/k/v, RoPE + KV append + attention, o + residual,
+  // RMSNorm + gate/up + SwiGLU, down + residual) where it applies, else its MLP half
+  // (from o_proj on), else nothing. Planned once per (layer, slot buffer, sequence)
+  // before any graph capture; chain_note_ says why a layer got less (first case).
+  struct LayerChain {
+    std::unique_ptr<kernels::NF4ChainPlan> plan;
+    bool whole_layer = false;
+  };
+  Status plan_layer_chain(uint32_t layer, const DeviceSlot& slot, uint32_t sequence);
+  const LayerChain* layer_chain(uint32_t layer, const DeviceSlot& slot, uint32_t sequence) const;
   bool chain_enabled_ = true;  // LAYERPACK_CUDA_CHAIN=0: the separate launches
-  std::map<std::pair<uint32_t, const uint8_t*>, std::unique_ptr<kernels::NF4ChainPlan>> chain_plans_;
+  float* chain_scratch_ = nullptr;
+  std::map<std::tuple<uint32_t, const uint8_t*, uint32_t>, LayerChain> chain_plans_;
   std::string chain_note_;
 };
 
@@ -544,6 +551,11 @@ Status CudaBackend::initialize(const ModelPack& pack, const KVCacheLayout& kv_la
   attention_workspace_ = workspace_bytes;
   // Its completion counters start at zero; every attention launch leaves them so.
   CUDA_TRY(cudaMemset(workspace_bytes, 0, attention_workspace_bytes_), "clearing the attention workspace");
+  if (chain_enabled_) {
+    const size_t chain_scratch =
+        kernels::nf4_chain_attention_scratch_bytes(static_cast<int>(heads_), static_cast<int>(head_dim_));
+    LAYERPACK_TRY(device_alloc(&chain_scratch_, chain_scratch / sizeof(float), "the decode chain's attention scratch"));
+  }
 
   CUDA_TRY(cudaMemcpy(inverse_frequencies_, inverse->data(), inverse->size() * sizeof(float), cudaMemcpyHostToDevice),
            "uploading RoPE frequencies");
@@ -810,58 +822,112 @@ Result<bool> CudaBackend::grouped_matvec(const char* role, std::initializer_list
   return true;
 }
 
-Status CudaBackend::plan_mlp_chain(uint32_t layer, const DeviceSlot& slot) {
-  const auto key = std::make_pair(layer, static_cast<const uint8_t*>(slot.data));
+const CudaBackend::LayerChain* CudaBackend::layer_chain(uint32_t layer, const DeviceSlot& slot,
+                                                        uint32_t sequence) const {
+  auto it = chain_plans_.find(std::make_tuple(layer, static_cast<const uint8_t*>(slot.data), sequence));
+  return it != chain_plans_.end() && it->second.plan ? &it->second : nullptr;
+}
+
+Status CudaBackend::plan_layer_chain(uint32_t layer, const DeviceSlot& slot, uint32_t sequence) {
+  const auto key = std::make_tuple(layer, static_cast<const uint8_t*>(slot.data), sequence);
   if (chain_plans_.count(key)) return Status::success();
-  std::unique_ptr<kernels::NF4ChainPlan> plan;
+  LayerChain entry;
   std::string why;
   const DecoderTensors& d = pack_->decoder(layer);
   if (!chain_enabled_) {
     why = "off (LAYERPACK_CUDA_CHAIN=0)";
   } else if (!fused_matvecs_) {
     why = "off with the fused matvecs (LAYERPACK_CUDA_FUSED=0)";
-  } else if (!gate_up_tables_equal_[layer]) {
-    why = "gate and up have different code tables";
   } else {
-    bool nf4 = true;
-    for (const TensorInfo* t : {d.o_proj, d.gate_proj, d.up_proj, d.down_proj})
-      nf4 = nf4 && t && t->dtype == DType::nf4;
-    if (!nf4) why = "o/gate/up/down are not all NF4";
+    for (const TensorInfo* t : {d.q_proj, d.k_proj, d.v_proj, d.o_proj, d.gate_proj, d.up_proj, d.down_proj})
+      if (!t || t->dtype != DType::nf4) why = "the layer's matrices are not all NF4";
   }
+  kernels::NF4Matrix views[7];
   if (why.empty()) {
-    auto ffn_norm = vector_pointer(*d.ffn_norm, slot, hidden_);
-    if (!ffn_norm) return ffn_norm.error();
-    kernels::ChainOp ops[3];
-    auto o = nf4_view(*d.o_proj, slot);
-    if (!o) return o.error();
-    auto gate = nf4_view(*d.gate_proj, slot);
-    if (!gate) return gate.error();
-    auto up = nf4_view(*d.up_proj, slot);
-    if (!up) return up.error();
-    auto down = nf4_view(*d.down_proj, slot);
-    if (!down) return down.error();
-    ops[0].weight[0] = o.value();
-    ops[0].epilogue = kernels::ChainEpilogue::add_to_output;
-    ops[0].x = attention_out_;
-    ops[0].y = hidden_state_;
-    ops[1].weight[0] = gate.value();
-    ops[1].weight[1] = up.value();
-    ops[1].epilogue = kernels::ChainEpilogue::swiglu;
-    ops[1].x = hidden_state_;
-    ops[1].norm_weight = ffn_norm.value();
-    ops[1].eps = eps_;
-    ops[1].y = gate_;
-    ops[2].weight[0] = down.value();
-    ops[2].epilogue = kernels::ChainEpilogue::add_to_output;
-    ops[2].x = gate_;
-    ops[2].y = hidden_state_;
-    const cudaError_t err = kernels::NF4ChainPlan::create(ops, 3, &plan, &why);
+    int i = 0;
+    for (const TensorInfo* t : {d.q_proj, d.k_proj, d.v_proj, d.o_proj, d.gate_proj, d.up_proj, d.down_proj}) {
+      auto view = nf4_view(*t, slot);
+      if (!view) return view.error();
+      views[i++] = view.value();
+    }
+  }
+  auto plan = [&](const kernels::ChainOp* ops, int count) -> Status {
+    const cudaError_t err = kernels::NF4ChainPlan::create(ops, count, &entry.plan, &why);
     if (err != cudaSuccess && err != cudaErrorInvalidValue)
       return cuda_error(err, "planning the NF4 chain of layer " + std::to_string(layer));
     if (err != cudaSuccess) cudaGetLastError();  // a refusal is not an error of the stream
+    return Status::success();
+  };
+  if (why.empty()) {
+    auto attention_norm = vector_pointer(*d.attention_norm, slot, hidden_);
+    if (!attention_norm) return attention_norm.error();
+    auto ffn_norm = vector_pointer(*d.ffn_norm, slot, hidden_);
+    if (!ffn_norm) return ffn_norm.error();
+    kernels::ChainOp ops[5];
+    ops[0].matrices = 3;
+    for (int i = 0; i < 3; ++i) ops[0].weight[i] = views[i];
+    ops[0].epilogue = kernels::ChainEpilogue::store;
+    ops[0].x = hidden_state_;
+    ops[0].norm_weight = attention_norm.value();
+    ops[0].eps = eps_;
+    ops[0].y[0] = q_;
+    ops[0].y[1] = k_;
+    ops[0].y[2] = v_;
+    kernels::ChainAttention& a = ops[1].attention;
+    ops[1].is_attention = true;
+    a.q = q_;
+    a.k_new = k_;
+    a.v_new = v_;
+    a.position = row_data_;  // positions[0]: this pass's one row
+    a.inv_freq = inverse_frequencies_;
+    a.k_cache = keys_ + layout_.offset(layer, sequence, 0, 0);
+    a.v_cache = values_ + layout_.offset(layer, sequence, 0, 0);
+    a.capacity = layout_.capacity;
+    a.q_heads = static_cast<int>(heads_);
+    a.kv_heads = static_cast<int>(kv_heads_);
+    a.head_dim = static_cast<int>(head_dim_);
+    a.scale = 1.0f / std::sqrt(static_cast<float>(head_dim_));
+    a.sliding_window = window_;
+    a.out = attention_out_;
+    a.scratch = chain_scratch_;
+    kernels::ChainOp& o = ops[2];
+    o.weight[0] = views[3];
+    o.epilogue = kernels::ChainEpilogue::add_to_output;
+    o.x = attention_out_;
+    o.y[0] = hidden_state_;
+    kernels::ChainOp& gate_up = ops[3];
+    gate_up.weight[0] = views[4];
+    gate_up.weight[1] = views[5];
+    gate_up.epilogue = kernels::ChainEpilogue::swiglu;
+    gate_up.x = hidden_state_;
+    gate_up.norm_weight = ffn_norm.value();
+    gate_up.eps = eps_;
+    gate_up.y[0] = gate_;
+    kernels::ChainOp& down = ops[4];
+    down.weight[0] = views[6];
+    down.epilogue = kernels::ChainEpilogue::add_to_output;
+    down.x = gate_;
+    down.y[0] = hidden_state_;
+    // The whole layer where the q/k/v launch could rotate in its epilogue (no biases or
+    // q/k norms between the product and RoPE), else the MLP half.
+    const bool plain_qkv = !d.q_bias && !d.k_bias && !d.v_bias && !(d.q_norm && d.k_norm);
+    if (plain_qkv && fused_rope_ && chain_scratch_) {
+      LAYERPACK_TRY(plan(ops, 5));
+      entry.whole_layer = entry.plan != nullptr;
+    } else {
+      why = plain_qkv ? "RoPE after q/k/v (LAYERPACK_CUDA_FUSED_ROPE=0)" : "q/k/v biases or norms";
+    }
+    if (!entry.plan) {
+      const std::string whole_why = why;
+      LAYERPACK_TRY(plan(ops + 2, 3));
+      if (entry.plan && chain_note_.empty())
+        chain_note_ = "decode o/gate/up/down chained per layer; the whole layer not: " + whole_why + " (layer " +
+                      std::to_string(layer) + ")";
+    }
   }
-  if (!plan && chain_note_.empty()) chain_note_ = "decode MLP chain " + why + " (layer " + std::to_string(layer) + ")";
-  chain_plans_.emplace(key, std::move(plan));
+  if (!entry.plan && chain_note_.empty())
+    chain_note_ = "decode chain " + why + " (layer " + std::to_string(layer) + ")";
+  chain_plans_.emplace(key, std::move(entry));
   return Status::success();
 }
 
@@ -873,7 +939,7 @@ Status CudaBackend::run_decoder_layer(uint32_t layer, SlotId slot_id, const Toke
   }
   CUDA_TRY(cudaStreamWaitEvent(compute_, slot.ready, 0), "ordering compute after an upload");
   const uint32_t rows = static_cast<uint32_t>(batch.size());
-  if (rows == 1 && single_sequence_) LAYERPACK_TRY(plan_mlp_chain(layer, slot));
+  if (rows == 1 && single_sequence_) LAYERPACK_TRY(plan_layer_chain(layer, slot, batch.sequences[0]));
   if (rows == 1 && graphs_enabled_) {
     LAYERPACK_TRY(layer_graph(layer, slot_id, slot, batch));
   } else {
@@ -924,6 +990,12 @@ Status CudaBackend::layer_rows(uint32_t layer, const DeviceSlot& slot, const Tok
   const int32_t* kv_lengths = row_data_ + pass_rows_ + first;
   const int32_t* row_sequences = row_data_ + 2 * pass_rows_ + first;
 
+  const LayerChain* chain = rows == 1 && single_sequence_ ? layer_chain(layer, slot, batch.sequences[first]) : nullptr;
+  if (chain && chain->whole_layer) {
+    ProfileScope profile(profiler_, "NF4 chain: the whole layer");
+    CUDA_TRY(chain->plan->launch(compute_), "NF4 chain of layer " + std::to_string(layer));
+    return Status::success();
+  }
   auto attention_norm = vector_pointer(*d.attention_norm, slot, hidden_);
   if (!attention_norm) return attention_norm.error();
   auto ffn_norm = vector_pointer(*d.ffn_norm, slot, hidden_);
@@ -1054,13 +1126,10 @@ Status CudaBackend::layer_rows(uint32_t layer, const DeviceSlot& slot, const Tok
     ProfileScope profile(profiler_, "attention");
     CUDA_TRY(kernels::attention(args, attention_workspace_, attention_workspace_bytes_, compute_), "attention");
   }
-  if (rows == 1 && single_sequence_) {
-    auto chain = chain_plans_.find({layer, slot.data});
-    if (chain != chain_plans_.end() && chain->second) {
-      ProfileScope profile(profiler_, "NF4 chain: o (+residual), RMSNorm + gate/up (+SwiGLU), down (+residual)");
-      CUDA_TRY(chain->second->launch(compute_), "NF4 chain (o, gate/up, down) of layer " + std::to_string(layer));
-      return Status::success();
-    }
+  if (chain && !chain->whole_layer) {
+    ProfileScope profile(profiler_, "NF4 chain: o (+residual), RMSNorm + gate/up (+SwiGLU), down (+residual)");
+    CUDA_TRY(chain->plan->launch(compute_), "NF4 chain (o, gate/up, down) of layer " + std::to_string(layer));
+    return Status::success();
   }
   // MLP block: hidden += o_proj(...); normed = RMSNorm(hidden); down(silu(gate) * up).
   // Fused or not, the arithmetic is the same: each product rounded to bf16 first.

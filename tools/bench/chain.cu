@@ -1,0 +1,371 @@
+// layerpack-bench-chain: a Llama-3-8B-shaped decoder layer's decode step (batch 1) as
+// the library's separate launches and as NF4 chains (kernels/nf4_chain.cuh), piece by
+// piece, so kernels/NOTES.md can say where a chain's time goes. Diagnostic: no
+// arguments; random weights (the arithmetic does not depend on them), two layers used
+// in turn (226 MB, more than the L2), 32 launches per CUDA graph, the median of 7
+// replays; prints microseconds per layer and the copy rate measured in the same run.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kernels/attention.cuh"
+#include "kernels/nf4_chain.cuh"
+#include "kernels/nf4_matvec.cuh"
+#include "kernels/norm.cuh"
+#include "layerpack/nf4.h"
+
+namespace {
+
+using layerpack::kernels::NF4Matrix;
+namespace k = layerpack::kernels;
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    std::fprintf(stderr, "CUDA error in %s: %s\n", what, cudaGetErrorString(err));
+    std::exit(1);
+  }
+}
+
+__global__ void fill_bytes(uint8_t* data, size_t n, uint32_t seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    uint32_t h = static_cast<uint32_t>(i) * 0x9e3779b1u ^ seed;
+    h ^= h >> 15;
+    h *= 0x85ebca6bu;
+    h ^= h >> 13;
+    data[i] = static_cast<uint8_t>(h);
+  }
+}
+__global__ void fill_floats(float* data, size_t n, float lo, float hi, uint32_t seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    uint32_t h = static_cast<uint32_t>(i) * 0x9e3779b1u ^ seed;
+    h ^= h >> 16;
+    h *= 0x7feb352du;
+    h ^= h >> 15;
+    data[i] = lo + (hi - lo) * (h & 0xffffff) / float(0x1000000);
+  }
+}
+__global__ void fill_bf16(__nv_bfloat16* data, size_t n, float lo, float hi, uint32_t seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    uint32_t h = static_cast<uint32_t>(i) * 0x9e3779b1u ^ seed;
+    h ^= h >> 16;
+    h *= 0x7feb352du;
+    h ^= h >> 15;
+    data[i] = __float2bfloat16_rn(lo + (hi - lo) * (h & 0xffffff) / float(0x1000000));
+  }
+}
+
+template <class T>
+T* device_array(size_t n) {
+  T* p = nullptr;
+  check(cudaMalloc(&p, n * sizeof(T) + 256), "cudaMalloc");
+  return p;
+}
+
+// A random double-quantized NF4 matrix (blocksize 64, nested 256) in device memory.
+NF4Matrix random_matrix(int64_t rows, int64_t cols, uint32_t seed) {
+  const int64_t n = rows * cols, blocks = n / 64, nested = (blocks + 255) / 256;
+  NF4Matrix m;
+  uint8_t* packed = device_array<uint8_t>(n / 2);
+  uint8_t* absmax = device_array<uint8_t>(blocks);
+  float* nested_absmax = device_array<float>(nested);
+  float* nested_code = device_array<float>(256);
+  float* code = device_array<float>(16);
+  fill_bytes<<<1024, 256>>>(packed, n / 2, seed);
+  fill_bytes<<<256, 256>>>(absmax, blocks, seed + 1);
+  fill_floats<<<64, 256>>>(nested_absmax, nested, 0.02f, 0.08f, seed + 2);
+  fill_floats<<<1, 256>>>(nested_code, 256, -1.0f, 1.0f, seed + 3);
+  check(cudaMemcpy(code, layerpack::nf4::kCodeTable, 64, cudaMemcpyHostToDevice), "code table");
+  m.packed = packed;
+  m.code = code;
+  std::copy(std::begin(layerpack::nf4::kCodeTable), std::end(layerpack::nf4::kCodeTable), m.code_on_host_values);
+  m.code_on_host = true;
+  m.absmax_u8 = absmax;
+  m.nested_absmax = nested_absmax;
+  m.nested_code = nested_code;
+  m.nested_offset = 0.01f;
+  m.double_quant = true;
+  m.rows = rows;
+  m.cols = cols;
+  return m;
+}
+
+constexpr int kHidden = 4096, kIntermediate = 14336, kHeads = 32, kKvHeads = 8, kHeadDim = 128;
+
+struct Layer {
+  NF4Matrix q, k, v, o, gate, up, down;
+  float *attention_norm, *ffn_norm;
+  __nv_bfloat16 *k_cache, *v_cache;
+};
+
+}  // namespace
+
+int main() {
+  cudaDeviceProp prop{};
+  check(cudaGetDeviceProperties(&prop, 0), "device properties");
+  std::printf("device: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
+  const int64_t capacity = 4096;
+  Layer layers[2];
+  for (int i = 0; i < 2; ++i) {
+    Layer& L = layers[i];
+    const uint32_t s = 1000u * (i + 1);
+    L.q = random_matrix(kHidden, kHidden, s + 10);
+    L.k = random_matrix(kKvHeads * kHeadDim, kHidden, s + 20);
+    L.v = random_matrix(kKvHeads * kHeadDim, kHidden, s + 30);
+    L.o = random_matrix(kHidden, kHidden, s + 40);
+    L.gate = random_matrix(kIntermediate, kHidden, s + 50);
+    L.up = random_matrix(kIntermediate, kHidden, s + 60);
+    L.down = random_matrix(kHidden, kIntermediate, s + 70);
+    L.attention_norm = device_array<float>(kHidden);
+    L.ffn_norm = device_array<float>(kHidden);
+    fill_floats<<<16, 256>>>(L.attention_norm, kHidden, 0.5f, 1.5f, s + 80);
+    fill_floats<<<16, 256>>>(L.ffn_norm, kHidden, 0.5f, 1.5f, s + 90);
+    const size_t cache = size_t(kKvHeads) * capacity * kHeadDim;
+    L.k_cache = device_array<__nv_bfloat16>(cache);
+    L.v_cache = device_array<__nv_bfloat16>(cache);
+    fill_bf16<<<1024, 256>>>(L.k_cache, cache, -2.0f, 2.0f, s + 100);
+    fill_bf16<<<1024, 256>>>(L.v_cache, cache, -2.0f, 2.0f, s + 110);
+  }
+  __nv_bfloat16* hidden = device_array<__nv_bfloat16>(kHidden);
+  __nv_bfloat16* normed = device_array<__nv_bfloat16>(kHidden);
+  __nv_bfloat16* q = device_array<__nv_bfloat16>(kHidden);
+  __nv_bfloat16* kk = device_array<__nv_bfloat16>(kKvHeads * kHeadDim);
+  __nv_bfloat16* v = device_array<__nv_bfloat16>(kKvHeads * kHeadDim);
+  __nv_bfloat16* attention_out = device_array<__nv_bfloat16>(kHidden);
+  __nv_bfloat16* act = device_array<__nv_bfloat16>(kIntermediate);
+  fill_bf16<<<16, 256>>>(hidden, kHidden, -1.0f, 1.0f, 7);
+  fill_bf16<<<16, 256>>>(attention_out, kHidden, -1.0f, 1.0f, 8);
+  float* inv_freq = device_array<float>(kHeadDim / 2);
+  std::vector<float> freq(kHeadDim / 2);
+  for (int i = 0; i < kHeadDim / 2; ++i) freq[i] = std::pow(500000.0f, -2.0f * i / kHeadDim);
+  check(cudaMemcpy(inv_freq, freq.data(), freq.size() * 4, cudaMemcpyHostToDevice), "inv_freq");
+  int32_t* position = device_array<int32_t>(1);
+  int32_t* length = device_array<int32_t>(1);
+  float* scratch = device_array<float>(k::nf4_chain_attention_scratch_bytes(kHeads, kHeadDim) / 4);
+  k::AttentionArgs sizing;
+  sizing.queries = 1;
+  sizing.q_heads = kHeads;
+  sizing.kv_heads = kKvHeads;
+  sizing.head_dim = kHeadDim;
+  sizing.max_kv_length = capacity;
+  const size_t workspace_bytes = k::attention_workspace_bytes(sizing);
+  void* workspace = device_array<uint8_t>(workspace_bytes);
+  check(cudaMemset(workspace, 0, workspace_bytes), "workspace");
+  check(cudaDeviceSynchronize(), "fill");
+
+  // The copy rate of this run (device to device, read + write counted once each).
+  double copy_gbs = 0;
+  {
+    const size_t bytes = size_t(512) << 20;
+    uint8_t *a = device_array<uint8_t>(bytes), *b = device_array<uint8_t>(bytes);
+    cudaEvent_t e0, e1;
+    cudaEventCreate(&e0);
+    cudaEventCreate(&e1);
+    check(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice), "copy");
+    cudaEventRecord(e0);
+    for (int i = 0; i < 10; ++i) cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice);
+    cudaEventRecord(e1);
+    check(cudaEventSynchronize(e1), "copy");
+    float ms = 0;
+    cudaEventElapsedTime(&ms, e0, e1);
+    copy_gbs = 2.0 * bytes * 10 / (ms * 1e-3) / 1e9;
+    cudaFree(a);
+    cudaFree(b);
+  }
+  double layer_bytes = 0;
+  for (const NF4Matrix* m :
+       {&layers[0].q, &layers[0].k, &layers[0].v, &layers[0].o, &layers[0].gate, &layers[0].up, &layers[0].down})
+    layer_bytes += m->rows * m->cols / 2.0 + m->rows * m->cols / 64.0;
+  std::printf("copy %.0f GB/s; a layer's NF4 bytes %.1f MB: floor %.1f us\n", copy_gbs, layer_bytes / 1e6,
+              layer_bytes / copy_gbs / 1e3);
+
+  // Chains of each layer: whole, q/k/v, attention, q/k/v + attention, MLP.
+  auto ops_of = [&](const Layer& L) {
+    std::vector<k::ChainOp> ops(5);
+    ops[0].matrices = 3;
+    ops[0].weight[0] = L.q;
+    ops[0].weight[1] = L.k;
+    ops[0].weight[2] = L.v;
+    ops[0].x = hidden;
+    ops[0].norm_weight = L.attention_norm;
+    ops[0].y[0] = q;
+    ops[0].y[1] = kk;
+    ops[0].y[2] = v;
+    k::ChainAttention& a = ops[1].attention;
+    ops[1].is_attention = true;
+    a.q = q;
+    a.k_new = kk;
+    a.v_new = v;
+    a.position = position;
+    a.inv_freq = inv_freq;
+    a.k_cache = L.k_cache;
+    a.v_cache = L.v_cache;
+    a.capacity = capacity;
+    a.q_heads = kHeads;
+    a.kv_heads = kKvHeads;
+    a.head_dim = kHeadDim;
+    a.scale = 1.0f / std::sqrt(float(kHeadDim));
+    a.out = attention_out;
+    a.scratch = scratch;
+    ops[2].weight[0] = L.o;
+    ops[2].epilogue = k::ChainEpilogue::add_to_output;
+    ops[2].x = attention_out;
+    ops[2].y[0] = hidden;
+    ops[3].weight[0] = L.gate;
+    ops[3].weight[1] = L.up;
+    ops[3].epilogue = k::ChainEpilogue::swiglu;
+    ops[3].x = hidden;
+    ops[3].norm_weight = L.ffn_norm;
+    ops[3].y[0] = act;
+    ops[4].weight[0] = L.down;
+    ops[4].epilogue = k::ChainEpilogue::add_to_output;
+    ops[4].x = act;
+    ops[4].y[0] = hidden;
+    return ops;
+  };
+  struct Variant {
+    const char* name;
+    int first, count;
+  };
+  const Variant variants[] = {{"chain: whole layer", 0, 5},      {"chain: q/k/v", 0, 1},
+                              {"chain: attention", 1, 1},        {"chain: q/k/v + attention", 0, 2},
+                              {"chain: o, gate/up, down", 2, 3}, {"chain: o", 2, 1},
+                              {"chain: gate/up", 3, 1},          {"chain: down", 4, 1}};
+  std::unique_ptr<k::NF4ChainPlan> plans[2][8];
+  for (int i = 0; i < 2; ++i) {
+    const std::vector<k::ChainOp> ops = ops_of(layers[i]);
+    for (int j = 0; j < 8; ++j) {
+      std::string why;
+      check(k::NF4ChainPlan::create(ops.data() + variants[j].first, variants[j].count, &plans[i][j], &why),
+            why.c_str());
+    }
+  }
+  // The library's launches, as the runtime makes them.
+  auto library_attention = [&](const Layer& L, cudaStream_t stream) {
+    k::MatvecRope rope;
+    rope.positions = position;
+    rope.inv_freq = inv_freq;
+    rope.head_dim = kHeadDim;
+    rope.cache.v_new = v;
+    rope.cache.k_cache = L.k_cache;
+    rope.cache.v_cache = L.v_cache;
+    rope.cache.capacity = capacity;
+    check(k::rms_norm(hidden, L.attention_norm, 1e-5f, 1, kHidden, normed, stream), "rms_norm");
+    NF4Matrix qkv[3] = {L.q, L.k, L.v};
+    __nv_bfloat16* outs[3] = {q, kk, v};
+    check(k::nf4_matvec_group(qkv, outs, 3, normed, 1, k::MatvecEpilogue::store, stream, &rope), "q/k/v");
+    k::AttentionArgs args;
+    args.q = q;
+    args.k_cache = L.k_cache;
+    args.v_cache = L.v_cache;
+    args.capacity = capacity;
+    args.kv_lengths = length;
+    args.max_kv_length = capacity;
+    args.queries = 1;
+    args.q_heads = kHeads;
+    args.kv_heads = kKvHeads;
+    args.head_dim = kHeadDim;
+    args.scale = 1.0f / std::sqrt(float(kHeadDim));
+    args.out = attention_out;
+    check(k::attention(args, workspace, workspace_bytes, stream), "attention");
+  };
+  auto library_mlp = [&](const Layer& L, cudaStream_t stream) {
+    __nv_bfloat16* h[1] = {hidden};
+    check(k::nf4_matvec_group(&L.o, h, 1, attention_out, 1, k::MatvecEpilogue::add_to_output, stream), "o");
+    check(k::rms_norm(hidden, L.ffn_norm, 1e-5f, 1, kHidden, normed, stream), "rms_norm");
+    NF4Matrix gu[2] = {L.gate, L.up};
+    __nv_bfloat16* a[2] = {act, nullptr};
+    check(k::nf4_matvec_group(gu, a, 2, normed, 1, k::MatvecEpilogue::swiglu, stream), "gate/up");
+    check(k::nf4_matvec_group(&L.down, h, 1, act, 1, k::MatvecEpilogue::add_to_output, stream), "down");
+  };
+
+  cudaStream_t stream;
+  check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
+  auto time_graph = [&](const std::function<void(int)>& body) {
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    check(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "capture");
+    for (int i = 0; i < 32; ++i) body(i & 1);
+    check(cudaStreamEndCapture(stream, &graph), "capture");
+    check(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
+    cudaEvent_t e0, e1;
+    cudaEventCreate(&e0);
+    cudaEventCreate(&e1);
+    std::vector<float> runs;
+    for (int r = 0; r < 8; ++r) {
+      cudaEventRecord(e0, stream);
+      check(cudaGraphLaunch(exec, stream), "graph launch");
+      cudaEventRecord(e1, stream);
+      check(cudaEventSynchronize(e1), "graph");
+      float ms = 0;
+      cudaEventElapsedTime(&ms, e0, e1);
+      if (r > 0) runs.push_back(ms * 1000.0f / 32);
+    }
+    std::sort(runs.begin(), runs.end());
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+    return runs[runs.size() / 2];
+  };
+  for (int pos : {40, 1000}) {
+    const int32_t len = pos + 1;
+    check(cudaMemcpy(position, &pos, 4, cudaMemcpyHostToDevice), "position");
+    check(cudaMemcpy(length, &len, 4, cudaMemcpyHostToDevice), "length");
+    std::printf("position %d (us per layer; floor %.1f)\n", pos, layer_bytes / copy_gbs / 1e3);
+    const float library = time_graph([&](int i) {
+      library_attention(layers[i], stream);
+      library_mlp(layers[i], stream);
+    });
+    const float library_mlp_chain = time_graph([&](int i) {
+      library_attention(layers[i], stream);
+      check(plans[i][4]->launch(stream), "chain");
+    });
+    const float library_attention_only = time_graph([&](int i) { library_attention(layers[i], stream); });
+    const float library_mlp_only = time_graph([&](int i) { library_mlp(layers[i], stream); });
+    std::printf("  library launches: layer %.1f  (norm + q/k/v + attention %.1f, o + norm + gate/up + down %.1f)\n",
+                library, library_attention_only, library_mlp_only);
+    std::printf("  library norm + q/k/v + attention, then the MLP chain: %.1f\n", library_mlp_chain);
+    for (int j = 0; j < 8; ++j) {
+      const float t = time_graph([&](int i) { check(plans[i][j]->launch(stream), "chain"); });
+      std::printf("  %-26s %.1f\n", variants[j].name, t);
+    }
+    // Inside one whole-layer launch (after the other layer's, as in a decode step):
+    // per device op, the means over blocks of when its wait ended, its input was ready
+    // and it was done, from the earliest block's start.
+    const int blocks = plans[0][0]->blocks(), slots = k::kMaxChainDeviceOps + 1;
+    std::vector<unsigned long long> stamps(size_t(blocks) * slots * 3);
+    unsigned long long* timeline = device_array<unsigned long long>(stamps.size());
+    plans[0][0]->set_timeline(timeline);
+    check(plans[1][0]->launch(stream), "chain");
+    check(plans[0][0]->launch(stream), "chain");
+    check(cudaStreamSynchronize(stream), "timeline");
+    plans[0][0]->set_timeline(nullptr);
+    check(cudaMemcpy(stamps.data(), timeline, stamps.size() * 8, cudaMemcpyDeviceToHost), "timeline");
+    cudaFree(timeline);
+    unsigned long long origin = ~0ull;
+    for (int b = 0; b < blocks; ++b) origin = std::min(origin, stamps[(size_t(b) * slots + slots - 1) * 3]);
+    auto mean = [&](int o, int what) {
+      double sum = 0;
+      for (int b = 0; b < blocks; ++b) sum += double(stamps[(size_t(b) * slots + o) * 3 + what] - origin);
+      return sum / blocks / 1000.0;
+    };
+    auto latest = [&](int o, int what) {
+      unsigned long long m = 0;
+      for (int b = 0; b < blocks; ++b) m = std::max(m, stamps[(size_t(b) * slots + o) * 3 + what] - origin);
+      return m / 1000.0;
+    };
+    const char* op_names[] = {"q/k/v", "attention units", "attention combine", "o", "gate/up", "down"};
+    std::printf("  whole-layer timeline (us from the first block's start; mean over blocks, latest done):\n");
+    std::printf("    consumers ready %.2f (latest %.2f)\n", mean(slots - 1, 0), latest(slots - 1, 0));
+    for (int o = 0; o < plans[0][0]->device_ops(); ++o)
+      std::printf("    %-18s waited %6.2f  ready %6.2f  done %6.2f  latest done %6.2f\n", op_names[o], mean(o, 0),
+                  mean(o, 1), mean(o, 2), latest(o, 2));
+  }
+  return 0;
+}
