@@ -202,13 +202,37 @@ __device__ __forceinline__ NormWeights prefetch_norm(const DeviceOp& op) {
   }
   return w;
 }
-__device__ __forceinline__ void load_op_x(const DeviceOp& op, __nv_bfloat16* xs, float* reduce,
-                                          const NormWeights& pre) {
+// The thread's share of the op's nested code tables (up to 3 x 256 values over the
+// consumer threads), loaded before the dependency wait, stored by load_op_x once its x
+// loads are issued: neither waits for the other.
+struct NestedShare {
+  float value[2];
+};
+__device__ __forceinline__ NestedShare load_nested_share(const DeviceOp& op) {
+  NestedShare share;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int i = min(static_cast<int>(threadIdx.x) + h * kConsumerWarps * 32, op.count * 256 - 1);
+    share.value[h] = __ldg(op.m[i >> 8].nested_code + (i & 255));
+  }
+  return share;
+}
+__device__ __forceinline__ void store_nested_share(const DeviceOp& op, const NestedShare& share, float* nested_code) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int i = static_cast<int>(threadIdx.x) + h * kConsumerWarps * 32;
+    if (i < op.count * 256) nested_code[i] = share.value[h];
+  }
+}
+
+__device__ __forceinline__ void load_op_x(const DeviceOp& op, __nv_bfloat16* xs, float* reduce, const NormWeights& pre,
+                                          const NestedShare& nested, float* nested_code) {
   const uint32_t pieces = op.cols / 8;
   // .cg: x was written by other blocks of this launch (the previous op).
   if (op.norm_weight == nullptr) {
     for (uint32_t i = threadIdx.x; i < pieces; i += kConsumerWarps * 32)
       reinterpret_cast<uint4*>(xs)[i] = __ldcg(reinterpret_cast<const uint4*>(op.x) + i);
+    store_nested_share(op, nested, nested_code);
     consumers_sync();
     return;
   }
@@ -226,6 +250,7 @@ __device__ __forceinline__ void load_op_x(const DeviceOp& op, __nv_bfloat16* xs,
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, offset);
   if ((threadIdx.x & 31) == 0) reduce[threadIdx.x >> 5] = sum_sq;
+  store_nested_share(op, nested, nested_code);
   consumers_sync();
   float total = 0.0f;
   for (int w = 0; w < kConsumerWarps; ++w) total += reduce[w];
@@ -243,8 +268,7 @@ __device__ __forceinline__ void load_op_x(const DeviceOp& op, __nv_bfloat16* xs,
   consumers_sync();
 }
 
-// An attention op's split: chunks of a multiple of 32 positions, at most
-// kMaxChunksPerHead per q head. Both steps compute it from the position alone.
+// An attention op's split into chunks; both steps compute it from the position alone.
 struct AttentionSplit {
   int position;
   long long start, chunk;
@@ -255,10 +279,13 @@ __device__ __forceinline__ AttentionSplit attention_split(const DeviceAttention&
   s.position = __ldcg(a.position);
   const long long length = static_cast<long long>(s.position) + 1;
   s.start = a.window > 0 && length > a.window ? length - a.window : 0;
-  const int visible = static_cast<int>(length - s.start);  // 32-bit: no division subroutine
-  const int steps = (visible + 32 * kMaxChunksPerHead - 1) / (32 * kMaxChunksPerHead);
-  s.chunk = 32 * steps;
-  s.chunks = (visible + 32 * steps - 1) / (32 * steps);
+  // Chunks of a multiple of 8 positions, at most kMaxChunksPerHead a head: short units
+  // (a unit is a chain of round trips) spread over many warps. 32-bit: no division
+  // subroutine.
+  const int visible = static_cast<int>(length - s.start);
+  const int eights = (visible + 8 * kMaxChunksPerHead - 1) / (8 * kMaxChunksPerHead);
+  s.chunk = 8 * eights;
+  s.chunks = (visible + 8 * eights - 1) / (8 * eights);
   return s;
 }
 
@@ -346,9 +373,10 @@ __device__ __forceinline__ void attention_units(const DeviceAttention& a, float*
       const bool valid = pos < end;
       // q.k, coalesced: 8 lanes per position (each a slice of kSlice dimensions), 4
       // positions per round, 8 rounds; lane j ends with position base + j's dot.
+      const int count = static_cast<int>(min(32LL, end - base));
       float dot = 0.0f;
-#pragma unroll
-      for (int r0 = 0; r0 < 8; r0 += 4) {  // 4 rounds' loads in flight
+      const int rounds = count > 16 ? 8 : 4;    // (uniform) a short chunk's second half is not read
+      for (int r0 = 0; r0 < rounds; r0 += 4) {  // 4 rounds' loads in flight
         uint4 packed[4][kSlice / 8];
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
@@ -387,7 +415,6 @@ __device__ __forceinline__ void attention_units(const DeviceAttention& a, float*
       running_sum = running_sum * correction + step_sum;
 #pragma unroll
       for (int k = 0; k < kPerLane; ++k) acc[k] *= correction;
-      const int count = static_cast<int>(min(32LL, end - base));
       for (int t0 = 0; t0 < count; t0 += 8) {  // 8 rows of v in flight (L2 hits: prefetched)
         float v_values[8][kPerLane];
 #pragma unroll
@@ -429,26 +456,57 @@ __device__ __forceinline__ void attention_units(const DeviceAttention& a, float*
 
 // The combine step: one warp per q head, lanes over head dimensions; the chunks in
 // order, weighted by exp(max_j - max) (flash-decoding), normalized once, bf16.
-__device__ void combine_units(const DeviceAttention& a, int lane, int worker, int workers) {
+template <int kHeadDim>
+__device__ __forceinline__ void combine_units(const DeviceAttention& a, int lane, int worker, int workers) {
+  constexpr int kPerLane = kHeadDim / 32;
   const AttentionSplit split = attention_split(a);
-  const int hd = a.head_dim, per_lane = hd / 32;
   for (int head = worker; head < a.q_heads; head += workers) {
-    const float* partial = a.scratch + static_cast<long long>(head) * kMaxChunksPerHead * (hd + 2);
-    float max_all = -INFINITY;
-    for (int j = 0; j < split.chunks; ++j) max_all = fmaxf(max_all, __ldcg(partial + j * (hd + 2) + hd));
-    float sum = 0.0f, acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int j = 0; j < split.chunks; ++j) {
-      const float* part = partial + j * (hd + 2);
-      const float w = expf(__ldcg(part + hd) - max_all);
-      sum = fmaf(w, __ldcg(part + hd + 1), sum);
+    const float* partial = a.scratch + static_cast<long long>(head) * kMaxChunksPerHead * (kHeadDim + 2);
+    // Lanes hold chunks lane and lane + 32: their max and sum, loaded at once.
+    float chunk_max[2], chunk_sum[2];
 #pragma unroll
-      for (int k = 0; k < 4; ++k)
-        if (k < per_lane) acc[k] = fmaf(w, __ldcg(part + lane * per_lane + k), acc[k]);
+    for (int h = 0; h < 2; ++h) {
+      const int j = min(lane + 32 * h, split.chunks - 1);
+      const bool mine = lane + 32 * h < split.chunks;
+      chunk_max[h] = mine ? __ldcg(partial + j * (kHeadDim + 2) + kHeadDim) : -INFINITY;
+      chunk_sum[h] = mine ? __ldcg(partial + j * (kHeadDim + 2) + kHeadDim + 1) : 0.0f;
+    }
+    float max_all = fmaxf(chunk_max[0], chunk_max[1]);
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1)
+      max_all = fmaxf(max_all, __shfl_xor_sync(0xffffffffu, max_all, offset));
+    float weight[2], sum = 0.0f;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      weight[h] = expf(chunk_max[h] - max_all);  // 0 for a lane past the chunks (-inf)
+      sum = fmaf(weight[h], chunk_sum[h], sum);
+    }
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    float acc[kPerLane];
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) acc[k] = 0.0f;
+    for (int j0 = 0; j0 < split.chunks; j0 += 4) {  // 4 chunks' outputs in flight
+      float values[4][kPerLane];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const float* part = partial + min(j0 + u, split.chunks - 1) * (kHeadDim + 2) + lane * kPerLane;
+#pragma unroll
+        for (int k = 0; k < kPerLane; ++k) values[u][k] = __ldcg(part + k);
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int j = j0 + u;
+        const float w = __shfl_sync(0xffffffffu, j < 32 ? weight[0] : weight[1], j & 31);
+        const float wu = j < split.chunks ? w : 0.0f;
+#pragma unroll
+        for (int k = 0; k < kPerLane; ++k) acc[k] = fmaf(wu, values[u][k], acc[k]);
+      }
     }
     const float inverse = 1.0f / sum;
 #pragma unroll
-    for (int k = 0; k < 4; ++k)
-      if (k < per_lane) a.out[head * hd + lane * per_lane + k] = __float2bfloat16_rn(acc[k] * inverse);
+    for (int k = 0; k < kPerLane; ++k)
+      a.out[head * kHeadDim + lane * kPerLane + k] = __float2bfloat16_rn(acc[k] * inverse);
   }
 }
 
@@ -658,11 +716,10 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
   for (int o = 0; o < p.ops; ++o) {
     const DeviceOp& op = p.op[o];
     const NormWeights norm_weights = prefetch_norm(op);
-    // The op's nested code tables need no previous op: loaded before the wait (every
-    // warp of this block is past the last op, whose end is a barrier).
-    if (op.kind != kAttention && op.kind != kCombine)
-      for (int i = threadIdx.x; i < op.count * 256; i += kConsumerWarps * 32)
-        nested_code[i] = __ldg(op.m[i >> 8].nested_code + (i & 255));
+    // The op's nested code tables need no previous op: loaded before the wait.
+    const bool matvec = op.kind != kAttention && op.kind != kCombine;
+    NestedShare nested{};
+    if (matvec) nested = load_nested_share(op);
     if (o > 0) {  // this op's x is the last op's output: wait until every block is done with it
       if (threadIdx.x == 0) {
         const unsigned target = gridDim.x;
@@ -683,9 +740,14 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
       else
         attention_units<64>(op.attention, q_rotated, lane, worker, workers);
     } else if (op.kind == kCombine) {
-      combine_units(op.attention, lane, warp * gridDim.x + blockIdx.x, gridDim.x * kConsumerWarps);
+      const int worker = warp * gridDim.x + blockIdx.x, workers = gridDim.x * kConsumerWarps;
+      if (op.attention.head_dim == 128)
+        combine_units<128>(op.attention, lane, worker, workers);
+      else
+        combine_units<64>(op.attention, lane, worker, workers);
     } else {
-      load_op_x(op, xs, reinterpret_cast<float*>(smem + kReduceOff), norm_weights);  // ends with a barrier
+      load_op_x(op, xs, reinterpret_cast<float*>(smem + kReduceOff), norm_weights, nested,
+                nested_code);  // ends with a barrier
     }
     stamp(o, 1);
     // The op's items, fetched one ahead (the stages live inside an op only, so the
