@@ -45,7 +45,7 @@ constexpr int kSmemBytes = kRingOff + kGroups * kSlots * kSlotBytes;
 static_assert(kSmemBytes <= 227 * 1024, "one block per SM must fit");
 
 // Device ops: the three NF4 epilogues, and an attention op's two steps.
-enum : int { kStore = 0, kAdd = 1, kSwiglu = 2, kAttention = 3, kCombine = 4 };
+enum : int { kStore = 0, kAdd = 1, kSwiglu = 2, kAttention = 3, kCombine = 4, kStoreF32 = 5 };
 constexpr int kMaxDeviceOps = kMaxChainDeviceOps;
 constexpr int kMaxChunksPerHead = 64;  // attention units per q head (scratch size)
 
@@ -56,6 +56,7 @@ struct DeviceMatrix {
   uint32_t first_tile;  // store with several matrices: where this one's tiles start
   uint32_t map;         // its tensor maps: Params::maps[map]
   __nv_bfloat16* y;
+  float* y_f32;  // store_f32
 };
 
 struct DeviceAttention {
@@ -694,6 +695,8 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
         } else {
           __stcg(op.m[0].y + row, __float2bfloat16_rn(detail::swiglu_value(pend[mrow], value)));
         }
+      } else if (op.kind == kStoreF32) {
+        __stcg(m.y_f32 + row, sum);
       } else {
         __stcg(y + row, __float2bfloat16_rn(sum));
       }
@@ -800,6 +803,8 @@ int epilogue_code(ChainEpilogue e) {
       return kAdd;
     case ChainEpilogue::swiglu:
       return kSwiglu;
+    case ChainEpilogue::store_f32:
+      return kStoreF32;
   }
   return kStore;
 }
@@ -822,7 +827,7 @@ std::string matrix_supports(const NF4Matrix& m) {
 int nf4_chain_matrices(const ChainOp& op) {
   if (op.is_attention) return 0;
   if (op.epilogue == ChainEpilogue::swiglu) return 2;
-  if (op.epilogue == ChainEpilogue::add_to_output) return 1;
+  if (op.epilogue == ChainEpilogue::add_to_output || op.epilogue == ChainEpilogue::store_f32) return 1;
   return op.matrices;
 }
 
@@ -851,8 +856,12 @@ std::string nf4_chain_supports(const ChainOp& op) {
   if (op.epilogue == ChainEpilogue::swiglu && op.weight[0].rows != op.weight[1].rows)
     return "gate and up differ in shape";
   if (op.x == nullptr) return "no input";
-  for (int i = 0; i < (op.epilogue == ChainEpilogue::store ? count : 1); ++i)
-    if (op.y[i] == nullptr) return "no output";
+  if (op.epilogue == ChainEpilogue::store_f32) {
+    if (op.y_f32 == nullptr) return "no output";
+  } else {
+    for (int i = 0; i < (op.epilogue == ChainEpilogue::store ? count : 1); ++i)
+      if (op.y[i] == nullptr) return "no output";
+  }
   if (reinterpret_cast<uintptr_t>(op.x) % 16 != 0) return "x not 16-byte aligned";
   if (op.norm_weight != nullptr && reinterpret_cast<uintptr_t>(op.norm_weight) % 16 != 0)
     return "norm weight not 16-byte aligned";
@@ -937,6 +946,7 @@ cudaError_t NF4ChainPlan::create(const ChainOp* ops, int count, std::unique_ptr<
       d.m[j].nested_offset = m.nested_offset;
       d.m[j].first_tile = tiles;
       d.m[j].y = op.epilogue == ChainEpilogue::store ? op.y[j] : op.y[0];
+      d.m[j].y_f32 = op.y_f32;
       d.m[j].map = static_cast<uint32_t>(next_map);
       if (d.kind != kSwiglu) tiles += static_cast<uint32_t>(m.rows / 16);
       const cuuint64_t rows = static_cast<cuuint64_t>(m.rows), cols = static_cast<cuuint64_t>(m.cols);

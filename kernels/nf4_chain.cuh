@@ -36,6 +36,7 @@ enum class ChainEpilogue {
   store,          // y[i] = bf16(W[i] x) for each of the op's 1..3 matrices
   add_to_output,  // y[0] = bf16(y[0] + bf16(W x))
   swiglu,         // two matrices (gate, up) of equal shape: y[0] = bf16(silu(bf16(G x)) * bf16(U x))
+  store_f32,      // y_f32 = W x in fp32, not rounded (logits)
 };
 
 // Decode attention of one token at position *position over one sequence's cache,
@@ -73,6 +74,7 @@ struct ChainOp {
   const float* norm_weight = nullptr;  // non-null: the op's input is RMSNorm(x) * norm_weight
   float eps = 1e-5f;
   __nv_bfloat16* y[3] = {};  // [rows] per matrix (swiglu, add_to_output: y[0])
+  float* y_f32 = nullptr;    // store_f32: [rows]
   ChainAttention attention;
 };
 
@@ -80,7 +82,7 @@ constexpr int kMaxChainOps = 6;                       // a decoder layer: q/k/v,
 constexpr int kMaxChainMatrices = 8;                  // its 7 NF4 matrices
 constexpr int kMaxChainDeviceOps = kMaxChainOps + 2;  // an attention op runs as 2 (units, combine)
 
-// NF4 matrices `op` reads: swiglu 2, add_to_output 1, store `matrices`, attention 0.
+// NF4 matrices `op` reads: swiglu 2, add_to_output and store_f32 1, store `matrices`, attention 0.
 int nf4_chain_matrices(const ChainOp& op);
 
 // Empty when `op` can run in a chain, else the reason (for logs and fallbacks).

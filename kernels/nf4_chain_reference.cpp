@@ -68,6 +68,12 @@ void nf4_chain(const ChainOp* ops, int count) {
           std::copy(values.begin(), values.end(), reinterpret_cast<uint16_t*>(op.y[j]));
         }
         break;
+      case ChainEpilogue::store_f32: {
+        std::vector<float> sum(static_cast<size_t>(op.weight[0].rows));
+        nf4_matvec(op.weight[0], x, 1, sum.data(), NF4Rounding::code);
+        std::copy(sum.begin(), sum.end(), op.y_f32);
+        break;
+      }
       case ChainEpilogue::add_to_output:
         residual_add(y, first.data(), op.weight[0].rows);
         break;

@@ -376,6 +376,10 @@ class CudaBackend : public Backend {
   bool chain_enabled_ = true;  // LAYERPACK_CUDA_CHAIN=0: the separate launches
   float* chain_scratch_ = nullptr;
   std::map<std::tuple<uint32_t, const uint8_t*, uint32_t>, LayerChain> chain_plans_;
+  // One logits row: the final RMSNorm folded into lm_head's input, fp32 logits, one
+  // chain launch (null where lm_head is not a chainable NF4 matrix). Per (slot, row).
+  Result<const kernels::NF4ChainPlan*> head_chain(const DeviceSlot& slot, const bf16* row, const float* final_norm);
+  std::map<std::pair<const uint8_t*, const bf16*>, std::unique_ptr<kernels::NF4ChainPlan>> head_plans_;
   std::string chain_note_;
 };
 
@@ -1189,6 +1193,23 @@ Status CudaBackend::output_chunks(SlotId slot_id, const TokenBatch& batch, const
   }
   for (size_t first = 0; first < wanted.size(); first += max_logits_rows_) {
     const uint32_t count = static_cast<uint32_t>(std::min<size_t>(max_logits_rows_, wanted.size() - first));
+    if (count == 1 && chain_enabled_ && fused_matvecs_) {
+      auto head = head_chain(slot, hidden_state_ + uint64_t(wanted[first]) * hidden_, final_norm.value());
+      if (!head) return head.error();
+      if (head.value()) {
+        ProfileScope profile(profiler_, "NF4 chain: final RMSNorm + lm_head");
+        CUDA_TRY(head.value()->launch(compute_), "NF4 chain (final RMSNorm + lm_head)");
+        LAYERPACK_TRY(enqueue(first, count));
+        if (first + count >= wanted.size()) {
+          profiler_.end(pass_profile_);
+          pass_profile_ = -1;
+        }
+        CUDA_TRY(cudaStreamSynchronize(compute_), "running the forward pass");
+        profiler_.harvest();
+        LAYERPACK_TRY(collect(first, count));
+        continue;
+      }
+    }
     for (uint32_t i = 0; i < count; ++i) {
       CUDA_TRY(cudaMemcpyAsync(delta_ + uint64_t(i) * hidden_, hidden_state_ + uint64_t(wanted[first + i]) * hidden_,
                                hidden_ * sizeof(bf16), cudaMemcpyDeviceToDevice, compute_),
@@ -1217,6 +1238,33 @@ Status CudaBackend::output_chunks(SlotId slot_id, const TokenBatch& batch, const
     profiler_.harvest();
   }
   return Status::success();
+}
+
+Result<const kernels::NF4ChainPlan*> CudaBackend::head_chain(const DeviceSlot& slot, const bf16* row,
+                                                             const float* final_norm) {
+  const auto key = std::make_pair(static_cast<const uint8_t*>(slot.data), row);
+  auto it = head_plans_.find(key);
+  if (it != head_plans_.end()) return static_cast<const kernels::NF4ChainPlan*>(it->second.get());
+  std::unique_ptr<kernels::NF4ChainPlan> plan;
+  const TensorInfo* lm_head = pack_->output().lm_head;
+  if (lm_head && lm_head->dtype == DType::nf4) {
+    auto view = nf4_view(*lm_head, slot);
+    if (!view) return view.error();
+    kernels::ChainOp op;
+    op.weight[0] = view.value();
+    op.epilogue = kernels::ChainEpilogue::store_f32;
+    op.x = row;
+    op.norm_weight = final_norm;
+    op.eps = eps_;
+    op.y_f32 = logits_;
+    std::string why;
+    const cudaError_t err = kernels::NF4ChainPlan::create(&op, 1, &plan, &why);
+    if (err != cudaSuccess && err != cudaErrorInvalidValue) return cuda_error(err, "planning the lm_head chain");
+    if (err != cudaSuccess) cudaGetLastError();  // refused: the separate launches
+  }
+  const kernels::NF4ChainPlan* result = plan.get();
+  head_plans_.emplace(key, std::move(plan));
+  return result;
 }
 
 Status CudaBackend::run_output(SlotId slot_id, const TokenBatch& batch, float* logits) {
