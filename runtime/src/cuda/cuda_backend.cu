@@ -1193,34 +1193,28 @@ Status CudaBackend::output_chunks(SlotId slot_id, const TokenBatch& batch, const
   }
   for (size_t first = 0; first < wanted.size(); first += max_logits_rows_) {
     const uint32_t count = static_cast<uint32_t>(std::min<size_t>(max_logits_rows_, wanted.size() - first));
+    const kernels::NF4ChainPlan* head = nullptr;
     if (count == 1 && chain_enabled_ && fused_matvecs_) {
-      auto head = head_chain(slot, hidden_state_ + uint64_t(wanted[first]) * hidden_, final_norm.value());
-      if (!head) return head.error();
-      if (head.value()) {
-        ProfileScope profile(profiler_, "NF4 chain: final RMSNorm + lm_head");
-        CUDA_TRY(head.value()->launch(compute_), "NF4 chain (final RMSNorm + lm_head)");
-        LAYERPACK_TRY(enqueue(first, count));
-        if (first + count >= wanted.size()) {
-          profiler_.end(pass_profile_);
-          pass_profile_ = -1;
-        }
-        CUDA_TRY(cudaStreamSynchronize(compute_), "running the forward pass");
-        profiler_.harvest();
-        LAYERPACK_TRY(collect(first, count));
-        continue;
+      auto planned = head_chain(slot, hidden_state_ + uint64_t(wanted[first]) * hidden_, final_norm.value());
+      if (!planned) return planned.error();
+      head = planned.value();
+    }
+    if (head) {
+      ProfileScope profile(profiler_, "NF4 chain: final RMSNorm + lm_head");
+      CUDA_TRY(head->launch(compute_), "NF4 chain (final RMSNorm + lm_head)");
+    } else {
+      for (uint32_t i = 0; i < count; ++i) {
+        CUDA_TRY(cudaMemcpyAsync(delta_ + uint64_t(i) * hidden_, hidden_state_ + uint64_t(wanted[first + i]) * hidden_,
+                                 hidden_ * sizeof(bf16), cudaMemcpyDeviceToDevice, compute_),
+                 "gathering output rows");
       }
+      {
+        ProfileScope profile(profiler_, "final RMSNorm");
+        CUDA_TRY(kernels::rms_norm(delta_, final_norm.value(), eps_, count, hidden_, normed_, compute_),
+                 "final RMSNorm");
+      }
+      LAYERPACK_TRY(linear("lm_head", *o.lm_head, slot, normed_, count, logits_));
     }
-    for (uint32_t i = 0; i < count; ++i) {
-      CUDA_TRY(cudaMemcpyAsync(delta_ + uint64_t(i) * hidden_, hidden_state_ + uint64_t(wanted[first + i]) * hidden_,
-                               hidden_ * sizeof(bf16), cudaMemcpyDeviceToDevice, compute_),
-               "gathering output rows");
-    }
-    {
-      ProfileScope profile(profiler_, "final RMSNorm");
-      CUDA_TRY(kernels::rms_norm(delta_, final_norm.value(), eps_, count, hidden_, normed_, compute_),
-               "final RMSNorm");
-    }
-    LAYERPACK_TRY(linear("lm_head", *o.lm_head, slot, normed_, count, logits_));
     LAYERPACK_TRY(enqueue(first, count));
     if (first + count >= wanted.size()) {
       profiler_.end(pass_profile_);
