@@ -903,6 +903,10 @@ cudaError_t NF4ChainPlan::create(const ChainOp* ops, int count, std::unique_ptr<
     matrices += n;
   }
   if (matrices > kMaxChainMatrices) return refuse("more than " + std::to_string(kMaxChainMatrices) + " matrices");
+  int device_op_count = 0;  // an attention op runs as two
+  for (int i = 0; i < count; ++i) device_op_count += ops[i].is_attention ? 2 : 1;
+  if (device_op_count > kMaxDeviceOps)
+    return refuse("more than " + std::to_string(kMaxDeviceOps) + " steps (an attention op counts 2)");
 
   PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
   cudaDriverEntryPointQueryResult found{};
