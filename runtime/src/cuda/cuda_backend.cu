@@ -223,7 +223,7 @@ class CudaBackend : public Backend {
                                                    : "; logits sampled on the host (LAYERPACK_CUDA_SELECT=0)";
     const std::string chain = !chain_note_.empty() ? "; " + chain_note_
                               : chain_enabled_     ? "; decode layers in one persistent launch each (NF4 chain)"
-                                                   : "; decode MLP chain off (LAYERPACK_CUDA_CHAIN=0)";
+                                                   : "; decode chains off (LAYERPACK_CUDA_CHAIN=0)";
     if (!graph_note_.empty()) return description_ + fused + chain + selection + "; " + graph_note_;
     return description_ + fused + chain + selection +
            (graphs_enabled_ ? "; decode layers replayed as CUDA graphs"
