@@ -37,6 +37,15 @@ std::string chain_unavailable() {
     if (!why.empty()) GTEST_SKIP() << why;       \
   } while (0)
 
+// Plans `ops`, launches them once and waits: the tests that check a single launch.
+void run_chain_once(const ChainOp* ops, int count) {
+  std::unique_ptr<NF4ChainPlan> plan;
+  std::string why;
+  ASSERT_EQ(NF4ChainPlan::create(ops, count, &plan, &why), cudaSuccess) << why;
+  CUDA_OK(plan->launch(nullptr));
+  CUDA_OK(cudaDeviceSynchronize());
+}
+
 NF4Matrix with_host_code(NF4Matrix m) {
   std::copy(std::begin(kNF4Code), std::end(kNF4Code), m.code_on_host_values);
   m.code_on_host = true;
@@ -152,11 +161,8 @@ void check_layer_chain(std::mt19937& rng, int64_t hidden_size, int64_t intermedi
 
   // The o op alone (no norm in it): the same bits as the library's launch.
   const std::vector<ChainOp> o_ops(ops.begin(), ops.begin() + 1);
-  std::unique_ptr<NF4ChainPlan> o_plan;
-  CUDA_OK(NF4ChainPlan::create(o_ops.data(), 1, &o_plan, &why));
   layer.d_hidden.upload(layer.hidden);
-  CUDA_OK(o_plan->launch(nullptr));
-  CUDA_OK(cudaDeviceSynchronize());
+  run_chain_once(o_ops.data(), 1);
   EXPECT_EQ(layer.d_hidden.download(), o_only.download()) << what << ": o + add differs from nf4_matvec_group";
 }
 
@@ -366,11 +372,7 @@ TEST(NF4Chain, LargestColumnsAndUnevenTiles) {
   op.weight[0] = with_host_code(w.device_view);
   op.x = as_bf16(dx.get());
   op.y[0] = as_bf16(dy.get());
-  std::unique_ptr<NF4ChainPlan> plan;
-  std::string why;
-  CUDA_OK(NF4ChainPlan::create(&op, 1, &plan, &why));
-  CUDA_OK(plan->launch(nullptr));
-  CUDA_OK(cudaDeviceSynchronize());
+  run_chain_once(&op, 1);
   std::vector<float> ref(2128);
   reference::nf4_matvec(w.host_view, x.data(), 1, ref.data(), reference::NF4Rounding::code);
   expect_close(bf16_to_floats(dy.download()), ref, kBf16Tolerance, "store 2128 x 4096");
@@ -394,11 +396,7 @@ TEST(NF4Chain, LogitsInFp32AfterAFoldedNorm) {
   op.x = as_bf16(dx.get());
   op.norm_weight = dnorm.get();
   op.y_f32 = dy.get();
-  std::unique_ptr<NF4ChainPlan> plan;
-  std::string why;
-  CUDA_OK(NF4ChainPlan::create(&op, 1, &plan, &why));
-  CUDA_OK(plan->launch(nullptr));
-  CUDA_OK(cudaDeviceSynchronize());
+  run_chain_once(&op, 1);
   std::vector<float> ref(2128);
   ChainOp host = op;
   host.weight[0] = with_host_code(w.host_view);
