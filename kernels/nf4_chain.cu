@@ -44,8 +44,8 @@ constexpr int kRingOff = (kXOff + kMaxCols * 2 + 1023) / 1024 * 1024;
 constexpr int kSmemBytes = kRingOff + kGroups * kSlots * kSlotBytes;
 static_assert(kSmemBytes <= 227 * 1024, "one block per SM must fit");
 
-// Device ops: the three NF4 epilogues, and an attention op's two steps.
-enum : int { kStore = 0, kAdd = 1, kSwiglu = 2, kAttention = 3, kCombine = 4, kStoreF32 = 5 };
+// Device ops: the NF4 epilogues, and attention.
+enum : int { kStore = 0, kAdd = 1, kSwiglu = 2, kAttention = 3, kStoreF32 = 5 };
 constexpr int kMaxDeviceOps = kMaxChainDeviceOps;
 constexpr int kMaxChunksPerHead = 64;  // attention units per q head (scratch size)
 
@@ -73,6 +73,7 @@ struct DeviceAttention {
   float scale;
   __nv_bfloat16* out;
   float* scratch;
+  unsigned* head_done;  // per q head: units finished (the last one combines and resets it)
 };
 
 struct DeviceOp {
@@ -314,12 +315,68 @@ __device__ __forceinline__ void prefetch_cache(const DeviceAttention& a, int thr
   }
 }
 
+// The combine of one q head: lanes over head dimensions; the chunks in order, weighted
+// by exp(max_j - max) (flash-decoding), normalized once, bf16.
+template <int kHeadDim>
+__device__ __forceinline__ void combine_head(const DeviceAttention& a, const AttentionSplit& split, int head,
+                                             int lane) {
+  constexpr int kPerLane = kHeadDim / 32;
+  const float* partial = a.scratch + static_cast<long long>(head) * kMaxChunksPerHead * (kHeadDim + 2);
+  // Lanes hold chunks lane and lane + 32: their max and sum, loaded at once.
+  float chunk_max[2], chunk_sum[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int j = min(lane + 32 * h, split.chunks - 1);
+    const bool mine = lane + 32 * h < split.chunks;
+    chunk_max[h] = mine ? __ldcg(partial + j * (kHeadDim + 2) + kHeadDim) : -INFINITY;
+    chunk_sum[h] = mine ? __ldcg(partial + j * (kHeadDim + 2) + kHeadDim + 1) : 0.0f;
+  }
+  float max_all = fmaxf(chunk_max[0], chunk_max[1]);
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1)
+    max_all = fmaxf(max_all, __shfl_xor_sync(0xffffffffu, max_all, offset));
+  float weight[2], sum = 0.0f;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    weight[h] = expf(chunk_max[h] - max_all);  // 0 for a lane past the chunks (-inf)
+    sum = fmaf(weight[h], chunk_sum[h], sum);
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+  float acc[kPerLane];
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) acc[k] = 0.0f;
+  for (int j0 = 0; j0 < split.chunks; j0 += 4) {  // 4 chunks' outputs in flight
+    float values[4][kPerLane];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const float* part = partial + min(j0 + u, split.chunks - 1) * (kHeadDim + 2) + lane * kPerLane;
+#pragma unroll
+      for (int k = 0; k < kPerLane; ++k) values[u][k] = __ldcg(part + k);
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int j = j0 + u;
+      const float w = __shfl_sync(0xffffffffu, j < 32 ? weight[0] : weight[1], j & 31);
+      const float wu = j < split.chunks ? w : 0.0f;
+#pragma unroll
+      for (int k = 0; k < kPerLane; ++k) acc[k] = fmaf(wu, values[u][k], acc[k]);
+    }
+  }
+  const float inverse = 1.0f / sum;
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k)
+    a.out[head * kHeadDim + lane * kPerLane + k] = __float2bfloat16_rn(acc[k] * inverse);
+}
+
 // Units (q head, chunk), one per consumer warp at a time. A unit rotates its q head
 // into shared memory (rounded to bf16, as the q/k/v launch stores it), appends the
 // rotated k and v at the position when its chunk holds it (the q heads sharing that
 // kv head write the same bits), then runs the chunk 32 positions at a time: lanes take
 // positions for q.k, then head dimensions for p.v, with a running max and sum (fp32).
-// Partial result per unit: [head_dim] unnormalized output, then max, then sum.
+// Partial result per unit: [head_dim] unnormalized output, then max, then sum; the
+// head's last unit to finish (a counter per head) combines them, so attention needs
+// no second grid-wide step (the combine step and its wait were ~3 us of a layer).
 // Loops and branches stay warp-uniform (lanes predicated): divergent control flow
 // anywhere in this kernel costs the NF4 loop its uniform table addressing. Loads are
 // unrolled in batches so their latencies overlap.
@@ -335,6 +392,8 @@ __device__ __forceinline__ void attention_units(const DeviceAttention& a, float*
     const long long begin = split.start + chunk * split.chunk;
     // (The engine keeps the position inside the cache; the bound only guards the reads.)
     const long long end = min(min(begin + split.chunk, static_cast<long long>(split.position) + 1), a.capacity);
+    __nv_bfloat16* k_head = a.k_cache + kv_head * a.capacity * kHeadDim;
+    __nv_bfloat16* v_head = a.v_cache + kv_head * a.capacity * kHeadDim;
 #pragma unroll
     for (int i0 = 0; i0 < kHalf; i0 += 32) {
       const int i = i0 + lane;
@@ -344,8 +403,6 @@ __device__ __forceinline__ void attention_units(const DeviceAttention& a, float*
       q_rotated[i] = __bfloat162float(y1);
       q_rotated[i + kHalf] = __bfloat162float(y2);
     }
-    __nv_bfloat16* k_head = a.k_cache + kv_head * a.capacity * kHeadDim;
-    __nv_bfloat16* v_head = a.v_cache + kv_head * a.capacity * kHeadDim;
     if (begin <= split.position && split.position < end) {  // end <= capacity
       __nv_bfloat16* k_row = k_head + static_cast<long long>(split.position) * kHeadDim;
       __nv_bfloat16* v_row = v_head + static_cast<long long>(split.position) * kHeadDim;
@@ -451,63 +508,20 @@ __device__ __forceinline__ void attention_units(const DeviceAttention& a, float*
       __stcg(partial + kHeadDim, running_max);
       __stcg(partial + kHeadDim + 1, running_sum);
     }
+    // Every other unit's partial is visible to the one that counts last (fence, then
+    // count; count, then fence); it resets the counter for the next launch (no unit of
+    // this launch counts after it).
+    __threadfence();
+    __syncwarp();
+    unsigned before = 0;
+    if (lane == 0) before = atomicAdd(a.head_done + head, 1u);
+    before = __shfl_sync(0xffffffffu, before, 0);
+    if (before == static_cast<unsigned>(split.chunks - 1)) {
+      __threadfence();
+      if (lane == 0) a.head_done[head] = 0;
+      combine_head<kHeadDim>(a, split, head, lane);
+    }
     __syncwarp();  // q_rotated is rewritten by the warp's next unit
-  }
-}
-
-// The combine step: one warp per q head, lanes over head dimensions; the chunks in
-// order, weighted by exp(max_j - max) (flash-decoding), normalized once, bf16.
-template <int kHeadDim>
-__device__ __forceinline__ void combine_units(const DeviceAttention& a, int lane, int worker, int workers) {
-  constexpr int kPerLane = kHeadDim / 32;
-  const AttentionSplit split = attention_split(a);
-  for (int head = worker; head < a.q_heads; head += workers) {
-    const float* partial = a.scratch + static_cast<long long>(head) * kMaxChunksPerHead * (kHeadDim + 2);
-    // Lanes hold chunks lane and lane + 32: their max and sum, loaded at once.
-    float chunk_max[2], chunk_sum[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int j = min(lane + 32 * h, split.chunks - 1);
-      const bool mine = lane + 32 * h < split.chunks;
-      chunk_max[h] = mine ? __ldcg(partial + j * (kHeadDim + 2) + kHeadDim) : -INFINITY;
-      chunk_sum[h] = mine ? __ldcg(partial + j * (kHeadDim + 2) + kHeadDim + 1) : 0.0f;
-    }
-    float max_all = fmaxf(chunk_max[0], chunk_max[1]);
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1)
-      max_all = fmaxf(max_all, __shfl_xor_sync(0xffffffffu, max_all, offset));
-    float weight[2], sum = 0.0f;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      weight[h] = expf(chunk_max[h] - max_all);  // 0 for a lane past the chunks (-inf)
-      sum = fmaf(weight[h], chunk_sum[h], sum);
-    }
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-    float acc[kPerLane];
-#pragma unroll
-    for (int k = 0; k < kPerLane; ++k) acc[k] = 0.0f;
-    for (int j0 = 0; j0 < split.chunks; j0 += 4) {  // 4 chunks' outputs in flight
-      float values[4][kPerLane];
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const float* part = partial + min(j0 + u, split.chunks - 1) * (kHeadDim + 2) + lane * kPerLane;
-#pragma unroll
-        for (int k = 0; k < kPerLane; ++k) values[u][k] = __ldcg(part + k);
-      }
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const int j = j0 + u;
-        const float w = __shfl_sync(0xffffffffu, j < 32 ? weight[0] : weight[1], j & 31);
-        const float wu = j < split.chunks ? w : 0.0f;
-#pragma unroll
-        for (int k = 0; k < kPerLane; ++k) acc[k] = fmaf(wu, values[u][k], acc[k]);
-      }
-    }
-    const float inverse = 1.0f / sum;
-#pragma unroll
-    for (int k = 0; k < kPerLane; ++k)
-      a.out[head * kHeadDim + lane * kPerLane + k] = __float2bfloat16_rn(acc[k] * inverse);
   }
 }
 
@@ -720,7 +734,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
     const DeviceOp& op = p.op[o];
     const NormWeights norm_weights = prefetch_norm(op);
     // The op's nested code tables need no previous op: loaded before the wait.
-    const bool matvec = op.kind != kAttention && op.kind != kCombine;
+    const bool matvec = op.kind != kAttention;
     NestedShare nested{};
     if (matvec) nested = load_nested_share(op);
     if (o > 0) {  // this op's x is the last op's output: wait until every block is done with it
@@ -742,12 +756,6 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
         attention_units<128>(op.attention, q_rotated, lane, worker, workers);
       else
         attention_units<64>(op.attention, q_rotated, lane, worker, workers);
-    } else if (op.kind == kCombine) {
-      const int worker = warp * gridDim.x + blockIdx.x, workers = gridDim.x * kConsumerWarps;
-      if (op.attention.head_dim == 128)
-        combine_units<128>(op.attention, lane, worker, workers);
-      else
-        combine_units<64>(op.attention, lane, worker, workers);
     } else {
       load_op_x(op, xs, reinterpret_cast<float*>(smem + kReduceOff), norm_weights, nested,
                 nested_code);  // ends with a barrier
@@ -903,10 +911,10 @@ cudaError_t NF4ChainPlan::create(const ChainOp* ops, int count, std::unique_ptr<
     matrices += n;
   }
   if (matrices > kMaxChainMatrices) return refuse("more than " + std::to_string(kMaxChainMatrices) + " matrices");
-  int device_op_count = 0;  // an attention op runs as two
-  for (int i = 0; i < count; ++i) device_op_count += ops[i].is_attention ? 2 : 1;
-  if (device_op_count > kMaxDeviceOps)
-    return refuse("more than " + std::to_string(kMaxDeviceOps) + " steps (an attention op counts 2)");
+  int attention_heads = 0;  // one done counter per q head of each attention op
+  for (int i = 0; i < count; ++i) attention_heads += ops[i].is_attention ? ops[i].attention.q_heads : 0;
+  if (attention_heads > kMaxChainAttentionHeads)
+    return refuse("the attention ops have more than " + std::to_string(kMaxChainAttentionHeads) + " q heads in all");
 
   PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
   cudaDriverEntryPointQueryResult found{};
@@ -923,16 +931,13 @@ cudaError_t NF4ChainPlan::create(const ChainOp* ops, int count, std::unique_ptr<
   int next_map = 0;
   for (int i = 0; i < count; ++i) {
     const ChainOp& op = ops[i];
-    if (op.is_attention) {  // two device ops: the units, then the combine
+    if (op.is_attention) {
       const ChainAttention& a = op.attention;
-      DeviceAttention da{a.q,       a.k_new,    a.v_new,          a.position, a.inv_freq, a.k_cache,
-                         a.v_cache, a.capacity, a.sliding_window, a.q_heads,  a.kv_heads, a.head_dim,
-                         a.scale,   a.out,      a.scratch};
-      for (int kind : {kAttention, kCombine}) {
-        DeviceOp& d = p.op[p.ops++];
-        d.kind = kind;
-        d.attention = da;
-      }
+      DeviceOp& d = p.op[p.ops++];
+      d.kind = kAttention;
+      d.attention = DeviceAttention{a.q,       a.k_new,    a.v_new,          a.position, a.inv_freq, a.k_cache,
+                                    a.v_cache, a.capacity, a.sliding_window, a.q_heads,  a.kv_heads, a.head_dim,
+                                    a.scale,   a.out,      a.scratch,        nullptr};
       continue;
     }
     DeviceOp& d = p.op[p.ops++];
@@ -981,11 +986,18 @@ cudaError_t NF4ChainPlan::create(const ChainOp* ops, int count, std::unique_ptr<
   if (err != cudaSuccess) return err;
   if (per_sm < 1) return refuse("one block of the chain kernel does not fit an SM");
   made->grid_ = prop.multiProcessorCount;
-  err = cudaMalloc(&made->counters_, kMaxDeviceOps * sizeof(unsigned));
+  const size_t counters = static_cast<size_t>(kMaxDeviceOps + attention_heads);
+  err = cudaMalloc(&made->counters_, counters * sizeof(unsigned));
   if (err != cudaSuccess) return err;
-  err = cudaMemset(made->counters_, 0, kMaxDeviceOps * sizeof(unsigned));
+  err = cudaMemset(made->counters_, 0, counters * sizeof(unsigned));
   if (err != cudaSuccess) return err;
   p.done = made->counters_;
+  unsigned* head_done = made->counters_ + kMaxDeviceOps;
+  for (int o = 0; o < p.ops; ++o)
+    if (p.op[o].kind == kAttention) {
+      p.op[o].attention.head_done = head_done;
+      head_done += p.op[o].attention.q_heads;
+    }
   *plan = std::move(made);
   return cudaSuccess;
 }

@@ -44,8 +44,8 @@ enum class ChainEpilogue {
 // rotated (RoPE, rope_pair's arithmetic, rounded to bf16), k and v appended at the
 // position, then softmax(q k^T * scale) v over positions [max(0, length - window),
 // length), length = position + 1, grouped-query. Inside the chain: units of (q head,
-// chunk of positions) over every consumer warp, fp32 running max and sum per unit,
-// then a combine step (its own wait) writing `out`.
+// chunk of positions) over every consumer warp, fp32 running max and sum per unit;
+// the last unit of a q head to finish combines the head's units into `out`.
 struct ChainAttention {
   const __nv_bfloat16* q = nullptr;      // [q_heads, head_dim], before RoPE
   const __nv_bfloat16* k_new = nullptr;  // [kv_heads, head_dim], before RoPE
@@ -80,7 +80,8 @@ struct ChainOp {
 
 constexpr int kMaxChainOps = 6;                       // a decoder layer: q/k/v, attention, o, gate/up, down
 constexpr int kMaxChainMatrices = 8;                  // its 7 NF4 matrices
-constexpr int kMaxChainDeviceOps = kMaxChainOps + 2;  // an attention op runs as 2 (units, combine)
+constexpr int kMaxChainDeviceOps = kMaxChainOps;      // steps inside the launch: one per op
+constexpr int kMaxChainAttentionHeads = 256;          // q heads of a chain's attention ops, in all
 
 // NF4 matrices `op` reads: swiglu 2, add_to_output and store_f32 1, store `matrices`, attention 0.
 int nf4_chain_matrices(const ChainOp& op);
@@ -109,7 +110,7 @@ class NF4ChainPlan {
   // [blocks()][kMaxChainDeviceOps + 1][3]; entry [block][kMaxChainDeviceOps][0] is when
   // its consumers were ready. Null turns it off.
   void set_timeline(unsigned long long* timeline);
-  int device_ops() const;  // an attention op counts 2 (its units, its combine)
+  int device_ops() const;  // one per op
   int blocks() const { return grid_; }
 
   struct Params;

@@ -482,13 +482,15 @@ TEST(NF4Chain, RefusesWhatItCannotRun) {
   EXPECT_EQ(NF4ChainPlan::create(ops, 2, &plan, &why), cudaErrorInvalidValue);
   EXPECT_NE(why.find("code table"), std::string::npos) << why;
   EXPECT_EQ(NF4ChainPlan::create(ops, 0, &plan, &why), cudaErrorInvalidValue);
-  // More steps than the launch parameters hold: five attention ops are ten steps.
+  // More q heads than the plan keeps done counters for: 3 attention ops of 96 heads.
   WholeLayer layer(rng, 16, 4, 128, 2048, 3);
   const std::vector<ChainOp> layer_ops =
       layer.ops(true, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr);
-  std::vector<ChainOp> attentions(5, layer_ops[1]);
-  EXPECT_EQ(NF4ChainPlan::create(attentions.data(), 5, &plan, &why), cudaErrorInvalidValue);
-  EXPECT_NE(why.find("steps"), std::string::npos) << why;
+  std::vector<ChainOp> attentions(3, layer_ops[1]);
+  EXPECT_EQ(NF4ChainPlan::create(attentions.data(), 3, &plan, &why), cudaSuccess) << why;  // 48 heads
+  for (ChainOp& op : attentions) op.attention.q_heads = 96;
+  EXPECT_EQ(NF4ChainPlan::create(attentions.data(), 3, &plan, &why), cudaErrorInvalidValue);
+  EXPECT_NE(why.find("q heads"), std::string::npos) << why;
 }
 
 }  // namespace

@@ -360,7 +360,7 @@ int main() {
       for (int b = 0; b < blocks; ++b) m = std::max(m, stamps[(size_t(b) * slots + o) * 3 + what] - origin);
       return m / 1000.0;
     };
-    const char* op_names[] = {"q/k/v", "attention units", "attention combine", "o", "gate/up", "down"};
+    const char* op_names[] = {"q/k/v", "attention", "o", "gate/up", "down"};
     std::printf("  whole-layer timeline (us from the first block's start; mean over blocks, latest done):\n");
     std::printf("    consumers ready %.2f (latest %.2f)\n", mean(slots - 1, 0), latest(slots - 1, 0));
     for (int o = 0; o < plans[0][0]->device_ops(); ++o)
