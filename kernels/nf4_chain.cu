@@ -28,19 +28,20 @@ constexpr int kAbsmaxRowBytes = kChunkElements / 64;
 constexpr int kSlotWeightBytes = 16 * kChunkRowBytes;
 constexpr int kSlotAbsmaxBytes = 16 * kAbsmaxRowBytes;
 constexpr int kSlotCopyBytes = kSlotWeightBytes + kSlotAbsmaxBytes;
-constexpr int kSlotBytes = (kSlotCopyBytes + 1023) / 1024 * 1024;  // the 128-byte swizzle repeats every 1024 B
-constexpr int kSlots = 2;
+constexpr int kSlotBytes = kSlotWeightBytes;  // a multiple of 1024 B: the 128-byte swizzle's period
+constexpr int kSlots = 3;        // a launch's first op runs on the items in flight at its start (ring timing, NOTES)
 constexpr int kMaxCols = 28672;  // Llama-3-70B's intermediate size
 
 // Shared memory, from the dynamic window's start.
 constexpr int kTableOff = 0;                               // pair table: 256 entries x 32 lanes x 4 B
 constexpr int kNestedCodeOff = kTableOff + 256 * 256;      // f32 [3][256]: the op's matrices
-constexpr int kPartialOff = kNestedCodeOff + 3 * 256 * 4;  // f32 [groups][2][group warps][4][32]
-constexpr int kPendingOff = kPartialOff + kGroups * 2 * kGroupWarps * 128 * 4;  // f32 [groups][16]: gate rows
+constexpr int kPartialOff = kNestedCodeOff + 3 * 256 * 4;  // f32 [groups][2][group warps][2][8]: column 0 sums
+constexpr int kPendingOff = kPartialOff + kGroups * 2 * kGroupWarps * 16 * 4;   // f32 [groups][16]: gate rows
 constexpr int kReduceOff = kPendingOff + kGroups * 16 * 4;                      // f32 [consumer warps]
 constexpr int kBarOff = kReduceOff + kConsumerWarps * 4;                        // u64 full[groups][slots], empty[...]
 constexpr int kXOff = (kBarOff + 2 * kGroups * kSlots * 8 + 15) / 16 * 16;      // bf16 [kMaxCols]
-constexpr int kRingOff = (kXOff + kMaxCols * 2 + 1023) / 1024 * 1024;
+constexpr int kSlotAbsmaxOff = (kXOff + kMaxCols * 2 + 127) / 128 * 128;        // u8 [groups][slots][16][32]: absmax
+constexpr int kRingOff = (kSlotAbsmaxOff + kGroups * kSlots * kSlotAbsmaxBytes + 1023) / 1024 * 1024;
 constexpr int kSmemBytes = kRingOff + kGroups * kSlots * kSlotBytes;
 static_assert(kSmemBytes <= 227 * 1024, "one block per SM must fit");
 
@@ -553,6 +554,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + kBarOff) + group * kSlots;
   uint64_t* empty = reinterpret_cast<uint64_t*>(smem + kBarOff) + kGroups * kSlots + group * kSlots;
   uint8_t* ring = smem + kRingOff + group * kSlots * kSlotBytes;
+  uint8_t* ring_absmax = smem + kSlotAbsmaxOff + group * kSlots * kSlotAbsmaxBytes;
   if (threadIdx.x == 0) {
     uint64_t* bars = reinterpret_cast<uint64_t*>(smem + kBarOff);
     for (int i = 0; i < kGroups * kSlots; ++i) {
@@ -614,7 +616,8 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
 #pragma unroll
         for (int b = 0; b < 8; ++b)
           tensor_copy_2d(dst + b * 2048, weight_map, static_cast<int>(w.c * kChunkRowBytes) + b * 128, y0, &full[slot]);
-        tensor_copy_2d(dst + kSlotWeightBytes, absmax_map, static_cast<int>(w.c * kAbsmaxRowBytes), y0, &full[slot]);
+        tensor_copy_2d(ring_absmax + slot * kSlotAbsmaxBytes, absmax_map, static_cast<int>(w.c * kAbsmaxRowBytes), y0,
+                       &full[slot]);
       }
       __syncwarp();
       advance(w, false);
@@ -649,7 +652,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
     const uint32_t slot = wk.seq % kSlots, phase = (wk.seq / kSlots) & 1;
     mbar_wait_warp(&full[slot], phase);
     const uint8_t* sw = ring + slot * kSlotBytes;
-    const uint8_t* sa = sw + kSlotWeightBytes;
+    const uint8_t* sa = ring_absmax + slot * kSlotAbsmaxBytes;
 #pragma unroll
     for (int stp = 0; stp < 2; ++stp)
 #pragma unroll
@@ -699,17 +702,20 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
     }
     if (wk.c + 1 < op.cols / kChunkElements) return;
     // The tile's last chunk: the group's sums in warp order, then the epilogue.
-    float* part_buf = partial + (group * 2 + parity) * kGroupWarps * 128;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) part_buf[(gw * 4 + i) * 32 + lane] = acc[i];
+    // Column 0 of the mma (the lanes of tig 0: rows g and g + 8) holds the batch row's sums.
+    float* part_buf = partial + (group * 2 + parity) * kGroupWarps * 16;
+    if (tig == 0) {
+      part_buf[gw * 16 + g] = acc[0];
+      part_buf[gw * 16 + 8 + g] = acc[2];
+    }
     group_sync(group);
     const int writer = gw * 32 + lane;
     float* pend = pending + group * 16;
     if (writer < 16) {
       const int mrow = writer;
-      const int i = mrow >= 8 ? 2 : 0, l = row_quad(mrow & 7) * 4;  // column 0 of row mrow
+      const int at = (mrow >> 3) * 8 + row_quad(mrow & 7);  // tile row mrow's sum in a warp's 16
       float sum = 0.0f;
-      for (int w2 = 0; w2 < kGroupWarps; ++w2) sum += part_buf[(w2 * 4 + i) * 32 + l];
+      for (int w2 = 0; w2 < kGroupWarps; ++w2) sum += part_buf[w2 * 16 + at];
       const uint32_t row = wk.t.tile * 16 + mrow;
       __nv_bfloat16* y = m.y;
       if (op.kind == kAdd) {
