@@ -346,13 +346,30 @@ Status Engine::run_pass(const TokenBatch& batch, const std::function<Status(Slot
   };
   Status status = backend_->embed(batch, streamer_->host_payload(ModelPack::embedding_unit()));
   if (!status) return status;  // bad token id: nothing has moved yet
-  for (uint32_t layer = 0; layer < config().num_layers; ++layer) {
+  const std::vector<UnitPlacement>& placement = streamer_->plan().placement;
+  for (uint32_t layer = 0; layer < config().num_layers;) {
     const UnitIndex unit = pack_.decoder_unit(layer);
+    if (backend_->runs_layer_pairs() && layer + 1 < config().num_layers && placement[unit] == UnitPlacement::resident &&
+        placement[pack_.decoder_unit(layer + 1)] == UnitPlacement::resident) {
+      // Resident slots are never refilled: holding two at once changes nothing.
+      const UnitIndex next = pack_.decoder_unit(layer + 1);
+      auto first = streamer_->acquire(unit);
+      if (!first) return fail(first.error());
+      auto second = streamer_->acquire(next);
+      if (!second) return fail(second.error());
+      status = backend_->run_decoder_layer_pair(layer, first.value(), second.value(), batch);
+      streamer_->release(unit);
+      streamer_->release(next);
+      if (!status) return fail(status.error());
+      layer += 2;
+      continue;
+    }
     auto slot = streamer_->acquire(unit);
     if (!slot) return fail(slot.error());
     status = backend_->run_decoder_layer(layer, slot.value(), batch);
     streamer_->release(unit);
     if (!status) return fail(status.error());
+    ++layer;
   }
   const UnitIndex output = pack_.output_unit();
   auto slot = streamer_->acquire(output);

@@ -357,6 +357,63 @@ TEST(NF4Chain, WholeLayerMatchesReferenceAndLaunches) {
   check_whole_layer(llama3, "Llama-3-8B, position 40");
 }
 
+// Two whole layers in one launch (the runtime pairs resident layers): the same bits
+// as the two one-layer launches, for the activations and both layers' caches. The
+// second layer reads and writes the first one's activation buffers, as in a decode step.
+TEST(NF4Chain, TwoWholeLayersInOneLaunchMatchTwoLaunches) {
+  SKIP_WITHOUT_CHAIN();
+  std::mt19937 rng(790);
+  for (int position : {0, 40, 700}) {
+    WholeLayer first(rng, 32, 8, 128, 4096, position), second(rng, 32, 8, 128, 4096, position);
+    const std::vector<ChainOp> first_ops =
+        first.ops(true, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr);
+    std::vector<ChainOp> second_ops =
+        second.ops(true, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr);
+    const std::pair<void*, void*> shared[] = {{second.mlp.d_hidden.get(), first.mlp.d_hidden.get()},
+                                              {second.mlp.d_act.get(), first.mlp.d_act.get()},
+                                              {second.mlp.d_attention.get(), first.mlp.d_attention.get()},
+                                              {second.d_q.get(), first.d_q.get()},
+                                              {second.d_k.get(), first.d_k.get()},
+                                              {second.d_v.get(), first.d_v.get()}};
+    auto remap = [&](auto* p) {
+      for (const auto& [from, to] : shared)
+        if (static_cast<const void*>(p) == from) return reinterpret_cast<decltype(p)>(to);
+      return p;
+    };
+    for (ChainOp& op : second_ops) {
+      op.x = remap(op.x);
+      for (__nv_bfloat16*& y : op.y) y = remap(y);
+      op.attention.q = remap(op.attention.q);
+      op.attention.k_new = remap(op.attention.k_new);
+      op.attention.v_new = remap(op.attention.v_new);
+      op.attention.out = remap(op.attention.out);
+    }
+    std::vector<ChainOp> both = first_ops;
+    both.insert(both.end(), second_ops.begin(), second_ops.end());
+    std::unique_ptr<NF4ChainPlan> one, two, pair;
+    std::string why;
+    CUDA_OK(NF4ChainPlan::create(first_ops.data(), static_cast<int>(first_ops.size()), &one, &why));
+    CUDA_OK(NF4ChainPlan::create(second_ops.data(), static_cast<int>(second_ops.size()), &two, &why));
+    CUDA_OK(NF4ChainPlan::create(both.data(), static_cast<int>(both.size()), &pair, &why));
+    ASSERT_TRUE(why.empty()) << why;
+    auto run = [&](const std::vector<const NF4ChainPlan*>& plans) -> std::vector<std::vector<uint16_t>> {
+      first.reset_device();
+      second.d_keys.upload(second.keys);
+      second.d_values.upload(second.values);
+      for (const NF4ChainPlan* plan : plans) EXPECT_EQ(plan->launch(nullptr), cudaSuccess);
+      EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      return std::vector<std::vector<uint16_t>>{first.mlp.d_hidden.download(), first.d_keys.download(),
+                                                first.d_values.download(), second.d_keys.download(),
+                                                second.d_values.download()};
+    };
+    const auto separate = run({one.get(), two.get()});
+    const auto paired = run({pair.get()});
+    const char* names[] = {"hidden", "first keys", "first values", "second keys", "second values"};
+    for (int i = 0; i < 5; ++i) EXPECT_EQ(separate[i], paired[i]) << names[i] << " differ at position " << position;
+    EXPECT_NE(separate[0], first.mlp.hidden) << "the layers changed nothing";
+  }
+}
+
 TEST(NF4Chain, LargestColumnsAndUnevenTiles) {
   SKIP_WITHOUT_CHAIN();
   std::mt19937 rng(778);
