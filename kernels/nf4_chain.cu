@@ -1,7 +1,8 @@
 // NF4 op chains in one persistent launch (nf4_chain.cuh). One block per SM: two
-// groups of 8 consumer warps, each group with its own producer warp and ring of 2
+// groups of 8 consumer warps, each group with its own producer warp and ring of 3
 // slots. A slot holds one item: 16 rows x 2048 elements of one matrix (8 tensor-map
-// boxes of 16 rows x 128 B, 128-byte swizzle) and their 16 x 32 u8 absmax. Groups own
+// boxes of 16 rows x 128 B, 128-byte swizzle); its 16 x 32 u8 absmax land beside the
+// ring. Groups own
 // whole 16-row tiles (a group barrier per tile), the producer runs ahead across op
 // boundaries, and an op waits only for the previous op's per-block done counter.
 // Measured design history: kernels/NOTES.md (streamed-layer prototype).
