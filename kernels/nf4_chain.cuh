@@ -78,8 +78,8 @@ struct ChainOp {
   ChainAttention attention;
 };
 
-constexpr int kMaxChainOps = 10;                      // two decoder layers: q/k/v, attention, o, gate/up, down
-constexpr int kMaxChainMatrices = 14;                 // their 7 NF4 matrices each (launch parameters > 4 KB)
+constexpr int kMaxChainOps = 20;                      // four decoder layers: q/k/v, attention, o, gate/up, down
+constexpr int kMaxChainMatrices = 28;                 // their 7 NF4 matrices each (launch parameters ~13 KB)
 constexpr int kMaxChainDeviceOps = kMaxChainOps;      // steps inside the launch: one per op
 constexpr int kMaxChainAttentionHeads = 256;          // q heads of a chain's attention ops, in all
 

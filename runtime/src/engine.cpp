@@ -347,21 +347,26 @@ Status Engine::run_pass(const TokenBatch& batch, const std::function<Status(Slot
   Status status = backend_->embed(batch, streamer_->host_payload(ModelPack::embedding_unit()));
   if (!status) return status;  // bad token id: nothing has moved yet
   const std::vector<UnitPlacement>& placement = streamer_->plan().placement;
+  const uint32_t per_call = backend_->resident_layers_per_call();
+  std::vector<SlotId> run_slots;
   for (uint32_t layer = 0; layer < config().num_layers;) {
     const UnitIndex unit = pack_.decoder_unit(layer);
-    if (backend_->runs_layer_pairs() && layer + 1 < config().num_layers && placement[unit] == UnitPlacement::resident &&
-        placement[pack_.decoder_unit(layer + 1)] == UnitPlacement::resident) {
-      // Resident slots are never refilled: holding two at once changes nothing.
-      const UnitIndex next = pack_.decoder_unit(layer + 1);
-      auto first = streamer_->acquire(unit);
-      if (!first) return fail(first.error());
-      auto second = streamer_->acquire(next);
-      if (!second) return fail(second.error());
-      status = backend_->run_decoder_layer_pair(layer, first.value(), second.value(), batch);
-      streamer_->release(unit);
-      streamer_->release(next);
+    uint32_t run = 0;  // consecutive resident layers from here, up to per_call
+    while (per_call > 1 && run < per_call && layer + run < config().num_layers &&
+           placement[pack_.decoder_unit(layer + run)] == UnitPlacement::resident)
+      ++run;
+    if (run >= 2) {
+      // Resident slots are never refilled: holding several at once changes nothing.
+      run_slots.clear();
+      for (uint32_t i = 0; i < run; ++i) {
+        auto slot = streamer_->acquire(pack_.decoder_unit(layer + i));
+        if (!slot) return fail(slot.error());
+        run_slots.push_back(slot.value());
+      }
+      status = backend_->run_decoder_layers(layer, run_slots.data(), run, batch);
+      for (uint32_t i = 0; i < run; ++i) streamer_->release(pack_.decoder_unit(layer + i));
       if (!status) return fail(status.error());
-      layer += 2;
+      layer += run;
       continue;
     }
     auto slot = streamer_->acquire(unit);

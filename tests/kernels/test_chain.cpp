@@ -357,30 +357,29 @@ TEST(NF4Chain, WholeLayerMatchesReferenceAndLaunches) {
   check_whole_layer(llama3, "Llama-3-8B, position 40");
 }
 
-// Two whole layers in one launch (the runtime pairs resident layers): the same bits
-// as the two one-layer launches, for the activations and both layers' caches. The
-// second layer reads and writes the first one's activation buffers, as in a decode step.
-TEST(NF4Chain, TwoWholeLayersInOneLaunchMatchTwoLaunches) {
-  SKIP_WITHOUT_CHAIN();
-  std::mt19937 rng(790);
-  for (int position : {0, 40, 700}) {
-    WholeLayer first(rng, 32, 8, 128, 4096, position), second(rng, 32, 8, 128, 4096, position);
-    const std::vector<ChainOp> first_ops =
-        first.ops(true, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr);
-    std::vector<ChainOp> second_ops =
-        second.ops(true, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr);
-    const std::pair<void*, void*> shared[] = {{second.mlp.d_hidden.get(), first.mlp.d_hidden.get()},
-                                              {second.mlp.d_act.get(), first.mlp.d_act.get()},
-                                              {second.mlp.d_attention.get(), first.mlp.d_attention.get()},
-                                              {second.d_q.get(), first.d_q.get()},
-                                              {second.d_k.get(), first.d_k.get()},
-                                              {second.d_v.get(), first.d_v.get()}};
+// Several whole layers in one launch (the runtime groups resident layers): the same
+// bits as one launch per layer, for the activations and every layer's cache. Later
+// layers read and write the first one's activation buffers, as in a decode step.
+void check_layers_in_one_launch(std::mt19937& rng, int count, int position) {
+  std::vector<std::unique_ptr<WholeLayer>> layers;
+  for (int i = 0; i < count; ++i) layers.push_back(std::make_unique<WholeLayer>(rng, 32, 8, 128, 4096, position));
+  WholeLayer& first = *layers[0];
+  std::vector<std::vector<ChainOp>> per_layer;
+  for (auto& layer : layers) {
+    std::vector<ChainOp> ops =
+        layer->ops(true, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr);
+    const std::pair<void*, void*> shared[] = {{layer->mlp.d_hidden.get(), first.mlp.d_hidden.get()},
+                                              {layer->mlp.d_act.get(), first.mlp.d_act.get()},
+                                              {layer->mlp.d_attention.get(), first.mlp.d_attention.get()},
+                                              {layer->d_q.get(), first.d_q.get()},
+                                              {layer->d_k.get(), first.d_k.get()},
+                                              {layer->d_v.get(), first.d_v.get()}};
     auto remap = [&](auto* p) {
       for (const auto& [from, to] : shared)
         if (static_cast<const void*>(p) == from) return reinterpret_cast<decltype(p)>(to);
       return p;
     };
-    for (ChainOp& op : second_ops) {
+    for (ChainOp& op : ops) {
       op.x = remap(op.x);
       for (__nv_bfloat16*& y : op.y) y = remap(y);
       op.attention.q = remap(op.attention.q);
@@ -388,30 +387,50 @@ TEST(NF4Chain, TwoWholeLayersInOneLaunchMatchTwoLaunches) {
       op.attention.v_new = remap(op.attention.v_new);
       op.attention.out = remap(op.attention.out);
     }
-    std::vector<ChainOp> both = first_ops;
-    both.insert(both.end(), second_ops.begin(), second_ops.end());
-    std::unique_ptr<NF4ChainPlan> one, two, pair;
-    std::string why;
-    CUDA_OK(NF4ChainPlan::create(first_ops.data(), static_cast<int>(first_ops.size()), &one, &why));
-    CUDA_OK(NF4ChainPlan::create(second_ops.data(), static_cast<int>(second_ops.size()), &two, &why));
-    CUDA_OK(NF4ChainPlan::create(both.data(), static_cast<int>(both.size()), &pair, &why));
-    ASSERT_TRUE(why.empty()) << why;
-    auto run = [&](const std::vector<const NF4ChainPlan*>& plans) -> std::vector<std::vector<uint16_t>> {
-      first.reset_device();
-      second.d_keys.upload(second.keys);
-      second.d_values.upload(second.values);
-      for (const NF4ChainPlan* plan : plans) EXPECT_EQ(plan->launch(nullptr), cudaSuccess);
-      EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-      return std::vector<std::vector<uint16_t>>{first.mlp.d_hidden.download(), first.d_keys.download(),
-                                                first.d_values.download(), second.d_keys.download(),
-                                                second.d_values.download()};
-    };
-    const auto separate = run({one.get(), two.get()});
-    const auto paired = run({pair.get()});
-    const char* names[] = {"hidden", "first keys", "first values", "second keys", "second values"};
-    for (int i = 0; i < 5; ++i) EXPECT_EQ(separate[i], paired[i]) << names[i] << " differ at position " << position;
-    EXPECT_NE(separate[0], first.mlp.hidden) << "the layers changed nothing";
+    per_layer.push_back(ops);
   }
+  std::vector<std::unique_ptr<NF4ChainPlan>> separate_plans(count);
+  std::vector<ChainOp> all;
+  std::string why;
+  for (int i = 0; i < count; ++i) {
+    CUDA_OK(NF4ChainPlan::create(per_layer[i].data(), static_cast<int>(per_layer[i].size()), &separate_plans[i], &why));
+    all.insert(all.end(), per_layer[i].begin(), per_layer[i].end());
+  }
+  std::unique_ptr<NF4ChainPlan> grouped;
+  CUDA_OK(NF4ChainPlan::create(all.data(), static_cast<int>(all.size()), &grouped, &why));
+  ASSERT_TRUE(why.empty()) << why;
+  auto run = [&](const std::vector<const NF4ChainPlan*>& plans) -> std::vector<std::vector<uint16_t>> {
+    first.reset_device();
+    for (auto& layer : layers) {
+      layer->d_keys.upload(layer->keys);
+      layer->d_values.upload(layer->values);
+    }
+    for (const NF4ChainPlan* plan : plans) EXPECT_EQ(plan->launch(nullptr), cudaSuccess);
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    std::vector<std::vector<uint16_t>> out = {first.mlp.d_hidden.download()};
+    for (auto& layer : layers) {
+      out.push_back(layer->d_keys.download());
+      out.push_back(layer->d_values.download());
+    }
+    return out;
+  };
+  std::vector<const NF4ChainPlan*> one_each;
+  for (auto& plan : separate_plans) one_each.push_back(plan.get());
+  const auto separate = run(one_each);
+  const auto together = run({grouped.get()});
+  const std::string what = std::to_string(count) + " layers, position " + std::to_string(position);
+  EXPECT_EQ(separate[0], together[0]) << "hidden differs: " << what;
+  for (size_t i = 1; i < separate.size(); ++i)
+    EXPECT_EQ(separate[i], together[i]) << "layer " << (i - 1) / 2 << (i % 2 ? " keys" : " values")
+                                        << " differ: " << what;
+  EXPECT_NE(separate[0], first.mlp.hidden) << "the layers changed nothing: " << what;
+}
+
+TEST(NF4Chain, SeveralWholeLayersInOneLaunchMatchOneLaunchEach) {
+  SKIP_WITHOUT_CHAIN();
+  std::mt19937 rng(790);
+  for (int position : {0, 40, 700}) check_layers_in_one_launch(rng, 2, position);
+  check_layers_in_one_launch(rng, kMaxChainOps / 5, 40);  // the most a launch holds
 }
 
 TEST(NF4Chain, LargestColumnsAndUnevenTiles) {

@@ -331,14 +331,17 @@ int main() {
     std::printf("  library launches: layer %.1f  (norm + q/k/v + attention %.1f, o + norm + gate/up + down %.1f)\n",
                 library, library_attention_only, library_mlp_only);
     std::printf("  library norm + q/k/v + attention, then the MLP chain: %.1f\n", library_mlp_chain);
-    {  // two layers in one launch, as the runtime pairs resident layers
-      std::vector<k::ChainOp> both = ops_of(layers[0]), second = ops_of(layers[1]);
-      both.insert(both.end(), second.begin(), second.end());
-      std::unique_ptr<k::NF4ChainPlan> pair;
+    for (int count : {2, k::kMaxChainOps / 5}) {  // several layers in one launch, as the runtime groups them
+      std::vector<k::ChainOp> all;
+      for (int i = 0; i < count; ++i) {
+        const std::vector<k::ChainOp> ops = ops_of(layers[i & 1]);
+        all.insert(all.end(), ops.begin(), ops.end());
+      }
+      std::unique_ptr<k::NF4ChainPlan> group;
       std::string why;
-      check(k::NF4ChainPlan::create(both.data(), static_cast<int>(both.size()), &pair, &why), why.c_str());
-      const float t = time_graph([&](int) { check(pair->launch(stream), "chain"); });
-      std::printf("  chain: two whole layers in one launch, per layer %.1f\n", t / 2);
+      check(k::NF4ChainPlan::create(all.data(), static_cast<int>(all.size()), &group, &why), why.c_str());
+      const float t = time_graph([&](int) { check(group->launch(stream), "chain"); });
+      std::printf("  chain: %d whole layers in one launch, per layer %.1f\n", count, t / count);
     }
     for (int j = 0; j < 8; ++j) {
       const float t = time_graph([&](int i) { check(plans[i][j]->launch(stream), "chain"); });

@@ -115,15 +115,15 @@ class Backend {
   // embedding_payload: host address of embedding.lpk's payload.
   virtual Status embed(const TokenBatch& batch, const uint8_t* embedding_payload) = 0;
   virtual Status run_decoder_layer(uint32_t layer, SlotId slot, const TokenBatch& batch) = 0;
-  // Whether the backend gains from two consecutive resident layers in one call (the
-  // CUDA backend runs them as one launch: 65.3 -> 62.7 us a layer on an H200); the
-  // engine then passes pairs of resident layers to run_decoder_layer_pair.
-  virtual bool runs_layer_pairs() const { return false; }
-  // Layers first and first + 1, both resident (their slots are theirs for the run).
-  virtual Status run_decoder_layer_pair(uint32_t first, SlotId first_slot, SlotId second_slot,
-                                        const TokenBatch& batch) {
-    LAYERPACK_TRY(run_decoder_layer(first, first_slot, batch));
-    return run_decoder_layer(first + 1, second_slot, batch);
+  // How many consecutive resident layers the backend gains from running in one call
+  // (the CUDA backend runs them as one launch: 65.3 -> 62.7 us a layer for two on an
+  // H200); the engine then passes runs of up to that many resident layers to
+  // run_decoder_layers. 1: one layer per call.
+  virtual uint32_t resident_layers_per_call() const { return 1; }
+  // Layers first .. first + count - 1, all resident (their slots are theirs for the run).
+  virtual Status run_decoder_layers(uint32_t first, const SlotId* slots, uint32_t count, const TokenBatch& batch) {
+    for (uint32_t i = 0; i < count; ++i) LAYERPACK_TRY(run_decoder_layer(first + i, slots[i], batch));
+    return Status::success();
   }
   // Final norm + lm_head for rows with wants_logits; logits has logits_rows() x vocab
   // floats, rows in batch order. Returns when the logits are in host memory.

@@ -221,12 +221,13 @@ class CudaBackend : public Backend {
                                   : "; fused decode matvecs off (LAYERPACK_CUDA_FUSED=0)";
     const std::string selection = token_selection_ ? "; greedy / top-k tokens picked on the GPU"
                                                    : "; logits sampled on the host (LAYERPACK_CUDA_SELECT=0)";
-    const std::string pairs = !pair_chains_enabled_ ? "; one layer per launch (LAYERPACK_CUDA_CHAIN_PAIRS=0)"
-                              : pair_note_.empty()  ? "; two resident layers per launch"
-                                                    : "; one layer per launch: " + pair_note_;
+    const std::string groups = layers_per_chain_ < 2 ? "; one layer per launch (LAYERPACK_CUDA_CHAIN_LAYERS=1)"
+                               : group_note_.empty()
+                                   ? "; up to " + std::to_string(layers_per_chain_) + " resident layers per launch"
+                                   : "; one layer per launch: " + group_note_;
     const std::string chain = !chain_note_.empty() ? "; " + chain_note_
-                              : chain_enabled_     ? "; decode layers in one persistent launch each (NF4 chain)" + pairs
-                                                   : "; decode chains off (LAYERPACK_CUDA_CHAIN=0)";
+                              : chain_enabled_ ? "; decode layers in one persistent launch each (NF4 chain)" + groups
+                                               : "; decode chains off (LAYERPACK_CUDA_CHAIN=0)";
     if (!graph_note_.empty()) return description_ + fused + chain + selection + "; " + graph_note_;
     return description_ + fused + chain + selection +
            (graphs_enabled_ ? "; decode layers replayed as CUDA graphs"
@@ -253,9 +254,10 @@ class CudaBackend : public Backend {
 
   Status embed(const TokenBatch& batch, const uint8_t* embedding_payload) override;
   Status run_decoder_layer(uint32_t layer, SlotId slot, const TokenBatch& batch) override;
-  bool runs_layer_pairs() const override { return chain_enabled_ && fused_matvecs_ && pair_chains_enabled_; }
-  Status run_decoder_layer_pair(uint32_t first, SlotId first_slot, SlotId second_slot,
-                                const TokenBatch& batch) override;
+  uint32_t resident_layers_per_call() const override {
+    return chain_enabled_ && fused_matvecs_ ? layers_per_chain_ : 1;
+  }
+  Status run_decoder_layers(uint32_t first, const SlotId* slots, uint32_t count, const TokenBatch& batch) override;
   Status run_output(SlotId slot, const TokenBatch& batch, float* logits) override;
   bool selects_tokens(const SamplingParams& params) const override;
   Status run_output_tokens(SlotId slot, const TokenBatch& batch, const SamplingParams& params, const double* uniforms,
@@ -381,13 +383,14 @@ class CudaBackend : public Backend {
   Status plan_layer_chain(uint32_t layer, const DeviceSlot& slot, uint32_t sequence);
   const LayerChain* layer_chain(uint32_t layer, const DeviceSlot& slot, uint32_t sequence) const;
   bool chain_enabled_ = true;  // LAYERPACK_CUDA_CHAIN=0: the separate launches
-  // Two consecutive resident whole-layer chains in one launch (the launch and its ramp
-  // paid once per two layers); LAYERPACK_CUDA_CHAIN_PAIRS=0: one layer per launch.
-  // Keyed by (first layer, both slot buffers, sequence); null where create refused.
-  bool pair_chains_enabled_ = true;
-  std::map<std::tuple<uint32_t, const uint8_t*, const uint8_t*, uint32_t>, std::unique_ptr<kernels::NF4ChainPlan>>
-      pair_plans_;
-  std::string pair_note_;  // why a pair was refused (the first one)
+  // Up to kMaxLayersPerChain consecutive resident whole-layer chains in one launch
+  // (the launch and its ramp paid once per group); LAYERPACK_CUDA_CHAIN_LAYERS=N (1 to
+  // 4) sets the most. Keyed by (first layer, sequence, the slot buffers); null where
+  // create refused.
+  static constexpr uint32_t kMaxLayersPerChain = kernels::kMaxChainOps / 5;
+  uint32_t layers_per_chain_ = kMaxLayersPerChain;
+  std::map<std::vector<uintptr_t>, std::unique_ptr<kernels::NF4ChainPlan>> group_plans_;
+  std::string group_note_;  // why a group was refused (the first one)
   float* chain_scratch_ = nullptr;
   std::map<std::tuple<uint32_t, const uint8_t*, uint32_t>, LayerChain> chain_plans_;
   // One logits row: the final RMSNorm folded into lm_head's input, fp32 logits, one
@@ -453,7 +456,10 @@ Status CudaBackend::create() {
   token_selection_ = environment_flag("LAYERPACK_CUDA_SELECT", true);
   fused_rope_ = environment_flag("LAYERPACK_CUDA_FUSED_ROPE", true);
   chain_enabled_ = environment_flag("LAYERPACK_CUDA_CHAIN", true);
-  pair_chains_enabled_ = environment_flag("LAYERPACK_CUDA_CHAIN_PAIRS", true);
+  if (const char* layers = std::getenv("LAYERPACK_CUDA_CHAIN_LAYERS")) {
+    const int n = std::atoi(layers);
+    if (n >= 1 && n <= static_cast<int>(kMaxLayersPerChain)) layers_per_chain_ = static_cast<uint32_t>(n);
+  }
   description_ = std::string("CUDA, ") + prop.name + " (sm_" + std::to_string(prop.major) +
                  std::to_string(prop.minor) + ", " + std::to_string(prop.totalGlobalMem >> 20) +
                  " MiB), bf16 activations and KV cache";
@@ -972,49 +978,46 @@ Status CudaBackend::run_decoder_layer(uint32_t layer, SlotId slot_id, const Toke
   return Status::success();
 }
 
-Status CudaBackend::run_decoder_layer_pair(uint32_t first, SlotId first_slot, SlotId second_slot,
-                                           const TokenBatch& batch) {
-  if (batch.size() != 1 || !single_sequence_)
-    return Backend::run_decoder_layer_pair(first, first_slot, second_slot, batch);
-  DeviceSlot slots[2];
+Status CudaBackend::run_decoder_layers(uint32_t first, const SlotId* slot_ids, uint32_t count,
+                                       const TokenBatch& batch) {
+  auto one_at_a_time = [&] { return Backend::run_decoder_layers(first, slot_ids, count, batch); };
+  if (batch.size() != 1 || !single_sequence_ || count < 2 || count > kMaxLayersPerChain) return one_at_a_time();
+  std::vector<DeviceSlot> slots(count);
   {
     std::lock_guard<std::mutex> lock(slots_mutex_);
-    slots[0] = slots_[first_slot];
-    slots[1] = slots_[second_slot];
+    for (uint32_t i = 0; i < count; ++i) slots[i] = slots_[slot_ids[i]];
   }
   const uint32_t sequence = batch.sequences[0];
-  const LayerChain* chains[2];
-  for (uint32_t i = 0; i < 2; ++i) {
+  std::vector<const LayerChain*> chains(count);
+  std::vector<uintptr_t> key = {first, sequence};
+  for (uint32_t i = 0; i < count; ++i) {
     LAYERPACK_TRY(plan_layer_chain(first + i, slots[i], sequence));
     chains[i] = layer_chain(first + i, slots[i], sequence);
-    if (!chains[i] || !chains[i]->whole_layer)
-      return Backend::run_decoder_layer_pair(first, first_slot, second_slot, batch);
+    if (!chains[i] || !chains[i]->whole_layer) return one_at_a_time();
+    key.push_back(reinterpret_cast<uintptr_t>(slots[i].data));
   }
-  const auto key = std::make_tuple(first, static_cast<const uint8_t*>(slots[0].data),
-                                   static_cast<const uint8_t*>(slots[1].data), sequence);
-  auto it = pair_plans_.find(key);
-  if (it == pair_plans_.end()) {
-    std::vector<kernels::ChainOp> ops = chains[0]->ops;
-    ops.insert(ops.end(), chains[1]->ops.begin(), chains[1]->ops.end());
+  const std::string layers = "layers " + std::to_string(first) + " to " + std::to_string(first + count - 1);
+  auto it = group_plans_.find(key);
+  if (it == group_plans_.end()) {
+    std::vector<kernels::ChainOp> ops;
+    for (const LayerChain* chain : chains) ops.insert(ops.end(), chain->ops.begin(), chain->ops.end());
     std::unique_ptr<kernels::NF4ChainPlan> plan;
     std::string why;
     const cudaError_t err = kernels::NF4ChainPlan::create(ops.data(), static_cast<int>(ops.size()), &plan, &why);
-    const std::string layers = "layers " + std::to_string(first) + " and " + std::to_string(first + 1);
     if (err != cudaSuccess && err != cudaErrorInvalidValue)
       return cuda_error(err, "planning the NF4 chain of " + layers);
     if (err != cudaSuccess) {
       cudaGetLastError();  // a refusal is not an error of the stream
-      if (pair_note_.empty()) pair_note_ = why + " (" + layers + ")";
+      if (group_note_.empty()) group_note_ = why + " (" + layers + ")";
     }
-    it = pair_plans_.emplace(key, std::move(plan)).first;
+    it = group_plans_.emplace(key, std::move(plan)).first;
   }
-  if (!it->second) return Backend::run_decoder_layer_pair(first, first_slot, second_slot, batch);
+  if (!it->second) return one_at_a_time();
   for (const DeviceSlot& slot : slots)
     CUDA_TRY(cudaStreamWaitEvent(compute_, slot.ready, 0), "ordering compute after an upload");
   {
-    ProfileScope profile(profiler_, "NF4 chain: two whole layers");
-    CUDA_TRY(it->second->launch(compute_),
-             "NF4 chain of layers " + std::to_string(first) + " and " + std::to_string(first + 1));
+    ProfileScope profile(profiler_, "NF4 chain: several whole layers");
+    CUDA_TRY(it->second->launch(compute_), "NF4 chain of " + layers);
   }
   for (const DeviceSlot& slot : slots) CUDA_TRY(cudaEventRecord(slot.free, compute_), "recording layer completion");
   return Status::success();
