@@ -100,6 +100,8 @@ struct NF4ChainPlan::Params {
   unsigned* done;
   unsigned long long* timeline;  // set_timeline: per block, per device op, [waited, ready, done] in ns
 };
+// Passed by value to the kernel: CUDA 12.1+ takes up to 32764 bytes of parameters.
+static_assert(sizeof(NF4ChainPlan::Params) <= 32764, "the chain's launch parameters exceed CUDA's limit");
 
 namespace {
 
