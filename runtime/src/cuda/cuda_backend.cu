@@ -221,13 +221,13 @@ class CudaBackend : public Backend {
                                   : "; fused decode matvecs off (LAYERPACK_CUDA_FUSED=0)";
     const std::string selection = token_selection_ ? "; greedy / top-k tokens picked on the GPU"
                                                    : "; logits sampled on the host (LAYERPACK_CUDA_SELECT=0)";
-    const std::string groups = layers_per_chain_ < 2 ? "; one layer per launch (LAYERPACK_CUDA_CHAIN_LAYERS=1)"
+    const std::string groups = layers_per_chain_ < 2 ? "one layer per launch (LAYERPACK_CUDA_CHAIN_LAYERS=1)"
                                : group_note_.empty()
-                                   ? "; up to " + std::to_string(layers_per_chain_) + " resident layers per launch"
-                                   : "; one layer per launch: " + group_note_;
+                                   ? "up to " + std::to_string(layers_per_chain_) + " resident layers per launch"
+                                   : "one layer per launch: " + group_note_;
     const std::string chain = !chain_note_.empty() ? "; " + chain_note_
-                              : chain_enabled_ ? "; decode layers in one persistent launch each (NF4 chain)" + groups
-                                               : "; decode chains off (LAYERPACK_CUDA_CHAIN=0)";
+                              : chain_enabled_     ? "; decode layers as persistent NF4-chain launches, " + groups
+                                                   : "; decode chains off (LAYERPACK_CUDA_CHAIN=0)";
     if (!graph_note_.empty()) return description_ + fused + chain + selection + "; " + graph_note_;
     return description_ + fused + chain + selection +
            (graphs_enabled_ ? "; decode layers replayed as CUDA graphs"
@@ -378,7 +378,7 @@ class CudaBackend : public Backend {
   struct LayerChain {
     std::unique_ptr<kernels::NF4ChainPlan> plan;
     bool whole_layer = false;
-    std::vector<kernels::ChainOp> ops;  // a whole layer's, for the two-layer plans
+    std::vector<kernels::ChainOp> ops;  // a whole layer's, for the plans of several layers
   };
   Status plan_layer_chain(uint32_t layer, const DeviceSlot& slot, uint32_t sequence);
   const LayerChain* layer_chain(uint32_t layer, const DeviceSlot& slot, uint32_t sequence) const;
