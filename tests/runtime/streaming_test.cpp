@@ -165,6 +165,74 @@ TEST(Engine, ResidentLoadsInPiecesEqualDirectLoads) {
   }
 }
 
+// Runs of resident layers handed to the backend at once (the CUDA backend's grouped
+// chain launches) give the same logits as one layer per call: every layer runs once,
+// in order, on its own slot, and streamed layers keep their acquire order. All
+// resident, and a budget that streams some layers between resident ones.
+TEST(Engine, ResidentLayerRunsEqualOneLayerPerCall) {
+  const std::string pack = converted_pack("llama_gqa");  // 3 decoder layers
+  auto logits_with = [&](uint32_t per_call, uint64_t budget, uint32_t* runs, uint32_t* streamed) {
+    EngineOptions options;
+    options.backend = "cpu";
+    options.backend_options.force_staging = budget != 0;
+    options.backend_options.layers_per_call = per_call;
+    options.backend_options.layer_runs = runs;
+    if (budget != 0) options.slot_budget = budget;
+    auto engine = Engine::open(pack, options);
+    EXPECT_TRUE(engine.ok()) << engine.error().to_string();
+    std::vector<float> all;
+    if (!engine.ok()) return all;
+    *streamed = (*engine)->streamer().plan().streamed_count();
+    auto sequence = (*engine)->kv().open_sequence();
+    TokenBatch prompt;
+    for (uint32_t i = 0; i < 5; ++i) prompt.add(7 + i, sequence.value(), i, true);
+    std::vector<float> logits;
+    EXPECT_TRUE((*engine)->forward(prompt, logits).ok());
+    all = logits;
+    for (uint32_t step = 0; step < 3; ++step) {
+      TokenBatch batch;
+      batch.add(20 + step, sequence.value(), 5 + step, true);
+      EXPECT_TRUE((*engine)->forward(batch, logits).ok());
+      all.insert(all.end(), logits.begin(), logits.end());
+    }
+    return all;
+  };
+  // The largest budget (in steps of 1/8 of the largest payload) whose plan streams a
+  // decoder layer: as many resident ones as this small pack allows beside it.
+  auto probe = Engine::open(pack, EngineOptions{});
+  ASSERT_TRUE(probe.ok());
+  const ModelPack& model = (*probe)->pack();
+  const uint64_t payload = model.largest_payload_size();
+  uint64_t mixed = 0;
+  for (uint64_t budget = payload; budget < 16 * payload; budget += payload / 8) {
+    EngineOptions options;
+    options.backend_options.force_staging = true;
+    options.slot_budget = budget;
+    auto engine = Engine::open(pack, options);
+    if (!engine.ok()) continue;
+    const SchedulePlan& plan = (*engine)->streamer().plan();
+    uint32_t streamed = 0;
+    for (uint32_t layer = 0; layer < model.config().num_layers; ++layer)
+      streamed += plan.placement[model.decoder_unit(layer)] == UnitPlacement::resident ? 0 : 1;
+    if (streamed > 0) mixed = budget;
+  }
+  ASSERT_NE(mixed, 0u) << "no budget streams a decoder layer";
+  for (uint64_t budget : {uint64_t{0}, mixed}) {
+    uint32_t streamed = 0, runs = 0;
+    const std::vector<float> one_each = logits_with(1, budget, nullptr, &streamed);
+    ASSERT_FALSE(one_each.empty());
+    for (uint32_t per_call : {2u, 3u, 4u}) {
+      runs = 0;
+      const std::vector<float> grouped = logits_with(per_call, budget, &runs, &streamed);
+      ASSERT_EQ(grouped.size(), one_each.size());
+      EXPECT_EQ(0, std::memcmp(grouped.data(), one_each.data(), one_each.size() * sizeof(float)))
+          << per_call << " layers per call, budget " << budget;
+      if (budget == 0) EXPECT_EQ(runs, 4u) << "every pass should hand its resident layers over in one run";
+      if (budget != 0) EXPECT_GT(streamed, 0u) << "the budget should stream some layers";
+    }
+  }
+}
+
 // The automatic prefill chunk (max_batch_rows 0) is 256 rows on the CPU backend.
 TEST(Engine, AutomaticPrefillChunkOnTheCpuIs256Rows) {
   EngineOptions options;

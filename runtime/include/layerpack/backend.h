@@ -67,6 +67,11 @@ struct BackendOptions {
   // CUDA: products of up to this many rows run as NF4/bf16 matvecs, 8 rows per
   // launch; more rows dequantize tiles for cuBLAS (tests lower it to reach that path).
   uint32_t matvec_max_rows = 32;
+  // CPU only, for tests: runs of up to this many resident layers come through
+  // run_decoder_layers (the engine's grouping the CUDA backend uses), each run of more
+  // than one layer counted in *layer_runs when set.
+  uint32_t layers_per_call = 1;
+  uint32_t* layer_runs = nullptr;
 };
 
 class Backend {

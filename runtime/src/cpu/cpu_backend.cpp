@@ -119,6 +119,11 @@ class CpuBackend : public Backend {
   }
 
   Status run_decoder_layer(uint32_t layer, SlotId slot, const TokenBatch& batch) override;
+  uint32_t resident_layers_per_call() const override { return std::max<uint32_t>(1, options_.layers_per_call); }
+  Status run_decoder_layers(uint32_t first, const SlotId* slots, uint32_t count, const TokenBatch& batch) override {
+    if (options_.layer_runs && count > 1) ++*options_.layer_runs;
+    return Backend::run_decoder_layers(first, slots, count, batch);
+  }
   Status run_output(SlotId slot, const TokenBatch& batch, float* logits) override;
 
  private:
