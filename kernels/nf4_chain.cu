@@ -854,6 +854,47 @@ std::string matrix_supports(const NF4Matrix& m) {
 
 }  // namespace
 
+std::vector<ChainOp> nf4_chain_decoder_layer(const ChainDecoderLayer& layer) {
+  std::vector<ChainOp> ops(5);
+  ChainOp& qkv = ops[0];
+  qkv.matrices = 3;
+  qkv.weight[0] = layer.q_proj;
+  qkv.weight[1] = layer.k_proj;
+  qkv.weight[2] = layer.v_proj;
+  qkv.epilogue = ChainEpilogue::store;
+  qkv.x = layer.hidden;
+  qkv.norm_weight = layer.attention_norm;
+  qkv.eps = layer.eps;
+  qkv.y[0] = layer.q;
+  qkv.y[1] = layer.k;
+  qkv.y[2] = layer.v;
+  ops[1].is_attention = true;
+  ops[1].attention = layer.attention;
+  ops[1].attention.q = layer.q;
+  ops[1].attention.k_new = layer.k;
+  ops[1].attention.v_new = layer.v;
+  ops[1].attention.out = layer.attention_out;
+  ChainOp& o = ops[2];
+  o.weight[0] = layer.o_proj;
+  o.epilogue = ChainEpilogue::add_to_output;
+  o.x = layer.attention_out;
+  o.y[0] = layer.hidden;
+  ChainOp& gate_up = ops[3];
+  gate_up.weight[0] = layer.gate_proj;
+  gate_up.weight[1] = layer.up_proj;
+  gate_up.epilogue = ChainEpilogue::swiglu;
+  gate_up.x = layer.hidden;
+  gate_up.norm_weight = layer.ffn_norm;
+  gate_up.eps = layer.eps;
+  gate_up.y[0] = layer.act;
+  ChainOp& down = ops[4];
+  down.weight[0] = layer.down_proj;
+  down.epilogue = ChainEpilogue::add_to_output;
+  down.x = layer.act;
+  down.y[0] = layer.hidden;
+  return ops;
+}
+
 int nf4_chain_matrices(const ChainOp& op) {
   if (op.is_attention) return 0;
   if (op.epilogue == ChainEpilogue::swiglu) return 2;

@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "kernels/nf4_matrix.h"
 
@@ -82,6 +83,24 @@ constexpr int kMaxChainOps = 20;                      // four decoder layers: q/
 constexpr int kMaxChainMatrices = 28;                 // their 7 NF4 matrices each (launch parameters ~13 KB)
 constexpr int kMaxChainDeviceOps = kMaxChainOps;      // steps inside the launch: one per op
 constexpr int kMaxChainAttentionHeads = 256;          // q heads of a chain's attention ops, in all
+
+// A decoder layer's decode step of one row as the chain's five ops: RMSNorm + q/k/v
+// into q/k/v, attention (RoPE + KV append) into attention_out, o + residual into
+// hidden, RMSNorm + gate/up + SwiGLU into act, down + residual into hidden.
+struct ChainDecoderLayer {
+  NF4Matrix q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj;
+  const float* attention_norm = nullptr;
+  const float* ffn_norm = nullptr;
+  float eps = 1e-5f;
+  __nv_bfloat16* hidden = nullptr;  // the residual stream: the layer's input and output
+  __nv_bfloat16* q = nullptr;
+  __nv_bfloat16* k = nullptr;
+  __nv_bfloat16* v = nullptr;
+  __nv_bfloat16* attention_out = nullptr;
+  __nv_bfloat16* act = nullptr;
+  ChainAttention attention;  // the cache, position and shape; q, k_new, v_new and out come from above
+};
+std::vector<ChainOp> nf4_chain_decoder_layer(const ChainDecoderLayer& layer);
 
 // NF4 matrices `op` reads: swiglu 2, add_to_output and store_f32 1, store `matrices`, attention 0.
 int nf4_chain_matrices(const ChainOp& op);

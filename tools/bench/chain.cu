@@ -188,21 +188,23 @@ int main() {
 
   // Chains of each layer: whole, q/k/v, attention, q/k/v + attention, MLP.
   auto ops_of = [&](const Layer& L) {
-    std::vector<k::ChainOp> ops(5);
-    ops[0].matrices = 3;
-    ops[0].weight[0] = L.q;
-    ops[0].weight[1] = L.k;
-    ops[0].weight[2] = L.v;
-    ops[0].x = hidden;
-    ops[0].norm_weight = L.attention_norm;
-    ops[0].y[0] = q;
-    ops[0].y[1] = kk;
-    ops[0].y[2] = v;
-    k::ChainAttention& a = ops[1].attention;
-    ops[1].is_attention = true;
-    a.q = q;
-    a.k_new = kk;
-    a.v_new = v;
+    k::ChainDecoderLayer in;
+    in.q_proj = L.q;
+    in.k_proj = L.k;
+    in.v_proj = L.v;
+    in.o_proj = L.o;
+    in.gate_proj = L.gate;
+    in.up_proj = L.up;
+    in.down_proj = L.down;
+    in.attention_norm = L.attention_norm;
+    in.ffn_norm = L.ffn_norm;
+    in.hidden = hidden;
+    in.q = q;
+    in.k = kk;
+    in.v = v;
+    in.attention_out = attention_out;
+    in.act = act;
+    k::ChainAttention& a = in.attention;
     a.position = position;
     a.inv_freq = inv_freq;
     a.k_cache = L.k_cache;
@@ -212,23 +214,8 @@ int main() {
     a.kv_heads = kKvHeads;
     a.head_dim = kHeadDim;
     a.scale = 1.0f / std::sqrt(float(kHeadDim));
-    a.out = attention_out;
     a.scratch = scratch;
-    ops[2].weight[0] = L.o;
-    ops[2].epilogue = k::ChainEpilogue::add_to_output;
-    ops[2].x = attention_out;
-    ops[2].y[0] = hidden;
-    ops[3].weight[0] = L.gate;
-    ops[3].weight[1] = L.up;
-    ops[3].epilogue = k::ChainEpilogue::swiglu;
-    ops[3].x = hidden;
-    ops[3].norm_weight = L.ffn_norm;
-    ops[3].y[0] = act;
-    ops[4].weight[0] = L.down;
-    ops[4].epilogue = k::ChainEpilogue::add_to_output;
-    ops[4].x = act;
-    ops[4].y[0] = hidden;
-    return ops;
+    return k::nf4_chain_decoder_layer(in);
   };
   struct Variant {
     const char* name;

@@ -888,21 +888,24 @@ Status CudaBackend::plan_layer_chain(uint32_t layer, const DeviceSlot& slot, uin
     if (!attention_norm) return attention_norm.error();
     auto ffn_norm = vector_pointer(*d.ffn_norm, slot, hidden_);
     if (!ffn_norm) return ffn_norm.error();
-    kernels::ChainOp ops[5];
-    ops[0].matrices = 3;
-    for (int i = 0; i < 3; ++i) ops[0].weight[i] = views[i];
-    ops[0].epilogue = kernels::ChainEpilogue::store;
-    ops[0].x = hidden_state_;
-    ops[0].norm_weight = attention_norm.value();
-    ops[0].eps = eps_;
-    ops[0].y[0] = q_;
-    ops[0].y[1] = k_;
-    ops[0].y[2] = v_;
-    kernels::ChainAttention& a = ops[1].attention;
-    ops[1].is_attention = true;
-    a.q = q_;
-    a.k_new = k_;
-    a.v_new = v_;
+    kernels::ChainDecoderLayer in;
+    in.q_proj = views[0];
+    in.k_proj = views[1];
+    in.v_proj = views[2];
+    in.o_proj = views[3];
+    in.gate_proj = views[4];
+    in.up_proj = views[5];
+    in.down_proj = views[6];
+    in.attention_norm = attention_norm.value();
+    in.ffn_norm = ffn_norm.value();
+    in.eps = eps_;
+    in.hidden = hidden_state_;
+    in.q = q_;
+    in.k = k_;
+    in.v = v_;
+    in.attention_out = attention_out_;
+    in.act = gate_;
+    kernels::ChainAttention& a = in.attention;
     a.position = row_data_;  // positions[0]: this pass's one row
     a.inv_freq = inverse_frequencies_;
     a.k_cache = keys_ + layout_.offset(layer, sequence, 0, 0);
@@ -913,39 +916,21 @@ Status CudaBackend::plan_layer_chain(uint32_t layer, const DeviceSlot& slot, uin
     a.head_dim = static_cast<int>(head_dim_);
     a.scale = 1.0f / std::sqrt(static_cast<float>(head_dim_));
     a.sliding_window = window_;
-    a.out = attention_out_;
     a.scratch = chain_scratch_;
-    kernels::ChainOp& o = ops[2];
-    o.weight[0] = views[3];
-    o.epilogue = kernels::ChainEpilogue::add_to_output;
-    o.x = attention_out_;
-    o.y[0] = hidden_state_;
-    kernels::ChainOp& gate_up = ops[3];
-    gate_up.weight[0] = views[4];
-    gate_up.weight[1] = views[5];
-    gate_up.epilogue = kernels::ChainEpilogue::swiglu;
-    gate_up.x = hidden_state_;
-    gate_up.norm_weight = ffn_norm.value();
-    gate_up.eps = eps_;
-    gate_up.y[0] = gate_;
-    kernels::ChainOp& down = ops[4];
-    down.weight[0] = views[6];
-    down.epilogue = kernels::ChainEpilogue::add_to_output;
-    down.x = gate_;
-    down.y[0] = hidden_state_;
+    const std::vector<kernels::ChainOp> ops = kernels::nf4_chain_decoder_layer(in);
     // The whole layer where the q/k/v launch could rotate in its epilogue (no biases or
     // q/k norms between the product and RoPE), else the MLP half.
     const bool plain_qkv = !d.q_bias && !d.k_bias && !d.v_bias && !(d.q_norm && d.k_norm);
     if (plain_qkv && fused_rope_ && chain_scratch_) {
-      LAYERPACK_TRY(plan(ops, 5));
+      LAYERPACK_TRY(plan(ops.data(), 5));
       entry.whole_layer = entry.plan != nullptr;
-      if (entry.whole_layer) entry.ops.assign(ops, ops + 5);
+      if (entry.whole_layer) entry.ops = ops;
     } else {
       why = plain_qkv ? "RoPE after q/k/v (LAYERPACK_CUDA_FUSED_ROPE=0)" : "q/k/v biases or norms";
     }
     if (!entry.plan) {
       const std::string whole_why = why;
-      LAYERPACK_TRY(plan(ops + 2, 3));
+      LAYERPACK_TRY(plan(ops.data() + 2, 3));
       if (entry.plan && chain_note_.empty())
         chain_note_ = "decode o/gate/up/down chained per layer; the whole layer not: " + whole_why + " (layer " +
                       std::to_string(layer) + ")";
