@@ -981,7 +981,9 @@ Status CudaBackend::run_decoder_layers(uint32_t first, const SlotId* slot_ids, u
     if (!chains[i] || !chains[i]->whole_layer) return one_at_a_time();
     key.push_back(reinterpret_cast<uintptr_t>(slots[i].data));
   }
-  const std::string layers = "layers " + std::to_string(first) + " to " + std::to_string(first + count - 1);
+  auto layers = [&] {  // for messages only: not built on the decode path
+    return "layers " + std::to_string(first) + " to " + std::to_string(first + count - 1);
+  };
   auto it = group_plans_.find(key);
   if (it == group_plans_.end()) {
     std::vector<kernels::ChainOp> ops;
@@ -990,10 +992,10 @@ Status CudaBackend::run_decoder_layers(uint32_t first, const SlotId* slot_ids, u
     std::string why;
     const cudaError_t err = kernels::NF4ChainPlan::create(ops.data(), static_cast<int>(ops.size()), &plan, &why);
     if (err != cudaSuccess && err != cudaErrorInvalidValue)
-      return cuda_error(err, "planning the NF4 chain of " + layers);
+      return cuda_error(err, "planning the NF4 chain of " + layers());
     if (err != cudaSuccess) {
       cudaGetLastError();  // a refusal is not an error of the stream
-      if (group_note_.empty()) group_note_ = why + " (" + layers + ")";
+      if (group_note_.empty()) group_note_ = why + " (" + layers() + ")";
     }
     it = group_plans_.emplace(key, std::move(plan)).first;
   }
@@ -1002,7 +1004,7 @@ Status CudaBackend::run_decoder_layers(uint32_t first, const SlotId* slot_ids, u
     CUDA_TRY(cudaStreamWaitEvent(compute_, slot.ready, 0), "ordering compute after an upload");
   {
     ProfileScope profile(profiler_, "NF4 chain: several whole layers");
-    CUDA_TRY(it->second->launch(compute_), "NF4 chain of " + layers);
+    CUDA_TRY(it->second->launch(compute_), "NF4 chain of " + layers());
   }
   for (const DeviceSlot& slot : slots) CUDA_TRY(cudaEventRecord(slot.free, compute_), "recording layer completion");
   return Status::success();
