@@ -1,10 +1,11 @@
 // NF4 op chains in one persistent launch (nf4_chain.cuh). One block per SM: two
 // groups of 8 consumer warps, each group with its own producer warp and ring of 3
-// slots. A slot holds one item: 16 rows x 2048 elements of one matrix (8 tensor-map
-// boxes of 16 rows x 128 B, 128-byte swizzle); its 16 x 32 u8 absmax land beside the
-// ring. Groups own
-// whole 16-row tiles (a group barrier per tile), the producer runs ahead across op
-// boundaries, and an op waits only for the previous op's per-block done counter.
+// slots (the producers and two idle warps form one warpgroup, see kProducerWarps). A
+// slot holds one item: 16 rows x 2048 elements of one matrix (8 tensor-map boxes of
+// 16 rows x 128 B, 128-byte swizzle); its 16 x 32 u8 absmax land beside the ring.
+// Groups own whole 16-row tiles (a group barrier per tile), the producer runs ahead
+// across op boundaries, and an op waits only for the previous op's per-block done
+// counter.
 // Measured design history: kernels/NOTES.md (streamed-layer prototype).
 #include "kernels/nf4_chain.cuh"
 
@@ -22,7 +23,19 @@ namespace {
 constexpr int kGroupWarps = 8;  // a group's warps split a chunk: 256 elements each
 constexpr int kGroups = 2;
 constexpr int kConsumerWarps = kGroupWarps * kGroups;
-constexpr int kThreads = (kConsumerWarps + kGroups) * 32;  // + one producer warp per group
+// + a producer warpgroup: one producer warp per group, two idle warps. On sm_90a
+// setmaxnreg moves the warpgroup's registers to the consumers (it works per warpgroup):
+// at launch 640 threads get 96 registers each (18 warps put 5 on some sub-partitions,
+// which capped the old 576-thread block at 96 too); consumers then have 112, and the NF4
+// loop and attention fit without spills.
+constexpr int kProducerWarps = 4;
+constexpr int kThreads = (kConsumerWarps + kProducerWarps) * 32;
+constexpr int kLaunchRegisters = 96, kProducerRegisters = 24, kConsumerRegisters = 112;
+// setmaxnreg.inc takes only registers the block's dec released: short of them, consumer
+// warps would wait forever.
+static_assert(kConsumerWarps * (kConsumerRegisters - kLaunchRegisters) <=
+                  kProducerWarps * (kLaunchRegisters - kProducerRegisters),
+              "setmaxnreg: the consumers' increase exceeds what the producer warpgroup frees");
 constexpr int kChunkElements = kGroupWarps * 256;          // per row, per slot
 constexpr int kChunkRowBytes = kChunkElements / 2;
 constexpr int kAbsmaxRowBytes = kChunkElements / 64;
@@ -553,7 +566,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
   float* pending = reinterpret_cast<float*>(smem + kPendingOff);
   __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(smem + kXOff);
   const int lane = threadIdx.x & 31, warp = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x >> 5), 0);
-  const int group = warp < kConsumerWarps ? warp / kGroupWarps : warp - kConsumerWarps;
+  const int group = warp < kConsumerWarps ? warp / kGroupWarps : min(warp - kConsumerWarps, kGroups - 1);
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + kBarOff) + group * kSlots;
   uint64_t* empty = reinterpret_cast<uint64_t*>(smem + kBarOff) + kGroups * kSlots + group * kSlots;
   uint8_t* ring = smem + kRingOff + group * kSlots * kSlotBytes;
@@ -567,6 +580,17 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
+  // Every warp of a warpgroup executes the same setmaxnreg (.sync.aligned).
+  if (warp >= kConsumerWarps) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kProducerRegisters));
+#endif
+    if (warp - kConsumerWarps >= kGroups) return;  // the warpgroup's idle warps
+  } else {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kConsumerRegisters));
+#endif
+  }
 
   // This group's items: (op, block tile s, chunk c), numbered in its ring's order.
   struct Work {

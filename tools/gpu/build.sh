@@ -10,7 +10,7 @@ deps="$PWD/.gpu-deps/root"
 [ -x "$deps/usr/bin/flatc" ] || { echo "tools/gpu/build.sh: $deps is missing; run tools/gpu/make_deps.sh and carry .gpu-deps" >&2; exit 1; }
 export PATH="/opt/torch/.venv/bin:/usr/local/cuda/bin:$PATH"
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DLAYERPACK_CUDA=ON \
-  -DCMAKE_CUDA_ARCHITECTURES="${LAYERPACK_CUDA_ARCHS:-90}" \
+  -DCMAKE_CUDA_ARCHITECTURES="${LAYERPACK_CUDA_ARCHS:-90a}" \
   -DCMAKE_PREFIX_PATH="$deps/usr" -DLAYERPACK_FLATC="$deps/usr/bin/flatc" \
   -DCMAKE_CXX_FLAGS="-isystem $deps/usr/include" -DCMAKE_CUDA_FLAGS="-isystem $deps/usr/include" >/dev/null
 cmake --build "$build" -j "$(nproc)" "${@:2}"
