@@ -1072,6 +1072,15 @@ cudaError_t NF4ChainPlan::create(const ChainOp* ops, int count, std::unique_ptr<
   err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, nf4_chain_kernel, kThreads, kSmemBytes);
   if (err != cudaSuccess) return err;
   if (per_sm < 1) return refuse("one block of the chain kernel does not fit an SM");
+  // The register hand-over (setmaxnreg) assumes the launch's count: with fewer, the
+  // consumers' increase would wait forever. A different compiler could choose fewer.
+  cudaFuncAttributes attributes{};
+  err = cudaFuncGetAttributes(&attributes, nf4_chain_kernel);
+  if (err != cudaSuccess) return err;
+  if (attributes.numRegs < kLaunchRegisters)
+    return refuse("the chain kernel was compiled with " + std::to_string(attributes.numRegs) +
+                  " registers a thread, fewer than the " + std::to_string(kLaunchRegisters) +
+                  " its register hand-over between warps needs");
   made->grid_ = prop.multiProcessorCount;
   const size_t counters = static_cast<size_t>(kMaxDeviceOps + attention_heads);
   err = cudaMalloc(&made->counters_, counters * sizeof(unsigned));
