@@ -15,6 +15,10 @@ archs=""
 if command -v nvcc >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
   cuda=ON
   archs="-DCMAKE_CUDA_ARCHITECTURES=native"  # this machine's GPU only: a faster build
+  # Hopper: its arch-specific target (native would build plain sm_90, without setmaxnreg).
+  if nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | grep -qx "9.0"; then
+    archs="-DCMAKE_CUDA_ARCHITECTURES=90a"
+  fi
 fi
 build=${LAYERPACK_BUILD_DIR:-build}
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DLAYERPACK_CUDA=$cuda $archs -DLAYERPACK_TESTS=OFF >/dev/null
