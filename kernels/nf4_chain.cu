@@ -879,7 +879,7 @@ std::string matrix_supports(const NF4Matrix& m) {
 }  // namespace
 
 std::vector<ChainOp> nf4_chain_decoder_layer(const ChainDecoderLayer& layer) {
-  std::vector<ChainOp> ops(5);
+  std::vector<ChainOp> ops(kChainOpsPerDecoderLayer);
   ChainOp& qkv = ops[0];
   qkv.matrices = 3;
   qkv.weight[0] = layer.q_proj;

@@ -80,12 +80,14 @@ struct ChainOp {
   ChainAttention attention;
 };
 
-constexpr int kMaxChainOps = 20;                      // four decoder layers: q/k/v, attention, o, gate/up, down
-constexpr int kMaxChainMatrices = 28;                 // their 7 NF4 matrices each (launch parameters ~13 KB)
+constexpr int kChainOpsPerDecoderLayer = 5;  // q/k/v, attention, o, gate/up, down
+constexpr int kMaxChainLayers = 4;           // whole decoder layers one launch holds
+constexpr int kMaxChainOps = kMaxChainLayers * kChainOpsPerDecoderLayer;
+constexpr int kMaxChainMatrices = kMaxChainLayers * 7;  // their 7 NF4 matrices each (launch parameters ~13 KB)
 constexpr int kMaxChainDeviceOps = kMaxChainOps;      // steps inside the launch: one per op
 constexpr int kMaxChainAttentionHeads = 256;          // q heads of a chain's attention ops, in all
 
-// A decoder layer's decode step of one row as the chain's five ops: RMSNorm + q/k/v
+// A decoder layer's decode step of one row as the chain's kChainOpsPerDecoderLayer ops: RMSNorm + q/k/v
 // into q/k/v, attention (RoPE + KV append) into attention_out, o + residual into
 // hidden, RMSNorm + gate/up + SwiGLU into act, down + residual into hidden.
 struct ChainDecoderLayer {

@@ -430,7 +430,7 @@ TEST(NF4Chain, SeveralWholeLayersInOneLaunchMatchOneLaunchEach) {
   SKIP_WITHOUT_CHAIN();
   std::mt19937 rng(790);
   for (int position : {0, 40, 700}) check_layers_in_one_launch(rng, 2, position);
-  check_layers_in_one_launch(rng, kMaxChainOps / 5, 40);  // the most a launch holds
+  check_layers_in_one_launch(rng, kMaxChainLayers, 40);  // the most a launch holds
 }
 
 TEST(NF4Chain, LargestColumnsAndUnevenTiles) {

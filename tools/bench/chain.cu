@@ -318,7 +318,7 @@ int main() {
     std::printf("  library launches: layer %.1f  (norm + q/k/v + attention %.1f, o + norm + gate/up + down %.1f)\n",
                 library, library_attention_only, library_mlp_only);
     std::printf("  library norm + q/k/v + attention, then the MLP chain: %.1f\n", library_mlp_chain);
-    for (int count : {2, k::kMaxChainOps / 5}) {  // several layers in one launch, as the runtime groups them
+    for (int count : {2, k::kMaxChainLayers}) {  // several layers in one launch, as the runtime groups them
       std::vector<k::ChainOp> all;
       for (int i = 0; i < count; ++i) {
         const std::vector<k::ChainOp> ops = ops_of(layers[i & 1]);

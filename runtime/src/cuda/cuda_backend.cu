@@ -387,7 +387,7 @@ class CudaBackend : public Backend {
   // (the launch and its ramp paid once per group); LAYERPACK_CUDA_CHAIN_LAYERS=N (1 to
   // 4) sets the most. Keyed by (first layer, sequence, the slot buffers); null where
   // create refused.
-  static constexpr uint32_t kMaxLayersPerChain = kernels::kMaxChainOps / 5;
+  static constexpr uint32_t kMaxLayersPerChain = kernels::kMaxChainLayers;
   uint32_t layers_per_chain_ = kMaxLayersPerChain;
   std::map<std::vector<uintptr_t>, std::unique_ptr<kernels::NF4ChainPlan>> group_plans_;
   std::string group_note_;  // why a group was refused (the first one)
@@ -922,7 +922,7 @@ Status CudaBackend::plan_layer_chain(uint32_t layer, const DeviceSlot& slot, uin
     // q/k norms between the product and RoPE), else the MLP half.
     const bool plain_qkv = !d.q_bias && !d.k_bias && !d.v_bias && !(d.q_norm && d.k_norm);
     if (plain_qkv && fused_rope_ && chain_scratch_) {
-      LAYERPACK_TRY(plan(ops.data(), 5));
+      LAYERPACK_TRY(plan(ops.data(), static_cast<int>(ops.size())));
       entry.whole_layer = entry.plan != nullptr;
       if (entry.whole_layer) entry.ops = ops;
     } else {
@@ -930,7 +930,7 @@ Status CudaBackend::plan_layer_chain(uint32_t layer, const DeviceSlot& slot, uin
     }
     if (!entry.plan) {
       const std::string whole_why = why;
-      LAYERPACK_TRY(plan(ops.data() + 2, 3));
+      LAYERPACK_TRY(plan(ops.data() + 2, static_cast<int>(ops.size()) - 2));  // o, gate/up, down
       if (entry.plan && chain_note_.empty())
         chain_note_ = "decode o/gate/up/down chained per layer; the whole layer not: " + whole_why + " (layer " +
                       std::to_string(layer) + ")";
