@@ -389,7 +389,9 @@ class CudaBackend : public Backend {
   // create refused.
   static constexpr uint32_t kMaxLayersPerChain = kernels::kMaxChainLayers;
   uint32_t layers_per_chain_ = kMaxLayersPerChain;
-  std::map<std::vector<uintptr_t>, std::unique_ptr<kernels::NF4ChainPlan>> group_plans_;
+  // Key: first layer, sequence, layer count, then each layer's slot address (0 past the count).
+  using GroupPlanKey = std::array<uintptr_t, 3 + kMaxLayersPerChain>;
+  std::map<GroupPlanKey, std::unique_ptr<kernels::NF4ChainPlan>> group_plans_;
   std::string group_note_;  // why a group was refused (the first one)
   float* chain_scratch_ = nullptr;
   std::map<std::tuple<uint32_t, const uint8_t*, uint32_t>, LayerChain> chain_plans_;
@@ -967,19 +969,23 @@ Status CudaBackend::run_decoder_layers(uint32_t first, const SlotId* slot_ids, u
                                        const TokenBatch& batch) {
   auto one_at_a_time = [&] { return Backend::run_decoder_layers(first, slot_ids, count, batch); };
   if (batch.size() != 1 || !single_sequence_ || count < 2 || count > kMaxLayersPerChain) return one_at_a_time();
-  std::vector<DeviceSlot> slots(count);
+  // Fixed-size: this runs for every launch of the decode path, with no allocations.
+  std::array<DeviceSlot, kMaxLayersPerChain> slots{};
   {
     std::lock_guard<std::mutex> lock(slots_mutex_);
     for (uint32_t i = 0; i < count; ++i) slots[i] = slots_[slot_ids[i]];
   }
   const uint32_t sequence = batch.sequences[0];
-  std::vector<const LayerChain*> chains(count);
-  std::vector<uintptr_t> key = {first, sequence};
+  std::array<const LayerChain*, kMaxLayersPerChain> chains{};
+  GroupPlanKey key{};
+  key[0] = first;
+  key[1] = sequence;
+  key[2] = count;
   for (uint32_t i = 0; i < count; ++i) {
     LAYERPACK_TRY(plan_layer_chain(first + i, slots[i], sequence));
     chains[i] = layer_chain(first + i, slots[i], sequence);
     if (!chains[i] || !chains[i]->whole_layer) return one_at_a_time();
-    key.push_back(reinterpret_cast<uintptr_t>(slots[i].data));
+    key[3 + i] = reinterpret_cast<uintptr_t>(slots[i].data);
   }
   auto layers = [&] {  // for messages only: not built on the decode path
     return "layers " + std::to_string(first) + " to " + std::to_string(first + count - 1);
@@ -987,7 +993,7 @@ Status CudaBackend::run_decoder_layers(uint32_t first, const SlotId* slot_ids, u
   auto it = group_plans_.find(key);
   if (it == group_plans_.end()) {
     std::vector<kernels::ChainOp> ops;
-    for (const LayerChain* chain : chains) ops.insert(ops.end(), chain->ops.begin(), chain->ops.end());
+    for (uint32_t i = 0; i < count; ++i) ops.insert(ops.end(), chains[i]->ops.begin(), chains[i]->ops.end());
     std::unique_ptr<kernels::NF4ChainPlan> plan;
     std::string why;
     const cudaError_t err = kernels::NF4ChainPlan::create(ops.data(), static_cast<int>(ops.size()), &plan, &why);
@@ -1000,13 +1006,13 @@ Status CudaBackend::run_decoder_layers(uint32_t first, const SlotId* slot_ids, u
     it = group_plans_.emplace(key, std::move(plan)).first;
   }
   if (!it->second) return one_at_a_time();
-  for (const DeviceSlot& slot : slots)
-    CUDA_TRY(cudaStreamWaitEvent(compute_, slot.ready, 0), "ordering compute after an upload");
+  for (uint32_t i = 0; i < count; ++i)
+    CUDA_TRY(cudaStreamWaitEvent(compute_, slots[i].ready, 0), "ordering compute after an upload");
   {
     ProfileScope profile(profiler_, "NF4 chain: several whole layers");
     CUDA_TRY(it->second->launch(compute_), "NF4 chain of " + layers());
   }
-  for (const DeviceSlot& slot : slots) CUDA_TRY(cudaEventRecord(slot.free, compute_), "recording layer completion");
+  for (uint32_t i = 0; i < count; ++i) CUDA_TRY(cudaEventRecord(slots[i].free, compute_), "recording layer completion");
   return Status::success();
 }
 
