@@ -690,10 +690,13 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
               sw + gw * 2048 + (quad_row(g) + 8 * h) * 128 +
               (((2 * (stp * 2 + part) + (tig >> 1)) ^ (quad_row(g) & 7)) << 4) + (tig & 1) * 8);
     const uint32_t scale_row = quad_row(g) + 8 * (tig >> 1), blocks_per_row = op.cols / 64;
+    // The warp's 4 absmax bytes of a row are one word: one 4-way-conflicted load
+    // instead of two byte loads.
+    const uint32_t codes4 = *reinterpret_cast<const uint32_t*>(sa + scale_row * kAbsmaxRowBytes + gw * 4);
 #pragma unroll
     for (int stp = 0; stp < 2; ++stp) {
       const uint32_t local = gw * 4 + 2 * stp + (tig & 1);
-      st.code[stp] = sa[scale_row * kAbsmaxRowBytes + local];
+      st.code[stp] = (codes4 >> (8 * (2 * stp + (tig & 1)))) & 0xffu;
       const uint32_t block = (wk.t.tile * 16 + scale_row) * blocks_per_row + wk.c * kAbsmaxRowBytes + local;
       st.nested[stp] = __ldg(m.nested_absmax + (block >> 8));
     }
@@ -715,9 +718,14 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
       detail::pair_lut_quad_scales(mine, lane, scale);
 #pragma unroll
       for (int part = 0; part < 2; ++part) {
-        uint4 xv[2];
-        xv[0] = *reinterpret_cast<const uint4*>(xp + stp * 128 + part * 64);
-        xv[1] = *reinterpret_cast<const uint4*>(xp + stp * 128 + part * 64 + 8);
+        // Only column 0 of the mma is kept, and its B comes from the lanes of g 0: the
+        // other lanes' x would be 3 of the load's 4 wavefronts (their columns are
+        // discarded, so zeros do).
+        uint4 xv[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
+        if (g == 0) {
+          xv[0] = *reinterpret_cast<const uint4*>(xp + stp * 128 + part * 64);
+          xv[1] = *reinterpret_cast<const uint4*>(xp + stp * 128 + part * 64 + 8);
+        }
         float cc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         detail::pair_lut_part(cc, table, lane_offset, st.w[stp][0][part], st.w[stp][1][part],
                               reinterpret_cast<const uint32_t*>(xv));
