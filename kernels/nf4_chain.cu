@@ -706,42 +706,78 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
 
   float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   int parity = 0;
+  // Ops of at most 2 chunks a row (K <= 4096: q/k/v, o, gate/up, lm_head) keep x in
+  // registers for the whole op: lane (g, tig) holds the 16 x values of (chunk, step, part)
+  // number g, which are B's column g. The mma then computes column g against whatever
+  // weights it is given, and the item's (chunk c, step, part) result is column
+  // 4c + 2 step + part: lanes tig == 2c + step, register `part` (rows g) and 2 + part
+  // (rows g + 8). Only those are accumulated. No x loads per item (they were 8 of the
+  // loop's 128-bit loads, ~1/4 of its shared-memory cycles).
+  uint4 x_resident[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
   auto compute = [&](const Work& wk, const Stage& st) {
     const DeviceOp& op = p.op[wk.op];
     const DeviceMatrix& m = op.m[wk.t.matrix];
     const __nv_bfloat16* xp = xs + wk.c * kChunkElements + gw * 256 + tig * 16;
     const float* codes = nested_code + wk.t.matrix * 256;
+    if (op.cols <= 2 * kChunkElements) {  // x_resident holds this op's x
 #pragma unroll
-    for (int stp = 0; stp < 2; ++stp) {
-      const float mine = __fadd_rn(__fmul_rn(codes[st.code[stp]], st.nested[stp]), m.nested_offset);
-      float scale[2][2];
-      detail::pair_lut_quad_scales(mine, lane, scale);
+      for (int stp = 0; stp < 2; ++stp) {
+        const float mine = __fadd_rn(__fmul_rn(codes[st.code[stp]], st.nested[stp]), m.nested_offset);
+        float scale[2][2];
+        detail::pair_lut_quad_scales(mine, lane, scale);
+        const bool mine_columns = tig == static_cast<int>(2 * wk.c) + stp;
 #pragma unroll
-      for (int part = 0; part < 2; ++part) {
-        // Only column 0 of the mma is kept, and its B comes from the lanes of g 0: the
-        // other lanes' x would be 3 of the load's 4 wavefronts (their columns are
-        // discarded, so zeros do).
-        uint4 xv[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
-        if (g == 0) {
-          xv[0] = *reinterpret_cast<const uint4*>(xp + stp * 128 + part * 64);
-          xv[1] = *reinterpret_cast<const uint4*>(xp + stp * 128 + part * 64 + 8);
+        for (int part = 0; part < 2; ++part) {
+          float cc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+          detail::pair_lut_part(cc, table, lane_offset, st.w[stp][0][part], st.w[stp][1][part],
+                                reinterpret_cast<const uint32_t*>(x_resident));
+          // A select, not a branch: divergent control flow here would cost the lookups
+          // their uniform table address.
+          const float low = fmaf(cc[part], scale[0][part], acc[part]);
+          const float high = fmaf(cc[2 + part], scale[1][part], acc[2 + part]);
+          acc[part] = mine_columns ? low : acc[part];
+          acc[2 + part] = mine_columns ? high : acc[2 + part];
         }
-        float cc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        detail::pair_lut_part(cc, table, lane_offset, st.w[stp][0][part], st.w[stp][1][part],
-                              reinterpret_cast<const uint32_t*>(xv));
-        acc[0] = fmaf(cc[0], scale[0][part], acc[0]);
-        acc[1] = fmaf(cc[1], scale[0][part], acc[1]);
-        acc[2] = fmaf(cc[2], scale[1][part], acc[2]);
-        acc[3] = fmaf(cc[3], scale[1][part], acc[3]);
+      }
+    } else {
+#pragma unroll
+      for (int stp = 0; stp < 2; ++stp) {
+        const float mine = __fadd_rn(__fmul_rn(codes[st.code[stp]], st.nested[stp]), m.nested_offset);
+        float scale[2][2];
+        detail::pair_lut_quad_scales(mine, lane, scale);
+#pragma unroll
+        for (int part = 0; part < 2; ++part) {
+          // Only column 0 of the mma is kept, and its B comes from the lanes of g 0: the
+          // other lanes' x would be 3 of the load's 4 wavefronts. Zeros elsewhere make the
+          // other columns exactly 0, so the tile's sum below is the same for both paths.
+          uint4 xv[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
+          if (g == 0) {
+            xv[0] = *reinterpret_cast<const uint4*>(xp + stp * 128 + part * 64);
+            xv[1] = *reinterpret_cast<const uint4*>(xp + stp * 128 + part * 64 + 8);
+          }
+          float cc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+          detail::pair_lut_part(cc, table, lane_offset, st.w[stp][0][part], st.w[stp][1][part],
+                                reinterpret_cast<const uint32_t*>(xv));
+          acc[0] = fmaf(cc[0], scale[0][part], acc[0]);
+          acc[1] = fmaf(cc[1], scale[0][part], acc[1]);
+          acc[2] = fmaf(cc[2], scale[1][part], acc[2]);
+          acc[3] = fmaf(cc[3], scale[1][part], acc[3]);
+        }
       }
     }
     if (wk.c + 1 < op.cols / kChunkElements) return;
-    // The tile's last chunk: the group's sums in warp order, then the epilogue.
-    // Column 0 of the mma (the lanes of tig 0: rows g and g + 8) holds the batch row's sums.
+    // The tile's last chunk: the group's sums in warp order, then the epilogue. A quad's
+    // lanes hold rows g and g + 8 over the mma's columns (resident x: a column per
+    // (chunk, step, part); otherwise column 0, the rest exactly 0).
+    float row_low = acc[0] + acc[1], row_high = acc[2] + acc[3];
+    row_low += __shfl_xor_sync(0xffffffffu, row_low, 1);
+    row_high += __shfl_xor_sync(0xffffffffu, row_high, 1);
+    row_low += __shfl_xor_sync(0xffffffffu, row_low, 2);
+    row_high += __shfl_xor_sync(0xffffffffu, row_high, 2);
     float* part_buf = partial + (group * 2 + parity) * kGroupWarps * 16;
     if (tig == 0) {
-      part_buf[gw * 16 + g] = acc[0];
-      part_buf[gw * 16 + 8 + g] = acc[2];
+      part_buf[gw * 16 + g] = row_low;
+      part_buf[gw * 16 + 8 + g] = row_high;
     }
     group_sync(group);
     const int writer = gw * 32 + lane;
@@ -815,6 +851,14 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
                 nested_code);  // ends with a barrier
     }
     stamp(o, 1);
+    if (matvec && op.cols <= 2 * kChunkElements) {  // x is in shared memory (load_op_x ended with a barrier)
+      // Past a 1-chunk op's x: zeros (that column is never accumulated; stale bytes could be NaN).
+      const bool inside = (g >> 2) * kChunkElements < static_cast<int>(op.cols);
+      const __nv_bfloat16* mine = xs + (inside ? (g >> 2) * kChunkElements : 0) + gw * 256 + (g & 3) * 64 + tig * 16;
+      const uint4 zero = make_uint4(0, 0, 0, 0);
+      x_resident[0] = inside ? *reinterpret_cast<const uint4*>(mine) : zero;
+      x_resident[1] = inside ? *reinterpret_cast<const uint4*>(mine + 8) : zero;
+    }
     // The op's items, fetched one ahead (the stages live inside an op only, so the
     // attention steps do not keep them in registers).
     Stage stage_a, stage_b;
