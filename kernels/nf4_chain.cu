@@ -706,69 +706,50 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
 
   float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   int parity = 0;
-  // Ops of at most 2 chunks a row (K <= 4096: q/k/v, o, gate/up, lm_head) keep x in
-  // registers for the whole op: lane (g, tig) holds the 16 x values of (chunk, step, part)
-  // number g, which are B's column g. The mma then computes column g against whatever
-  // weights it is given, and the item's (chunk c, step, part) result is column
-  // 4c + 2 step + part: lanes tig == 2c + step, register `part` (rows g) and 2 + part
-  // (rows g + 8). Only those are accumulated. No x loads per item (they were 8 of the
-  // loop's 128-bit loads, ~1/4 of its shared-memory cycles).
+  // x in registers as the mma's B: lane (g, tig) holds the 16 x values of (chunk parity,
+  // step, part) number g = 4 (c & 1) + 2 step + part, which are B's column g. The mma
+  // computes every column against the weights it is given; an item's result is column
+  // 4 (c & 1) + 2 step + part, in lanes tig == 2 (c & 1) + step, register `part` (rows g)
+  // and 2 + part (rows g + 8), and only those are accumulated. Ops of at most 2 chunks a
+  // row (K <= 4096: q/k/v, o, gate/up, lm_head) load x once per op; longer rows (down)
+  // reload the chunk's x per item, 2 loads where column 0 alone took 8 (x loads and
+  // their zeroing were ~1/4 of the loop's shared-memory instructions).
   uint4 x_resident[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
   auto compute = [&](const Work& wk, const Stage& st) {
     const DeviceOp& op = p.op[wk.op];
     const DeviceMatrix& m = op.m[wk.t.matrix];
-    const __nv_bfloat16* xp = xs + wk.c * kChunkElements + gw * 256 + tig * 16;
     const float* codes = nested_code + wk.t.matrix * 256;
-    if (op.cols <= 2 * kChunkElements) {  // x_resident holds this op's x
+    if (op.cols > 2 * kChunkElements) {
+      // More than 2 chunks a row (down): the lanes reload this chunk's x at each item,
+      // 2 loads instead of 8 (the columns of the other chunk parity are not summed now,
+      // whatever their lanes hold).
+      const __nv_bfloat16* mine = xs + wk.c * kChunkElements + gw * 256 + (g & 3) * 64 + tig * 16;
+      x_resident[0] = *reinterpret_cast<const uint4*>(mine);
+      x_resident[1] = *reinterpret_cast<const uint4*>(mine + 8);
+    }
 #pragma unroll
-      for (int stp = 0; stp < 2; ++stp) {
-        const float mine = __fadd_rn(__fmul_rn(codes[st.code[stp]], st.nested[stp]), m.nested_offset);
-        float scale[2][2];
-        detail::pair_lut_quad_scales(mine, lane, scale);
-        const bool mine_columns = tig == static_cast<int>(2 * wk.c) + stp;
+    for (int stp = 0; stp < 2; ++stp) {
+      const float mine = __fadd_rn(__fmul_rn(codes[st.code[stp]], st.nested[stp]), m.nested_offset);
+      float scale[2][2];
+      detail::pair_lut_quad_scales(mine, lane, scale);
+      const bool mine_columns = tig == static_cast<int>(2 * (wk.c & 1)) + stp;
 #pragma unroll
-        for (int part = 0; part < 2; ++part) {
-          float cc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-          detail::pair_lut_part(cc, table, lane_offset, st.w[stp][0][part], st.w[stp][1][part],
-                                reinterpret_cast<const uint32_t*>(x_resident));
-          // A select, not a branch: divergent control flow here would cost the lookups
-          // their uniform table address.
-          const float low = fmaf(cc[part], scale[0][part], acc[part]);
-          const float high = fmaf(cc[2 + part], scale[1][part], acc[2 + part]);
-          acc[part] = mine_columns ? low : acc[part];
-          acc[2 + part] = mine_columns ? high : acc[2 + part];
-        }
-      }
-    } else {
-#pragma unroll
-      for (int stp = 0; stp < 2; ++stp) {
-        const float mine = __fadd_rn(__fmul_rn(codes[st.code[stp]], st.nested[stp]), m.nested_offset);
-        float scale[2][2];
-        detail::pair_lut_quad_scales(mine, lane, scale);
-#pragma unroll
-        for (int part = 0; part < 2; ++part) {
-          // Only column 0 of the mma is kept, and its B comes from the lanes of g 0: the
-          // other lanes' x would be 3 of the load's 4 wavefronts. Zeros elsewhere make the
-          // other columns exactly 0, so the tile's sum below is the same for both paths.
-          uint4 xv[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
-          if (g == 0) {
-            xv[0] = *reinterpret_cast<const uint4*>(xp + stp * 128 + part * 64);
-            xv[1] = *reinterpret_cast<const uint4*>(xp + stp * 128 + part * 64 + 8);
-          }
-          float cc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-          detail::pair_lut_part(cc, table, lane_offset, st.w[stp][0][part], st.w[stp][1][part],
-                                reinterpret_cast<const uint32_t*>(xv));
-          acc[0] = fmaf(cc[0], scale[0][part], acc[0]);
-          acc[1] = fmaf(cc[1], scale[0][part], acc[1]);
-          acc[2] = fmaf(cc[2], scale[1][part], acc[2]);
-          acc[3] = fmaf(cc[3], scale[1][part], acc[3]);
-        }
+      for (int part = 0; part < 2; ++part) {
+        float cc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        detail::pair_lut_part(cc, table, lane_offset, st.w[stp][0][part], st.w[stp][1][part],
+                              reinterpret_cast<const uint32_t*>(x_resident));
+        // A select, not a branch: divergent control flow here would cost the lookups
+        // their uniform table address.
+        const float low = fmaf(cc[part], scale[0][part], acc[part]);
+        const float high = fmaf(cc[2 + part], scale[1][part], acc[2 + part]);
+        acc[part] = mine_columns ? low : acc[part];
+        acc[2 + part] = mine_columns ? high : acc[2 + part];
       }
     }
     if (wk.c + 1 < op.cols / kChunkElements) return;
     // The tile's last chunk: the group's sums in warp order, then the epilogue. A quad's
-    // lanes hold rows g and g + 8 over the mma's columns (resident x: a column per
-    // (chunk, step, part); otherwise column 0, the rest exactly 0).
+    // lanes hold rows g and g + 8 over the mma's columns (a column per chunk parity,
+    // step and part).
     float row_low = acc[0] + acc[1], row_high = acc[2] + acc[3];
     row_low += __shfl_xor_sync(0xffffffffu, row_low, 1);
     row_high += __shfl_xor_sync(0xffffffffu, row_high, 1);
