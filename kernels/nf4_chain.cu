@@ -41,6 +41,8 @@ constexpr int kChunkRowBytes = kChunkElements / 2;
 constexpr int kAbsmaxRowBytes = kChunkElements / 64;
 constexpr int kSlotWeightBytes = 16 * kChunkRowBytes;
 constexpr int kSlotAbsmaxBytes = 16 * kAbsmaxRowBytes;
+constexpr int kNestedBlockShift = 8;  // a nested absmax per 256 absmax blocks (the double quantization's block)
+static_assert((1 << kNestedBlockShift) % kAbsmaxRowBytes == 0, "a chunk's absmax blocks must share one nested absmax");
 constexpr int kSlotCopyBytes = kSlotWeightBytes + kSlotAbsmaxBytes;
 constexpr int kSlotBytes = kSlotWeightBytes;  // a multiple of 1024 B: the 128-byte swizzle's period
 constexpr int kSlots = 3;        // a launch's first op runs on the items in flight at its start (ring timing, NOTES)
@@ -669,8 +671,8 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
   const uint32_t lane_offset = lane * 4;
   struct Stage {
     uint2 w[2][2][2];  // [step][row half][part]
-    uint32_t code[2];
-    float nested[2];
+    uint32_t code[2];  // [part]: the absmax codes of the lane's scales (fetch)
+    float nested;
   };
   // Waits for the item's slot, takes its bytes into registers, frees the slot.
   auto fetch = [&](const Work& wk, Stage& st) {
@@ -689,17 +691,18 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
           st.w[stp][h][part] = *reinterpret_cast<const uint2*>(
               sw + gw * 2048 + (quad_row(g) + 8 * h) * 128 +
               (((2 * (stp * 2 + part) + (tig >> 1)) ^ (quad_row(g) & 7)) << 4) + (tig & 1) * 8);
-    const uint32_t scale_row = quad_row(g) + 8 * (tig >> 1), blocks_per_row = op.cols / 64;
+    // The scales a lane computes (compute(): the quad's summing lane for step tig & 1 takes
+    // rows g, its partner tig ^ 2 rows g + 8): step tig & 1, both parts, of row g or g + 8.
+    const uint32_t scale_row = quad_row(g) + 8 * ((tig >> 1) ^ (wk.c & 1)), blocks_per_row = op.cols / 64;
     // The warp's 4 absmax bytes of a row are one word: one 4-way-conflicted load
     // instead of two byte loads.
     const uint32_t codes4 = *reinterpret_cast<const uint32_t*>(sa + scale_row * kAbsmaxRowBytes + gw * 4);
 #pragma unroll
-    for (int stp = 0; stp < 2; ++stp) {
-      const uint32_t local = gw * 4 + 2 * stp + (tig & 1);
-      st.code[stp] = (codes4 >> (8 * (2 * stp + (tig & 1)))) & 0xffu;
-      const uint32_t block = (wk.t.tile * 16 + scale_row) * blocks_per_row + wk.c * kAbsmaxRowBytes + local;
-      st.nested[stp] = __ldg(m.nested_absmax + (block >> 8));
-    }
+    for (int part = 0; part < 2; ++part) st.code[part] = (codes4 >> (8 * (2 * (tig & 1) + part))) & 0xffu;
+    // A row's 32 absmax blocks of a chunk start at a multiple of 32 (rows are whole
+    // chunks), so they share one nested absmax (256 blocks each): one load an item.
+    st.nested = __ldg(m.nested_absmax +
+                      (((wk.t.tile * 16 + scale_row) * blocks_per_row + wk.c * kAbsmaxRowBytes) >> kNestedBlockShift));
     __syncwarp();
     if (lane == 0) mbar_arrive(&empty[slot]);
   };
@@ -727,11 +730,17 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
       x_resident[0] = *reinterpret_cast<const uint4*>(mine);
       x_resident[1] = *reinterpret_cast<const uint4*>(mine + 8);
     }
+    // Scales: in a step only the quad's lane tig == 2 (c & 1) + step sums (below), for
+    // rows g and g + 8. It computed rows g's two (fetch), its partner tig ^ 2 rows g + 8's:
+    // 2 shuffles an item where every lane getting all four took 8.
+    float scale_low[2], scale_high[2];
+#pragma unroll
+    for (int part = 0; part < 2; ++part) {
+      scale_low[part] = __fadd_rn(__fmul_rn(codes[st.code[part]], st.nested), m.nested_offset);
+      scale_high[part] = __shfl_xor_sync(0xffffffffu, scale_low[part], 2);
+    }
 #pragma unroll
     for (int stp = 0; stp < 2; ++stp) {
-      const float mine = __fadd_rn(__fmul_rn(codes[st.code[stp]], st.nested[stp]), m.nested_offset);
-      float scale[2][2];
-      detail::pair_lut_quad_scales(mine, lane, scale);
       const bool mine_columns = tig == static_cast<int>(2 * (wk.c & 1)) + stp;
 #pragma unroll
       for (int part = 0; part < 2; ++part) {
@@ -740,8 +749,8 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
                               reinterpret_cast<const uint32_t*>(x_resident));
         // A select, not a branch: divergent control flow here would cost the lookups
         // their uniform table address.
-        const float low = fmaf(cc[part], scale[0][part], acc[part]);
-        const float high = fmaf(cc[2 + part], scale[1][part], acc[2 + part]);
+        const float low = fmaf(cc[part], scale_low[part], acc[part]);
+        const float high = fmaf(cc[2 + part], scale_high[part], acc[2 + part]);
         acc[part] = mine_columns ? low : acc[part];
         acc[2 + part] = mine_columns ? high : acc[2 + part];
       }
