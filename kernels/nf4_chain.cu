@@ -51,7 +51,7 @@ constexpr int kMaxCols = 28672;  // Llama-3-70B's intermediate size
 // Shared memory, from the dynamic window's start.
 constexpr int kTableOff = 0;                               // pair table: 256 entries x 32 lanes x 4 B
 constexpr int kNestedCodeOff = kTableOff + 256 * 256;      // f32 [3][256]: the op's matrices
-constexpr int kPartialOff = kNestedCodeOff + 3 * 256 * 4;  // f32 [groups][2][group warps][2][8]: column 0 sums
+constexpr int kPartialOff = kNestedCodeOff + 3 * 256 * 4;  // f32 [groups][2][group warps][2][8]: row sums
 constexpr int kPendingOff = kPartialOff + kGroups * 2 * kGroupWarps * 16 * 4;   // f32 [groups][16]: gate rows
 constexpr int kReduceOff = kPendingOff + kGroups * 16 * 4;                      // f32 [consumer warps]
 constexpr int kBarOff = kReduceOff + kConsumerWarps * 4;                        // u64 full[groups][slots], empty[...]
@@ -842,7 +842,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
     }
     stamp(o, 1);
     if (matvec && op.cols <= 2 * kChunkElements) {  // x is in shared memory (load_op_x ended with a barrier)
-      // Past a 1-chunk op's x: zeros (that column is never accumulated; stale bytes could be NaN).
+      // Past a 1-chunk op's x: zeros (those columns are never accumulated).
       const bool inside = (g >> 2) * kChunkElements < static_cast<int>(op.cols);
       const __nv_bfloat16* mine = xs + (inside ? (g >> 2) * kChunkElements : 0) + gw * 256 + (g & 3) * 64 + tig * 16;
       const uint4 zero = make_uint4(0, 0, 0, 0);
