@@ -81,9 +81,9 @@ struct ChainOp {
 };
 
 constexpr int kChainOpsPerDecoderLayer = 5;  // q/k/v, attention, o, gate/up, down
-constexpr int kMaxChainLayers = 4;           // whole decoder layers one launch holds
+constexpr int kMaxChainLayers = 8;           // whole decoder layers one launch holds
 constexpr int kMaxChainOps = kMaxChainLayers * kChainOpsPerDecoderLayer;
-constexpr int kMaxChainMatrices = kMaxChainLayers * 7;  // their 7 NF4 matrices each (launch parameters ~13 KB)
+constexpr int kMaxChainMatrices = kMaxChainLayers * 7;  // their 7 NF4 matrices each (launch parameters ~26 KB)
 constexpr int kMaxChainDeviceOps = kMaxChainOps;      // steps inside the launch: one per op
 constexpr int kMaxChainAttentionHeads = 256;          // q heads of a chain's attention ops, in all
 
