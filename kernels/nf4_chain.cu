@@ -718,18 +718,21 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
   // reload the chunk's x per item, 2 loads where column 0 alone took 8 (x loads and
   // their zeroing were ~1/4 of the loop's shared-memory instructions).
   uint4 x_resident[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
+  // The lane's column of x from chunk `chunk` (zeros where `inside` is false).
+  auto load_x_column = [&](uint32_t chunk, bool inside) {
+    const __nv_bfloat16* mine = xs + (inside ? chunk * kChunkElements : 0) + gw * 256 + (g & 3) * 64 + tig * 16;
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+    x_resident[0] = inside ? *reinterpret_cast<const uint4*>(mine) : zero;
+    x_resident[1] = inside ? *reinterpret_cast<const uint4*>(mine + 8) : zero;
+  };
   auto compute = [&](const Work& wk, const Stage& st) {
     const DeviceOp& op = p.op[wk.op];
     const DeviceMatrix& m = op.m[wk.t.matrix];
     const float* codes = nested_code + wk.t.matrix * 256;
-    if (op.cols > 2 * kChunkElements) {
-      // More than 2 chunks a row (down): the lanes reload this chunk's x at each item,
-      // 2 loads instead of 8 (the columns of the other chunk parity are not summed now,
-      // whatever their lanes hold).
-      const __nv_bfloat16* mine = xs + wk.c * kChunkElements + gw * 256 + (g & 3) * 64 + tig * 16;
-      x_resident[0] = *reinterpret_cast<const uint4*>(mine);
-      x_resident[1] = *reinterpret_cast<const uint4*>(mine + 8);
-    }
+    // More than 2 chunks a row (down): the lanes reload this chunk's x at each item, 2
+    // loads instead of 8 (the columns of the other chunk parity are not summed now,
+    // whatever their lanes hold).
+    if (op.cols > 2 * kChunkElements) load_x_column(wk.c, true);
     // Scales: in a step only the quad's lane tig == 2 (c & 1) + step sums (below), for
     // rows g and g + 8. It computed rows g's two (fetch), its partner tig ^ 2 rows g + 8's:
     // 2 shuffles an item where every lane getting all four took 8.
@@ -841,14 +844,10 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
                 nested_code);  // ends with a barrier
     }
     stamp(o, 1);
-    if (matvec && op.cols <= 2 * kChunkElements) {  // x is in shared memory (load_op_x ended with a barrier)
-      // Past a 1-chunk op's x: zeros (those columns are never accumulated).
-      const bool inside = (g >> 2) * kChunkElements < static_cast<int>(op.cols);
-      const __nv_bfloat16* mine = xs + (inside ? (g >> 2) * kChunkElements : 0) + gw * 256 + (g & 3) * 64 + tig * 16;
-      const uint4 zero = make_uint4(0, 0, 0, 0);
-      x_resident[0] = inside ? *reinterpret_cast<const uint4*>(mine) : zero;
-      x_resident[1] = inside ? *reinterpret_cast<const uint4*>(mine + 8) : zero;
-    }
+    // x is in shared memory (load_op_x ended with a barrier). Past a 1-chunk op's x:
+    // zeros (those columns are never accumulated).
+    if (matvec && op.cols <= 2 * kChunkElements)
+      load_x_column(g >> 2, (g >> 2) * kChunkElements < static_cast<int>(op.cols));
     // The op's items, fetched one ahead (the stages live inside an op only, so the
     // attention steps do not keep them in registers).
     Stage stage_a, stage_b;
@@ -908,7 +907,7 @@ int epilogue_code(ChainEpilogue e) {
 std::string matrix_supports(const NF4Matrix& m) {
   if (!m.double_quant || m.absmax_u8 == nullptr || m.nested_absmax == nullptr || m.nested_code == nullptr)
     return "not double-quantized";
-  if (m.blocksize != 64 || m.nested_blocksize != 256) return "blocksize is not 64 / nested 256";
+  if (m.blocksize != 64 || m.nested_blocksize != (1 << kNestedBlockShift)) return "blocksize is not 64 / nested 256";
   if (!m.code_on_host) return "code table not read on the host";
   if (m.cols <= 0 || m.cols % kChunkElements != 0 || m.cols > kMaxCols)
     return "cols " + std::to_string(m.cols) + " is not a multiple of 2048 up to 28672";

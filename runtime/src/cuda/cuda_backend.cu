@@ -385,7 +385,7 @@ class CudaBackend : public Backend {
   bool chain_enabled_ = true;  // LAYERPACK_CUDA_CHAIN=0: the separate launches
   // Up to kMaxLayersPerChain consecutive resident whole-layer chains in one launch
   // (the launch and its ramp paid once per group); LAYERPACK_CUDA_CHAIN_LAYERS=N (1 to
-  // 4) sets the most. Keyed by (first layer, sequence, the slot buffers); null where
+  // kMaxLayersPerChain) sets the most. Keyed by (first layer, sequence, the slot buffers); null where
   // create refused.
   static constexpr uint32_t kMaxLayersPerChain = kernels::kMaxChainLayers;
   uint32_t layers_per_chain_ = kMaxLayersPerChain;
