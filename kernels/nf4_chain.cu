@@ -67,6 +67,7 @@ constexpr int kMaxDeviceOps = kMaxChainDeviceOps;
 constexpr int kMaxChunksPerHead = 64;  // attention units per q head (scratch size)
 
 struct DeviceMatrix {
+  const uint8_t* absmax;  // u8 [rows][cols / 64]: read by the consumers where the op's absmax_direct
   const float* nested_absmax;
   const float* nested_code;
   float nested_offset;
@@ -98,6 +99,11 @@ struct DeviceOp {
   int count;
   int kind;
   uint32_t cols;
+  uint32_t chunks;  // per row: cols / 2048 rounded up (a partial last chunk meets zeros of x)
+  // cols not a multiple of 2048: no absmax tensor map (its row stride, cols / 64 bytes, is
+  // not a multiple of 16) and an item's blocks may span two nested absmax: each lane
+  // loads its absmax word and its nested absmax.
+  int absmax_direct;
   uint32_t tiles;  // all matrices' 16-row tiles (swiglu: gate/up tile pairs); 0 for attention
   const __nv_bfloat16* x;
   const float* norm_weight;
@@ -249,6 +255,9 @@ __device__ __forceinline__ void store_nested_share(const DeviceOp& op, const Nes
 __device__ __forceinline__ void load_op_x(const DeviceOp& op, __nv_bfloat16* xs, float* reduce, const NormWeights& pre,
                                           const NestedShare& nested, float* nested_code) {
   const uint32_t pieces = op.cols / 8;
+  // A partial last chunk: zeros of x past the row (its weights decode to code 0's value).
+  for (uint32_t i = pieces + threadIdx.x; i < op.chunks * (kChunkElements / 8); i += kConsumerWarps * 32)
+    reinterpret_cast<uint4*>(xs)[i] = make_uint4(0, 0, 0, 0);
   // .cg: x was written by other blocks of this launch (the previous op).
   if (op.norm_weight == nullptr) {
     for (uint32_t i = threadIdx.x; i < pieces; i += kConsumerWarps * 32)
@@ -607,7 +616,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
   auto advance = [&](Work& w, bool first) {
     if (!first) {
       ++w.seq;
-      if (++w.c < p.op[w.op].cols / kChunkElements) return;
+      if (++w.c < p.op[w.op].chunks) return;
       w.c = 0;
       ++w.s;
     }
@@ -636,7 +645,8 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
       if (lane == 0) {
         const uint32_t slot = w.seq % kSlots, phase = (w.seq / kSlots) & 1;
         mbar_wait(&empty[slot], phase ^ 1);
-        mbar_expect_tx(&full[slot], kSlotCopyBytes);
+        const bool absmax_direct = p.op[w.op].absmax_direct != 0;
+        mbar_expect_tx(&full[slot], absmax_direct ? kSlotWeightBytes : kSlotCopyBytes);
         uint8_t* dst = ring + slot * kSlotBytes;
         const uint32_t map = p.op[w.op].m[w.t.matrix].map;
         const CUtensorMap* weight_map = &p.maps[map][0];
@@ -645,8 +655,9 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
 #pragma unroll
         for (int b = 0; b < 8; ++b)
           tensor_copy_2d(dst + b * 2048, weight_map, static_cast<int>(w.c * kChunkRowBytes) + b * 128, y0, &full[slot]);
-        tensor_copy_2d(ring_absmax + slot * kSlotAbsmaxBytes, absmax_map, static_cast<int>(w.c * kAbsmaxRowBytes), y0,
-                       &full[slot]);
+        if (!absmax_direct)
+          tensor_copy_2d(ring_absmax + slot * kSlotAbsmaxBytes, absmax_map, static_cast<int>(w.c * kAbsmaxRowBytes), y0,
+                         &full[slot]);
       }
       __syncwarp();
       advance(w, false);
@@ -694,15 +705,30 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
     // The scales a lane computes (compute(): the quad's summing lane for step tig & 1 takes
     // rows g, its partner tig ^ 2 rows g + 8): step tig & 1, both parts, of row g or g + 8.
     const uint32_t scale_row = quad_row(g) + 8 * ((tig >> 1) ^ (wk.c & 1)), blocks_per_row = op.cols / 64;
-    // The warp's 4 absmax bytes of a row are one word: one 4-way-conflicted load
-    // instead of two byte loads.
-    const uint32_t codes4 = *reinterpret_cast<const uint32_t*>(sa + scale_row * kAbsmaxRowBytes + gw * 4);
+    uint32_t codes4;
+    // (A warp-uniform branch: a loop of its own for these ops spilled at 112 registers.)
+    if (op.absmax_direct) {
+      // The warp's 4 blocks of the row from global memory; past the row (a partial last
+      // chunk) code 0 and the row's first blocks: their weights meet zeros of x. The
+      // lane's two blocks start at an even flat index (cols / 64 is a multiple of 4), so
+      // they share one nested absmax.
+      const uint32_t block = wk.c * kAbsmaxRowBytes + gw * 4;
+      const bool inside = block < blocks_per_row;
+      const uint32_t flat = (wk.t.tile * 16 + scale_row) * blocks_per_row + (inside ? block : 0);
+      codes4 = __ldg(reinterpret_cast<const uint32_t*>(m.absmax + flat));
+      codes4 = inside ? codes4 : 0u;
+      st.nested = __ldg(m.nested_absmax + ((flat + 2 * (tig & 1)) >> kNestedBlockShift));
+    } else {
+      // The warp's 4 absmax bytes of a row are one word: one 4-way-conflicted load
+      // instead of two byte loads.
+      codes4 = *reinterpret_cast<const uint32_t*>(sa + scale_row * kAbsmaxRowBytes + gw * 4);
+      // A row's 32 absmax blocks of a chunk start at a multiple of 32 (rows are whole
+      // chunks), so they share one nested absmax (256 blocks each): one load an item.
+      st.nested = __ldg(m.nested_absmax + (((wk.t.tile * 16 + scale_row) * blocks_per_row + wk.c * kAbsmaxRowBytes) >>
+                                           kNestedBlockShift));
+    }
 #pragma unroll
     for (int part = 0; part < 2; ++part) st.code[part] = (codes4 >> (8 * (2 * (tig & 1) + part))) & 0xffu;
-    // A row's 32 absmax blocks of a chunk start at a multiple of 32 (rows are whole
-    // chunks), so they share one nested absmax (256 blocks each): one load an item.
-    st.nested = __ldg(m.nested_absmax +
-                      (((wk.t.tile * 16 + scale_row) * blocks_per_row + wk.c * kAbsmaxRowBytes) >> kNestedBlockShift));
     __syncwarp();
     if (lane == 0) mbar_arrive(&empty[slot]);
   };
@@ -732,7 +758,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
     // More than 2 chunks a row (down): the lanes reload this chunk's x at each item, 2
     // loads instead of 8 (the columns of the other chunk parity are not summed now,
     // whatever their lanes hold).
-    if (op.cols > 2 * kChunkElements) load_x_column(wk.c, true);
+    if (op.chunks > 2) load_x_column(wk.c, true);
     // Scales: in a step only the quad's lane tig == 2 (c & 1) + step sums (below), for
     // rows g and g + 8. It computed rows g's two (fetch), its partner tig ^ 2 rows g + 8's:
     // 2 shuffles an item where every lane getting all four took 8.
@@ -758,7 +784,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
         acc[2 + part] = mine_columns ? high : acc[2 + part];
       }
     }
-    if (wk.c + 1 < op.cols / kChunkElements) return;
+    if (wk.c + 1 < op.chunks) return;
     // The tile's last chunk: the group's sums in warp order, then the epilogue. A quad's
     // lanes hold rows g and g + 8 over the mma's columns (a column per chunk parity,
     // step and part).
@@ -846,18 +872,12 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
     stamp(o, 1);
     // x is in shared memory (load_op_x ended with a barrier). Past a 1-chunk op's x:
     // zeros (those columns are never accumulated).
-    if (matvec && op.cols <= 2 * kChunkElements)
-      load_x_column(g >> 2, (g >> 2) * kChunkElements < static_cast<int>(op.cols));
+    if (matvec && op.chunks <= 2) load_x_column(g >> 2, static_cast<uint32_t>(g >> 2) < op.chunks);
     // The op's items, fetched one ahead (the stages live inside an op only, so the
     // attention steps do not keep them in registers).
     Stage stage_a, stage_b;
     int which = 0;
-    if (next.valid && next.op == o) {
-      if (which == 0)
-        fetch(next, stage_a);
-      else
-        fetch(next, stage_b);
-    }
+    if (next.valid && next.op == o) fetch(next, stage_a);
     while (next.valid && next.op == o) {
       const Work cur = next;
       advance(next, false);
@@ -909,8 +929,9 @@ std::string matrix_supports(const NF4Matrix& m) {
     return "not double-quantized";
   if (m.blocksize != 64 || m.nested_blocksize != (1 << kNestedBlockShift)) return "blocksize is not 64 / nested 256";
   if (!m.code_on_host) return "code table not read on the host";
-  if (m.cols <= 0 || m.cols % kChunkElements != 0 || m.cols > kMaxCols)
-    return "cols " + std::to_string(m.cols) + " is not a multiple of 2048 up to 28672";
+  // A multiple of 256: the absmax word of 4 blocks a lane loads stays aligned.
+  if (m.cols <= 0 || m.cols % 256 != 0 || (m.cols + kChunkElements - 1) / kChunkElements * kChunkElements > kMaxCols)
+    return "cols " + std::to_string(m.cols) + " is not a multiple of 256 up to 28672";
   if (m.rows <= 0 || m.rows % 16 != 0) return "rows " + std::to_string(m.rows) + " is not a multiple of 16";
   if (reinterpret_cast<uintptr_t>(m.packed) % 16 != 0 || reinterpret_cast<uintptr_t>(m.absmax_u8) % 16 != 0)
     return "weights or absmax not 16-byte aligned";
@@ -1072,12 +1093,15 @@ cudaError_t NF4ChainPlan::create(const ChainOp* ops, int count, std::unique_ptr<
     d.kind = epilogue_code(op.epilogue);
     d.count = nf4_chain_matrices(op);
     d.cols = static_cast<uint32_t>(op.weight[0].cols);
+    d.chunks = (d.cols + kChunkElements - 1) / kChunkElements;
+    d.absmax_direct = d.cols % kChunkElements != 0;
     d.x = op.x;
     d.norm_weight = op.norm_weight;
     d.eps = op.eps;
     uint32_t tiles = 0;
     for (int j = 0; j < d.count; ++j) {
       const NF4Matrix& m = op.weight[j];
+      d.m[j].absmax = m.absmax_u8;
       d.m[j].nested_absmax = m.nested_absmax;
       d.m[j].nested_code = m.nested_code;
       d.m[j].nested_offset = m.nested_offset;
@@ -1095,7 +1119,7 @@ cudaError_t NF4ChainPlan::create(const ChainOp* ops, int count, std::unique_ptr<
                  CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
       const cuuint64_t absmax_dims[2] = {cols / 64, rows}, absmax_strides[1] = {cols / 64};
       const cuuint32_t absmax_box[2] = {kAbsmaxRowBytes, 16};
-      if (r == CUDA_SUCCESS)
+      if (r == CUDA_SUCCESS && !d.absmax_direct)
         r = encode(&p.maps[next_map][1], CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<uint8_t*>(m.absmax_u8),
                    absmax_dims, absmax_strides, absmax_box, ones, CU_TENSOR_MAP_INTERLEAVE_NONE,
                    CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);

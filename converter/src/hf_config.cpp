@@ -464,6 +464,21 @@ Result<ModelConfig> synthetic_preset(const std::string& name) {
     c.rope_theta = 500000.0f;
     c.bos_token_ids = {128000};
     c.eos_token_ids = {128001};
+  } else if (name == "llama-2-7b") {
+    // Down's K (11008) ends inside a 2048-column chunk: the shape that benchmarks the
+    // decode chain's partial chunks. Llama 2's 32000-token SentencePiece vocabulary.
+    c.hidden_size = 4096;
+    c.intermediate_size = 11008;
+    c.num_layers = 32;
+    c.num_heads = 32;
+    c.num_kv_heads = 32;
+    c.head_dim = 128;
+    c.vocab_size = 32000;
+    c.max_position_embeddings = 4096;
+    c.rms_norm_eps = 1e-5f;
+    c.rope_theta = 10000.0f;
+    c.bos_token_ids = {1};
+    c.eos_token_ids = {2};
   } else if (name == "tiny") {
     // Llama 3 vocabulary so the real tokenizer fits; tied like Llama 3.2 1B.
     c.hidden_size = 128;
@@ -488,6 +503,6 @@ Result<ModelConfig> synthetic_preset(const std::string& name) {
   return c;
 }
 
-std::vector<std::string> synthetic_preset_names() { return {"llama-3.1-70b", "llama-3-8b", "tiny"}; }
+std::vector<std::string> synthetic_preset_names() { return {"llama-3.1-70b", "llama-3-8b", "llama-2-7b", "tiny"}; }
 
 }  // namespace layerpack

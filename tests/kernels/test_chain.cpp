@@ -433,6 +433,18 @@ TEST(NF4Chain, SeveralWholeLayersInOneLaunchMatchOneLaunchEach) {
   check_layers_in_one_launch(rng, kMaxChainLayers, 40);  // the most a launch holds
 }
 
+// Rows that end inside a 2048-column chunk: the tensor map zero-fills the weights past
+// the row, x is zero there, and absmax and nested absmax come from global memory per lane.
+TEST(NF4Chain, RowsEndingInsideAChunk) {
+  SKIP_WITHOUT_CHAIN();
+  std::mt19937 rng(811);
+  check_layer_chain(rng, 4096, 11008);  // Llama 2 7B: down's K 5.375 chunks
+  check_layer_chain(rng, 2048, 5632);   // TinyLlama: down's K 2.75 chunks
+  check_layer_chain(rng, 3584, 18944);  // Qwen2 7B: every K partial (1.75 and 9.25 chunks)
+  WholeLayer qwen2(rng, 28, 4, 128, 18944, 40);
+  check_whole_layer(qwen2, "Qwen2-7B shape, position 40");
+}
+
 TEST(NF4Chain, LargestColumnsAndUnevenTiles) {
   SKIP_WITHOUT_CHAIN();
   std::mt19937 rng(778);
@@ -531,8 +543,8 @@ TEST(NF4Chain, RefusesWhatItCannotRun) {
     EXPECT_EQ(plan, nullptr);
     return why;
   };
-  RandomNF4 llama2_down(rng, 16, 11008, true);  // Llama 2 7B's down_proj K
-  EXPECT_NE(refusal(with_host_code(llama2_down.device_view)).find("multiple of 2048"), std::string::npos);
+  RandomNF4 smollm_q(rng, 16, 576, true);  // SmolLM 135M's hidden size: 9 absmax blocks a row
+  EXPECT_NE(refusal(with_host_code(smollm_q.device_view)).find("multiple of 256"), std::string::npos);
   RandomNF4 odd_rows(rng, 24, 2048, true);
   EXPECT_NE(refusal(with_host_code(odd_rows.device_view)).find("multiple of 16"), std::string::npos);
   RandomNF4 f32_absmax(rng, 16, 2048, false);

@@ -119,7 +119,7 @@ Result<HfConfig> read_hf_config(const std::string& config_path);
 Result<GenerationDefaults> parse_generation_config(const std::string& json_text, const std::string& path);
 Result<GenerationDefaults> read_generation_config(const std::string& path);
 
-// Synthetic model shapes: "llama-3.1-70b", "llama-3-8b", "tiny".
+// Synthetic model shapes: "llama-3.1-70b", "llama-3-8b", "llama-2-7b", "tiny".
 Result<ModelConfig> synthetic_preset(const std::string& name);
 std::vector<std::string> synthetic_preset_names();
 
