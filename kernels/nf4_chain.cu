@@ -686,6 +686,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
     float nested;
   };
   // Waits for the item's slot, takes its bytes into registers, frees the slot.
+  bool absmax_direct = false;  // the current op's (fetch reads it per item)
   auto fetch = [&](const Work& wk, Stage& st) {
     const DeviceOp& op = p.op[wk.op];
     const DeviceMatrix& m = op.m[wk.t.matrix];
@@ -706,8 +707,9 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
     // rows g, its partner tig ^ 2 rows g + 8): step tig & 1, both parts, of row g or g + 8.
     const uint32_t scale_row = quad_row(g) + 8 * ((tig >> 1) ^ (wk.c & 1)), blocks_per_row = op.cols / 64;
     uint32_t codes4;
-    // (A warp-uniform branch: a loop of its own for these ops spilled at 112 registers.)
-    if (op.absmax_direct) {
+    // (A warp-uniform branch on a register set per op: a loop of its own for these ops
+    // spilled at 112 registers.)
+    if (absmax_direct) {
       // The warp's 4 blocks of the row from global memory; past the row (a partial last
       // chunk) code 0 and the row's first blocks: their weights meet zeros of x. The
       // lane's two blocks start at an even flat index (cols / 64 is a multiple of 4), so
@@ -877,6 +879,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
     // attention steps do not keep them in registers).
     Stage stage_a, stage_b;
     int which = 0;
+    absmax_direct = op.absmax_direct != 0;
     if (next.valid && next.op == o) fetch(next, stage_a);
     while (next.valid && next.op == o) {
       const Work cur = next;
