@@ -213,6 +213,15 @@ TEST(SyntheticPreset, ShapesOfTheNamedModels) {
   EXPECT_EQ(big->hidden_size, 8192u);
   EXPECT_EQ(big->intermediate_size, 28672u);
   EXPECT_EQ(big->rope_scaling.type, "llama3");
+  // meta-llama/Llama-2-7b-hf's config.json: multi-head attention, down's K 11008.
+  auto llama2 = synthetic_preset("llama-2-7b");
+  ASSERT_TRUE(llama2.ok());
+  EXPECT_EQ(llama2->hidden_size, 4096u);
+  EXPECT_EQ(llama2->intermediate_size, 11008u);
+  EXPECT_EQ(llama2->num_heads, llama2->num_kv_heads);
+  EXPECT_EQ(llama2->vocab_size, 32000u);
+  EXPECT_FLOAT_EQ(llama2->rope_theta, 10000.0f);
+  EXPECT_EQ(llama2->eos_token_ids, (std::vector<int32_t>{2}));
   auto unknown = synthetic_preset("llama-9");
   ASSERT_FALSE(unknown.ok());
   EXPECT_NE(unknown.error().message.find("llama-3-8b"), std::string::npos);
