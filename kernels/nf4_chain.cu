@@ -66,6 +66,11 @@ enum : int { kStore = 0, kAdd = 1, kSwiglu = 2, kAttention = 3, kStoreF32 = 5 };
 constexpr int kMaxDeviceOps = kMaxChainDeviceOps;
 constexpr int kMaxChunksPerHead = 64;  // attention units per q head (scratch size)
 
+// cols not a multiple of 2048 ("absmax direct"): no absmax tensor map (its row stride,
+// cols / 64 bytes, is not a multiple of 16) and an item's blocks may span two nested
+// absmax: each lane loads its absmax word and its nested absmax.
+__host__ __device__ __forceinline__ bool absmax_direct(uint32_t cols) { return cols % kChunkElements != 0; }
+
 struct DeviceMatrix {
   const uint8_t* absmax;  // u8 [rows][cols / 64]: read by the consumers where the op's absmax_direct
   const float* nested_absmax;
@@ -100,10 +105,6 @@ struct DeviceOp {
   int kind;
   uint32_t cols;
   uint32_t chunks;  // per row: cols / 2048 rounded up (a partial last chunk meets zeros of x)
-  // cols not a multiple of 2048: no absmax tensor map (its row stride, cols / 64 bytes, is
-  // not a multiple of 16) and an item's blocks may span two nested absmax: each lane
-  // loads its absmax word and its nested absmax.
-  int absmax_direct;
   uint32_t tiles;  // all matrices' 16-row tiles (swiglu: gate/up tile pairs); 0 for attention
   const __nv_bfloat16* x;
   const float* norm_weight;
@@ -645,8 +646,8 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
       if (lane == 0) {
         const uint32_t slot = w.seq % kSlots, phase = (w.seq / kSlots) & 1;
         mbar_wait(&empty[slot], phase ^ 1);
-        const bool absmax_direct = p.op[w.op].absmax_direct != 0;
-        mbar_expect_tx(&full[slot], absmax_direct ? kSlotWeightBytes : kSlotCopyBytes);
+        const bool direct = absmax_direct(p.op[w.op].cols);
+        mbar_expect_tx(&full[slot], direct ? kSlotWeightBytes : kSlotCopyBytes);
         uint8_t* dst = ring + slot * kSlotBytes;
         const uint32_t map = p.op[w.op].m[w.t.matrix].map;
         const CUtensorMap* weight_map = &p.maps[map][0];
@@ -655,7 +656,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
 #pragma unroll
         for (int b = 0; b < 8; ++b)
           tensor_copy_2d(dst + b * 2048, weight_map, static_cast<int>(w.c * kChunkRowBytes) + b * 128, y0, &full[slot]);
-        if (!absmax_direct)
+        if (!direct)
           tensor_copy_2d(ring_absmax + slot * kSlotAbsmaxBytes, absmax_map, static_cast<int>(w.c * kAbsmaxRowBytes), y0,
                          &full[slot]);
       }
@@ -686,7 +687,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
     float nested;
   };
   // Waits for the item's slot, takes its bytes into registers, frees the slot.
-  bool absmax_direct = false;  // the current op's (fetch reads it per item)
+  bool direct = false;  // the current op's absmax_direct (fetch reads it per item)
   auto fetch = [&](const Work& wk, Stage& st) {
     const DeviceOp& op = p.op[wk.op];
     const DeviceMatrix& m = op.m[wk.t.matrix];
@@ -709,7 +710,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
     uint32_t codes4;
     // (A warp-uniform branch on a register set per op: a loop of its own for these ops
     // spilled at 112 registers.)
-    if (absmax_direct) {
+    if (direct) {
       // The warp's 4 blocks of the row from global memory; past the row (a partial last
       // chunk) code 0 and the row's first blocks: their weights meet zeros of x. The
       // lane's two blocks start at an even flat index (cols / 64 is a multiple of 4), so
@@ -879,7 +880,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
     // attention steps do not keep them in registers).
     Stage stage_a, stage_b;
     int which = 0;
-    absmax_direct = op.absmax_direct != 0;
+    direct = absmax_direct(op.cols);
     if (next.valid && next.op == o) fetch(next, stage_a);
     while (next.valid && next.op == o) {
       const Work cur = next;
@@ -1097,7 +1098,6 @@ cudaError_t NF4ChainPlan::create(const ChainOp* ops, int count, std::unique_ptr<
     d.count = nf4_chain_matrices(op);
     d.cols = static_cast<uint32_t>(op.weight[0].cols);
     d.chunks = (d.cols + kChunkElements - 1) / kChunkElements;
-    d.absmax_direct = d.cols % kChunkElements != 0;
     d.x = op.x;
     d.norm_weight = op.norm_weight;
     d.eps = op.eps;
@@ -1122,7 +1122,7 @@ cudaError_t NF4ChainPlan::create(const ChainOp* ops, int count, std::unique_ptr<
                  CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
       const cuuint64_t absmax_dims[2] = {cols / 64, rows}, absmax_strides[1] = {cols / 64};
       const cuuint32_t absmax_box[2] = {kAbsmaxRowBytes, 16};
-      if (r == CUDA_SUCCESS && !d.absmax_direct)
+      if (r == CUDA_SUCCESS && !absmax_direct(d.cols))
         r = encode(&p.maps[next_map][1], CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<uint8_t*>(m.absmax_u8),
                    absmax_dims, absmax_strides, absmax_box, ones, CU_TENSOR_MAP_INTERLEAVE_NONE,
                    CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);

@@ -15,11 +15,12 @@
 // its input. Reference: reference::nf4_chain (nf4_chain_reference.h).
 //
 // What a chain accepts (nf4_chain_supports says why not): double-quantized NF4 with
-// blocksize 64 and nested blocksize 256, cols a multiple of 256 and at most 28672
-// rounded up to 2048 (rows that end inside a 2048-column chunk read their absmax from
-// global memory: no tensor map can hold it), rows a multiple of 16, packed weights and u8 absmax 16-byte aligned, one
-// code table (code_on_host) for every matrix, at most kMaxChainOps ops and kMaxChainMatrices matrices (below), sm_90
-// (tensor-map copies). Attention ops: head_dim 64 or 128, q_heads a multiple of kv_heads.
+// blocksize 64 and nested blocksize 256, cols a multiple of 256 and, rounded up to 2048,
+// at most 28672 (rows that end inside a 2048-column chunk read their absmax from global
+// memory: no tensor map can hold it), rows a multiple of 16, packed weights and u8
+// absmax 16-byte aligned, one code table (code_on_host) for every matrix, at most
+// kMaxChainOps ops and kMaxChainMatrices matrices (below), sm_90 (tensor-map copies).
+// Attention ops: head_dim 64 or 128, q_heads a multiple of kv_heads.
 #pragma once
 
 #include <cuda_bf16.h>
