@@ -215,20 +215,35 @@ __device__ __forceinline__ Tile tile_at(const DeviceOp& op, uint32_t s) {
 
 // The op's input into shared memory; with a norm weight, RMSNorm on the way (the
 // roundings of kernels/norm.cu: bf16(x * rsqrt(mean + eps)), then bf16(weight * that)).
-// The thread's first norm weights were loaded before the dependency wait.
+// Ops of at most 2 chunks a row take x into registers once (load_x_column): there each
+// lane normalizes its own 16 values (normalize_x_column), so x goes into shared memory
+// as it is and the block saves a pass and a barrier. Norm weights are loaded before the
+// dependency wait: those 16 values, or the thread's first piece's 8 (w[0], w[1]).
 struct NormWeights {
-  float4 lo, hi;
+  float4 w[4];
   bool valid;
 };
-__device__ __forceinline__ NormWeights prefetch_norm(const DeviceOp& op) {
-  NormWeights w{};
-  w.valid = false;
-  if (op.norm_weight != nullptr && threadIdx.x < op.cols / 8) {
-    w.lo = __ldg(reinterpret_cast<const float4*>(op.norm_weight + threadIdx.x * 8));
-    w.hi = __ldg(reinterpret_cast<const float4*>(op.norm_weight + threadIdx.x * 8 + 4));
-    w.valid = true;
+__device__ __forceinline__ bool norm_in_registers(const DeviceOp& op) {
+  return op.norm_weight != nullptr && op.chunks <= 2;
+}
+__device__ __forceinline__ NormWeights prefetch_norm(const DeviceOp& op, uint32_t column) {
+  NormWeights n{};
+  n.valid = false;
+  if (op.norm_weight == nullptr) return n;
+  if (op.chunks <= 2) {
+    if (column < op.cols) {  // past the row (a partial chunk): 0, against zeros of x
+#pragma unroll
+      for (int j = 0; j < 4; ++j) n.w[j] = __ldg(reinterpret_cast<const float4*>(op.norm_weight + column) + j);
+      n.valid = true;
+    }
+    return n;
   }
-  return w;
+  if (threadIdx.x < op.cols / 8) {
+    n.w[0] = __ldg(reinterpret_cast<const float4*>(op.norm_weight + threadIdx.x * 8));
+    n.w[1] = __ldg(reinterpret_cast<const float4*>(op.norm_weight + threadIdx.x * 8 + 4));
+    n.valid = true;
+  }
+  return n;
 }
 // The thread's share of the op's nested code tables (up to 3 x 256 values over the
 // consumer threads), loaded before the dependency wait, stored by load_op_x once its x
@@ -253,8 +268,9 @@ __device__ __forceinline__ void store_nested_share(const DeviceOp& op, const Nes
   }
 }
 
-__device__ __forceinline__ void load_op_x(const DeviceOp& op, __nv_bfloat16* xs, float* reduce, const NormWeights& pre,
-                                          const NestedShare& nested, float* nested_code) {
+// Returns rsqrt(mean + eps) for a norm op (0 without a norm).
+__device__ __forceinline__ float load_op_x(const DeviceOp& op, __nv_bfloat16* xs, float* reduce, const NormWeights& pre,
+                                           const NestedShare& nested, float* nested_code) {
   const uint32_t pieces = op.cols / 8;
   // A partial last chunk: zeros of x past the row (its weights decode to code 0's value).
   for (uint32_t i = pieces + threadIdx.x; i < op.chunks * (kChunkElements / 8); i += kConsumerWarps * 32)
@@ -265,7 +281,7 @@ __device__ __forceinline__ void load_op_x(const DeviceOp& op, __nv_bfloat16* xs,
       reinterpret_cast<uint4*>(xs)[i] = __ldcg(reinterpret_cast<const uint4*>(op.x) + i);
     store_nested_share(op, nested, nested_code);
     consumers_sync();
-    return;
+    return 0.0f;
   }
   float sum_sq = 0.0f;
   for (uint32_t i = threadIdx.x; i < pieces; i += kConsumerWarps * 32) {
@@ -286,10 +302,12 @@ __device__ __forceinline__ void load_op_x(const DeviceOp& op, __nv_bfloat16* xs,
   float total = 0.0f;
   for (int w = 0; w < kConsumerWarps; ++w) total += reduce[w];
   const float inv_rms = rsqrtf(total / static_cast<float>(op.cols) + op.eps);
+  if (norm_in_registers(op)) return inv_rms;
   for (uint32_t i = threadIdx.x; i < pieces; i += kConsumerWarps * 32) {
     __nv_bfloat16* e = xs + i * 8;
     const bool have = pre.valid && i == threadIdx.x;
-    const float pw[8] = {pre.lo.x, pre.lo.y, pre.lo.z, pre.lo.w, pre.hi.x, pre.hi.y, pre.hi.z, pre.hi.w};
+    const float pw[8] = {pre.w[0].x, pre.w[0].y, pre.w[0].z, pre.w[0].w,
+                         pre.w[1].x, pre.w[1].y, pre.w[1].z, pre.w[1].w};
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
       const float normalized = __bfloat162float(__float2bfloat16_rn(__bfloat162float(e[k]) * inv_rms));
@@ -297,6 +315,7 @@ __device__ __forceinline__ void load_op_x(const DeviceOp& op, __nv_bfloat16* xs,
     }
   }
   consumers_sync();
+  return inv_rms;
 }
 
 // An attention op's split into chunks; both steps compute it from the position alone.
@@ -754,6 +773,21 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
     x_resident[0] = inside ? *reinterpret_cast<const uint4*>(mine) : zero;
     x_resident[1] = inside ? *reinterpret_cast<const uint4*>(mine + 8) : zero;
   };
+  // norm_in_registers: the lane's 16 values of x normalized (load_op_x's roundings).
+  auto normalize_x_column = [&](float inv_rms, const NormWeights& weights) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      __nv_bfloat16* e = reinterpret_cast<__nv_bfloat16*>(&x_resident[h]);
+      const float w[8] = {weights.w[2 * h].x,     weights.w[2 * h].y,     weights.w[2 * h].z,
+                          weights.w[2 * h].w,     weights.w[2 * h + 1].x, weights.w[2 * h + 1].y,
+                          weights.w[2 * h + 1].z, weights.w[2 * h + 1].w};
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const float normalized = __bfloat162float(__float2bfloat16_rn(__bfloat162float(e[k]) * inv_rms));
+        e[k] = __float2bfloat16_rn(w[k] * normalized);
+      }
+    }
+  };
   auto compute = [&](const Work& wk, const Stage& st) {
     const DeviceOp& op = p.op[wk.op];
     const DeviceMatrix& m = op.m[wk.t.matrix];
@@ -844,12 +878,9 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
   stamp(kMaxDeviceOps, 0);  // consumers ready
   for (int o = 0; o < p.ops; ++o) {
     const DeviceOp& op = p.op[o];
-    const NormWeights norm_weights = prefetch_norm(op);
-    // The op's nested code tables need no previous op: loaded before the wait.
-    const bool matvec = op.kind != kAttention;
-    NestedShare nested{};
-    if (matvec) nested = load_nested_share(op);
-    if (o > 0) {  // this op's x is the last op's output: wait until every block is done with it
+    // This op's x is the last op's output: wait until every block is done with it.
+    auto wait_for_previous = [&]() {
+      if (o == 0) return;
       if (threadIdx.x == 0) {
         const unsigned target = gridDim.x;
         unsigned seen;
@@ -858,9 +889,10 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
         } while (seen < target);
       }
       consumers_sync();
-    }
-    stamp(o, 0);
+    };
     if (op.kind == kAttention) {
+      wait_for_previous();
+      stamp(o, 0);
       float* q_rotated = reinterpret_cast<float*>(xs) + warp * 128;
       // Units go to one warp per SM first (an SM's load units are the bottleneck of a unit).
       const int worker = warp * gridDim.x + blockIdx.x, workers = gridDim.x * kConsumerWarps;
@@ -868,14 +900,23 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
         attention_units<128>(op.attention, q_rotated, lane, worker, workers);
       else
         attention_units<64>(op.attention, q_rotated, lane, worker, workers);
+      stamp(o, 1);
     } else {
-      load_op_x(op, xs, reinterpret_cast<float*>(smem + kReduceOff), norm_weights, nested,
-                nested_code);  // ends with a barrier
+      // Norm weights and the nested code tables need no previous op: loaded before the wait.
+      const NormWeights norm_weights =
+          prefetch_norm(op, (g >> 2) * kChunkElements + gw * 256 + (g & 3) * 64 + tig * 16);  // load_x_column's
+      const NestedShare nested = load_nested_share(op);
+      wait_for_previous();
+      stamp(o, 0);
+      const float inv_rms = load_op_x(op, xs, reinterpret_cast<float*>(smem + kReduceOff), norm_weights, nested,
+                                      nested_code);  // ends with a barrier
+      stamp(o, 1);
+      // Past a 1-chunk op's x: zeros (those columns are never accumulated).
+      if (op.chunks <= 2) {
+        load_x_column(g >> 2, static_cast<uint32_t>(g >> 2) < op.chunks);
+        if (op.norm_weight != nullptr) normalize_x_column(inv_rms, norm_weights);
+      }
     }
-    stamp(o, 1);
-    // x is in shared memory (load_op_x ended with a barrier). Past a 1-chunk op's x:
-    // zeros (those columns are never accumulated).
-    if (matvec && op.chunks <= 2) load_x_column(g >> 2, static_cast<uint32_t>(g >> 2) < op.chunks);
     // The op's items, fetched one ahead (the stages live inside an op only, so the
     // attention steps do not keep them in registers).
     Stage stage_a, stage_b;
