@@ -105,28 +105,46 @@ __device__ __forceinline__ void reduce_and_store(float (&acc)[kTiles][4], int64_
   }
 }
 
-// Tensor-core NF4 matvec. Block: kTiles tiles of 16 rows; its 8 warps split K
-// in steps of 128 elements (each lane of a quad owns one 32-element chunk).
-// The k order inside an mma is permuted (any order sums the same): lane (g, t)
-// feeds A with its own chunk's elements 4j..4j+3 for substep j, and B with the
-// x values at the same positions for batch row g.
-template <int kTiles, bool kDoubleQuant, typename OutT>
-__global__ void __launch_bounds__(kThreads) nf4_matvec_mma_kernel(NF4Params p, const __nv_bfloat16* __restrict__ x,
-                                                                  int batch, OutT* __restrict__ y) {
-  __shared__ float lut[16];
-  __shared__ float nested_code[kDoubleQuant ? 256 : 1];
-  if (threadIdx.x < 16) lut[threadIdx.x] = p.code[threadIdx.x];
-  if constexpr (kDoubleQuant) {
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) nested_code[i] = p.nested_code[i];
-  }
-  __syncthreads();
+// Epilogue of a grouped launch (MatvecEpilogue as an int in the kernel parameters).
+enum PairLutEpilogue : int { kEpilogueStore = 0, kEpilogueAdd = 1, kEpilogueSwiglu = 2 };
 
+// One 16-row tile of the 16-row tensor-core kernels: its matrix, first row, and the
+// matrix's nested code table in shared memory (double quant).
+struct MmaTile {
+  const uint8_t* packed;
+  const float* absmax_f32;
+  const uint8_t* absmax_u8;
+  const float* nested_absmax;
+  const float* nested_code;  // shared memory
+  float nested_offset;
+  int64_t rows;
+  int64_t row_base;
+};
+
+template <bool kDoubleQuant>
+__device__ __forceinline__ float tile_block_scale(const MmaTile& t, int nested_shift, int64_t block) {
+  if constexpr (kDoubleQuant) {
+    const float code = t.nested_code[__ldg(t.absmax_u8 + block)];
+    return __fadd_rn(__fmul_rn(code, __ldg(t.nested_absmax + (block >> nested_shift))), t.nested_offset);
+  } else {
+    return __ldg(t.absmax_f32 + block);
+  }
+}
+
+// The 16-row kernels' sums over K for kTiles tiles that share K and blocksize. The
+// block's 8 warps split K in steps of 128 elements (each lane of a quad owns one
+// 32-element chunk). The k order inside an mma is permuted (any order sums the same):
+// lane (g, t) feeds A with its own chunk's elements 4j..4j+3 for substep j, and B
+// with the x values at the same positions for batch row g.
+template <int kTiles, bool kDoubleQuant>
+__device__ __forceinline__ void mma_tiles_accumulate(const MmaTile (&tiles)[kTiles], int64_t K, int block_shift,
+                                                     int nested_shift, const float* lut,
+                                                     const __nv_bfloat16* __restrict__ x, int batch,
+                                                     float (&acc)[kTiles][4]) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, tig = lane & 3;
-  const int64_t row_base = static_cast<int64_t>(blockIdx.x) * 16 * kTiles;
-  const int64_t K = p.cols;
-  const int64_t chunks = K / 32;                 // 32-element chunks per row
-  const int64_t steps = (chunks + 3) / 4;        // 128-element steps
+  const int64_t chunks = K / 32;           // 32-element chunks per row
+  const int64_t steps = (chunks + 3) / 4;  // 128-element steps
   const bool has_x = g < batch;
   const __nv_bfloat16* x_row = x + static_cast<int64_t>(has_x ? g : 0) * K;
 
@@ -136,12 +154,11 @@ __global__ void __launch_bounds__(kThreads) nf4_matvec_mma_kernel(NF4Params p, c
   for (int t = 0; t < kTiles; ++t)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int64_t r = row_base + t * 16 + g + h * 8;
-      row_ok[t][h] = r < p.rows;
+      const int64_t r = tiles[t].row_base + g + h * 8;
+      row_ok[t][h] = r < tiles[t].rows;
       rows_of[t][h] = row_ok[t][h] ? r : 0;
     }
 
-  float acc[kTiles][4];
 #pragma unroll
   for (int t = 0; t < kTiles; ++t)
 #pragma unroll
@@ -163,8 +180,8 @@ __global__ void __launch_bounds__(kThreads) nf4_matvec_mma_kernel(NF4Params p, c
         for (int h = 0; h < 2; ++h) {
           const int64_t flat = rows_of[t][h] * K + chunk * 32;
           if (chunk_ok && row_ok[t][h]) {
-            w[u][t][h] = load_weights(p.packed + flat / 2);
-            scale[u][t][h] = block_scale<kDoubleQuant>(p, nested_code, flat >> p.block_shift);
+            w[u][t][h] = load_weights(tiles[t].packed + flat / 2);
+            scale[u][t][h] = tile_block_scale<kDoubleQuant>(tiles[t], nested_shift, flat >> block_shift);
           } else {
             w[u][t][h] = make_uint4(0, 0, 0, 0);
             scale[u][t][h] = 0.0f;
@@ -192,7 +209,132 @@ __global__ void __launch_bounds__(kThreads) nf4_matvec_mma_kernel(NF4Params p, c
       }
     }
   }
+}
+
+// Tensor-core NF4 matvec. Block: kTiles tiles of 16 rows (mma_tiles_accumulate).
+template <int kTiles, bool kDoubleQuant, typename OutT>
+__global__ void __launch_bounds__(kThreads)
+    nf4_matvec_mma_kernel(NF4Params p, const __nv_bfloat16* __restrict__ x, int batch, OutT* __restrict__ y) {
+  __shared__ float lut[16];
+  __shared__ float nested_code[kDoubleQuant ? 256 : 1];
+  if (threadIdx.x < 16) lut[threadIdx.x] = p.code[threadIdx.x];
+  if constexpr (kDoubleQuant) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) nested_code[i] = p.nested_code[i];
+  }
+  __syncthreads();
+
+  const int64_t row_base = static_cast<int64_t>(blockIdx.x) * 16 * kTiles;
+  MmaTile tiles[kTiles];
+#pragma unroll
+  for (int t = 0; t < kTiles; ++t)
+    tiles[t] = MmaTile{p.packed,    p.absmax_f32,    p.absmax_u8, p.nested_absmax,
+                       nested_code, p.nested_offset, p.rows,      row_base + t * 16};
+  float acc[kTiles][4];
+  mma_tiles_accumulate<kTiles, kDoubleQuant>(tiles, p.cols, p.block_shift, p.nested_shift, lut, x, batch, acc);
   reduce_and_store<kTiles>(acc, row_base, p.rows, batch, y);
+}
+
+// Several matrices that read the same x in ONE launch of the 16-row kernel's
+// arithmetic (nf4_matvec_group where the pair-LUT kernel does not apply: K not a
+// multiple of 128, blocksize 32). store / add: a block per 16-row tile, the tiles
+// numbered matrix after matrix; swiglu: a block per 16 rows of gate AND up. Each
+// output element is the 16-row kernel's sum (the same warps, the same order), rounded
+// to bf16 before its epilogue: bit-identical to nf4_matvec + residual_add / swiglu.
+struct MmaGroupMatrix {
+  const uint8_t* packed;
+  const float* absmax_f32;
+  const uint8_t* absmax_u8;
+  const float* nested_absmax;
+  const float* nested_code;  // global memory
+  float nested_offset;
+  int64_t rows;
+  int64_t first_block;  // store / add: this matrix's first block
+  __nv_bfloat16* y;     // [batch, rows] of this pass
+};
+
+struct MmaGroup {
+  MmaGroupMatrix m[kMaxMatvecGroup];
+  const float* code;      // f32[16], shared by every matrix
+  float code_values[16];  // the same on the host (code_known)
+  int code_known;
+  int count;
+  int epilogue;  // PairLutEpilogue
+  int64_t cols;
+  int block_shift;
+  int nested_shift;
+};
+
+template <int kTiles, bool kDoubleQuant>
+__global__ void __launch_bounds__(kThreads)
+    nf4_matvec_mma_group_kernel(const __grid_constant__ MmaGroup grp, const __nv_bfloat16* __restrict__ x, int batch) {
+  __shared__ float lut[16];
+  __shared__ float nested_code[kTiles][kDoubleQuant ? 256 : 1];
+  __shared__ float partial[kWarpsPerBlock][kTiles * 4][32];
+  // The block's matrices: swiglu takes gate (0) and up (1), the others one matrix.
+  int matrix[kTiles];
+  int64_t row_base = static_cast<int64_t>(blockIdx.x) * 16;
+  if constexpr (kTiles == 2) {
+    matrix[0] = 0;
+    matrix[1] = 1;
+  } else {
+    int i = 0;
+    while (i + 1 < grp.count && blockIdx.x >= grp.m[i + 1].first_block) ++i;
+    matrix[0] = i;
+    row_base = (static_cast<int64_t>(blockIdx.x) - grp.m[i].first_block) * 16;
+  }
+  // Tables from the weights' payload: before the wait for the previous kernel.
+  if (threadIdx.x < 16) lut[threadIdx.x] = grp.code_known ? grp.code_values[threadIdx.x] : grp.code[threadIdx.x];
+  if constexpr (kDoubleQuant) {
+#pragma unroll
+    for (int t = 0; t < kTiles; ++t)
+      for (int i = threadIdx.x; i < 256; i += blockDim.x) nested_code[t][i] = grp.m[matrix[t]].nested_code[i];
+  }
+  __syncthreads();
+  detail::wait_for_previous_kernel();
+  detail::allow_next_kernel();
+
+  MmaTile tiles[kTiles];
+#pragma unroll
+  for (int t = 0; t < kTiles; ++t) {
+    const MmaGroupMatrix& m = grp.m[matrix[t]];
+    tiles[t] = MmaTile{m.packed,       m.absmax_f32,    m.absmax_u8, m.nested_absmax,
+                       nested_code[t], m.nested_offset, m.rows,      row_base};
+  }
+  float acc[kTiles][4];
+  mma_tiles_accumulate<kTiles, kDoubleQuant>(tiles, grp.cols, grp.block_shift, grp.nested_shift, lut, x, batch, acc);
+
+  // reduce_and_store's sums (warps in order), then the epilogue.
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int t = 0; t < kTiles; ++t)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) partial[warp][t * 4 + i][lane] = acc[t][i];
+  __syncthreads();
+  const int64_t rows = grp.m[matrix[0]].rows;
+  __nv_bfloat16* y = grp.m[matrix[0]].y;
+  for (int idx = threadIdx.x; idx < 4 * 32; idx += blockDim.x) {
+    const int i = idx / 32, l = idx % 32;
+    const int g = l >> 2, tig = l & 3;
+    const int64_t row = row_base + g + (i >= 2 ? 8 : 0);
+    const int n = tig * 2 + (i & 1);
+    if (row >= rows || n >= batch) continue;
+    float sums[kTiles];
+#pragma unroll
+    for (int t = 0; t < kTiles; ++t) {
+      sums[t] = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kWarpsPerBlock; ++w) sums[t] += partial[w][t * 4 + i][l];
+    }
+    const int64_t at = static_cast<int64_t>(n) * rows + row;
+    const float product = __bfloat162float(__float2bfloat16_rn(sums[0]));
+    if constexpr (kTiles == 2) {  // swiglu's arithmetic on the two rounded products
+      y[at] = __float2bfloat16_rn(detail::swiglu_value(product, __bfloat162float(__float2bfloat16_rn(sums[1]))));
+    } else if (grp.epilogue == kEpilogueAdd) {  // residual_add's arithmetic
+      y[at] = __float2bfloat16_rn(__bfloat162float(y[at]) + product);
+    } else {
+      y[at] = __float2bfloat16_rn(sums[0]);
+    }
+  }
 }
 
 // Pair-LUT tensor-core kernel (v4), the automatic choice where it applies
@@ -214,9 +356,6 @@ __global__ void __launch_bounds__(kThreads) nf4_matvec_mma_kernel(NF4Params p, c
 // Weights are bf16(code) * absmax in fp32, summed in fp32 (NF4Rounding::code).
 constexpr int kPairLutEntryBytes = 256;
 constexpr int kPairLutTableBytes = 256 * kPairLutEntryBytes;
-
-// Epilogue of a tile (MatvecEpilogue as an int in the kernel parameters).
-enum PairLutEpilogue : int { kEpilogueStore = 0, kEpilogueAdd = 1, kEpilogueSwiglu = 2 };
 
 // One matrix of a launch. A launch covers 1..kMaxMatvecGroup matrices that share
 // x, K, blocksize and the code table; their 16-row tiles are numbered one
@@ -982,6 +1121,49 @@ cudaError_t pair_lut_dispatch(const PairLutGroup& grp, bool double_quant, const 
                       : launch_pair_lut_shape<false, OutT>(shape, grp, x, batch, stream);
 }
 
+// The 16-row kernel's grouped launch for one pass of at most kBatchPerPass rows.
+cudaError_t launch_mma_group(const NF4Matrix* matrices, __nv_bfloat16* const* outputs, int count, int first_row,
+                             MatvecEpilogue epilogue, const __nv_bfloat16* x, int batch, cudaStream_t stream) {
+  MmaGroup grp{};
+  grp.code = matrices[0].code;
+  grp.code_known = matrices[0].code_on_host ? 1 : 0;
+  for (int i = 0; i < 16; ++i) grp.code_values[i] = matrices[0].code_on_host_values[i];
+  grp.count = count;
+  grp.epilogue = epilogue == MatvecEpilogue::add_to_output ? kEpilogueAdd
+                 : epilogue == MatvecEpilogue::swiglu      ? kEpilogueSwiglu
+                                                           : kEpilogueStore;
+  grp.cols = matrices[0].cols;
+  grp.block_shift = detail::log2_of_power_of_two(matrices[0].blocksize);
+  grp.nested_shift = matrices[0].double_quant ? detail::log2_of_power_of_two(matrices[0].nested_blocksize) : 0;
+  int64_t blocks = 0;
+  for (int i = 0; i < count; ++i) {
+    const NF4Matrix& m = matrices[i];
+    MmaGroupMatrix& gm = grp.m[i];
+    gm.packed = m.packed;
+    gm.absmax_f32 = m.absmax_f32;
+    gm.absmax_u8 = m.absmax_u8;
+    gm.nested_absmax = m.nested_absmax;
+    gm.nested_code = m.nested_code;
+    gm.nested_offset = m.nested_offset;
+    gm.rows = m.rows;
+    gm.first_block = blocks;
+    gm.y = outputs[i] ? outputs[i] + static_cast<int64_t>(first_row) * m.rows : nullptr;
+    blocks += (m.rows + 15) / 16;
+  }
+  const bool swiglu = grp.epilogue == kEpilogueSwiglu;
+  const dim3 grid(static_cast<unsigned>(swiglu ? (matrices[0].rows + 15) / 16 : blocks));
+  const bool dq = matrices[0].double_quant;
+  if (swiglu)
+    return dq ? detail::launch_chained(nf4_matvec_mma_group_kernel<2, true>, grid, dim3(kThreads), 0, stream, grp, x,
+                                       batch)
+              : detail::launch_chained(nf4_matvec_mma_group_kernel<2, false>, grid, dim3(kThreads), 0, stream, grp, x,
+                                       batch);
+  return dq ? detail::launch_chained(nf4_matvec_mma_group_kernel<1, true>, grid, dim3(kThreads), 0, stream, grp, x,
+                                     batch)
+            : detail::launch_chained(nf4_matvec_mma_group_kernel<1, false>, grid, dim3(kThreads), 0, stream, grp, x,
+                                     batch);
+}
+
 MatvecPath resolve_path(const NF4Matrix& m, const __nv_bfloat16* x) {
   if (pair_lut_applies(m, x)) return MatvecPath::tensor_core_pair_lut;
   return mma_applies(m, x) ? MatvecPath::tensor_core_16_rows : MatvecPath::simple;
@@ -1085,17 +1267,28 @@ MatvecPath nf4_matvec_automatic_path(const NF4Matrix& weight, const __nv_bfloat1
   return resolve_path(weight, x);
 }
 
-bool nf4_matvec_group_applies(const NF4Matrix* matrices, int count, const __nv_bfloat16* x) {
-  if (!matrices || count < 1 || count > kMaxMatvecGroup) return false;
+namespace {
+// Which kernel a group takes: the pair-LUT kernel where it applies to every matrix,
+// else the 16-row kernel's grouped launch where that applies to every matrix.
+MatvecPath group_path(const NF4Matrix* matrices, int count, const __nv_bfloat16* x) {
+  if (!matrices || count < 1 || count > kMaxMatvecGroup) return MatvecPath::simple;
   const NF4Matrix& first = matrices[0];
+  bool pair_lut = true, mma = true;
   for (int i = 0; i < count; ++i) {
     const NF4Matrix& m = matrices[i];
-    if (!valid_matrix(m) || !pair_lut_applies(m, x)) return false;
+    if (!valid_matrix(m)) return MatvecPath::simple;
     if (m.cols != first.cols || m.blocksize != first.blocksize || m.double_quant != first.double_quant ||
         (m.double_quant && m.nested_blocksize != first.nested_blocksize))
-      return false;
+      return MatvecPath::simple;
+    pair_lut = pair_lut && pair_lut_applies(m, x);
+    mma = mma && mma_applies(m, x);
   }
-  return true;
+  return pair_lut ? MatvecPath::tensor_core_pair_lut : mma ? MatvecPath::tensor_core_16_rows : MatvecPath::simple;
+}
+}  // namespace
+
+bool nf4_matvec_group_applies(const NF4Matrix* matrices, int count, const __nv_bfloat16* x) {
+  return group_path(matrices, count, x) != MatvecPath::simple;
 }
 
 bool nf4_matvec_rope_applies(const NF4Matrix* matrices, int count, const MatvecRope& rope) {
@@ -1103,13 +1296,17 @@ bool nf4_matvec_rope_applies(const NF4Matrix* matrices, int count, const MatvecR
   if (count != 3 || !rope.positions || !rope.inv_freq || head_dim <= 0 || head_dim % 16 != 0) return false;
   if (!rope.cache.k_cache || !rope.cache.v_cache || rope.cache.capacity <= 0 || rope.cache.sequence_stride < 0)
     return false;
+  // The epilogue is the pair-LUT kernel's (x's alignment is the group's own check).
+  for (int i = 0; i < count; ++i)
+    if (!valid_matrix(matrices[i]) || matrices[i].cols % 128 != 0 || matrices[i].blocksize < 64) return false;
   return matrices[0].rows % head_dim == 0 && matrices[1].rows % head_dim == 0 && matrices[2].rows == matrices[1].rows;
 }
 
 cudaError_t nf4_matvec_group(const NF4Matrix* matrices, __nv_bfloat16* const* outputs, int count,
                              const __nv_bfloat16* x, int batch, MatvecEpilogue epilogue, cudaStream_t stream,
                              const MatvecRope* rope) {
-  if (!outputs || !x || batch <= 0 || !nf4_matvec_group_applies(matrices, count, x)) return cudaErrorInvalidValue;
+  const MatvecPath path = group_path(matrices, count, x);
+  if (!outputs || !x || batch <= 0 || path == MatvecPath::simple) return cudaErrorInvalidValue;
   if (rope && (epilogue != MatvecEpilogue::store || !nf4_matvec_rope_applies(matrices, count, *rope)))
     return cudaErrorInvalidValue;
   for (int i = 0; i < count; ++i)
@@ -1118,6 +1315,12 @@ cudaError_t nf4_matvec_group(const NF4Matrix* matrices, __nv_bfloat16* const* ou
     return cudaErrorInvalidValue;
   for (int b0 = 0; b0 < batch; b0 += kBatchPerPass) {
     const int pass = batch - b0 < kBatchPerPass ? batch - b0 : kBatchPerPass;
+    if (path == MatvecPath::tensor_core_16_rows) {
+      const cudaError_t err = launch_mma_group(matrices, outputs, count, b0, epilogue,
+                                               x + static_cast<int64_t>(b0) * matrices[0].cols, pass, stream);
+      if (err != cudaSuccess) return err;
+      continue;
+    }
     PairLutGroup grp = pair_lut_group(matrices, outputs, count, b0, epilogue);
     if (rope) {
       grp.rope_head_dim = rope->head_dim;

@@ -55,12 +55,15 @@ MatvecPath nf4_matvec_automatic_path(const NF4Matrix& weight, const __nv_bfloat1
 // false) is the automatic choice. Others return cudaErrorInvalidValue.
 cudaError_t nf4_matvec_pair_lut(const NF4Matrix& weight, const __nv_bfloat16* x, int batch, __nv_bfloat16* y,
                                 int warps_per_block, int blocks_per_sm, bool x_first, cudaStream_t stream);
-// Several NF4 matrices that read the same x, in ONE launch of the pair-LUT kernel
-// (decode: q/k/v, gate/up; o/down with the residual add). All matrices must take
-// the pair-LUT path (nf4_matvec_group_applies) and share cols, blocksize,
-// nested_blocksize and double_quant; the kernel builds its code table from
-// matrices[0].code, so the caller guarantees the code tables are equal (the
-// CUDA backend compares them on the host). outputs[i] is bf16 [batch, rows_i].
+// Several NF4 matrices that read the same x, in ONE launch (decode: q/k/v, gate/up;
+// o/down with the residual add): the pair-LUT kernel where it applies to every
+// matrix, else the 16-row kernel's arithmetic (K a multiple of 32, any blocksize:
+// small models such as SmolLM's K = 576, blocksize-32 packs), each product then
+// bit-identical to nf4_matvec's. The matrices share cols, blocksize,
+// nested_blocksize and double_quant (nf4_matvec_group_applies); the kernel builds
+// its code table from matrices[0].code, so the caller guarantees the code tables
+// are equal (the CUDA backend compares them on the host). outputs[i] is bf16
+// [batch, rows_i].
 // Epilogues (each output element is rounded to bf16 first, so the results are
 // bit-identical to nf4_matvec followed by the separate kernel):
 // - store: outputs[i] = W_i x
@@ -70,7 +73,8 @@ cudaError_t nf4_matvec_pair_lut(const NF4Matrix& weight, const __nv_bfloat16* x,
 enum class MatvecEpilogue { store, add_to_output, swiglu };
 constexpr int kMaxMatvecGroup = 3;
 bool nf4_matvec_group_applies(const NF4Matrix* matrices, int count, const __nv_bfloat16* x);
-// store of q, k, v (count 3) may also apply rotary embeddings and append to the KV
+// store of q, k, v (count 3) on the pair-LUT path (K a multiple of 128, blocksize
+// >= 64) may also apply rotary embeddings and append to the KV
 // cache, as rope_apply_and_append (rope.cuh) would after it, the same bits: outputs
 // [0] and [1] hold the rotated q and k, outputs[2] v, and token t's k and v rows go
 // to the cache (cache.v_new is not used). Each 16-row tile of q and k then holds 8

@@ -261,6 +261,132 @@ TEST(NF4MatvecGroup, EveryMatrixAndEpilogueMatches) {
   check_nf4_matvec_group(rng, {4099, 4099}, 640, 2, false);
 }
 
+// Groups the pair-LUT kernel does not take (K not a multiple of 128, blocksize 32: small
+// models such as SmolLM2, blocksize-32 packs) run the 16-row kernel's arithmetic in one
+// launch: every product bit for bit against nf4_matvec (the 16-row kernel), near the
+// bitsandbytes reference (NF4Rounding::product), and the epilogues bit for bit against
+// residual_add / swiglu on those products.
+void check_sixteen_row_group(std::mt19937& rng, const std::vector<int64_t>& rows, int64_t cols, uint32_t blocksize,
+                             int batch, bool dq) {
+  const int count = static_cast<int>(rows.size());
+  std::vector<std::unique_ptr<RandomNF4>> weights;
+  std::vector<NF4Matrix> views;
+  for (int i = 0; i < count; ++i) {
+    weights.push_back(std::make_unique<RandomNF4>(rng, rows[i], cols, dq, blocksize));
+    weights.back()->host_view.nested_offset = weights.back()->device_view.nested_offset = 0.05f * (i + 1);
+    views.push_back(weights.back()->device_view);
+  }
+  std::string what = "16-row group";
+  for (int64_t r : rows) what += " " + std::to_string(r);
+  what += " x " + std::to_string(cols) + " blocksize " + std::to_string(blocksize) + " batch " + std::to_string(batch) +
+          (dq ? " double-quant" : "");
+  const auto x = random_bf16(rng, static_cast<size_t>(batch) * cols);
+  DeviceBuffer<uint16_t> dx(x.size());
+  dx.upload(x);
+  ASSERT_EQ(nf4_matvec_automatic_path(views[0], as_bf16(dx.get())), MatvecPath::tensor_core_16_rows) << what;
+  ASSERT_TRUE(nf4_matvec_group_applies(views.data(), count, as_bf16(dx.get()))) << what;
+
+  std::vector<std::unique_ptr<DeviceBuffer<uint16_t>>> grouped, single;
+  std::vector<__nv_bfloat16*> outputs;
+  for (int i = 0; i < count; ++i) {
+    const size_t n = static_cast<size_t>(batch) * rows[i];
+    grouped.push_back(std::make_unique<DeviceBuffer<uint16_t>>(n));
+    single.push_back(std::make_unique<DeviceBuffer<uint16_t>>(n));
+    grouped.back()->poison();
+    single.back()->poison();
+    outputs.push_back(as_bf16(grouped.back()->get()));
+    CUDA_OK(nf4_matvec(views[i], as_bf16(dx.get()), batch, as_bf16(single.back()->get()), nullptr));
+  }
+  CUDA_OK(
+      nf4_matvec_group(views.data(), outputs.data(), count, as_bf16(dx.get()), batch, MatvecEpilogue::store, nullptr));
+  CUDA_OK(cudaDeviceSynchronize());
+  for (int i = 0; i < count; ++i) {
+    const std::string which = what + " matrix " + std::to_string(i);
+    EXPECT_EQ(grouped[i]->download(), single[i]->download()) << which << ": differs from nf4_matvec";
+    std::vector<float> ref(static_cast<size_t>(batch) * rows[i]);
+    reference::nf4_matvec(weights[i]->host_view, x.data(), batch, ref.data(), reference::NF4Rounding::product);
+    expect_close(bf16_to_floats(grouped[i]->download()), ref, kBf16Tolerance, which);
+  }
+
+  // The code table from the launch parameters: the same values give the same bits, a
+  // negated table another product.
+  std::vector<NF4Matrix> with_host_code = views;
+  for (NF4Matrix& m : with_host_code) {
+    std::copy(std::begin(kNF4Code), std::end(kNF4Code), m.code_on_host_values);
+    m.code_on_host = true;
+  }
+  const size_t first_size = static_cast<size_t>(batch) * rows[0];
+  DeviceBuffer<uint16_t> from_params(first_size);
+  from_params.poison();
+  __nv_bfloat16* params_out[1] = {as_bf16(from_params.get())};
+  CUDA_OK(
+      nf4_matvec_group(with_host_code.data(), params_out, 1, as_bf16(dx.get()), batch, MatvecEpilogue::store, nullptr));
+  CUDA_OK(cudaDeviceSynchronize());
+  EXPECT_EQ(from_params.download(), single[0]->download()) << what << ": code table from the launch parameters";
+  for (float& value : with_host_code[0].code_on_host_values) value = -value;
+  CUDA_OK(
+      nf4_matvec_group(with_host_code.data(), params_out, 1, as_bf16(dx.get()), batch, MatvecEpilogue::store, nullptr));
+  CUDA_OK(cudaDeviceSynchronize());
+  EXPECT_NE(from_params.download(), single[0]->download()) << what << ": a negated host table must change the product";
+
+  // add_to_output on the last matrix (its tiles come after the others' in the launch).
+  const int last = count - 1;
+  const size_t last_size = static_cast<size_t>(batch) * rows[last];
+  const auto residual = random_bf16(rng, last_size, -4.0f, 4.0f);
+  DeviceBuffer<uint16_t> fused(last_size), separate(last_size);
+  fused.upload(residual);
+  separate.upload(residual);
+  std::vector<__nv_bfloat16*> add_outputs(outputs.begin(), outputs.end());
+  add_outputs[last] = as_bf16(fused.get());
+  CUDA_OK(nf4_matvec_group(views.data(), add_outputs.data(), count, as_bf16(dx.get()), batch,
+                           MatvecEpilogue::add_to_output, nullptr));
+  CUDA_OK(
+      residual_add(as_bf16(separate.get()), as_bf16(single[last]->get()), static_cast<int64_t>(last_size), nullptr));
+  CUDA_OK(cudaDeviceSynchronize());
+  EXPECT_EQ(fused.download(), separate.download()) << what << ": add_to_output differs from residual_add";
+
+  if (count == 2 && rows[0] == rows[1]) {
+    DeviceBuffer<uint16_t> gated(first_size), expected(first_size);
+    gated.poison();
+    __nv_bfloat16* swiglu_out[2] = {as_bf16(gated.get()), nullptr};
+    CUDA_OK(nf4_matvec_group(views.data(), swiglu_out, 2, as_bf16(dx.get()), batch, MatvecEpilogue::swiglu, nullptr));
+    CUDA_OK(swiglu(as_bf16(single[0]->get()), as_bf16(single[1]->get()), static_cast<int64_t>(first_size),
+                   as_bf16(expected.get()), nullptr));
+    CUDA_OK(cudaDeviceSynchronize());
+    EXPECT_EQ(gated.download(), expected.download()) << what << ": swiglu epilogue differs from swiglu()";
+  }
+}
+
+TEST(NF4MatvecGroup, SixteenRowKernelGroupsMatchSeparateLaunches) {
+  std::mt19937 rng(5151);
+  for (bool dq : {true, false})
+    for (int batch : {1, 3, 8, 11}) {
+      check_sixteen_row_group(rng, {733, 17, 5}, 96, 32, batch, dq);  // odd rows, K of 3 chunks
+      check_sixteen_row_group(rng, {48, 48}, 32, 32, batch, dq);      // K of one chunk
+      check_sixteen_row_group(rng, {7, 7}, 576, 64, batch, dq);       // blocksize 64, K % 128 != 0
+    }
+  // SmolLM2-135M's q/k/v, gate/up and down at the main job's blocksize 32.
+  check_sixteen_row_group(rng, {576, 192, 192}, 576, 32, 1, true);
+  check_sixteen_row_group(rng, {1536, 1536}, 576, 32, 1, true);
+  check_sixteen_row_group(rng, {576}, 1536, 32, 1, true);
+  // SmolLM2-360M's gate/up (K = 960), batch > 1.
+  check_sixteen_row_group(rng, {2560, 2560}, 960, 64, 5, true);
+  // RoPE stays in its own launch on this path.
+  RandomNF4 q(rng, 576, 576, true, 32), k(rng, 192, 576, true, 32), v(rng, 192, 576, true, 32);
+  const NF4Matrix qkv[3] = {q.device_view, k.device_view, v.device_view};
+  DeviceBuffer<uint16_t> cache(64);
+  DeviceBuffer<int32_t> positions(1);
+  DeviceBuffer<float> inv_freq(32);
+  MatvecRope rope;
+  rope.positions = positions.get();
+  rope.inv_freq = inv_freq.get();
+  rope.head_dim = 64;
+  rope.cache.k_cache = as_bf16(cache.get());
+  rope.cache.v_cache = as_bf16(cache.get());
+  rope.cache.capacity = 1;
+  EXPECT_FALSE(nf4_matvec_rope_applies(qkv, 3, rope));
+}
+
 TEST(NF4MatvecGroup, RejectsMismatchedMatrices) {
   std::mt19937 rng(6);
   RandomNF4 a(rng, 32, 256, true), b(rng, 32, 384, true), c(rng, 16, 256, true), odd(rng, 32, 96, true);
@@ -270,8 +396,18 @@ TEST(NF4MatvecGroup, RejectsMismatchedMatrices) {
   EXPECT_FALSE(nf4_matvec_group_applies(different_k, 2, as_bf16(dx.get())));
   EXPECT_EQ(nf4_matvec_group(different_k, outputs, 2, as_bf16(dx.get()), 1, MatvecEpilogue::store, nullptr),
             cudaErrorInvalidValue);
-  NF4Matrix not_pair_lut[1] = {odd.device_view};
-  EXPECT_FALSE(nf4_matvec_group_applies(not_pair_lut, 1, as_bf16(dx.get())));
+  // K = 96 takes the 16-row kernel's grouped launch; K = 40 (not a multiple of 32) no group.
+  NF4Matrix sixteen_rows[1] = {odd.device_view};
+  EXPECT_TRUE(nf4_matvec_group_applies(sixteen_rows, 1, as_bf16(dx.get())));
+  RandomNF4 ragged(rng, 16, 40, true);
+  NF4Matrix no_group[1] = {ragged.device_view};
+  EXPECT_FALSE(nf4_matvec_group_applies(no_group, 1, as_bf16(dx.get())));
+  EXPECT_EQ(nf4_matvec_group(no_group, outputs, 1, as_bf16(dx.get()), 1, MatvecEpilogue::store, nullptr),
+            cudaErrorInvalidValue);
+  // Mixed paths (K = 96 beside K = 96 at blocksize 32 is fine; another blocksize is not).
+  RandomNF4 odd_small_blocks(rng, 32, 96, true, 32);
+  NF4Matrix mixed_blocksize[2] = {odd.device_view, odd_small_blocks.device_view};
+  EXPECT_FALSE(nf4_matvec_group_applies(mixed_blocksize, 2, as_bf16(dx.get())));
   NF4Matrix unequal_rows[2] = {a.device_view, c.device_view};
   EXPECT_EQ(nf4_matvec_group(unequal_rows, outputs, 2, as_bf16(dx.get()), 1, MatvecEpilogue::swiglu, nullptr),
             cudaErrorInvalidValue);
