@@ -136,7 +136,7 @@ __device__ __forceinline__ float tile_block_scale(const MmaTile& t, int nested_s
 // 32-element chunk). The k order inside an mma is permuted (any order sums the same):
 // lane (g, t) feeds A with its own chunk's elements 4j..4j+3 for substep j, and B
 // with the x values at the same positions for batch row g.
-template <int kTiles, bool kDoubleQuant, bool kXShared = false>
+template <int kTiles, bool kDoubleQuant>
 __device__ __forceinline__ void mma_tiles_accumulate(const MmaTile (&tiles)[kTiles], int64_t K, int block_shift,
                                                      int nested_shift, const float* lut,
                                                      const __nv_bfloat16* __restrict__ x, int batch,
@@ -189,9 +189,7 @@ __device__ __forceinline__ void mma_tiles_accumulate(const MmaTile (&tiles)[kTil
         }
 #pragma unroll
       for (int q = 0; q < 4; ++q)
-        xv[u][q] = !(chunk_ok && has_x) ? make_uint4(0, 0, 0, 0)
-                   : kXShared           ? *reinterpret_cast<const uint4*>(x_row + chunk * 32 + q * 8)
-                                        : load_x(x_row + chunk * 32 + q * 8);
+        xv[u][q] = (chunk_ok && has_x) ? load_x(x_row + chunk * 32 + q * 8) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -264,24 +262,14 @@ struct MmaGroup {
   int64_t cols;
   int block_shift;
   int nested_shift;
-  const float* norm_weight;  // kNorm: x is RMSNorm'ed on the way in (MatvecNorm)
-  float eps;
 };
 
-// RMSNorm folded into a group: x rows of up to this many elements, normalized into
-// shared memory by every block with rms_norm's arithmetic (its vector kernel's sum
-// order: one 8-element piece a thread, then block_sum), so the products equal those of
-// rms_norm followed by the group, bit for bit.
-constexpr int64_t kMaxFoldedNormCols = 8 * kThreads;
-
-template <int kTiles, bool kDoubleQuant, bool kNorm>
+template <int kTiles, bool kDoubleQuant>
 __global__ void __launch_bounds__(kThreads)
     nf4_matvec_mma_group_kernel(const __grid_constant__ MmaGroup grp, const __nv_bfloat16* __restrict__ x, int batch) {
   __shared__ float lut[16];
   __shared__ float nested_code[kTiles][kDoubleQuant ? 256 : 1];
   __shared__ float partial[kWarpsPerBlock][kTiles * 4][32];
-  __shared__ __align__(16) __nv_bfloat16 normed[kNorm ? kBatchPerPass * kMaxFoldedNormCols : 8];
-  __shared__ float scratch[32];
   // The block's matrices: swiglu takes gate (0) and up (1), the others one matrix.
   int matrix[kTiles];
   int64_t row_base = static_cast<int64_t>(blockIdx.x) * 16;
@@ -305,44 +293,6 @@ __global__ void __launch_bounds__(kThreads)
   detail::wait_for_previous_kernel();
   detail::allow_next_kernel();
 
-  const __nv_bfloat16* x_in = x;
-  if constexpr (kNorm) {
-    const int64_t pieces = grp.cols / 8;
-    const int t = threadIdx.x;
-    for (int b = 0; b < batch; ++b) {
-      uint4 piece = make_uint4(0, 0, 0, 0);
-      float sum_sq = 0.0f;
-      if (t < pieces) {
-        piece = *reinterpret_cast<const uint4*>(x + b * grp.cols + t * 8);
-        const uint32_t* p = reinterpret_cast<const uint32_t*>(&piece);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const float lo = detail::bf16_low(p[i]), hi = detail::bf16_high(p[i]);
-          sum_sq = fmaf(lo, lo, sum_sq);
-          sum_sq = fmaf(hi, hi, sum_sq);
-        }
-      }
-      const float total = detail::block_sum(sum_sq, scratch);
-      const float inv_rms = rsqrtf(total / static_cast<float>(grp.cols) + grp.eps);
-      if (t < pieces) {
-        const uint32_t* p = reinterpret_cast<const uint32_t*>(&piece);
-        uint4 result;
-        uint32_t* r = reinterpret_cast<uint32_t*>(&result);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const float lo = __bfloat162float(__float2bfloat16_rn(detail::bf16_low(p[i]) * inv_rms));
-          const float hi = __bfloat162float(__float2bfloat16_rn(detail::bf16_high(p[i]) * inv_rms));
-          const __nv_bfloat162 v = __floats2bfloat162_rn(__ldg(grp.norm_weight + t * 8 + 2 * i) * lo,
-                                                         __ldg(grp.norm_weight + t * 8 + 2 * i + 1) * hi);
-          r[i] = *reinterpret_cast<const uint32_t*>(&v);
-        }
-        *reinterpret_cast<uint4*>(normed + b * grp.cols + t * 8) = result;
-      }
-    }
-    __syncthreads();
-    x_in = normed;
-  }
-
   MmaTile tiles[kTiles];
 #pragma unroll
   for (int t = 0; t < kTiles; ++t) {
@@ -351,8 +301,7 @@ __global__ void __launch_bounds__(kThreads)
                        nested_code[t], m.nested_offset, m.rows,      row_base};
   }
   float acc[kTiles][4];
-  mma_tiles_accumulate<kTiles, kDoubleQuant, kNorm>(tiles, grp.cols, grp.block_shift, grp.nested_shift, lut, x_in,
-                                                    batch, acc);
+  mma_tiles_accumulate<kTiles, kDoubleQuant>(tiles, grp.cols, grp.block_shift, grp.nested_shift, lut, x, batch, acc);
 
   // reduce_and_store's sums (warps in order), then the epilogue.
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -1173,19 +1122,9 @@ cudaError_t pair_lut_dispatch(const PairLutGroup& grp, bool double_quant, const 
 }
 
 // The 16-row kernel's grouped launch for one pass of at most kBatchPerPass rows.
-template <int kTiles, bool kDoubleQuant, bool kNorm>
-cudaError_t launch_mma_group_kernel(dim3 grid, const MmaGroup& grp, const __nv_bfloat16* x, int batch,
-                                    cudaStream_t stream) {
-  return detail::launch_chained(nf4_matvec_mma_group_kernel<kTiles, kDoubleQuant, kNorm>, grid, dim3(kThreads), 0,
-                                stream, grp, x, batch);
-}
-
 cudaError_t launch_mma_group(const NF4Matrix* matrices, __nv_bfloat16* const* outputs, int count, int first_row,
-                             MatvecEpilogue epilogue, const __nv_bfloat16* x, int batch, const MatvecNorm* norm,
-                             cudaStream_t stream) {
+                             MatvecEpilogue epilogue, const __nv_bfloat16* x, int batch, cudaStream_t stream) {
   MmaGroup grp{};
-  grp.norm_weight = norm ? norm->weight : nullptr;
-  grp.eps = norm ? norm->eps : 0.0f;
   grp.code = matrices[0].code;
   grp.code_known = matrices[0].code_on_host ? 1 : 0;
   for (int i = 0; i < 16; ++i) grp.code_values[i] = matrices[0].code_on_host_values[i];
@@ -1214,18 +1153,15 @@ cudaError_t launch_mma_group(const NF4Matrix* matrices, __nv_bfloat16* const* ou
   const bool swiglu = grp.epilogue == kEpilogueSwiglu;
   const dim3 grid(static_cast<unsigned>(swiglu ? (matrices[0].rows + 15) / 16 : blocks));
   const bool dq = matrices[0].double_quant;
-  if (norm) {
-    if (swiglu)
-      return dq ? launch_mma_group_kernel<2, true, true>(grid, grp, x, batch, stream)
-                : launch_mma_group_kernel<2, false, true>(grid, grp, x, batch, stream);
-    return dq ? launch_mma_group_kernel<1, true, true>(grid, grp, x, batch, stream)
-              : launch_mma_group_kernel<1, false, true>(grid, grp, x, batch, stream);
-  }
   if (swiglu)
-    return dq ? launch_mma_group_kernel<2, true, false>(grid, grp, x, batch, stream)
-              : launch_mma_group_kernel<2, false, false>(grid, grp, x, batch, stream);
-  return dq ? launch_mma_group_kernel<1, true, false>(grid, grp, x, batch, stream)
-            : launch_mma_group_kernel<1, false, false>(grid, grp, x, batch, stream);
+    return dq ? detail::launch_chained(nf4_matvec_mma_group_kernel<2, true>, grid, dim3(kThreads), 0, stream, grp, x,
+                                       batch)
+              : detail::launch_chained(nf4_matvec_mma_group_kernel<2, false>, grid, dim3(kThreads), 0, stream, grp, x,
+                                       batch);
+  return dq ? detail::launch_chained(nf4_matvec_mma_group_kernel<1, true>, grid, dim3(kThreads), 0, stream, grp, x,
+                                     batch)
+            : detail::launch_chained(nf4_matvec_mma_group_kernel<1, false>, grid, dim3(kThreads), 0, stream, grp, x,
+                                     batch);
 }
 
 MatvecPath resolve_path(const NF4Matrix& m, const __nv_bfloat16* x) {
@@ -1355,12 +1291,6 @@ bool nf4_matvec_group_applies(const NF4Matrix* matrices, int count, const __nv_b
   return group_path(matrices, count, x) != MatvecPath::simple;
 }
 
-bool nf4_matvec_group_norm_applies(const NF4Matrix* matrices, int count, const __nv_bfloat16* x,
-                                   const MatvecNorm& norm) {
-  return norm.weight && group_path(matrices, count, x) == MatvecPath::tensor_core_16_rows &&
-         matrices[0].cols % 8 == 0 && matrices[0].cols <= kMaxFoldedNormCols;
-}
-
 bool nf4_matvec_rope_applies(const NF4Matrix* matrices, int count, const MatvecRope& rope) {
   const int64_t head_dim = rope.head_dim;
   if (count != 3 || !rope.positions || !rope.inv_freq || head_dim <= 0 || head_dim % 16 != 0) return false;
@@ -1374,10 +1304,9 @@ bool nf4_matvec_rope_applies(const NF4Matrix* matrices, int count, const MatvecR
 
 cudaError_t nf4_matvec_group(const NF4Matrix* matrices, __nv_bfloat16* const* outputs, int count,
                              const __nv_bfloat16* x, int batch, MatvecEpilogue epilogue, cudaStream_t stream,
-                             const MatvecRope* rope, const MatvecNorm* norm) {
+                             const MatvecRope* rope) {
   const MatvecPath path = group_path(matrices, count, x);
   if (!outputs || !x || batch <= 0 || path == MatvecPath::simple) return cudaErrorInvalidValue;
-  if (norm && !nf4_matvec_group_norm_applies(matrices, count, x, *norm)) return cudaErrorInvalidValue;
   if (rope && (epilogue != MatvecEpilogue::store || !nf4_matvec_rope_applies(matrices, count, *rope)))
     return cudaErrorInvalidValue;
   for (int i = 0; i < count; ++i)
@@ -1388,7 +1317,7 @@ cudaError_t nf4_matvec_group(const NF4Matrix* matrices, __nv_bfloat16* const* ou
     const int pass = batch - b0 < kBatchPerPass ? batch - b0 : kBatchPerPass;
     if (path == MatvecPath::tensor_core_16_rows) {
       const cudaError_t err = launch_mma_group(matrices, outputs, count, b0, epilogue,
-                                               x + static_cast<int64_t>(b0) * matrices[0].cols, pass, norm, stream);
+                                               x + static_cast<int64_t>(b0) * matrices[0].cols, pass, stream);
       if (err != cudaSuccess) return err;
       continue;
     }

@@ -87,19 +87,9 @@ struct MatvecRope {
   RopeCacheAppend cache;
 };
 bool nf4_matvec_rope_applies(const NF4Matrix* matrices, int count, const MatvecRope& rope);
-// RMSNorm of x (kernels/norm.cuh's rms_norm, f32 weight) folded into the launch, on
-// the 16-row kernel's path with cols % 8 == 0 and cols <= 2048: every block
-// normalizes x itself with rms_norm's arithmetic and sum order, so the outputs equal
-// rms_norm followed by the group bit for bit, one launch fewer.
-struct MatvecNorm {
-  const float* weight = nullptr;  // device, [cols]
-  float eps = 0.0f;
-};
-bool nf4_matvec_group_norm_applies(const NF4Matrix* matrices, int count, const __nv_bfloat16* x,
-                                   const MatvecNorm& norm);
 cudaError_t nf4_matvec_group(const NF4Matrix* matrices, __nv_bfloat16* const* outputs, int count,
                              const __nv_bfloat16* x, int batch, MatvecEpilogue epilogue, cudaStream_t stream,
-                             const MatvecRope* rope = nullptr, const MatvecNorm* norm = nullptr);
+                             const MatvecRope* rope = nullptr);
 
 cudaError_t bf16_matvec_with_path(const __nv_bfloat16* weight, int64_t rows, int64_t cols, const __nv_bfloat16* x,
                                   int batch, __nv_bfloat16* y, MatvecPath path, cudaStream_t stream);

@@ -12,7 +12,6 @@
 #include "kernels/nf4_dequantize.cuh"
 #include "kernels/nf4_matvec.cuh"
 #include "kernels/nf4_matvec_reference.h"
-#include "kernels/norm.cuh"
 #include "kernels/rope.cuh"
 
 namespace layerpack::kernels::testing {
@@ -356,38 +355,6 @@ void check_sixteen_row_group(std::mt19937& rng, const std::vector<int64_t>& rows
     CUDA_OK(cudaDeviceSynchronize());
     EXPECT_EQ(gated.download(), expected.download()) << what << ": swiglu epilogue differs from swiglu()";
   }
-
-  // RMSNorm folded into the launch: bit for bit against rms_norm, then the group.
-  const auto norm_weight = random_floats(rng, static_cast<size_t>(cols), 0.5f, 1.5f);
-  DeviceBuffer<float> dnorm(norm_weight.size());
-  dnorm.upload(norm_weight);
-  const MatvecNorm norm{dnorm.get(), 1e-5f};
-  const bool foldable = cols % 8 == 0 && cols <= 2048;
-  EXPECT_EQ(nf4_matvec_group_norm_applies(views.data(), count, as_bf16(dx.get()), norm), foldable) << what;
-  if (!foldable) return;
-  DeviceBuffer<uint16_t> dnormed(x.size());
-  CUDA_OK(rms_norm(as_bf16(dx.get()), dnorm.get(), norm.eps, batch, cols, as_bf16(dnormed.get()), nullptr));
-  const MatvecEpilogue epilogue = count == 2 && rows[0] == rows[1] ? MatvecEpilogue::swiglu : MatvecEpilogue::store;
-  std::vector<std::unique_ptr<DeviceBuffer<uint16_t>>> folded_out, separate_out;
-  std::vector<__nv_bfloat16*> folded_ptrs, separate_ptrs;
-  for (int i = 0; i < count; ++i) {
-    const size_t n = static_cast<size_t>(batch) * rows[i];
-    folded_out.push_back(std::make_unique<DeviceBuffer<uint16_t>>(n));
-    separate_out.push_back(std::make_unique<DeviceBuffer<uint16_t>>(n));
-    folded_out.back()->poison();
-    separate_out.back()->poison();
-    folded_ptrs.push_back(as_bf16(folded_out.back()->get()));
-    separate_ptrs.push_back(as_bf16(separate_out.back()->get()));
-  }
-  CUDA_OK(nf4_matvec_group(views.data(), folded_ptrs.data(), count, as_bf16(dx.get()), batch, epilogue, nullptr,
-                           nullptr, &norm));
-  CUDA_OK(
-      nf4_matvec_group(views.data(), separate_ptrs.data(), count, as_bf16(dnormed.get()), batch, epilogue, nullptr));
-  CUDA_OK(cudaDeviceSynchronize());
-  const int outputs_written = epilogue == MatvecEpilogue::swiglu ? 1 : count;
-  for (int i = 0; i < outputs_written; ++i)
-    EXPECT_EQ(folded_out[i]->download(), separate_out[i]->download())
-        << what << " matrix " << i << ": the folded RMSNorm differs from rms_norm + the group";
 }
 
 TEST(NF4MatvecGroup, SixteenRowKernelGroupsMatchSeparateLaunches) {
@@ -418,18 +385,6 @@ TEST(NF4MatvecGroup, SixteenRowKernelGroupsMatchSeparateLaunches) {
   rope.cache.v_cache = as_bf16(cache.get());
   rope.cache.capacity = 1;
   EXPECT_FALSE(nf4_matvec_rope_applies(qkv, 3, rope));
-  // No folded norm on the pair-LUT path, nor past 2048 columns.
-  DeviceBuffer<uint16_t> dx(4096);
-  DeviceBuffer<float> weight(4096);
-  const MatvecNorm norm{weight.get(), 1e-5f};
-  RandomNF4 pair_lut(rng, 16, 384, true), wide(rng, 16, 2080, true);
-  EXPECT_FALSE(nf4_matvec_group_norm_applies(&pair_lut.device_view, 1, as_bf16(dx.get()), norm));
-  EXPECT_FALSE(nf4_matvec_group_norm_applies(&wide.device_view, 1, as_bf16(dx.get()), norm));
-  EXPECT_TRUE(nf4_matvec_group_norm_applies(&q.device_view, 1, as_bf16(dx.get()), norm));
-  __nv_bfloat16* out[1] = {as_bf16(dx.get())};
-  EXPECT_EQ(
-      nf4_matvec_group(&wide.device_view, out, 1, as_bf16(dx.get()), 1, MatvecEpilogue::store, nullptr, nullptr, &norm),
-      cudaErrorInvalidValue);
 }
 
 TEST(NF4MatvecGroup, RejectsMismatchedMatrices) {

@@ -292,8 +292,7 @@ class CudaBackend : public Backend {
   Result<bool> grouped_matvec(const char* role, std::initializer_list<const TensorInfo*> weights,
                               const DeviceSlot& slot, const bf16* x, uint32_t rows,
                               std::initializer_list<bf16*> outputs, kernels::MatvecEpilogue epilogue,
-                              const kernels::MatvecRope* rope = nullptr, bool* roped = nullptr,
-                              const kernels::MatvecNorm* norm = nullptr);
+                              const kernels::MatvecRope* rope = nullptr, bool* roped = nullptr);
   Result<const float*> vector_pointer(const TensorInfo& tensor, const DeviceSlot& slot, uint64_t expected) const;
   // run_output's shared part: waits for the output slot, then for each chunk of up to
   // max_logits_rows_ rows that want logits (rows first.. of them): final norm +
@@ -362,7 +361,6 @@ class CudaBackend : public Backend {
   int pass_profile_ = -1;  // profiler entry spanning embed() .. run_output()
   bool graphs_enabled_ = true;  // LAYERPACK_CUDA_GRAPHS=0 turns decode graphs off
   bool fused_matvecs_ = true;   // LAYERPACK_CUDA_FUSED=0: every matrix, RoPE and KV append on its own
-  bool fold_norms_ = true;      // LAYERPACK_CUDA_FOLD_NORMS=0: RMSNorm never folded into a 16-row group
   bool token_selection_ = true;  // LAYERPACK_CUDA_SELECT=0: logits go to the host, which samples
   bool fused_rope_ = true;       // LAYERPACK_CUDA_FUSED_ROPE=0: RoPE + KV append after q/k/v, not in its epilogue
   // Per decoder layer: q/k/v and gate/up share a code table (may share a launch).
@@ -457,7 +455,6 @@ Status CudaBackend::create() {
   if (environment_flag("LAYERPACK_CUDA_PROFILE", false)) profiler_.enable(compute_);
   graphs_enabled_ = environment_flag("LAYERPACK_CUDA_GRAPHS", true);
   fused_matvecs_ = environment_flag("LAYERPACK_CUDA_FUSED", true);
-  fold_norms_ = environment_flag("LAYERPACK_CUDA_FOLD_NORMS", true);
   token_selection_ = environment_flag("LAYERPACK_CUDA_SELECT", true);
   fused_rope_ = environment_flag("LAYERPACK_CUDA_FUSED_ROPE", true);
   chain_enabled_ = environment_flag("LAYERPACK_CUDA_CHAIN", true);
@@ -826,8 +823,7 @@ Status CudaBackend::linear(const char* role, const TensorInfo& weight, const Dev
 Result<bool> CudaBackend::grouped_matvec(const char* role, std::initializer_list<const TensorInfo*> weights,
                                          const DeviceSlot& slot, const bf16* x, uint32_t rows,
                                          std::initializer_list<bf16*> outputs, kernels::MatvecEpilogue epilogue,
-                                         const kernels::MatvecRope* rope, bool* roped,
-                                         const kernels::MatvecNorm* norm) {
+                                         const kernels::MatvecRope* rope, bool* roped) {
   if (roped) *roped = false;
   if (!fused_matvecs_ || (rows > options_.matvec_max_rows && dequantize_scratch_)) return false;
   if (weights.size() == 0 || weights.size() > size_t(kernels::kMaxMatvecGroup) || outputs.size() != weights.size())
@@ -842,19 +838,13 @@ Result<bool> CudaBackend::grouped_matvec(const char* role, std::initializer_list
     views[i] = view.value();
   }
   if (!kernels::nf4_matvec_group_applies(views, count, x)) return false;
-  // A norm is folded or the group does not run (the caller then launches both).
-  if (norm && !kernels::nf4_matvec_group_norm_applies(views, count, x, *norm)) return false;
-  if (rope && (norm || !fused_rope_ || epilogue != kernels::MatvecEpilogue::store ||
+  if (rope && (!fused_rope_ || epilogue != kernels::MatvecEpilogue::store ||
                !kernels::nf4_matvec_rope_applies(views, count, *rope)))
     rope = nullptr;
-  ProfileScope profile(profiler_,
-                       norm   ? "NF4 matvec (+RMSNorm) "
-                       : rope ? "NF4 matvec (+RoPE, KV append) "
-                              : "NF4 matvec ",
-                       role);
-  CUDA_TRY(kernels::nf4_matvec_group(views, outputs.begin(), count, x, static_cast<int>(rows), epilogue, compute_, rope,
-                                     norm),
-           std::string("NF4 matvec ") + role);
+  ProfileScope profile(profiler_, rope ? "NF4 matvec (+RoPE, KV append) " : "NF4 matvec ", role);
+  CUDA_TRY(
+      kernels::nf4_matvec_group(views, outputs.begin(), count, x, static_cast<int>(rows), epilogue, compute_, rope),
+      std::string("NF4 matvec ") + role);
   if (roped) *roped = rope != nullptr;
   return true;
 }
@@ -1076,17 +1066,8 @@ Status CudaBackend::layer_rows(uint32_t layer, const DeviceSlot& slot, const Tok
   if (!ffn_norm) return ffn_norm.error();
 
   // Attention block. Each layer starts from the residual stream (no norm fused
-  // across layers), so resident and streamed layers mix freely. Small models (the
-  // 16-row kernel's groups) fold the RMSNorm into the q/k/v launch.
-  bool qkv_done = false;
-  if (qkv_tables_equal_[layer] && fold_norms_) {
-    kernels::MatvecNorm norm{attention_norm.value(), eps_};
-    auto grouped = grouped_matvec("q/k/v", {d.q_proj, d.k_proj, d.v_proj}, slot, hidden, rows, {q_, k_, v_},
-                                  kernels::MatvecEpilogue::store, nullptr, nullptr, &norm);
-    if (!grouped) return grouped.error();
-    qkv_done = grouped.value();
-  }
-  if (!qkv_done) {
+  // across layers), so resident and streamed layers mix freely.
+  {
     ProfileScope profile(profiler_, "RMSNorm");
     CUDA_TRY(kernels::rms_norm(hidden, attention_norm.value(), eps_, rows, hidden_, normed_, compute_), "RMSNorm");
   }
@@ -1113,8 +1094,8 @@ Status CudaBackend::layer_rows(uint32_t layer, const DeviceSlot& slot, const Tok
   rope.head_dim = static_cast<int>(head_dim_);
   rope.cache = target;
   bool roped = false;
-  bool fused = qkv_done;
-  if (!fused && qkv_tables_equal_[layer]) {
+  bool fused = false;
+  if (qkv_tables_equal_[layer]) {
     auto grouped = grouped_matvec("q/k/v", {d.q_proj, d.k_proj, d.v_proj}, slot, normed_, rows, {q_, k_, v_},
                                   kernels::MatvecEpilogue::store, rope_in_epilogue_allowed ? &rope : nullptr, &roped);
     if (!grouped) return grouped.error();
@@ -1219,17 +1200,7 @@ Status CudaBackend::layer_rows(uint32_t layer, const DeviceSlot& slot, const Tok
   auto o_grouped = grouped_matvec("o_proj (+residual)", {d.o_proj}, slot, attention_out_, rows, {hidden},
                                   kernels::MatvecEpilogue::add_to_output);
   if (!o_grouped) return o_grouped.error();
-  fused = false;
-  if (o_grouped.value() && gate_up_tables_equal_[layer] && fold_norms_) {
-    kernels::MatvecNorm norm{ffn_norm.value(), eps_};
-    auto grouped = grouped_matvec("gate/up (+SwiGLU)", {d.gate_proj, d.up_proj}, slot, hidden, rows, {gate_, nullptr},
-                                  kernels::MatvecEpilogue::swiglu, nullptr, nullptr, &norm);
-    if (!grouped) return grouped.error();
-    fused = grouped.value();
-  }
-  if (fused) {
-    // gate/up took the RMSNorm above
-  } else if (o_grouped.value()) {
+  if (o_grouped.value()) {
     ProfileScope profile(profiler_, "RMSNorm");
     CUDA_TRY(kernels::rms_norm(hidden, ffn_norm.value(), eps_, rows, hidden_, normed_, compute_), "RMSNorm");
   } else {
@@ -1238,7 +1209,8 @@ Status CudaBackend::layer_rows(uint32_t layer, const DeviceSlot& slot, const Tok
     CUDA_TRY(kernels::add_rms_norm(hidden, delta_, ffn_norm.value(), eps_, rows, hidden_, normed_, compute_),
              "residual add + RMSNorm");
   }
-  if (!fused && gate_up_tables_equal_[layer]) {
+  fused = false;
+  if (gate_up_tables_equal_[layer]) {
     auto grouped = grouped_matvec("gate/up (+SwiGLU)", {d.gate_proj, d.up_proj}, slot, normed_, rows,
                                   {gate_, nullptr}, kernels::MatvecEpilogue::swiglu);
     if (!grouped) return grouped.error();
