@@ -283,6 +283,10 @@ class CudaBackend : public Backend {
   // sequence) into a CUDA graph and replayed; every changing input (position, KV
   // length, activations) is read from device memory.
   Status layer_graph(uint32_t layer, SlotId slot_id, const DeviceSlot& slot, const TokenBatch& batch);
+  // Resident decode layers the NF4 chain does not take (small models: the 16-row
+  // kernel's launches), captured together into ONE CUDA graph and replayed: a graph
+  // per layer left the step a graph launch per layer, with no overlap between them.
+  Status layers_graph(uint32_t first, const DeviceSlot* slots, uint32_t count, const TokenBatch& batch);
   // Decode products of several NF4 matrices reading the same x in ONE launch, with
   // the epilogue fused (kernels::nf4_matvec_group). Returns false, launching
   // nothing, where the group does not apply; the caller then runs them one by one.
@@ -392,6 +396,7 @@ class CudaBackend : public Backend {
   // Key: first layer, sequence, layer count, then each layer's slot address (0 past the count).
   using GroupPlanKey = std::array<uintptr_t, 3 + kMaxLayersPerChain>;
   std::map<GroupPlanKey, std::unique_ptr<kernels::NF4ChainPlan>> group_plans_;
+  std::map<GroupPlanKey, cudaGraphExec_t> group_graphs_;  // layers_graph's, same key
   std::string group_note_;  // why a group was refused (the first one)
   float* chain_scratch_ = nullptr;
   std::map<std::tuple<uint32_t, const uint8_t*, uint32_t>, LayerChain> chain_plans_;
@@ -408,6 +413,7 @@ CudaBackend::~CudaBackend() {
   profiler_.harvest();
   profiler_.print(description());
   for (auto& [key, exec] : graphs_) cudaGraphExecDestroy(exec);
+  for (auto& [key, exec] : group_graphs_) cudaGraphExecDestroy(exec);
   for (auto& slot : slots_) {
     cudaFree(slot.data);
     if (slot.ready) cudaEventDestroy(slot.ready);
@@ -984,7 +990,8 @@ Status CudaBackend::run_decoder_layers(uint32_t first, const SlotId* slot_ids, u
   for (uint32_t i = 0; i < count; ++i) {
     LAYERPACK_TRY(plan_layer_chain(first + i, slots[i], sequence));
     chains[i] = layer_chain(first + i, slots[i], sequence);
-    if (!chains[i] || !chains[i]->whole_layer) return one_at_a_time();
+    if (!chains[i] || !chains[i]->whole_layer)
+      return graphs_enabled_ ? layers_graph(first, slots.data(), count, batch) : one_at_a_time();
     key[3 + i] = reinterpret_cast<uintptr_t>(slots[i].data);
   }
   auto layers = [&] {  // for messages only: not built on the decode path
@@ -1005,12 +1012,56 @@ Status CudaBackend::run_decoder_layers(uint32_t first, const SlotId* slot_ids, u
     }
     it = group_plans_.emplace(key, std::move(plan)).first;
   }
-  if (!it->second) return one_at_a_time();
+  if (!it->second) return graphs_enabled_ ? layers_graph(first, slots.data(), count, batch) : one_at_a_time();
   for (uint32_t i = 0; i < count; ++i)
     CUDA_TRY(cudaStreamWaitEvent(compute_, slots[i].ready, 0), "ordering compute after an upload");
   {
     ProfileScope profile(profiler_, "NF4 chain: several whole layers");
     CUDA_TRY(it->second->launch(compute_), "NF4 chain of " + layers());
+  }
+  for (uint32_t i = 0; i < count; ++i) CUDA_TRY(cudaEventRecord(slots[i].free, compute_), "recording layer completion");
+  return Status::success();
+}
+
+Status CudaBackend::layers_graph(uint32_t first, const DeviceSlot* slots, uint32_t count, const TokenBatch& batch) {
+  GroupPlanKey key{};
+  key[0] = first;
+  key[1] = batch.sequences[0];
+  key[2] = count;
+  for (uint32_t i = 0; i < count; ++i) key[3 + i] = reinterpret_cast<uintptr_t>(slots[i].data);
+  auto it = group_graphs_.find(key);
+  if (it == group_graphs_.end()) {
+    profiler_.pause(true);
+    cudaError_t err = cudaStreamBeginCapture(compute_, cudaStreamCaptureModeThreadLocal);
+    Status body = Status::success();
+    for (uint32_t i = 0; i < count && err == cudaSuccess && body; ++i)
+      body = layer_rows(first + i, slots[i], batch, 0, 1);
+    cudaGraph_t graph = nullptr;
+    if (err == cudaSuccess) err = cudaStreamEndCapture(compute_, &graph);
+    profiler_.pause(false);
+    cudaGraphExec_t exec = nullptr;
+    if (err == cudaSuccess && body) err = cudaGraphInstantiate(&exec, graph, 0);
+    if (graph) cudaGraphDestroy(graph);
+    if (!body) return body;
+    if (err != cudaSuccess) {
+      // Capture is an optimisation: say why it is off and run the launches directly.
+      cudaGetLastError();
+      graphs_enabled_ = false;
+      graph_note_ =
+          std::string("decode runs without CUDA graphs: capturing layers failed with ") + cudaGetErrorName(err);
+      for (uint32_t i = 0; i < count; ++i) LAYERPACK_TRY(layer_rows(first + i, slots[i], batch, 0, 1));
+      for (uint32_t i = 0; i < count; ++i)
+        CUDA_TRY(cudaEventRecord(slots[i].free, compute_), "recording layer completion");
+      return Status::success();
+    }
+    it = group_graphs_.emplace(key, exec).first;
+  }
+  for (uint32_t i = 0; i < count; ++i)
+    CUDA_TRY(cudaStreamWaitEvent(compute_, slots[i].ready, 0), "ordering compute after an upload");
+  {
+    ProfileScope profile(profiler_, "decoder layers (one CUDA graph)");
+    CUDA_TRY(cudaGraphLaunch(it->second, compute_), "launching the CUDA graph of layers " + std::to_string(first) +
+                                                        " to " + std::to_string(first + count - 1));
   }
   for (uint32_t i = 0; i < count; ++i) CUDA_TRY(cudaEventRecord(slots[i].free, compute_), "recording layer completion");
   return Status::success();
