@@ -118,7 +118,8 @@ struct MmaTile {
   const float* nested_code;  // shared memory
   float nested_offset;
   int64_t rows;
-  int64_t row_base;
+  int64_t row_base;     // the row of the tile's slot 0
+  int64_t half_offset;  // slot s + 8's row minus slot s's: 8, or half a head (RoPE pairs)
 };
 
 template <bool kDoubleQuant>
@@ -154,7 +155,7 @@ __device__ __forceinline__ void mma_tiles_accumulate(const MmaTile (&tiles)[kTil
   for (int t = 0; t < kTiles; ++t)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int64_t r = tiles[t].row_base + g + h * 8;
+      const int64_t r = tiles[t].row_base + g + h * tiles[t].half_offset;
       row_ok[t][h] = r < tiles[t].rows;
       rows_of[t][h] = row_ok[t][h] ? r : 0;
     }
@@ -227,8 +228,9 @@ __global__ void __launch_bounds__(kThreads)
   MmaTile tiles[kTiles];
 #pragma unroll
   for (int t = 0; t < kTiles; ++t)
-    tiles[t] = MmaTile{p.packed,    p.absmax_f32,    p.absmax_u8, p.nested_absmax,
-                       nested_code, p.nested_offset, p.rows,      row_base + t * 16};
+    tiles[t] = MmaTile{p.packed,        p.absmax_f32,      p.absmax_u8,
+                       p.nested_absmax, nested_code,       p.nested_offset,
+                       p.rows,          row_base + t * 16, 8};
   float acc[kTiles][4];
   mma_tiles_accumulate<kTiles, kDoubleQuant>(tiles, p.cols, p.block_shift, p.nested_shift, lut, x, batch, acc);
   reduce_and_store<kTiles>(acc, row_base, p.rows, batch, y);
@@ -262,6 +264,13 @@ struct MmaGroup {
   int64_t cols;
   int block_shift;
   int nested_shift;
+  // q/k/v with RoPE and the KV-cache append (MatvecRope); rope_head_dim 0: off. A tile
+  // of q or k then holds 8 rotation pairs, as in the pair-LUT kernel (pair_lut_row).
+  int rope_head_dim;
+  const int32_t* rope_positions;  // this launch's tokens
+  const float* rope_inv_freq;
+  RopeCacheAppend cache;
+  int first_token;
 };
 
 template <int kTiles, bool kDoubleQuant>
@@ -297,8 +306,16 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int t = 0; t < kTiles; ++t) {
     const MmaGroupMatrix& m = grp.m[matrix[t]];
-    tiles[t] = MmaTile{m.packed,       m.absmax_f32,    m.absmax_u8, m.nested_absmax,
-                       nested_code[t], m.nested_offset, m.rows,      row_base};
+    tiles[t] = MmaTile{
+        m.packed, m.absmax_f32, m.absmax_u8, m.nested_absmax, nested_code[t], m.nested_offset, m.rows, row_base, 8};
+  }
+  const int head_dim = grp.rope_head_dim, half = head_dim / 2;
+  const bool rotated = kTiles == 1 && head_dim != 0 && matrix[0] < 2;
+  if (rotated) {  // slots s and s + 8: dims j * 8 + s and j * 8 + s + head_dim / 2 of one head
+    const int64_t tile = row_base / 16, per_head = head_dim / 16;
+    row_base = (tile / per_head) * head_dim + (tile % per_head) * 8;
+    tiles[0].row_base = row_base;
+    tiles[0].half_offset = half;
   }
   float acc[kTiles][4];
   mma_tiles_accumulate<kTiles, kDoubleQuant>(tiles, grp.cols, grp.block_shift, grp.nested_shift, lut, x, batch, acc);
@@ -312,6 +329,54 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   const int64_t rows = grp.m[matrix[0]].rows;
   __nv_bfloat16* y = grp.m[matrix[0]].y;
+  if (kTiles == 1 && head_dim != 0) {
+    // RoPE and the KV-cache append on the products rounded to bf16: rope_apply_and_append's
+    // arithmetic. Cache offset of (token n, row of k or v), or -1 outside the cache.
+    auto cache_index = [&](int n, int64_t row) -> int64_t {
+      const int64_t position = grp.rope_positions[n];
+      if (position < 0 || position >= grp.cache.capacity) return -1;
+      const int64_t sequence = grp.cache.sequences ? grp.cache.sequences[n] : grp.first_token + n;
+      const int64_t kv_head = row / head_dim;
+      return sequence * grp.cache.sequence_stride + (kv_head * grp.cache.capacity + position) * head_dim +
+             (row - kv_head * head_dim);
+    };
+    auto tile_sum = [&](int i, int l) {
+      float sum = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kWarpsPerBlock; ++w) sum += partial[w][i][l];
+      return sum;
+    };
+    const int slots = rotated ? 2 : 4;  // rotated: each thread takes slot g and its pair g + 8
+    for (int idx = threadIdx.x; idx < slots * 32; idx += blockDim.x) {
+      const int i = idx / 32, l = idx % 32;
+      const int g = l >> 2, tig = l & 3;
+      const int n = tig * 2 + (i & 1);
+      if (n >= batch) continue;
+      if (!rotated) {  // v: stored and appended as it is
+        const int64_t row = row_base + g + (i >= 2 ? 8 : 0);
+        const __nv_bfloat16 value = __float2bfloat16_rn(tile_sum(i, l));
+        y[static_cast<int64_t>(n) * rows + row] = value;
+        const int64_t at = cache_index(n, row);
+        if (at >= 0) grp.cache.v_cache[at] = value;
+        continue;
+      }
+      const int64_t row = row_base + g;  // dim < half of its head
+      const float x1 = __bfloat162float(__float2bfloat16_rn(tile_sum(i, l)));
+      const float x2 = __bfloat162float(__float2bfloat16_rn(tile_sum(i + 2, l)));
+      __nv_bfloat16 y1, y2;
+      detail::rope_pair(x1, x2, static_cast<float>(grp.rope_positions[n]), grp.rope_inv_freq[row % head_dim], &y1, &y2);
+      y[static_cast<int64_t>(n) * rows + row] = y1;
+      y[static_cast<int64_t>(n) * rows + row + half] = y2;
+      if (matrix[0] == 1) {
+        const int64_t at = cache_index(n, row);
+        if (at >= 0) {
+          grp.cache.k_cache[at] = y1;
+          grp.cache.k_cache[at + half] = y2;
+        }
+      }
+    }
+    return;
+  }
   for (int idx = threadIdx.x; idx < 4 * 32; idx += blockDim.x) {
     const int i = idx / 32, l = idx % 32;
     const int g = l >> 2, tig = l & 3;
@@ -1123,8 +1188,17 @@ cudaError_t pair_lut_dispatch(const PairLutGroup& grp, bool double_quant, const 
 
 // The 16-row kernel's grouped launch for one pass of at most kBatchPerPass rows.
 cudaError_t launch_mma_group(const NF4Matrix* matrices, __nv_bfloat16* const* outputs, int count, int first_row,
-                             MatvecEpilogue epilogue, const __nv_bfloat16* x, int batch, cudaStream_t stream) {
+                             MatvecEpilogue epilogue, const __nv_bfloat16* x, int batch, const MatvecRope* rope,
+                             cudaStream_t stream) {
   MmaGroup grp{};
+  if (rope) {
+    grp.rope_head_dim = rope->head_dim;
+    grp.rope_positions = rope->positions + first_row;
+    grp.rope_inv_freq = rope->inv_freq;
+    grp.cache = rope->cache;
+    if (grp.cache.sequences) grp.cache.sequences += first_row;
+    grp.first_token = first_row;
+  }
   grp.code = matrices[0].code;
   grp.code_known = matrices[0].code_on_host ? 1 : 0;
   for (int i = 0; i < 16; ++i) grp.code_values[i] = matrices[0].code_on_host_values[i];
@@ -1296,9 +1370,6 @@ bool nf4_matvec_rope_applies(const NF4Matrix* matrices, int count, const MatvecR
   if (count != 3 || !rope.positions || !rope.inv_freq || head_dim <= 0 || head_dim % 16 != 0) return false;
   if (!rope.cache.k_cache || !rope.cache.v_cache || rope.cache.capacity <= 0 || rope.cache.sequence_stride < 0)
     return false;
-  // The epilogue is the pair-LUT kernel's (x's alignment is the group's own check).
-  for (int i = 0; i < count; ++i)
-    if (!valid_matrix(matrices[i]) || matrices[i].cols % 128 != 0 || matrices[i].blocksize < 64) return false;
   return matrices[0].rows % head_dim == 0 && matrices[1].rows % head_dim == 0 && matrices[2].rows == matrices[1].rows;
 }
 
@@ -1317,7 +1388,7 @@ cudaError_t nf4_matvec_group(const NF4Matrix* matrices, __nv_bfloat16* const* ou
     const int pass = batch - b0 < kBatchPerPass ? batch - b0 : kBatchPerPass;
     if (path == MatvecPath::tensor_core_16_rows) {
       const cudaError_t err = launch_mma_group(matrices, outputs, count, b0, epilogue,
-                                               x + static_cast<int64_t>(b0) * matrices[0].cols, pass, stream);
+                                               x + static_cast<int64_t>(b0) * matrices[0].cols, pass, rope, stream);
       if (err != cudaSuccess) return err;
       continue;
     }

@@ -73,8 +73,7 @@ cudaError_t nf4_matvec_pair_lut(const NF4Matrix& weight, const __nv_bfloat16* x,
 enum class MatvecEpilogue { store, add_to_output, swiglu };
 constexpr int kMaxMatvecGroup = 3;
 bool nf4_matvec_group_applies(const NF4Matrix* matrices, int count, const __nv_bfloat16* x);
-// store of q, k, v (count 3) on the pair-LUT path (K a multiple of 128, blocksize
-// >= 64) may also apply rotary embeddings and append to the KV
+// store of q, k, v (count 3) may also apply rotary embeddings and append to the KV
 // cache, as rope_apply_and_append (rope.cuh) would after it, the same bits: outputs
 // [0] and [1] hold the rotated q and k, outputs[2] v, and token t's k and v rows go
 // to the cache (cache.v_new is not used). Each 16-row tile of q and k then holds 8

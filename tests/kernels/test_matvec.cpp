@@ -371,7 +371,7 @@ TEST(NF4MatvecGroup, SixteenRowKernelGroupsMatchSeparateLaunches) {
   check_sixteen_row_group(rng, {576}, 1536, 32, 1, true);
   // SmolLM2-360M's gate/up (K = 960), batch > 1.
   check_sixteen_row_group(rng, {2560, 2560}, 960, 64, 5, true);
-  // RoPE stays in its own launch on this path.
+  // RoPE in the epilogue on this path too (QkvWithRopeAndCacheAppendEqualsTheSeparateLaunch).
   RandomNF4 q(rng, 576, 576, true, 32), k(rng, 192, 576, true, 32), v(rng, 192, 576, true, 32);
   const NF4Matrix qkv[3] = {q.device_view, k.device_view, v.device_view};
   DeviceBuffer<uint16_t> cache(64);
@@ -384,7 +384,7 @@ TEST(NF4MatvecGroup, SixteenRowKernelGroupsMatchSeparateLaunches) {
   rope.cache.k_cache = as_bf16(cache.get());
   rope.cache.v_cache = as_bf16(cache.get());
   rope.cache.capacity = 1;
-  EXPECT_FALSE(nf4_matvec_rope_applies(qkv, 3, rope));
+  EXPECT_TRUE(nf4_matvec_rope_applies(qkv, 3, rope));
 }
 
 TEST(NF4MatvecGroup, RejectsMismatchedMatrices) {
@@ -427,15 +427,16 @@ struct QkvRopeCase {
   bool double_quant;
   int caches;          // cache sequences; 1: every token in cache 0 (stride 0)
   bool sequence_list;  // token n's cache from a device list, else token n's own (caches == batch)
+  uint32_t blocksize = 64;
 };
 
 void check_qkv_rope(std::mt19937& rng, const QkvRopeCase& c) {
   const std::string what = "q/k/v + RoPE heads " + std::to_string(c.heads) + "/" + std::to_string(c.kv_heads) + " hd " +
                            std::to_string(c.head_dim) + " K " + std::to_string(c.cols) + " batch " +
-                           std::to_string(c.batch);
+                           std::to_string(c.batch) + " blocksize " + std::to_string(c.blocksize);
   const int64_t q_rows = int64_t{c.heads} * c.head_dim, kv_rows = int64_t{c.kv_heads} * c.head_dim;
-  RandomNF4 wq(rng, q_rows, c.cols, c.double_quant), wk(rng, kv_rows, c.cols, c.double_quant),
-      wv(rng, kv_rows, c.cols, c.double_quant);
+  RandomNF4 wq(rng, q_rows, c.cols, c.double_quant, c.blocksize), wk(rng, kv_rows, c.cols, c.double_quant, c.blocksize),
+      wv(rng, kv_rows, c.cols, c.double_quant, c.blocksize);
   const NF4Matrix views[3] = {wq.device_view, wk.device_view, wv.device_view};
   const auto x = random_bf16(rng, static_cast<size_t>(c.batch) * c.cols);
   const int64_t capacity = 3 * c.batch + 4;
@@ -511,6 +512,11 @@ TEST(NF4MatvecGroup, QkvWithRopeAndCacheAppendEqualsTheSeparateLaunch) {
       {8, 8, 64, 256, 11, true, 11, false},   // two launches of 8 rows; token n's own cache
       {4, 2, 16, 128, 2, false, 1, false},    // one tile per head
       {28, 4, 128, 640, 8, true, 3, true},    // group 7
+      // The 16-row kernel's groups (K not a multiple of 128, blocksize 32): SmolLM2-135M,
+      // batch > 8 from a list, one tile per head.
+      {9, 3, 64, 576, 1, true, 1, false, 32},
+      {9, 3, 64, 576, 11, true, 4, true, 32},
+      {4, 2, 16, 96, 3, false, 3, false, 64},
   };
   for (const QkvRopeCase& c : cases) check_qkv_rope(rng, c);
 }
