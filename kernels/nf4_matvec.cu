@@ -108,27 +108,31 @@ __device__ __forceinline__ void reduce_and_store(float (&acc)[kTiles][4], int64_
 // Epilogue of a grouped launch (MatvecEpilogue as an int in the kernel parameters).
 enum PairLutEpilogue : int { kEpilogueStore = 0, kEpilogueAdd = 1, kEpilogueSwiglu = 2 };
 
-// One 16-row tile of the 16-row tensor-core kernels: its matrix, first row, and the
-// matrix's nested code table in shared memory (double quant).
-struct MmaTile {
+// An NF4 matrix as the 16-row kernels read it.
+struct MmaMatrix {
   const uint8_t* packed;
   const float* absmax_f32;
   const uint8_t* absmax_u8;
   const float* nested_absmax;
-  const float* nested_code;  // shared memory
+  const float* nested_code;  // in a tile: the block's copy in shared memory
   float nested_offset;
   int64_t rows;
+};
+
+// One 16-row tile of the 16-row tensor-core kernels: its matrix and rows.
+struct MmaTile {
+  MmaMatrix m;
   int64_t row_base;     // the row of the tile's slot 0
   int64_t half_offset;  // slot s + 8's row minus slot s's: 8, or half a head (RoPE pairs)
 };
 
 template <bool kDoubleQuant>
-__device__ __forceinline__ float tile_block_scale(const MmaTile& t, int nested_shift, int64_t block) {
+__device__ __forceinline__ float tile_block_scale(const MmaMatrix& m, int nested_shift, int64_t block) {
   if constexpr (kDoubleQuant) {
-    const float code = t.nested_code[__ldg(t.absmax_u8 + block)];
-    return __fadd_rn(__fmul_rn(code, __ldg(t.nested_absmax + (block >> nested_shift))), t.nested_offset);
+    const float code = m.nested_code[__ldg(m.absmax_u8 + block)];
+    return __fadd_rn(__fmul_rn(code, __ldg(m.nested_absmax + (block >> nested_shift))), m.nested_offset);
   } else {
-    return __ldg(t.absmax_f32 + block);
+    return __ldg(m.absmax_f32 + block);
   }
 }
 
@@ -156,7 +160,7 @@ __device__ __forceinline__ void mma_tiles_accumulate(const MmaTile (&tiles)[kTil
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int64_t r = tiles[t].row_base + g + h * tiles[t].half_offset;
-      row_ok[t][h] = r < tiles[t].rows;
+      row_ok[t][h] = r < tiles[t].m.rows;
       rows_of[t][h] = row_ok[t][h] ? r : 0;
     }
 
@@ -181,8 +185,8 @@ __device__ __forceinline__ void mma_tiles_accumulate(const MmaTile (&tiles)[kTil
         for (int h = 0; h < 2; ++h) {
           const int64_t flat = rows_of[t][h] * K + chunk * 32;
           if (chunk_ok && row_ok[t][h]) {
-            w[u][t][h] = load_weights(tiles[t].packed + flat / 2);
-            scale[u][t][h] = tile_block_scale<kDoubleQuant>(tiles[t], nested_shift, flat >> block_shift);
+            w[u][t][h] = load_weights(tiles[t].m.packed + flat / 2);
+            scale[u][t][h] = tile_block_scale<kDoubleQuant>(tiles[t].m, nested_shift, flat >> block_shift);
           } else {
             w[u][t][h] = make_uint4(0, 0, 0, 0);
             scale[u][t][h] = 0.0f;
@@ -228,9 +232,9 @@ __global__ void __launch_bounds__(kThreads)
   MmaTile tiles[kTiles];
 #pragma unroll
   for (int t = 0; t < kTiles; ++t)
-    tiles[t] = MmaTile{p.packed,        p.absmax_f32,      p.absmax_u8,
-                       p.nested_absmax, nested_code,       p.nested_offset,
-                       p.rows,          row_base + t * 16, 8};
+    tiles[t] = MmaTile{{p.packed, p.absmax_f32, p.absmax_u8, p.nested_absmax, nested_code, p.nested_offset, p.rows},
+                       row_base + t * 16,
+                       8};
   float acc[kTiles][4];
   mma_tiles_accumulate<kTiles, kDoubleQuant>(tiles, p.cols, p.block_shift, p.nested_shift, lut, x, batch, acc);
   reduce_and_store<kTiles>(acc, row_base, p.rows, batch, y);
@@ -243,13 +247,7 @@ __global__ void __launch_bounds__(kThreads)
 // output element is the 16-row kernel's sum (the same warps, the same order), rounded
 // to bf16 before its epilogue: bit-identical to nf4_matvec + residual_add / swiglu.
 struct MmaGroupMatrix {
-  const uint8_t* packed;
-  const float* absmax_f32;
-  const uint8_t* absmax_u8;
-  const float* nested_absmax;
-  const float* nested_code;  // global memory
-  float nested_offset;
-  int64_t rows;
+  MmaMatrix m;          // nested_code in global memory
   int64_t first_block;  // store / add: this matrix's first block
   __nv_bfloat16* y;     // [batch, rows] of this pass
 };
@@ -296,7 +294,7 @@ __global__ void __launch_bounds__(kThreads)
   if constexpr (kDoubleQuant) {
 #pragma unroll
     for (int t = 0; t < kTiles; ++t)
-      for (int i = threadIdx.x; i < 256; i += blockDim.x) nested_code[t][i] = grp.m[matrix[t]].nested_code[i];
+      for (int i = threadIdx.x; i < 256; i += blockDim.x) nested_code[t][i] = grp.m[matrix[t]].m.nested_code[i];
   }
   __syncthreads();
   detail::wait_for_previous_kernel();
@@ -305,9 +303,8 @@ __global__ void __launch_bounds__(kThreads)
   MmaTile tiles[kTiles];
 #pragma unroll
   for (int t = 0; t < kTiles; ++t) {
-    const MmaGroupMatrix& m = grp.m[matrix[t]];
-    tiles[t] = MmaTile{
-        m.packed, m.absmax_f32, m.absmax_u8, m.nested_absmax, nested_code[t], m.nested_offset, m.rows, row_base, 8};
+    tiles[t] = MmaTile{grp.m[matrix[t]].m, row_base, 8};
+    tiles[t].m.nested_code = nested_code[t];
   }
   const int head_dim = grp.rope_head_dim, half = head_dim / 2;
   const bool rotated = kTiles == 1 && head_dim != 0 && matrix[0] < 2;
@@ -327,7 +324,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int i = 0; i < 4; ++i) partial[warp][t * 4 + i][lane] = acc[t][i];
   __syncthreads();
-  const int64_t rows = grp.m[matrix[0]].rows;
+  const int64_t rows = grp.m[matrix[0]].m.rows;
   __nv_bfloat16* y = grp.m[matrix[0]].y;
   if (kTiles == 1 && head_dim != 0) {
     // RoPE and the KV-cache append on the products rounded to bf16: rope_apply_and_append's
@@ -1143,12 +1140,10 @@ cudaError_t launch_pair_lut_shape(PairLutShape shape, const PairLutGroup& grp, c
   return cudaErrorInvalidValue;
 }
 
-// The launch parameters of matrices that share K, blocksize and the code table;
-// outputs of batch rows starting at `first_row`.
-template <typename OutT>
-PairLutGroup pair_lut_group(const NF4Matrix* matrices, OutT* const* outputs, int count, int first_row,
-                            MatvecEpilogue epilogue) {
-  PairLutGroup grp{};
+// What the pair-LUT and the 16-row groups' parameters share: the code table (from
+// matrices[0]), count, epilogue, K, blocksize and nested blocksize.
+template <class Group>
+void set_group_shape(Group& grp, const NF4Matrix* matrices, int count, MatvecEpilogue epilogue) {
   grp.code = matrices[0].code;
   grp.code_known = matrices[0].code_on_host ? 1 : 0;
   for (int i = 0; i < 16; ++i) grp.code_values[i] = matrices[0].code_on_host_values[i];
@@ -1156,9 +1151,18 @@ PairLutGroup pair_lut_group(const NF4Matrix* matrices, OutT* const* outputs, int
   grp.epilogue = epilogue == MatvecEpilogue::add_to_output ? kEpilogueAdd
                  : epilogue == MatvecEpilogue::swiglu      ? kEpilogueSwiglu
                                                            : kEpilogueStore;
-  grp.cols = static_cast<uint32_t>(matrices[0].cols);
+  grp.cols = static_cast<decltype(grp.cols)>(matrices[0].cols);
   grp.block_shift = detail::log2_of_power_of_two(matrices[0].blocksize);
   grp.nested_shift = matrices[0].double_quant ? detail::log2_of_power_of_two(matrices[0].nested_blocksize) : 0;
+}
+
+// The launch parameters of matrices that share K, blocksize and the code table;
+// outputs of batch rows starting at `first_row`.
+template <typename OutT>
+PairLutGroup pair_lut_group(const NF4Matrix* matrices, OutT* const* outputs, int count, int first_row,
+                            MatvecEpilogue epilogue) {
+  PairLutGroup grp{};
+  set_group_shape(grp, matrices, count, epilogue);
   uint32_t tiles = 0;
   for (int i = 0; i < count; ++i) {
     const NF4Matrix& m = matrices[i];
@@ -1199,27 +1203,12 @@ cudaError_t launch_mma_group(const NF4Matrix* matrices, __nv_bfloat16* const* ou
     if (grp.cache.sequences) grp.cache.sequences += first_row;
     grp.first_token = first_row;
   }
-  grp.code = matrices[0].code;
-  grp.code_known = matrices[0].code_on_host ? 1 : 0;
-  for (int i = 0; i < 16; ++i) grp.code_values[i] = matrices[0].code_on_host_values[i];
-  grp.count = count;
-  grp.epilogue = epilogue == MatvecEpilogue::add_to_output ? kEpilogueAdd
-                 : epilogue == MatvecEpilogue::swiglu      ? kEpilogueSwiglu
-                                                           : kEpilogueStore;
-  grp.cols = matrices[0].cols;
-  grp.block_shift = detail::log2_of_power_of_two(matrices[0].blocksize);
-  grp.nested_shift = matrices[0].double_quant ? detail::log2_of_power_of_two(matrices[0].nested_blocksize) : 0;
+  set_group_shape(grp, matrices, count, epilogue);
   int64_t blocks = 0;
   for (int i = 0; i < count; ++i) {
     const NF4Matrix& m = matrices[i];
     MmaGroupMatrix& gm = grp.m[i];
-    gm.packed = m.packed;
-    gm.absmax_f32 = m.absmax_f32;
-    gm.absmax_u8 = m.absmax_u8;
-    gm.nested_absmax = m.nested_absmax;
-    gm.nested_code = m.nested_code;
-    gm.nested_offset = m.nested_offset;
-    gm.rows = m.rows;
+    gm.m = MmaMatrix{m.packed, m.absmax_f32, m.absmax_u8, m.nested_absmax, m.nested_code, m.nested_offset, m.rows};
     gm.first_block = blocks;
     gm.y = outputs[i] ? outputs[i] + static_cast<int64_t>(first_row) * m.rows : nullptr;
     blocks += (m.rows + 15) / 16;

@@ -158,6 +158,41 @@ TEST(NF4Matvec, RejectsBadArguments) {
   EXPECT_EQ(nf4_matvec(bad, as_bf16(dx.get()), 1, as_bf16(dy.get()), nullptr), cudaErrorInvalidValue);
 }
 
+// The code table from the launch parameters (code_on_host) gives the same bits as a
+// launch that reads it from the payload (`product`, matrix 0 alone); a different host
+// table changes the result, so the kernel really builds its table from the parameters.
+void expect_code_table_from_parameters(const std::vector<NF4Matrix>& views, const __nv_bfloat16* x, int batch,
+                                       DeviceBuffer<uint16_t>& product, const std::string& what) {
+  std::vector<NF4Matrix> with_host_code = views;
+  for (NF4Matrix& m : with_host_code) {
+    std::copy(std::begin(kNF4Code), std::end(kNF4Code), m.code_on_host_values);
+    m.code_on_host = true;
+  }
+  DeviceBuffer<uint16_t> from_params(static_cast<size_t>(batch) * views[0].rows);
+  from_params.poison();
+  __nv_bfloat16* params_out[1] = {as_bf16(from_params.get())};
+  CUDA_OK(nf4_matvec_group(with_host_code.data(), params_out, 1, x, batch, MatvecEpilogue::store, nullptr));
+  CUDA_OK(cudaDeviceSynchronize());
+  EXPECT_EQ(from_params.download(), product.download()) << what << ": code table from the launch parameters";
+  for (float& value : with_host_code[0].code_on_host_values) value = -value;
+  CUDA_OK(nf4_matvec_group(with_host_code.data(), params_out, 1, x, batch, MatvecEpilogue::store, nullptr));
+  CUDA_OK(cudaDeviceSynchronize());
+  EXPECT_NE(from_params.download(), product.download()) << what << ": a negated host table must change the product";
+}
+
+// The swiglu epilogue of a gate/up pair against swiglu() on their stored products.
+void expect_swiglu_epilogue(const std::vector<NF4Matrix>& views, const __nv_bfloat16* x, int batch,
+                            const __nv_bfloat16* gate, const __nv_bfloat16* up, const std::string& what) {
+  const size_t size = static_cast<size_t>(batch) * views[0].rows;
+  DeviceBuffer<uint16_t> gated(size), expected(size);
+  gated.poison();
+  __nv_bfloat16* swiglu_out[2] = {as_bf16(gated.get()), nullptr};
+  CUDA_OK(nf4_matvec_group(views.data(), swiglu_out, 2, x, batch, MatvecEpilogue::swiglu, nullptr));
+  CUDA_OK(swiglu(gate, up, static_cast<int64_t>(size), as_bf16(expected.get()), nullptr));
+  CUDA_OK(cudaDeviceSynchronize());
+  EXPECT_EQ(gated.download(), expected.download()) << what << ": swiglu epilogue differs from swiglu()";
+}
+
 // Grouped launches: every matrix's rows against the reference; add_to_output
 // and swiglu bit for bit against the group's own stored products run through
 // residual_add / swiglu (the arithmetic the backend used before fusing).
@@ -205,26 +240,7 @@ void check_nf4_matvec_group(std::mt19937& rng, const std::vector<int64_t>& rows,
   DeviceBuffer<uint16_t> product(first_size);
   __nv_bfloat16* product_out[1] = {as_bf16(product.get())};
   CUDA_OK(nf4_matvec_group(views.data(), product_out, 1, as_bf16(dx.get()), batch, MatvecEpilogue::store, nullptr));
-  // The code table from the launch parameters (code_on_host) gives the same bits as
-  // that one-matrix launch; a different host table changes the result, so the kernel
-  // really builds its table from the parameters.
-  std::vector<NF4Matrix> with_host_code = views;
-  for (NF4Matrix& m : with_host_code) {
-    std::copy(std::begin(kNF4Code), std::end(kNF4Code), m.code_on_host_values);
-    m.code_on_host = true;
-  }
-  DeviceBuffer<uint16_t> from_params(static_cast<size_t>(batch) * rows[0]);
-  from_params.poison();
-  __nv_bfloat16* params_out[1] = {as_bf16(from_params.get())};
-  CUDA_OK(
-      nf4_matvec_group(with_host_code.data(), params_out, 1, as_bf16(dx.get()), batch, MatvecEpilogue::store, nullptr));
-  CUDA_OK(cudaDeviceSynchronize());
-  EXPECT_EQ(from_params.download(), product.download()) << what << ": code table from the launch parameters";
-  for (float& value : with_host_code[0].code_on_host_values) value = -value;
-  CUDA_OK(
-      nf4_matvec_group(with_host_code.data(), params_out, 1, as_bf16(dx.get()), batch, MatvecEpilogue::store, nullptr));
-  CUDA_OK(cudaDeviceSynchronize());
-  EXPECT_NE(from_params.download(), product.download()) << what << ": a negated host table must change the product";
+  expect_code_table_from_parameters(views, as_bf16(dx.get()), batch, product, what);
 
   __nv_bfloat16* fused_out[1] = {as_bf16(fused.get())};
   CUDA_OK(nf4_matvec_group(views.data(), fused_out, 1, as_bf16(dx.get()), batch, MatvecEpilogue::add_to_output,
@@ -233,15 +249,8 @@ void check_nf4_matvec_group(std::mt19937& rng, const std::vector<int64_t>& rows,
   CUDA_OK(cudaDeviceSynchronize());
   EXPECT_EQ(fused.download(), separate.download()) << what << ": add_to_output differs from residual_add";
 
-  if (count == 2 && rows[0] == rows[1]) {
-    DeviceBuffer<uint16_t> gated(first_size), expected(first_size);
-    gated.poison();
-    __nv_bfloat16* swiglu_out[2] = {as_bf16(gated.get()), nullptr};
-    CUDA_OK(nf4_matvec_group(views.data(), swiglu_out, 2, as_bf16(dx.get()), batch, MatvecEpilogue::swiglu, nullptr));
-    CUDA_OK(swiglu(outputs[0], outputs[1], static_cast<int64_t>(first_size), as_bf16(expected.get()), nullptr));
-    CUDA_OK(cudaDeviceSynchronize());
-    EXPECT_EQ(gated.download(), expected.download()) << what << ": swiglu epilogue differs from swiglu()";
-  }
+  if (count == 2 && rows[0] == rows[1])
+    expect_swiglu_epilogue(views, as_bf16(dx.get()), batch, outputs[0], outputs[1], what);
 }
 
 TEST(NF4MatvecGroup, EveryMatrixAndEpilogueMatches) {
@@ -308,26 +317,7 @@ void check_sixteen_row_group(std::mt19937& rng, const std::vector<int64_t>& rows
     expect_close(bf16_to_floats(grouped[i]->download()), ref, kBf16Tolerance, which);
   }
 
-  // The code table from the launch parameters: the same values give the same bits, a
-  // negated table another product.
-  std::vector<NF4Matrix> with_host_code = views;
-  for (NF4Matrix& m : with_host_code) {
-    std::copy(std::begin(kNF4Code), std::end(kNF4Code), m.code_on_host_values);
-    m.code_on_host = true;
-  }
-  const size_t first_size = static_cast<size_t>(batch) * rows[0];
-  DeviceBuffer<uint16_t> from_params(first_size);
-  from_params.poison();
-  __nv_bfloat16* params_out[1] = {as_bf16(from_params.get())};
-  CUDA_OK(
-      nf4_matvec_group(with_host_code.data(), params_out, 1, as_bf16(dx.get()), batch, MatvecEpilogue::store, nullptr));
-  CUDA_OK(cudaDeviceSynchronize());
-  EXPECT_EQ(from_params.download(), single[0]->download()) << what << ": code table from the launch parameters";
-  for (float& value : with_host_code[0].code_on_host_values) value = -value;
-  CUDA_OK(
-      nf4_matvec_group(with_host_code.data(), params_out, 1, as_bf16(dx.get()), batch, MatvecEpilogue::store, nullptr));
-  CUDA_OK(cudaDeviceSynchronize());
-  EXPECT_NE(from_params.download(), single[0]->download()) << what << ": a negated host table must change the product";
+  expect_code_table_from_parameters(views, as_bf16(dx.get()), batch, *single[0], what);
 
   // add_to_output on the last matrix (its tiles come after the others' in the launch).
   const int last = count - 1;
@@ -345,16 +335,8 @@ void check_sixteen_row_group(std::mt19937& rng, const std::vector<int64_t>& rows
   CUDA_OK(cudaDeviceSynchronize());
   EXPECT_EQ(fused.download(), separate.download()) << what << ": add_to_output differs from residual_add";
 
-  if (count == 2 && rows[0] == rows[1]) {
-    DeviceBuffer<uint16_t> gated(first_size), expected(first_size);
-    gated.poison();
-    __nv_bfloat16* swiglu_out[2] = {as_bf16(gated.get()), nullptr};
-    CUDA_OK(nf4_matvec_group(views.data(), swiglu_out, 2, as_bf16(dx.get()), batch, MatvecEpilogue::swiglu, nullptr));
-    CUDA_OK(swiglu(as_bf16(single[0]->get()), as_bf16(single[1]->get()), static_cast<int64_t>(first_size),
-                   as_bf16(expected.get()), nullptr));
-    CUDA_OK(cudaDeviceSynchronize());
-    EXPECT_EQ(gated.download(), expected.download()) << what << ": swiglu epilogue differs from swiglu()";
-  }
+  if (count == 2 && rows[0] == rows[1])
+    expect_swiglu_epilogue(views, as_bf16(dx.get()), batch, as_bf16(single[0]->get()), as_bf16(single[1]->get()), what);
 }
 
 TEST(NF4MatvecGroup, SixteenRowKernelGroupsMatchSeparateLaunches) {

@@ -21,6 +21,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <initializer_list>
 #include <map>
 #include <memory>
@@ -287,6 +288,10 @@ class CudaBackend : public Backend {
   // kernel's launches), captured together into ONE CUDA graph and replayed: a graph
   // per layer left the step a graph launch per layer, with no overlap between them.
   Status layers_graph(uint32_t first, const DeviceSlot* slots, uint32_t count, const TokenBatch& batch);
+  // Captures what `enqueue` launches on compute_ into *exec. A failed capture is not an
+  // error (graphs are an optimisation): graphs go off, graph_note_ says why, *exec is
+  // null and the caller launches directly. Returns enqueue's own error, if any.
+  Status capture_graph(const std::function<Status()>& enqueue, const std::string& what, cudaGraphExec_t* exec);
   // Decode products of several NF4 matrices reading the same x in ONE launch, with
   // the epilogue fused (kernels::nf4_matvec_group). Returns false, launching
   // nothing, where the group does not apply; the caller then runs them one by one.
@@ -1023,6 +1028,27 @@ Status CudaBackend::run_decoder_layers(uint32_t first, const SlotId* slot_ids, u
   return Status::success();
 }
 
+Status CudaBackend::capture_graph(const std::function<Status()>& enqueue, const std::string& what,
+                                  cudaGraphExec_t* exec) {
+  *exec = nullptr;
+  profiler_.pause(true);
+  cudaError_t err = cudaStreamBeginCapture(compute_, cudaStreamCaptureModeThreadLocal);
+  Status body = err == cudaSuccess ? enqueue() : Status::success();
+  cudaGraph_t graph = nullptr;
+  if (err == cudaSuccess) err = cudaStreamEndCapture(compute_, &graph);
+  profiler_.pause(false);
+  if (err == cudaSuccess && body) err = cudaGraphInstantiate(exec, graph, 0);
+  if (graph) cudaGraphDestroy(graph);
+  if (!body) return body;
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    *exec = nullptr;
+    graphs_enabled_ = false;
+    graph_note_ = "decode runs without CUDA graphs: capturing " + what + " failed with " + cudaGetErrorName(err);
+  }
+  return Status::success();
+}
+
 Status CudaBackend::layers_graph(uint32_t first, const DeviceSlot* slots, uint32_t count, const TokenBatch& batch) {
   GroupPlanKey key{};
   key[0] = first;
@@ -1031,25 +1057,16 @@ Status CudaBackend::layers_graph(uint32_t first, const DeviceSlot* slots, uint32
   for (uint32_t i = 0; i < count; ++i) key[3 + i] = reinterpret_cast<uintptr_t>(slots[i].data);
   auto it = group_graphs_.find(key);
   if (it == group_graphs_.end()) {
-    profiler_.pause(true);
-    cudaError_t err = cudaStreamBeginCapture(compute_, cudaStreamCaptureModeThreadLocal);
-    Status body = Status::success();
-    for (uint32_t i = 0; i < count && err == cudaSuccess && body; ++i)
-      body = layer_rows(first + i, slots[i], batch, 0, 1);
-    cudaGraph_t graph = nullptr;
-    if (err == cudaSuccess) err = cudaStreamEndCapture(compute_, &graph);
-    profiler_.pause(false);
-    cudaGraphExec_t exec = nullptr;
-    if (err == cudaSuccess && body) err = cudaGraphInstantiate(&exec, graph, 0);
-    if (graph) cudaGraphDestroy(graph);
-    if (!body) return body;
-    if (err != cudaSuccess) {
-      // Capture is an optimisation: say why it is off and run the launches directly.
-      cudaGetLastError();
-      graphs_enabled_ = false;
-      graph_note_ =
-          std::string("decode runs without CUDA graphs: capturing layers failed with ") + cudaGetErrorName(err);
+    auto enqueue = [&]() -> Status {
       for (uint32_t i = 0; i < count; ++i) LAYERPACK_TRY(layer_rows(first + i, slots[i], batch, 0, 1));
+      return Status::success();
+    };
+    cudaGraphExec_t exec = nullptr;
+    LAYERPACK_TRY(capture_graph(enqueue, "layers", &exec));
+    if (!exec) {
+      for (uint32_t i = 0; i < count; ++i)
+        CUDA_TRY(cudaStreamWaitEvent(compute_, slots[i].ready, 0), "ordering compute after an upload");
+      LAYERPACK_TRY(enqueue());
       for (uint32_t i = 0; i < count; ++i)
         CUDA_TRY(cudaEventRecord(slots[i].free, compute_), "recording layer completion");
       return Status::success();
@@ -1071,24 +1088,9 @@ Status CudaBackend::layer_graph(uint32_t layer, SlotId slot_id, const DeviceSlot
   const auto key = std::make_tuple(layer, slot_id, batch.sequences[0]);
   auto it = graphs_.find(key);
   if (it == graphs_.end()) {
-    profiler_.pause(true);
-    cudaError_t err = cudaStreamBeginCapture(compute_, cudaStreamCaptureModeThreadLocal);
-    Status body = err == cudaSuccess ? layer_rows(layer, slot, batch, 0, 1) : Status::success();
-    cudaGraph_t graph = nullptr;
-    if (err == cudaSuccess) err = cudaStreamEndCapture(compute_, &graph);
-    profiler_.pause(false);
     cudaGraphExec_t exec = nullptr;
-    if (err == cudaSuccess && body) err = cudaGraphInstantiate(&exec, graph, 0);
-    if (graph) cudaGraphDestroy(graph);
-    if (!body) return body;
-    if (err != cudaSuccess) {
-      // Capture is an optimisation: say why it is off and run the launches directly.
-      cudaGetLastError();
-      graphs_enabled_ = false;
-      graph_note_ = std::string("decode runs without CUDA graphs: capturing a layer failed with ") +
-                    cudaGetErrorName(err);
-      return layer_rows(layer, slot, batch, 0, 1);
-    }
+    LAYERPACK_TRY(capture_graph([&] { return layer_rows(layer, slot, batch, 0, 1); }, "a layer", &exec));
+    if (!exec) return layer_rows(layer, slot, batch, 0, 1);
     it = graphs_.emplace(key, exec).first;
   }
   ProfileScope profile(profiler_, "decoder layer (CUDA graph)");
