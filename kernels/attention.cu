@@ -780,16 +780,9 @@ bool flash_prefill_applies(const AttentionArgs& a) {
   if (!enabled || a.kv_lengths != nullptr || a.sequence_stride != 0 || a.queries < 16) return false;
   if (a.head_dim != 64 && a.head_dim != 128) return false;
   if (!detail::aligned_to(a.q, 4) || !detail::aligned_to(a.out, 4)) return false;
-  // mma.sync on bf16 needs sm_80+; the major version asked once per device.
-  static std::atomic<int> majors[detail::kMaxDevices] = {};
-  int device = 0;
-  if (detail::current_device_index(&device) != cudaSuccess) return false;
-  int major = majors[device].load(std::memory_order_relaxed);
-  if (major == 0) {
-    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
-    majors[device].store(major, std::memory_order_relaxed);
-  }
-  return major >= 8;
+  // mma.sync on bf16 needs sm_80+.
+  int major = 0;
+  return detail::compute_capability_major(&major) == cudaSuccess && major >= 8;
 }
 
 template <int D>

@@ -37,6 +37,22 @@ inline cudaError_t multiprocessor_count(int* count) {
   return cudaSuccess;
 }
 
+// Compute capability major version of the current device, asked once per device.
+inline cudaError_t compute_capability_major(int* major) {
+  static std::atomic<int> majors[kMaxDevices] = {};
+  int device = 0;
+  cudaError_t err = current_device_index(&device);
+  if (err != cudaSuccess) return err;
+  int value = majors[device].load(std::memory_order_relaxed);
+  if (value == 0) {
+    err = cudaDeviceGetAttribute(&value, cudaDevAttrComputeCapabilityMajor, device);
+    if (err != cudaSuccess) return err;
+    majors[device].store(value, std::memory_order_relaxed);
+  }
+  *major = value;
+  return cudaSuccess;
+}
+
 // Programmatic dependent launch (sm_90+). A kernel started by launch_chained may
 // run its prologue (weights, tables) while the previous kernel of its stream
 // finishes, so it must call wait_for_previous_kernel() before it reads anything an

@@ -27,6 +27,16 @@ struct NF4Params {
   int64_t cols;
 };
 
+// The code table and (double quant) the nested code table into shared memory.
+template <bool kDoubleQuant>
+__device__ __forceinline__ void load_code_tables(const NF4Params& p, float* lut, float* nested_code) {
+  if (threadIdx.x < 16) lut[threadIdx.x] = p.code[threadIdx.x];
+  if constexpr (kDoubleQuant) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) nested_code[i] = p.nested_code[i];
+  }
+  __syncthreads();
+}
+
 // Absmax of one quantization block, reconstructed as bitsandbytes does:
 // nested_code[u8] * nested_absmax[block >> shift], then + offset (two roundings).
 template <bool kDoubleQuant>
@@ -222,11 +232,7 @@ __global__ void __launch_bounds__(kThreads)
     nf4_matvec_mma_kernel(NF4Params p, const __nv_bfloat16* __restrict__ x, int batch, OutT* __restrict__ y) {
   __shared__ float lut[16];
   __shared__ float nested_code[kDoubleQuant ? 256 : 1];
-  if (threadIdx.x < 16) lut[threadIdx.x] = p.code[threadIdx.x];
-  if constexpr (kDoubleQuant) {
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) nested_code[i] = p.nested_code[i];
-  }
-  __syncthreads();
+  load_code_tables<kDoubleQuant>(p, lut, nested_code);
 
   const int64_t row_base = static_cast<int64_t>(blockIdx.x) * 16 * kTiles;
   MmaTile tiles[kTiles];
@@ -951,11 +957,7 @@ __global__ void nf4_matvec_simple_kernel(NF4Params p, const __nv_bfloat16* __res
                                          OutT* __restrict__ y) {
   __shared__ float lut[16];
   __shared__ float nested_code[kDoubleQuant ? 256 : 1];
-  if (threadIdx.x < 16) lut[threadIdx.x] = p.code[threadIdx.x];
-  if constexpr (kDoubleQuant) {
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) nested_code[i] = p.nested_code[i];
-  }
-  __syncthreads();
+  load_code_tables<kDoubleQuant>(p, lut, nested_code);
   const int lane = threadIdx.x & 31;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + (threadIdx.x >> 5);
   if (row >= p.rows) return;
@@ -1002,18 +1004,10 @@ __global__ void bf16_matvec_simple_kernel(const __nv_bfloat16* __restrict__ weig
   }
 }
 
-// Compute capability of the current device, cached per device.
-bool device_has_mma(int* device_out = nullptr) {
-  static int cached_major[detail::kMaxDevices] = {0};
-  int device = 0;
-  if (detail::current_device_index(&device) != cudaSuccess) return false;
-  if (device_out) *device_out = device;
-  if (cached_major[device] == 0) {
-    int major = 0;
-    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
-    cached_major[device] = major;
-  }
-  return cached_major[device] >= 8;
+// mma.sync on bf16 needs sm_80+.
+bool device_has_mma() {
+  int major = 0;
+  return detail::compute_capability_major(&major) == cudaSuccess && major >= 8;
 }
 
 bool valid_matrix(const NF4Matrix& m) {

@@ -292,9 +292,8 @@ __global__ void sample_kernel(const float* values, const int32_t* indices, int64
 cudaError_t argmax(const float* logits, int64_t rows, int64_t vocab, int32_t* out, cudaStream_t stream) {
   if (!logits || !out || rows <= 0 || vocab <= 0 || rows > 0x7fffffff || vocab > 0x7fffffff)
     return cudaErrorInvalidValue;
-  int device = 0, major = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  int major = 0;
+  const cudaError_t err = detail::compute_capability_major(&major);
   if (err != cudaSuccess) return err;
   if (major >= 9 && rows * kArgmaxClusterBlocks <= 0x7fffffff) {
     cudaLaunchConfig_t config{};
