@@ -230,7 +230,7 @@ __device__ __forceinline__ NormWeights prefetch_norm(const DeviceOp& op, uint32_
   NormWeights n{};
   n.valid = false;
   if (op.norm_weight == nullptr) return n;
-  if (op.chunks <= 2) {
+  if (norm_in_registers(op)) {
     if (column < op.cols) {  // past the row (a partial chunk): 0, against zeros of x
 #pragma unroll
       for (int j = 0; j < 4; ++j) n.w[j] = __ldg(reinterpret_cast<const float4*>(op.norm_weight + column) + j);
@@ -700,6 +700,8 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
 
   const int g = lane >> 2, tig = lane & 3, gw = warp % kGroupWarps;
   const uint32_t lane_offset = lane * 4;
+  // The 16 columns of a chunk whose x lane (g, tig) holds as the mma's B column g.
+  const uint32_t x_column = gw * 256 + (g & 3) * 64 + tig * 16;
   struct Stage {
     uint2 w[2][2][2];  // [step][row half][part]
     uint32_t code[2];  // [part]: the absmax codes of the lane's scales (fetch)
@@ -768,7 +770,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
   uint4 x_resident[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
   // The lane's column of x from chunk `chunk` (zeros where `inside` is false).
   auto load_x_column = [&](uint32_t chunk, bool inside) {
-    const __nv_bfloat16* mine = xs + (inside ? chunk * kChunkElements : 0) + gw * 256 + (g & 3) * 64 + tig * 16;
+    const __nv_bfloat16* mine = xs + (inside ? chunk * kChunkElements : 0) + x_column;
     const uint4 zero = make_uint4(0, 0, 0, 0);
     x_resident[0] = inside ? *reinterpret_cast<const uint4*>(mine) : zero;
     x_resident[1] = inside ? *reinterpret_cast<const uint4*>(mine + 8) : zero;
@@ -903,8 +905,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
       stamp(o, 1);
     } else {
       // Norm weights and the nested code tables need no previous op: loaded before the wait.
-      const NormWeights norm_weights =
-          prefetch_norm(op, (g >> 2) * kChunkElements + gw * 256 + (g & 3) * 64 + tig * 16);  // load_x_column's
+      const NormWeights norm_weights = prefetch_norm(op, (g >> 2) * kChunkElements + x_column);  // load_x_column's
       const NestedShare nested = load_nested_share(op);
       wait_for_previous();
       stamp(o, 0);
@@ -914,7 +915,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
       // Past a 1-chunk op's x: zeros (those columns are never accumulated).
       if (op.chunks <= 2) {
         load_x_column(g >> 2, static_cast<uint32_t>(g >> 2) < op.chunks);
-        if (op.norm_weight != nullptr) normalize_x_column(inv_rms, norm_weights);
+        if (norm_in_registers(op)) normalize_x_column(inv_rms, norm_weights);
       }
     }
     // The op's items, fetched one ahead (the stages live inside an op only, so the
