@@ -129,6 +129,18 @@ struct MmaMatrix {
   int64_t rows;
 };
 
+// Cache offset of (token n of a launch, row of k or v) in kv_cache_append's layout
+// ([sequence][kv head][capacity][head_dim]), or -1 where the position is outside the cache.
+__device__ __forceinline__ int64_t kv_cache_index(const RopeCacheAppend& cache, const int32_t* positions,
+                                                  int first_token, int head_dim, int n, int64_t row) {
+  const int64_t position = positions[n];
+  if (position < 0 || position >= cache.capacity) return -1;
+  const int64_t sequence = cache.sequences ? cache.sequences[n] : first_token + n;
+  const int64_t kv_head = row / head_dim;
+  return sequence * cache.sequence_stride + (kv_head * cache.capacity + position) * head_dim +
+         (row - kv_head * head_dim);
+}
+
 // One 16-row tile of the 16-row tensor-core kernels: its matrix and rows.
 struct MmaTile {
   MmaMatrix m;
@@ -334,14 +346,9 @@ __global__ void __launch_bounds__(kThreads)
   __nv_bfloat16* y = grp.m[matrix[0]].y;
   if (kTiles == 1 && head_dim != 0) {
     // RoPE and the KV-cache append on the products rounded to bf16: rope_apply_and_append's
-    // arithmetic. Cache offset of (token n, row of k or v), or -1 outside the cache.
-    auto cache_index = [&](int n, int64_t row) -> int64_t {
-      const int64_t position = grp.rope_positions[n];
-      if (position < 0 || position >= grp.cache.capacity) return -1;
-      const int64_t sequence = grp.cache.sequences ? grp.cache.sequences[n] : grp.first_token + n;
-      const int64_t kv_head = row / head_dim;
-      return sequence * grp.cache.sequence_stride + (kv_head * grp.cache.capacity + position) * head_dim +
-             (row - kv_head * head_dim);
+    // arithmetic.
+    auto cache_index = [&](int n, int64_t row) {
+      return kv_cache_index(grp.cache, grp.rope_positions, grp.first_token, head_dim, n, row);
     };
     auto tile_sum = [&](int i, int l) {
       float sum = 0.0f;
@@ -586,14 +593,8 @@ __device__ __forceinline__ void pair_lut_rope_epilogue(const PairLutGroup& grp, 
                                                        int group) {
   const int head_dim = grp.rope_head_dim, half = head_dim / 2;
   auto tile_sum = [&](int m, int n) { return tile_partial_sum<kGroup>(partial, group, m, n); };
-  // Cache offset of (token n, row of k or v), or -1 where the position is outside the cache.
-  auto cache_index = [&](int n, uint32_t row) -> int64_t {
-    const int64_t position = grp.rope_positions[n];
-    if (position < 0 || position >= grp.cache.capacity) return -1;
-    const int64_t sequence = grp.cache.sequences ? grp.cache.sequences[n] : grp.first_token + n;
-    const int64_t kv_head = row / head_dim;
-    return sequence * grp.cache.sequence_stride + (kv_head * grp.cache.capacity + position) * head_dim +
-           (row - kv_head * head_dim);
+  auto cache_index = [&](int n, uint32_t row) {
+    return kv_cache_index(grp.cache, grp.rope_positions, grp.first_token, head_dim, n, row);
   };
   if (t.matrix == 2) {  // v: no rotation
     for (int o = lane * kGroup + member; o < 16 * batch; o += kGroup * 32) {
