@@ -12,6 +12,7 @@
 #include <cuda.h>  // CUtensorMap; the encoder comes through cudaGetDriverEntryPointByVersion
 #include <cudaTypedefs.h>
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -65,6 +66,7 @@ static_assert(kSmemBytes <= 227 * 1024, "one block per SM must fit");
 enum : int { kStore = 0, kAdd = 1, kSwiglu = 2, kAttention = 3, kStoreF32 = 5 };
 constexpr int kMaxDeviceOps = kMaxChainDeviceOps;
 constexpr int kMaxChunksPerHead = 64;  // attention units per q head (scratch size)
+static_assert(kConsumerWarps * (128 + 128 + 2) * 4 <= kMaxCols * 2, "q_rotated and the local partials fit the x area");
 
 // cols not a multiple of 2048 ("absmax direct"): no absmax tensor map (its row stride,
 // cols / 64 bytes, is not a multiple of 16) and an item's blocks may span two nested
@@ -319,21 +321,33 @@ __device__ __forceinline__ float load_op_x(const DeviceOp& op, __nv_bfloat16* xs
 }
 
 // An attention op's split into chunks; both steps compute it from the position alone.
+// Block-local (ChainAttentionSplit, up to kChainLocalVisible visible positions and a
+// block per q head): a head's chunks are the consumer warps of one block and combine
+// through shared memory after a block barrier. Grid-wide: the chunks spread over the
+// grid and the head's last unit combines them from global memory (a store, a fence and
+// a count per unit, then the combine's loads: round trips on the op's path that the
+// block-local split does not make). The kernel is compiled once per split (kLocal): one
+// body holding both cost the grid-wide split ~1.2 us a layer at position 1000 (NOTES).
+constexpr int kLocalVisible = kChainLocalVisible;
+static_assert(kLocalVisible <= 8 * kConsumerWarps * 4, "block-local chunks of up to 32 positions, one per warp");
 struct AttentionSplit {
   int position;
   long long start, chunk;
   int chunks;
 };
-__device__ __forceinline__ AttentionSplit attention_split(const DeviceAttention& a) {
+__device__ __forceinline__ AttentionSplit attention_split(const DeviceAttention& a, bool local) {
   AttentionSplit s;
   s.position = __ldcg(a.position);
   const long long length = static_cast<long long>(s.position) + 1;
   s.start = a.window > 0 && length > a.window ? length - a.window : 0;
-  // Chunks of a multiple of 8 positions, at most kMaxChunksPerHead a head: short units
-  // (a unit is a chain of round trips) spread over many warps. 32-bit: no division
-  // subroutine.
+  // Chunks of a multiple of 8 positions, at most kConsumerWarps (local) or
+  // kMaxChunksPerHead a head: short units (a unit is a chain of round trips) spread over
+  // many warps. 32-bit: no division subroutine.
   const int visible = static_cast<int>(length - s.start);
-  const int eights = (visible + 8 * kMaxChunksPerHead - 1) / (8 * kMaxChunksPerHead);
+  // Block-local chunks grow with the visible positions (at most kConsumerWarps of them
+  // whatever the position): past kLocalVisible the split is slower, not wrong.
+  const int most = local ? kConsumerWarps : kMaxChunksPerHead;
+  const int eights = (visible + 8 * most - 1) / (8 * most);
   s.chunk = 8 * eights;
   s.chunks = (visible + 8 * eights - 1) / (8 * eights);
   return s;
@@ -345,7 +359,7 @@ __device__ __forceinline__ AttentionSplit attention_split(const DeviceAttention&
 // kPrefetchPositions positions of each kv head; one 128-byte line per thread and step.
 constexpr long long kPrefetchPositions = 2048;
 __device__ __forceinline__ void prefetch_cache(const DeviceAttention& a, int thread, int threads) {
-  const AttentionSplit split = attention_split(a);
+  const AttentionSplit split = attention_split(a, false);                            // (its start and position only)
   const long long length = min(static_cast<long long>(split.position), a.capacity);  // the new row is written later
   const long long first = max(split.start, length - kPrefetchPositions);
   // 32-bit from here: 64-bit divisions are subroutine calls, which cost the NF4 loop
@@ -365,19 +379,21 @@ __device__ __forceinline__ void prefetch_cache(const DeviceAttention& a, int thr
 
 // The combine of one q head: lanes over head dimensions; the chunks in order, weighted
 // by exp(max_j - max) (flash-decoding), normalized once, bf16.
-template <int kHeadDim>
+// `partial`: the head's chunks' [head_dim] outputs, max and sum, in global memory (written
+// by other blocks: read through L2) or in this block's shared memory.
+template <int kHeadDim, bool kShared>
 __device__ __forceinline__ void combine_head(const DeviceAttention& a, const AttentionSplit& split, int head,
-                                             int lane) {
+                                             const float* partial, int lane) {
   constexpr int kPerLane = kHeadDim / 32;
-  const float* partial = a.scratch + static_cast<long long>(head) * kMaxChunksPerHead * (kHeadDim + 2);
+  auto load = [](const float* p) { return kShared ? *p : __ldcg(p); };
   // Lanes hold chunks lane and lane + 32: their max and sum, loaded at once.
   float chunk_max[2], chunk_sum[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int j = min(lane + 32 * h, split.chunks - 1);
     const bool mine = lane + 32 * h < split.chunks;
-    chunk_max[h] = mine ? __ldcg(partial + j * (kHeadDim + 2) + kHeadDim) : -INFINITY;
-    chunk_sum[h] = mine ? __ldcg(partial + j * (kHeadDim + 2) + kHeadDim + 1) : 0.0f;
+    chunk_max[h] = mine ? load(partial + j * (kHeadDim + 2) + kHeadDim) : -INFINITY;
+    chunk_sum[h] = mine ? load(partial + j * (kHeadDim + 2) + kHeadDim + 1) : 0.0f;
   }
   float max_all = fmaxf(chunk_max[0], chunk_max[1]);
 #pragma unroll
@@ -400,7 +416,7 @@ __device__ __forceinline__ void combine_head(const DeviceAttention& a, const Att
     for (int u = 0; u < 4; ++u) {
       const float* part = partial + min(j0 + u, split.chunks - 1) * (kHeadDim + 2) + lane * kPerLane;
 #pragma unroll
-      for (int k = 0; k < kPerLane; ++k) values[u][k] = __ldcg(part + k);
+      for (int k = 0; k < kPerLane; ++k) values[u][k] = load(part + k);
     }
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
@@ -417,151 +433,162 @@ __device__ __forceinline__ void combine_head(const DeviceAttention& a, const Att
     a.out[head * kHeadDim + lane * kPerLane + k] = __float2bfloat16_rn(acc[k] * inverse);
 }
 
-// Units (q head, chunk), one per consumer warp at a time. A unit rotates its q head
-// into shared memory (rounded to bf16, as the q/k/v launch stores it), appends the
-// rotated k and v at the position when its chunk holds it (the q heads sharing that
-// kv head write the same bits), then runs the chunk 32 positions at a time: lanes take
-// positions for q.k, then head dimensions for p.v, with a running max and sum (fp32).
-// Partial result per unit: [head_dim] unnormalized output, then max, then sum; the
-// head's last unit to finish (a counter per head) combines them, so attention needs
-// no second grid-wide step (the combine step and its wait were ~3 us of a layer).
+// A unit (q head, chunk) of one warp: it rotates its q head into shared memory (rounded
+// to bf16, as the q/k/v launch stores it), appends the rotated k and v at the position
+// when its chunk holds it (the q heads sharing that kv head write the same bits), then
+// runs the chunk 32 positions at a time: lanes take positions for q.k, then head
+// dimensions for p.v, with a running max and sum (fp32). Result: the lane's share of the
+// [head_dim] unnormalized output, the max and the sum.
 // Loops and branches stay warp-uniform (lanes predicated): divergent control flow
 // anywhere in this kernel costs the NF4 loop its uniform table addressing. Loads are
 // unrolled in batches so their latencies overlap.
 template <int kHeadDim>
-__device__ __forceinline__ void attention_units(const DeviceAttention& a, float* q_rotated, int lane, int worker,
-                                                int workers) {
+__device__ __forceinline__ void attention_chunk(const DeviceAttention& a, const AttentionSplit& split, int head,
+                                                int chunk, float* q_rotated, int lane, float (&acc)[kHeadDim / 32],
+                                                float& running_max, float& running_sum) {
   constexpr int kHalf = kHeadDim / 2, kPerLane = kHeadDim / 32, kSlice = kHeadDim / 8;
-  const AttentionSplit split = attention_split(a);
-  const int group = a.q_heads / a.kv_heads;
+  const int kv_head = head / (a.q_heads / a.kv_heads);
   const float position = static_cast<float>(split.position);
-  for (int unit = worker; unit < a.q_heads * split.chunks; unit += workers) {
-    const int head = unit / split.chunks, chunk = unit % split.chunks, kv_head = head / group;
-    const long long begin = split.start + chunk * split.chunk;
-    // (The engine keeps the position inside the cache; the bound only guards the reads.)
-    const long long end = min(min(begin + split.chunk, static_cast<long long>(split.position) + 1), a.capacity);
-    __nv_bfloat16* k_head = a.k_cache + kv_head * a.capacity * kHeadDim;
-    __nv_bfloat16* v_head = a.v_cache + kv_head * a.capacity * kHeadDim;
-    // The unit's first 8 k and v rows before the position into L1 while q is rotated:
-    // the rows are then read through L1 (.ca) instead of a round trip to L2 each
-    // (loaded L2: ~0.7 us). The position's row is never prefetched, so L1 holds it only
-    // once a unit has appended it (units load it after their append).
-    {
-      constexpr int kLines = kHeadDim * 2 / 128;  // per row
-      const int line = lane % kLines, row_index = (lane / kLines) % 8, tensor = lane / (kLines * 8);
-      const long long row = begin + row_index;
-      const bool wanted = row < min(end, static_cast<long long>(split.position)) && tensor < 2;
-      const __nv_bfloat16* address =
-          wanted ? (tensor == 0 ? k_head : v_head) + row * kHeadDim + line * 64 : a.q;  // a.q: read via L2 only
-      asm volatile("prefetch.global.L1 [%0];" ::"l"(address));
-    }
+  const long long begin = split.start + chunk * split.chunk;
+  // (The engine keeps the position inside the cache; the bound only guards the reads.)
+  const long long end = min(min(begin + split.chunk, static_cast<long long>(split.position) + 1), a.capacity);
+  __nv_bfloat16* k_head = a.k_cache + kv_head * a.capacity * kHeadDim;
+  __nv_bfloat16* v_head = a.v_cache + kv_head * a.capacity * kHeadDim;
+  // The unit's first 8 k and v rows before the position into L1 while q is rotated:
+  // the rows are then read through L1 (.ca) instead of a round trip to L2 each
+  // (loaded L2: ~0.7 us). The position's row is never prefetched, so L1 holds it only
+  // once a unit has appended it (units load it after their append).
+  {
+    constexpr int kLines = kHeadDim * 2 / 128;  // per row
+    const int line = lane % kLines, row_index = (lane / kLines) % 8, tensor = lane / (kLines * 8);
+    const long long row = begin + row_index;
+    const bool wanted = row < min(end, static_cast<long long>(split.position)) && tensor < 2;
+    const __nv_bfloat16* address =
+        wanted ? (tensor == 0 ? k_head : v_head) + row * kHeadDim + line * 64 : a.q;  // a.q: read via L2 only
+    asm volatile("prefetch.global.L1 [%0];" ::"l"(address));
+  }
+#pragma unroll
+  for (int i0 = 0; i0 < kHalf; i0 += 32) {
+    const int i = i0 + lane;
+    __nv_bfloat16 y1, y2;
+    detail::rope_pair(__bfloat162float(__ldcg(a.q + head * kHeadDim + i)),
+                      __bfloat162float(__ldcg(a.q + head * kHeadDim + i + kHalf)), position, a.inv_freq[i], &y1, &y2);
+    q_rotated[i] = __bfloat162float(y1);
+    q_rotated[i + kHalf] = __bfloat162float(y2);
+  }
+  if (begin <= split.position && split.position < end) {  // end <= capacity
+    __nv_bfloat16* k_row = k_head + static_cast<long long>(split.position) * kHeadDim;
+    __nv_bfloat16* v_row = v_head + static_cast<long long>(split.position) * kHeadDim;
 #pragma unroll
     for (int i0 = 0; i0 < kHalf; i0 += 32) {
       const int i = i0 + lane;
       __nv_bfloat16 y1, y2;
-      detail::rope_pair(__bfloat162float(__ldcg(a.q + head * kHeadDim + i)),
-                        __bfloat162float(__ldcg(a.q + head * kHeadDim + i + kHalf)), position, a.inv_freq[i], &y1, &y2);
-      q_rotated[i] = __bfloat162float(y1);
-      q_rotated[i + kHalf] = __bfloat162float(y2);
+      detail::rope_pair(__bfloat162float(__ldcg(a.k_new + kv_head * kHeadDim + i)),
+                        __bfloat162float(__ldcg(a.k_new + kv_head * kHeadDim + i + kHalf)), position, a.inv_freq[i],
+                        &y1, &y2);
+      __stcg(k_row + i, y1);
+      __stcg(k_row + i + kHalf, y2);
+      __stcg(v_row + i, __ldcg(a.v_new + kv_head * kHeadDim + i));
+      __stcg(v_row + i + kHalf, __ldcg(a.v_new + kv_head * kHeadDim + i + kHalf));
     }
-    if (begin <= split.position && split.position < end) {  // end <= capacity
-      __nv_bfloat16* k_row = k_head + static_cast<long long>(split.position) * kHeadDim;
-      __nv_bfloat16* v_row = v_head + static_cast<long long>(split.position) * kHeadDim;
+  }
+  __syncwarp();  // the rotated q and the appended row, for every lane
+  float q_slice[kSlice];
 #pragma unroll
-      for (int i0 = 0; i0 < kHalf; i0 += 32) {
-        const int i = i0 + lane;
-        __nv_bfloat16 y1, y2;
-        detail::rope_pair(__bfloat162float(__ldcg(a.k_new + kv_head * kHeadDim + i)),
-                          __bfloat162float(__ldcg(a.k_new + kv_head * kHeadDim + i + kHalf)), position, a.inv_freq[i],
-                          &y1, &y2);
-        __stcg(k_row + i, y1);
-        __stcg(k_row + i + kHalf, y2);
-        __stcg(v_row + i, __ldcg(a.v_new + kv_head * kHeadDim + i));
-        __stcg(v_row + i + kHalf, __ldcg(a.v_new + kv_head * kHeadDim + i + kHalf));
+  for (int e = 0; e < kSlice; ++e) q_slice[e] = q_rotated[(lane & 7) * kSlice + e];
+  running_max = -INFINITY;
+  running_sum = 0.0f;
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) acc[k] = 0.0f;
+  for (long long base = begin; base < end; base += 32) {
+    const long long pos = base + lane;
+    const bool valid = pos < end;
+    // q.k, coalesced: 8 lanes per position (each a slice of kSlice dimensions), 4
+    // positions per round, 8 rounds; lane j ends with position base + j's dot.
+    const int count = static_cast<int>(min(32LL, end - base));
+    float dot = 0.0f;
+    const int rounds = count > 16 ? 8 : 4;    // (uniform) a short chunk's second half is not read
+    for (int r0 = 0; r0 < rounds; r0 += 4) {  // 4 rounds' loads in flight
+      uint4 packed[4][kSlice / 8];
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const long long row = min(base + (r0 + r) * 4 + (lane >> 3), end - 1);  // past the end: masked below
+        const __nv_bfloat16* k_slice = k_head + row * kHeadDim + (lane & 7) * kSlice;
+#pragma unroll
+        for (int u = 0; u < kSlice / 8; ++u) packed[r][u] = __ldca(reinterpret_cast<const uint4*>(k_slice) + u);
+      }
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        float partial = 0.0f;
+#pragma unroll
+        for (int u = 0; u < kSlice / 8; ++u) {
+          const __nv_bfloat16* k8 = reinterpret_cast<const __nv_bfloat16*>(&packed[r][u]);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) partial = fmaf(q_slice[u * 8 + e], __bfloat162float(k8[e]), partial);
+        }
+        partial += __shfl_xor_sync(0xffffffffu, partial, 1);
+        partial += __shfl_xor_sync(0xffffffffu, partial, 2);
+        partial += __shfl_xor_sync(0xffffffffu, partial, 4);
+        const float mine = __shfl_sync(0xffffffffu, partial, (lane & 3) * 8);
+        if ((lane >> 2) == r0 + r) dot = mine;
       }
     }
-    __syncwarp();  // the rotated q and the appended row, for every lane
-    float q_slice[kSlice];
+    const float score = valid ? dot * a.scale : -INFINITY;
+    float step_max = score;
 #pragma unroll
-    for (int e = 0; e < kSlice; ++e) q_slice[e] = q_rotated[(lane & 7) * kSlice + e];
-    float running_max = -INFINITY, running_sum = 0.0f, acc[kPerLane];
+    for (int offset = 16; offset > 0; offset >>= 1)
+      step_max = fmaxf(step_max, __shfl_xor_sync(0xffffffffu, step_max, offset));
+    const float new_max = fmaxf(running_max, step_max);
+    const float weight = valid ? expf(score - new_max) : 0.0f;
+    const float correction = expf(running_max - new_max);  // 0 on the first step
+    float step_sum = weight;
 #pragma unroll
-    for (int k = 0; k < kPerLane; ++k) acc[k] = 0.0f;
-    for (long long base = begin; base < end; base += 32) {
-      const long long pos = base + lane;
-      const bool valid = pos < end;
-      // q.k, coalesced: 8 lanes per position (each a slice of kSlice dimensions), 4
-      // positions per round, 8 rounds; lane j ends with position base + j's dot.
-      const int count = static_cast<int>(min(32LL, end - base));
-      float dot = 0.0f;
-      const int rounds = count > 16 ? 8 : 4;    // (uniform) a short chunk's second half is not read
-      for (int r0 = 0; r0 < rounds; r0 += 4) {  // 4 rounds' loads in flight
-        uint4 packed[4][kSlice / 8];
+    for (int offset = 16; offset > 0; offset >>= 1) step_sum += __shfl_xor_sync(0xffffffffu, step_sum, offset);
+    running_sum = running_sum * correction + step_sum;
 #pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          const long long row = min(base + (r0 + r) * 4 + (lane >> 3), end - 1);  // past the end: masked below
-          const __nv_bfloat16* k_slice = k_head + row * kHeadDim + (lane & 7) * kSlice;
+    for (int k = 0; k < kPerLane; ++k) acc[k] *= correction;
+    for (int t0 = 0; t0 < count; t0 += 8) {  // 8 rows of v in flight (L2 hits: prefetched)
+      float v_values[8][kPerLane];
 #pragma unroll
-          for (int u = 0; u < kSlice / 8; ++u) packed[r][u] = __ldca(reinterpret_cast<const uint4*>(k_slice) + u);
-        }
+      for (int u = 0; u < 8; ++u) {
+        const long long row = base + min(t0 + u, count - 1);  // past the count: a row, weight 0
+        const __nv_bfloat16* v_row = v_head + row * kHeadDim + lane * kPerLane;
+        if constexpr (kPerLane == 4) {
+          const uint2 packed = __ldca(reinterpret_cast<const uint2*>(v_row));
+          const __nv_bfloat16* v4 = reinterpret_cast<const __nv_bfloat16*>(&packed);
 #pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          float partial = 0.0f;
-#pragma unroll
-          for (int u = 0; u < kSlice / 8; ++u) {
-            const __nv_bfloat16* k8 = reinterpret_cast<const __nv_bfloat16*>(&packed[r][u]);
-#pragma unroll
-            for (int e = 0; e < 8; ++e) partial = fmaf(q_slice[u * 8 + e], __bfloat162float(k8[e]), partial);
-          }
-          partial += __shfl_xor_sync(0xffffffffu, partial, 1);
-          partial += __shfl_xor_sync(0xffffffffu, partial, 2);
-          partial += __shfl_xor_sync(0xffffffffu, partial, 4);
-          const float mine = __shfl_sync(0xffffffffu, partial, (lane & 3) * 8);
-          if ((lane >> 2) == r0 + r) dot = mine;
+          for (int k = 0; k < 4; ++k) v_values[u][k] = __bfloat162float(v4[k]);
+        } else {
+          const unsigned packed = __ldca(reinterpret_cast<const unsigned*>(v_row));
+          const __nv_bfloat16* v2 = reinterpret_cast<const __nv_bfloat16*>(&packed);
+          v_values[u][0] = __bfloat162float(v2[0]);
+          v_values[u][1] = __bfloat162float(v2[1]);
         }
       }
-      const float score = valid ? dot * a.scale : -INFINITY;
-      float step_max = score;
 #pragma unroll
-      for (int offset = 16; offset > 0; offset >>= 1)
-        step_max = fmaxf(step_max, __shfl_xor_sync(0xffffffffu, step_max, offset));
-      const float new_max = fmaxf(running_max, step_max);
-      const float weight = valid ? expf(score - new_max) : 0.0f;
-      const float correction = expf(running_max - new_max);  // 0 on the first step
-      float step_sum = weight;
+      for (int u = 0; u < 8; ++u) {
+        const float w = __shfl_sync(0xffffffffu, weight, (t0 + u) & 31);
+        const float wu = t0 + u < count ? w : 0.0f;
 #pragma unroll
-      for (int offset = 16; offset > 0; offset >>= 1) step_sum += __shfl_xor_sync(0xffffffffu, step_sum, offset);
-      running_sum = running_sum * correction + step_sum;
-#pragma unroll
-      for (int k = 0; k < kPerLane; ++k) acc[k] *= correction;
-      for (int t0 = 0; t0 < count; t0 += 8) {  // 8 rows of v in flight (L2 hits: prefetched)
-        float v_values[8][kPerLane];
-#pragma unroll
-        for (int u = 0; u < 8; ++u) {
-          const long long row = base + min(t0 + u, count - 1);  // past the count: a row, weight 0
-          const __nv_bfloat16* v_row = v_head + row * kHeadDim + lane * kPerLane;
-          if constexpr (kPerLane == 4) {
-            const uint2 packed = __ldca(reinterpret_cast<const uint2*>(v_row));
-            const __nv_bfloat16* v4 = reinterpret_cast<const __nv_bfloat16*>(&packed);
-#pragma unroll
-            for (int k = 0; k < 4; ++k) v_values[u][k] = __bfloat162float(v4[k]);
-          } else {
-            const unsigned packed = __ldca(reinterpret_cast<const unsigned*>(v_row));
-            const __nv_bfloat16* v2 = reinterpret_cast<const __nv_bfloat16*>(&packed);
-            v_values[u][0] = __bfloat162float(v2[0]);
-            v_values[u][1] = __bfloat162float(v2[1]);
-          }
-        }
-#pragma unroll
-        for (int u = 0; u < 8; ++u) {
-          const float w = __shfl_sync(0xffffffffu, weight, (t0 + u) & 31);
-          const float wu = t0 + u < count ? w : 0.0f;
-#pragma unroll
-          for (int k = 0; k < kPerLane; ++k) acc[k] = fmaf(wu, v_values[u][k], acc[k]);
-        }
+        for (int k = 0; k < kPerLane; ++k) acc[k] = fmaf(wu, v_values[u][k], acc[k]);
       }
-      running_max = new_max;
     }
+    running_max = new_max;
+  }
+}
+
+// The grid-wide split: units one per consumer warp at a time. Partial result per unit in
+// global memory: [head_dim] unnormalized output, then max, then sum; the head's last
+// unit to finish (a counter per head) combines them, so attention needs no second
+// grid-wide step (the combine step and its wait were ~3 us of a layer).
+template <int kHeadDim>
+__device__ __forceinline__ void attention_units(const DeviceAttention& a, const AttentionSplit& split, float* q_rotated,
+                                                int lane, int worker, int workers) {
+  constexpr int kPerLane = kHeadDim / 32;
+  for (int unit = worker; unit < a.q_heads * split.chunks; unit += workers) {
+    const int head = unit / split.chunks, chunk = unit % split.chunks;
+    float acc[kPerLane], running_max, running_sum;
+    attention_chunk<kHeadDim>(a, split, head, chunk, q_rotated, lane, acc, running_max, running_sum);
     float* partial = a.scratch + (static_cast<long long>(head) * kMaxChunksPerHead + chunk) * (kHeadDim + 2);
 #pragma unroll
     for (int k = 0; k < kPerLane; ++k) __stcg(partial + lane * kPerLane + k, acc[k]);
@@ -580,12 +607,36 @@ __device__ __forceinline__ void attention_units(const DeviceAttention& a, float*
     if (before == static_cast<unsigned>(split.chunks - 1)) {
       __threadfence();
       if (lane == 0) a.head_done[head] = 0;
-      combine_head<kHeadDim>(a, split, head, lane);
+      combine_head<kHeadDim, false>(
+          a, split, head, a.scratch + static_cast<long long>(head) * kMaxChunksPerHead * (kHeadDim + 2), lane);
     }
     __syncwarp();  // q_rotated is rewritten by the warp's next unit
   }
 }
 
+// The local split: block h takes q head h, its warp c chunk c; the chunks' partials go to
+// shared memory (`local`, beside q_rotated), a block barrier, then warp 0 combines.
+template <int kHeadDim>
+__device__ __forceinline__ void attention_block(const DeviceAttention& a, const AttentionSplit& split, float* q_rotated,
+                                                float* local, int lane, int warp) {
+  constexpr int kPerLane = kHeadDim / 32;
+  if (static_cast<int>(blockIdx.x) >= a.q_heads) return;  // block-uniform
+  if (warp < split.chunks) {
+    float acc[kPerLane], running_max, running_sum;
+    attention_chunk<kHeadDim>(a, split, blockIdx.x, warp, q_rotated, lane, acc, running_max, running_sum);
+    float* partial = local + warp * (kHeadDim + 2);
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) partial[lane * kPerLane + k] = acc[k];
+    if (lane == 0) {
+      partial[kHeadDim] = running_max;
+      partial[kHeadDim + 1] = running_sum;
+    }
+  }
+  consumers_sync();
+  if (warp == 0) combine_head<kHeadDim, true>(a, split, blockIdx.x, local, lane);
+}
+
+template <bool kLocal>
 __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_constant__ Params p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ __align__(1024) uint8_t smem[];
@@ -896,12 +947,20 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
       wait_for_previous();
       stamp(o, 0);
       float* q_rotated = reinterpret_cast<float*>(xs) + warp * 128;
+      float* local = reinterpret_cast<float*>(xs) + kConsumerWarps * 128;  // [chunks][head_dim + 2]
       // Units go to one warp per SM first (an SM's load units are the bottleneck of a unit).
       const int worker = warp * gridDim.x + blockIdx.x, workers = gridDim.x * kConsumerWarps;
-      if (op.attention.head_dim == 128)
-        attention_units<128>(op.attention, q_rotated, lane, worker, workers);
-      else
-        attention_units<64>(op.attention, q_rotated, lane, worker, workers);
+      const AttentionSplit split = attention_split(op.attention, kLocal);
+      if constexpr (kLocal) {
+        if (op.attention.head_dim == 128)
+          attention_block<128>(op.attention, split, q_rotated, local, lane, warp);
+        else
+          attention_block<64>(op.attention, split, q_rotated, local, lane, warp);
+      } else if (op.attention.head_dim == 128) {
+        attention_units<128>(op.attention, split, q_rotated, lane, worker, workers);
+      } else {
+        attention_units<64>(op.attention, split, q_rotated, lane, worker, workers);
+      }
       stamp(o, 1);
     } else {
       // Norm weights and the nested code tables need no previous op: loaded before the wait.
@@ -1133,6 +1192,12 @@ cudaError_t NF4ChainPlan::create(const ChainOp* ops, int count, std::unique_ptr<
       d.attention = DeviceAttention{a.q,       a.k_new,    a.v_new,          a.position, a.inv_freq, a.k_cache,
                                     a.v_cache, a.capacity, a.sliding_window, a.q_heads,  a.kv_heads, a.head_dim,
                                     a.scale,   a.out,      a.scratch,        nullptr};
+      // block_local_attention_fits: the most heads, the longest window (0: one without).
+      const bool first_attention = made->attention_q_heads_ == 0;
+      made->attention_q_heads_ = std::max(made->attention_q_heads_, a.q_heads);
+      made->attention_window_ = (first_attention || made->attention_window_ > 0) && a.sliding_window > 0
+                                    ? std::max(made->attention_window_, a.sliding_window)
+                                    : 0;
       continue;
     }
     DeviceOp& d = p.op[p.ops++];
@@ -1176,21 +1241,26 @@ cudaError_t NF4ChainPlan::create(const ChainOp* ops, int count, std::unique_ptr<
     d.tiles = d.kind == kSwiglu ? static_cast<uint32_t>(op.weight[0].rows / 16) : tiles;
   }
 
-  err = cudaFuncSetAttribute(nf4_chain_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  for (auto kernel : {nf4_chain_kernel<false>, nf4_chain_kernel<true>}) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+    if (err != cudaSuccess) break;
+  }
   if (err != cudaSuccess) return err;
   int per_sm = 0;
-  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, nf4_chain_kernel, kThreads, kSmemBytes);
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, nf4_chain_kernel<false>, kThreads, kSmemBytes);
   if (err != cudaSuccess) return err;
   if (per_sm < 1) return refuse("one block of the chain kernel does not fit an SM");
   // The register hand-over (setmaxnreg) assumes the launch's count: with fewer, the
   // consumers' increase would wait forever. A different compiler could choose fewer.
   cudaFuncAttributes attributes{};
-  err = cudaFuncGetAttributes(&attributes, nf4_chain_kernel);
-  if (err != cudaSuccess) return err;
-  if (attributes.numRegs < kLaunchRegisters)
-    return refuse("the chain kernel was compiled with " + std::to_string(attributes.numRegs) +
-                  " registers a thread, fewer than the " + std::to_string(kLaunchRegisters) +
-                  " its register hand-over between warps needs");
+  for (auto kernel : {nf4_chain_kernel<false>, nf4_chain_kernel<true>}) {
+    err = cudaFuncGetAttributes(&attributes, kernel);
+    if (err != cudaSuccess) return err;
+    if (attributes.numRegs < kLaunchRegisters)
+      return refuse("the chain kernel was compiled with " + std::to_string(attributes.numRegs) +
+                    " registers a thread, fewer than the " + std::to_string(kLaunchRegisters) +
+                    " its register hand-over between warps needs");
+  }
   made->grid_ = prop.multiProcessorCount;
   const size_t counters = static_cast<size_t>(kMaxDeviceOps + attention_heads);
   err = cudaMalloc(&made->counters_, counters * sizeof(unsigned));
@@ -1212,7 +1282,16 @@ void NF4ChainPlan::set_timeline(unsigned long long* timeline) { params_->timelin
 
 int NF4ChainPlan::device_ops() const { return params_->ops; }
 
-cudaError_t NF4ChainPlan::launch(cudaStream_t stream) const {
+bool NF4ChainPlan::block_local_attention_fits(int64_t position) const {
+  if (attention_q_heads_ == 0 || attention_q_heads_ > grid_) return false;
+  const int64_t length = position + 1;
+  const int64_t visible = attention_window_ > 0 ? std::min(length, attention_window_) : length;
+  return position >= 0 && visible <= kChainLocalVisible;
+}
+
+cudaError_t NF4ChainPlan::launch(cudaStream_t stream, ChainAttentionSplit split) const {
+  // Block-local: q head h is block h's (the blocks are one per SM).
+  if (split == ChainAttentionSplit::block_local && attention_q_heads_ > grid_) return cudaErrorInvalidValue;
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(grid_);
   config.blockDim = dim3(kThreads);
@@ -1224,7 +1303,8 @@ cudaError_t NF4ChainPlan::launch(cudaStream_t stream) const {
   attribute[0].val.cooperative = 1;
   config.attrs = attribute;
   config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, nf4_chain_kernel, *params_);
+  if (split == ChainAttentionSplit::block_local) return cudaLaunchKernelEx(&config, nf4_chain_kernel<true>, *params_);
+  return cudaLaunchKernelEx(&config, nf4_chain_kernel<false>, *params_);
 }
 
 }  // namespace layerpack::kernels

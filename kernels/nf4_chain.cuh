@@ -65,6 +65,14 @@ struct ChainAttention {
   float* scratch = nullptr;      // nf4_chain_attention_scratch_bytes(q_heads, head_dim) of device memory
 };
 
+// How a launch splits each attention op's positions over the warps (NF4ChainPlan::launch):
+// grid_wide, up to 64 chunks a q head over the whole grid, combined by the head's last
+// chunk through global memory; block_local, up to 16 chunks a head in one block's warps,
+// combined through shared memory (no global round trips between the chunks and the
+// combine: faster where every head's visible positions fit, kChainLocalVisible).
+enum class ChainAttentionSplit { grid_wide, block_local };
+constexpr int kChainLocalVisible = 512;
+
 // Device scratch an attention op needs: fp32 partial results of up to 64 chunks per q head.
 size_t nf4_chain_attention_scratch_bytes(int q_heads, int head_dim);
 
@@ -125,8 +133,15 @@ class NF4ChainPlan {
   // a chain or the device is not sm_90) and encodes the tensor maps.
   static cudaError_t create(const ChainOp* ops, int count, std::unique_ptr<NF4ChainPlan>* plan, std::string* why);
 
-  // One cooperative launch on `stream` (capturable in a CUDA graph).
-  cudaError_t launch(cudaStream_t stream) const;
+  // One cooperative launch on `stream` (capturable in a CUDA graph). The attention ops'
+  // split: grid_wide is the fast one for any position, so the one for a launch replayed
+  // in a graph; block_local where block_local_attention_fits(the token's position)
+  // (at a later position its chunks grow: correct, slower; with more q heads than
+  // blocks() it returns cudaErrorInvalidValue).
+  cudaError_t launch(cudaStream_t stream, ChainAttentionSplit split = ChainAttentionSplit::grid_wide) const;
+  // Every attention op sees at most kChainLocalVisible positions at `position` (its
+  // window counted) and has at most a q head per block; false without attention ops.
+  bool block_local_attention_fits(int64_t position) const;
 
   // Diagnostics (layerpack-bench-chain): each block writes the global timer (ns), per
   // device op, when its wait ended, its input was ready and it was done, into
@@ -143,6 +158,8 @@ class NF4ChainPlan {
   std::unique_ptr<Params> params_;
   unsigned* counters_ = nullptr;  // per op: blocks done; the launch's last block resets them
   int grid_ = 0;
+  int attention_q_heads_ = 0;     // the most of any attention op (0: none)
+  int64_t attention_window_ = 0;  // the longest sliding window, 0 where an op has none
 };
 
 }  // namespace layerpack::kernels

@@ -2,6 +2,7 @@
 // separate launches (nf4_matvec_group + rms_norm), over awkward and real shapes.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <memory>
 #include <string>
 #include <vector>
@@ -283,17 +284,30 @@ void check_whole_layer(WholeLayer& layer, const std::string& what) {
   std::string why;
   CUDA_OK(NF4ChainPlan::create(ops.data(), static_cast<int>(ops.size()), &plan, &why));
   ASSERT_TRUE(why.empty()) << why;
-  layer.reset_device();
-  layer.mlp.d_attention.poison();
-  CUDA_OK(plan->launch(nullptr));
-  CUDA_OK(cudaDeviceSynchronize());
-  const std::vector<uint16_t> chained_hidden = layer.mlp.d_hidden.download(),
-                              chained_attention = layer.mlp.d_attention.download(),
-                              chained_keys = layer.d_keys.download(), chained_values = layer.d_values.download();
-  expect_close(bf16_to_floats(chained_attention), bf16_to_floats(ref_attention), kBf16Tolerance, what + " attention");
-  expect_close(bf16_to_floats(chained_hidden), bf16_to_floats(hidden), kBf16Tolerance, what + " hidden");
-  expect_close(bf16_to_floats(chained_keys), bf16_to_floats(keys), kBf16Tolerance, what + " keys");
-  expect_close(bf16_to_floats(chained_values), bf16_to_floats(values), kBf16Tolerance, what + " values");
+  // Both attention splits where the block-local one applies (up to 512 visible positions).
+  const int64_t visible = layer.window > 0 ? std::min<int64_t>(layer.position + 1, layer.window) : layer.position + 1;
+  EXPECT_EQ(plan->block_local_attention_fits(layer.position), visible <= kChainLocalVisible) << what;
+  std::vector<ChainAttentionSplit> splits = {ChainAttentionSplit::grid_wide};
+  if (plan->block_local_attention_fits(layer.position)) splits.push_back(ChainAttentionSplit::block_local);
+  std::vector<uint16_t> chained_hidden, chained_attention, chained_keys, chained_values;
+  for (ChainAttentionSplit split : splits) {
+    const std::string which =
+        what + (split == ChainAttentionSplit::block_local ? ", block-local split" : ", grid-wide split");
+    layer.reset_device();
+    layer.mlp.d_attention.poison();
+    CUDA_OK(plan->launch(nullptr, split));
+    CUDA_OK(cudaDeviceSynchronize());
+    chained_hidden = layer.mlp.d_hidden.download();
+    chained_attention = layer.mlp.d_attention.download();
+    chained_keys = layer.d_keys.download();
+    chained_values = layer.d_values.download();
+    expect_close(bf16_to_floats(chained_attention), bf16_to_floats(ref_attention), kBf16Tolerance,
+                 which + " attention");
+    expect_close(bf16_to_floats(chained_hidden), bf16_to_floats(hidden), kBf16Tolerance, which + " hidden");
+    expect_close(bf16_to_floats(chained_keys), bf16_to_floats(keys), kBf16Tolerance, which + " keys");
+    expect_close(bf16_to_floats(chained_values), bf16_to_floats(values), kBf16Tolerance, which + " values");
+  }
+  // (Below: the last split's outputs against the library's launches.)
 
   // The library's launches, from the same state.
   layer.reset_device();
@@ -344,8 +358,9 @@ TEST(NF4Chain, WholeLayerMatchesReferenceAndLaunches) {
   SKIP_WITHOUT_CHAIN();
   std::mt19937 rng(781);
   // Positions: the first token, a part of one 32-position step, exact steps, several
-  // chunks, and past 64 chunks of 32 (chunks of 64 positions).
-  for (int position : {0, 1, 31, 32, 100, 2047, 2600}) {
+  // chunks, the last block-local split (512 visible) and the first grid-wide one, and
+  // past 64 chunks of 32 (chunks of 64 positions).
+  for (int position : {0, 1, 31, 32, 100, 511, 512, 2047, 2600}) {
     WholeLayer layer(rng, 16, 4, 128, 4096, position);
     check_whole_layer(layer, "GQA 16/4 x 128, position " + std::to_string(position));
   }
@@ -399,13 +414,14 @@ void check_layers_in_one_launch(std::mt19937& rng, int count, int position) {
   std::unique_ptr<NF4ChainPlan> grouped;
   CUDA_OK(NF4ChainPlan::create(all.data(), static_cast<int>(all.size()), &grouped, &why));
   ASSERT_TRUE(why.empty()) << why;
+  ChainAttentionSplit split = ChainAttentionSplit::grid_wide;
   auto run = [&](const std::vector<const NF4ChainPlan*>& plans) -> std::vector<std::vector<uint16_t>> {
     first.reset_device();
     for (auto& layer : layers) {
       layer->d_keys.upload(layer->keys);
       layer->d_values.upload(layer->values);
     }
-    for (const NF4ChainPlan* plan : plans) EXPECT_EQ(plan->launch(nullptr), cudaSuccess);
+    for (const NF4ChainPlan* plan : plans) EXPECT_EQ(plan->launch(nullptr, split), cudaSuccess);
     EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     std::vector<std::vector<uint16_t>> out = {first.mlp.d_hidden.download()};
     for (auto& layer : layers) {
@@ -416,14 +432,20 @@ void check_layers_in_one_launch(std::mt19937& rng, int count, int position) {
   };
   std::vector<const NF4ChainPlan*> one_each;
   for (auto& plan : separate_plans) one_each.push_back(plan.get());
-  const auto separate = run(one_each);
-  const auto together = run({grouped.get()});
-  const std::string what = std::to_string(count) + " layers, position " + std::to_string(position);
-  EXPECT_EQ(separate[0], together[0]) << "hidden differs: " << what;
-  for (size_t i = 1; i < separate.size(); ++i)
-    EXPECT_EQ(separate[i], together[i]) << "layer " << (i - 1) / 2 << (i % 2 ? " keys" : " values")
-                                        << " differ: " << what;
-  EXPECT_NE(separate[0], first.mlp.hidden) << "the layers changed nothing: " << what;
+  std::vector<ChainAttentionSplit> splits = {ChainAttentionSplit::grid_wide};
+  if (grouped->block_local_attention_fits(position)) splits.push_back(ChainAttentionSplit::block_local);
+  for (ChainAttentionSplit s : splits) {
+    split = s;
+    const auto separate = run(one_each);
+    const auto together = run({grouped.get()});
+    const std::string what = std::to_string(count) + " layers, position " + std::to_string(position) +
+                             (s == ChainAttentionSplit::block_local ? ", block-local split" : ", grid-wide split");
+    EXPECT_EQ(separate[0], together[0]) << "hidden differs: " << what;
+    for (size_t i = 1; i < separate.size(); ++i)
+      EXPECT_EQ(separate[i], together[i])
+          << "layer " << (i - 1) / 2 << (i % 2 ? " keys" : " values") << " differ: " << what;
+    EXPECT_NE(separate[0], first.mlp.hidden) << "the layers changed nothing: " << what;
+  }
 }
 
 TEST(NF4Chain, SeveralWholeLayersInOneLaunchMatchOneLaunchEach) {

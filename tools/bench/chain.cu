@@ -305,13 +305,18 @@ int main() {
     check(cudaMemcpy(position, &pos, 4, cudaMemcpyHostToDevice), "position");
     check(cudaMemcpy(length, &len, 4, cudaMemcpyHostToDevice), "length");
     std::printf("position %d (us per layer; floor %.1f)\n", pos, layer_bytes / copy_gbs / 1e3);
+    // The attention split the runtime takes at this position.
+    auto split = [&](const k::NF4ChainPlan& plan) {
+      return plan.block_local_attention_fits(pos) ? k::ChainAttentionSplit::block_local
+                                                  : k::ChainAttentionSplit::grid_wide;
+    };
     const float library = time_graph([&](int i) {
       library_attention(layers[i], stream);
       library_mlp(layers[i], stream);
     });
     const float library_mlp_chain = time_graph([&](int i) {
       library_attention(layers[i], stream);
-      check(plans[i][4]->launch(stream), "chain");
+      check(plans[i][4]->launch(stream, split(*plans[i][4])), "chain");
     });
     const float library_attention_only = time_graph([&](int i) { library_attention(layers[i], stream); });
     const float library_mlp_only = time_graph([&](int i) { library_mlp(layers[i], stream); });
@@ -327,11 +332,11 @@ int main() {
       std::unique_ptr<k::NF4ChainPlan> group;
       std::string why;
       check(k::NF4ChainPlan::create(all.data(), static_cast<int>(all.size()), &group, &why), why.c_str());
-      const float t = time_graph([&](int) { check(group->launch(stream), "chain"); });
+      const float t = time_graph([&](int) { check(group->launch(stream, split(*group)), "chain"); });
       std::printf("  chain: %d whole layers in one launch, per layer %.1f\n", count, t / count);
     }
     for (int j = 0; j < 8; ++j) {
-      const float t = time_graph([&](int i) { check(plans[i][j]->launch(stream), "chain"); });
+      const float t = time_graph([&](int i) { check(plans[i][j]->launch(stream, split(*plans[i][j])), "chain"); });
       std::printf("  %-26s %.1f\n", variants[j].name, t);
     }
     // Inside one whole-layer launch (after the other layer's, as in a decode step):
@@ -341,8 +346,8 @@ int main() {
     std::vector<unsigned long long> stamps(size_t(blocks) * slots * 3);
     unsigned long long* timeline = device_array<unsigned long long>(stamps.size());
     plans[0][0]->set_timeline(timeline);
-    check(plans[1][0]->launch(stream), "chain");
-    check(plans[0][0]->launch(stream), "chain");
+    check(plans[1][0]->launch(stream, split(*plans[1][0])), "chain");
+    check(plans[0][0]->launch(stream, split(*plans[0][0])), "chain");
     check(cudaStreamSynchronize(stream), "timeline");
     plans[0][0]->set_timeline(nullptr);
     check(cudaMemcpy(stamps.data(), timeline, stamps.size() * 8, cudaMemcpyDeviceToHost), "timeline");

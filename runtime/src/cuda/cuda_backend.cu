@@ -1022,7 +1022,11 @@ Status CudaBackend::run_decoder_layers(uint32_t first, const SlotId* slot_ids, u
     CUDA_TRY(cudaStreamWaitEvent(compute_, slots[i].ready, 0), "ordering compute after an upload");
   {
     ProfileScope profile(profiler_, "NF4 chain: several whole layers");
-    CUDA_TRY(it->second->launch(compute_), "NF4 chain of " + layers());
+    // Launched directly (not replayed from a graph): the split can follow the position.
+    const kernels::ChainAttentionSplit split = it->second->block_local_attention_fits(batch.positions[0])
+                                                   ? kernels::ChainAttentionSplit::block_local
+                                                   : kernels::ChainAttentionSplit::grid_wide;
+    CUDA_TRY(it->second->launch(compute_, split), "NF4 chain of " + layers());
   }
   for (uint32_t i = 0; i < count; ++i) CUDA_TRY(cudaEventRecord(slots[i].free, compute_), "recording layer completion");
   return Status::success();
