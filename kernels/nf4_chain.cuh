@@ -71,7 +71,10 @@ struct ChainAttention {
 // combined through shared memory (no global round trips between the chunks and the
 // combine: faster where every head's visible positions fit, kChainLocalVisible).
 enum class ChainAttentionSplit { grid_wide, block_local };
-constexpr int kChainLocalVisible = 512;
+// Where block_local stops paying: on an H200 (8B layer, 8 a launch) it measured 53.1 /
+// 53.6 / 55.8 / 56.7 / 58.9 us a layer at 40 / 128 / 256 / 384 / 512 visible positions,
+// grid_wide 54.1 / 55.0 / 59.1 / 58.2 / 57.0 (kernels/NOTES.md, seventeenth session).
+constexpr int kChainLocalVisible = 384;
 
 // Device scratch an attention op needs: fp32 partial results of up to 64 chunks per q head.
 size_t nf4_chain_attention_scratch_bytes(int q_heads, int head_dim);

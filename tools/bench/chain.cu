@@ -300,13 +300,40 @@ int main() {
     cudaGraphDestroy(graph);
     return runs[runs.size() / 2];
   };
-  for (int pos : {40, 1000}) {
+  // LAYERPACK_BENCH_POSITIONS: a comma-separated list (default 40,1000; below the cache's
+  // 4096). LAYERPACK_BENCH_SPLIT: the chain's attention split, auto (the runtime's choice
+  // by position), grid or local (either at every position: where they cross).
+  std::vector<int> positions;
+  {
+    const char* list = std::getenv("LAYERPACK_BENCH_POSITIONS");
+    std::string text = list != nullptr ? list : "40,1000";
+    for (size_t at = 0; at < text.size();) {
+      const size_t comma = std::min(text.find(',', at), text.size());
+      const int pos = std::atoi(text.substr(at, comma - at).c_str());
+      if (pos < 0 || pos >= capacity) {
+        std::fprintf(stderr, "LAYERPACK_BENCH_POSITIONS: %d is outside 0..%lld\n", pos,
+                     static_cast<long long>(capacity - 1));
+        return 2;
+      }
+      positions.push_back(pos);
+      at = comma + 1;
+    }
+  }
+  const char* split_env = std::getenv("LAYERPACK_BENCH_SPLIT");
+  const std::string split_choice = split_env != nullptr ? split_env : "auto";
+  if (split_choice != "auto" && split_choice != "grid" && split_choice != "local") {
+    std::fprintf(stderr, "LAYERPACK_BENCH_SPLIT: auto, grid or local, not %s\n", split_choice.c_str());
+    return 2;
+  }
+  for (int pos : positions) {
     const int32_t len = pos + 1;
     check(cudaMemcpy(position, &pos, 4, cudaMemcpyHostToDevice), "position");
     check(cudaMemcpy(length, &len, 4, cudaMemcpyHostToDevice), "length");
     std::printf("position %d (us per layer; floor %.1f)\n", pos, layer_bytes / copy_gbs / 1e3);
-    // The attention split the runtime takes at this position.
+    // The attention split the runtime takes at this position (or the one asked for).
     auto split = [&](const k::NF4ChainPlan& plan) {
+      if (split_choice != "auto")
+        return split_choice == "local" ? k::ChainAttentionSplit::block_local : k::ChainAttentionSplit::grid_wide;
       return plan.block_local_attention_fits(pos) ? k::ChainAttentionSplit::block_local
                                                   : k::ChainAttentionSplit::grid_wide;
     };
