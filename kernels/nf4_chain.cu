@@ -442,7 +442,7 @@ __device__ __forceinline__ void combine_head(const DeviceAttention& a, const Att
 // Loops and branches stay warp-uniform (lanes predicated): divergent control flow
 // anywhere in this kernel costs the NF4 loop its uniform table addressing. Loads are
 // unrolled in batches so their latencies overlap.
-template <int kHeadDim>
+template <int kHeadDim, bool kLocal>
 __device__ __forceinline__ void attention_chunk(const DeviceAttention& a, const AttentionSplit& split, int head,
                                                 int chunk, float* q_rotated, int lane, float (&acc)[kHeadDim / 32],
                                                 float& running_max, float& running_sum) {
@@ -467,6 +467,23 @@ __device__ __forceinline__ void attention_chunk(const DeviceAttention& a, const 
         wanted ? (tensor == 0 ? k_head : v_head) + row * kHeadDim + line * 64 : a.q;  // a.q: read via L2 only
     asm volatile("prefetch.global.L1 [%0];" ::"l"(address));
   }
+  const bool appends = begin <= split.position && split.position < end;  // end <= capacity
+  // Local split: the new k and v row loaded with q, one round trip on the appending warp's
+  // path instead of two (the grid-wide split's kernel keeps them apart: loading them
+  // together cost it ~1.5 us a layer at position 1000, NOTES).
+  constexpr int kRounds = kHalf / 32;
+  const __nv_bfloat16 zero = __float2bfloat16_rn(0.0f);
+  __nv_bfloat16 kv_early[kRounds][4];
+  if constexpr (kLocal) {
+#pragma unroll
+    for (int r = 0; r < kRounds; ++r) {
+      const int i = kv_head * kHeadDim + 32 * r + lane;
+      kv_early[r][0] = appends ? __ldcg(a.k_new + i) : zero;
+      kv_early[r][1] = appends ? __ldcg(a.k_new + i + kHalf) : zero;
+      kv_early[r][2] = appends ? __ldcg(a.v_new + i) : zero;
+      kv_early[r][3] = appends ? __ldcg(a.v_new + i + kHalf) : zero;
+    }
+  }
 #pragma unroll
   for (int i0 = 0; i0 < kHalf; i0 += 32) {
     const int i = i0 + lane;
@@ -476,20 +493,30 @@ __device__ __forceinline__ void attention_chunk(const DeviceAttention& a, const 
     q_rotated[i] = __bfloat162float(y1);
     q_rotated[i + kHalf] = __bfloat162float(y2);
   }
-  if (begin <= split.position && split.position < end) {  // end <= capacity
+  if (appends) {
     __nv_bfloat16* k_row = k_head + static_cast<long long>(split.position) * kHeadDim;
     __nv_bfloat16* v_row = v_head + static_cast<long long>(split.position) * kHeadDim;
 #pragma unroll
     for (int i0 = 0; i0 < kHalf; i0 += 32) {
       const int i = i0 + lane;
+      __nv_bfloat16 k1, k2, v1, v2;
+      if constexpr (kLocal) {
+        k1 = kv_early[i0 / 32][0];
+        k2 = kv_early[i0 / 32][1];
+        v1 = kv_early[i0 / 32][2];
+        v2 = kv_early[i0 / 32][3];
+      } else {
+        k1 = __ldcg(a.k_new + kv_head * kHeadDim + i);
+        k2 = __ldcg(a.k_new + kv_head * kHeadDim + i + kHalf);
+        v1 = __ldcg(a.v_new + kv_head * kHeadDim + i);
+        v2 = __ldcg(a.v_new + kv_head * kHeadDim + i + kHalf);
+      }
       __nv_bfloat16 y1, y2;
-      detail::rope_pair(__bfloat162float(__ldcg(a.k_new + kv_head * kHeadDim + i)),
-                        __bfloat162float(__ldcg(a.k_new + kv_head * kHeadDim + i + kHalf)), position, a.inv_freq[i],
-                        &y1, &y2);
+      detail::rope_pair(__bfloat162float(k1), __bfloat162float(k2), position, a.inv_freq[i], &y1, &y2);
       __stcg(k_row + i, y1);
       __stcg(k_row + i + kHalf, y2);
-      __stcg(v_row + i, __ldcg(a.v_new + kv_head * kHeadDim + i));
-      __stcg(v_row + i + kHalf, __ldcg(a.v_new + kv_head * kHeadDim + i + kHalf));
+      __stcg(v_row + i, v1);
+      __stcg(v_row + i + kHalf, v2);
     }
   }
   __syncwarp();  // the rotated q and the appended row, for every lane
@@ -588,7 +615,7 @@ __device__ __forceinline__ void attention_units(const DeviceAttention& a, const 
   for (int unit = worker; unit < a.q_heads * split.chunks; unit += workers) {
     const int head = unit / split.chunks, chunk = unit % split.chunks;
     float acc[kPerLane], running_max, running_sum;
-    attention_chunk<kHeadDim>(a, split, head, chunk, q_rotated, lane, acc, running_max, running_sum);
+    attention_chunk<kHeadDim, false>(a, split, head, chunk, q_rotated, lane, acc, running_max, running_sum);
     float* partial = a.scratch + (static_cast<long long>(head) * kMaxChunksPerHead + chunk) * (kHeadDim + 2);
 #pragma unroll
     for (int k = 0; k < kPerLane; ++k) __stcg(partial + lane * kPerLane + k, acc[k]);
@@ -623,7 +650,7 @@ __device__ __forceinline__ void attention_block(const DeviceAttention& a, const 
   if (static_cast<int>(blockIdx.x) >= a.q_heads) return;  // block-uniform
   if (warp < split.chunks) {
     float acc[kPerLane], running_max, running_sum;
-    attention_chunk<kHeadDim>(a, split, blockIdx.x, warp, q_rotated, lane, acc, running_max, running_sum);
+    attention_chunk<kHeadDim, true>(a, split, blockIdx.x, warp, q_rotated, lane, acc, running_max, running_sum);
     float* partial = local + warp * (kHeadDim + 2);
 #pragma unroll
     for (int k = 0; k < kPerLane; ++k) partial[lane * kPerLane + k] = acc[k];
