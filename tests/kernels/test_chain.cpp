@@ -284,7 +284,8 @@ void check_whole_layer(WholeLayer& layer, const std::string& what) {
   std::string why;
   CUDA_OK(NF4ChainPlan::create(ops.data(), static_cast<int>(ops.size()), &plan, &why));
   ASSERT_TRUE(why.empty()) << why;
-  // Both attention splits where the block-local one applies (up to 512 visible positions).
+  // Both attention splits where the block-local one applies (up to kChainLocalVisible
+  // visible positions).
   const int64_t visible = layer.window > 0 ? std::min<int64_t>(layer.position + 1, layer.window) : layer.position + 1;
   EXPECT_EQ(plan->block_local_attention_fits(layer.position), visible <= kChainLocalVisible) << what;
   std::vector<ChainAttentionSplit> splits = {ChainAttentionSplit::grid_wide};
@@ -592,10 +593,19 @@ TEST(NF4Chain, RefusesWhatItCannotRun) {
   EXPECT_EQ(NF4ChainPlan::create(ops, 2, &plan, &why), cudaErrorInvalidValue);
   EXPECT_NE(why.find("code table"), std::string::npos) << why;
   EXPECT_EQ(NF4ChainPlan::create(ops, 0, &plan, &why), cudaErrorInvalidValue);
-  // More q heads than the plan keeps done counters for: 3 attention ops of 96 heads.
   WholeLayer layer(rng, 16, 4, 128, 2048, 3);
   const std::vector<ChainOp> layer_ops =
       layer.ops(true, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr);
+  // The block-local split takes a block per q head: with more heads than blocks it is
+  // refused (the plan is not launched otherwise: its buffers hold 16 heads).
+  std::vector<ChainOp> wide(1, layer_ops[1]);
+  wide[0].attention.q_heads = 192;
+  ASSERT_EQ(NF4ChainPlan::create(wide.data(), 1, &plan, &why), cudaSuccess) << why;
+  if (plan->blocks() < 192) {
+    EXPECT_FALSE(plan->block_local_attention_fits(3));
+    EXPECT_EQ(plan->launch(nullptr, ChainAttentionSplit::block_local), cudaErrorInvalidValue);
+  }
+  // More q heads than the plan keeps done counters for: 3 attention ops of 96 heads.
   std::vector<ChainOp> attentions(3, layer_ops[1]);
   EXPECT_EQ(NF4ChainPlan::create(attentions.data(), 3, &plan, &why), cudaSuccess) << why;  // 48 heads
   for (ChainOp& op : attentions) op.attention.q_heads = 96;
