@@ -89,18 +89,25 @@ __device__ __forceinline__ void store_output(OutT* y, int64_t index, float v) {
   }
 }
 
-// Sums the per-warp mma accumulators of the block and writes y for batch < batch.
-// Accumulator layout (m16n8 f32): c0,c1 -> (row g, n 2t, 2t+1); c2,c3 -> (row g+8, ...).
-template <int kTiles, typename OutT>
-__device__ __forceinline__ void reduce_and_store(float (&acc)[kTiles][4], int64_t row_base, int64_t rows, int batch,
-                                                 OutT* y) {
-  __shared__ float partial[kWarpsPerBlock][kTiles * 4][32];
+// Each warp's mma accumulators into the block's shared partial sums, then a barrier.
+template <int kTiles>
+__device__ __forceinline__ void store_warp_partials(float (&partial)[kWarpsPerBlock][kTiles * 4][32],
+                                                    const float (&acc)[kTiles][4]) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
   for (int t = 0; t < kTiles; ++t)
 #pragma unroll
     for (int i = 0; i < 4; ++i) partial[warp][t * 4 + i][lane] = acc[t][i];
   __syncthreads();
+}
+
+// Sums the per-warp mma accumulators of the block and writes y for batch < batch.
+// Accumulator layout (m16n8 f32): c0,c1 -> (row g, n 2t, 2t+1); c2,c3 -> (row g+8, ...).
+template <int kTiles, typename OutT>
+__device__ __forceinline__ void reduce_and_store(float (&acc)[kTiles][4], int64_t row_base, int64_t rows, int batch,
+                                                 OutT* y) {
+  __shared__ float partial[kWarpsPerBlock][kTiles * 4][32];
+  store_warp_partials<kTiles>(partial, acc);
   // Every thread of the block finishes one (tile, slot, lane) triple.
   for (int idx = threadIdx.x; idx < kTiles * 4 * 32; idx += blockDim.x) {
     const int slot = idx / 32, l = idx % 32;
@@ -336,12 +343,7 @@ __global__ void __launch_bounds__(kThreads)
   mma_tiles_accumulate<kTiles, kDoubleQuant>(tiles, grp.cols, grp.block_shift, grp.nested_shift, lut, x, batch, acc);
 
   // reduce_and_store's sums (warps in order), then the epilogue.
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int t = 0; t < kTiles; ++t)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) partial[warp][t * 4 + i][lane] = acc[t][i];
-  __syncthreads();
+  store_warp_partials<kTiles>(partial, acc);
   const int64_t rows = grp.m[matrix[0]].m.rows;
   __nv_bfloat16* y = grp.m[matrix[0]].y;
   if (kTiles == 1 && head_dim != 0) {
@@ -1185,19 +1187,25 @@ cudaError_t pair_lut_dispatch(const PairLutGroup& grp, bool double_quant, const 
                       : launch_pair_lut_shape<false, OutT>(shape, grp, x, batch, stream);
 }
 
+// The RoPE + KV-append fields both group kernels' parameters carry, for a pass whose
+// first row is `first_row` of the batch (rope null: off, rope_head_dim stays 0).
+template <typename Group>
+void set_group_rope(Group& grp, const MatvecRope* rope, int first_row) {
+  if (rope == nullptr) return;
+  grp.rope_head_dim = rope->head_dim;
+  grp.rope_positions = rope->positions + first_row;
+  grp.rope_inv_freq = rope->inv_freq;
+  grp.cache = rope->cache;
+  if (grp.cache.sequences) grp.cache.sequences += first_row;
+  grp.first_token = first_row;
+}
+
 // The 16-row kernel's grouped launch for one pass of at most kBatchPerPass rows.
 cudaError_t launch_mma_group(const NF4Matrix* matrices, __nv_bfloat16* const* outputs, int count, int first_row,
                              MatvecEpilogue epilogue, const __nv_bfloat16* x, int batch, const MatvecRope* rope,
                              cudaStream_t stream) {
   MmaGroup grp{};
-  if (rope) {
-    grp.rope_head_dim = rope->head_dim;
-    grp.rope_positions = rope->positions + first_row;
-    grp.rope_inv_freq = rope->inv_freq;
-    grp.cache = rope->cache;
-    if (grp.cache.sequences) grp.cache.sequences += first_row;
-    grp.first_token = first_row;
-  }
+  set_group_rope(grp, rope, first_row);
   set_group_shape(grp, matrices, count, epilogue);
   int64_t blocks = 0;
   for (int i = 0; i < count; ++i) {
@@ -1377,14 +1385,7 @@ cudaError_t nf4_matvec_group(const NF4Matrix* matrices, __nv_bfloat16* const* ou
       continue;
     }
     PairLutGroup grp = pair_lut_group(matrices, outputs, count, b0, epilogue);
-    if (rope) {
-      grp.rope_head_dim = rope->head_dim;
-      grp.rope_positions = rope->positions + b0;
-      grp.rope_inv_freq = rope->inv_freq;
-      grp.cache = rope->cache;
-      if (grp.cache.sequences) grp.cache.sequences += b0;
-      grp.first_token = b0;
-    }
+    set_group_rope(grp, rope, b0);
     const cudaError_t err = pair_lut_dispatch<__nv_bfloat16>(grp, matrices[0].double_quant,
                                                              x + static_cast<int64_t>(b0) * matrices[0].cols, pass,
                                                              PairLutShape{0, 0}, stream);
