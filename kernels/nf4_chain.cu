@@ -328,8 +328,7 @@ __device__ __forceinline__ float load_op_x(const DeviceOp& op, __nv_bfloat16* xs
 // a count per unit, then the combine's loads: round trips on the op's path that the
 // block-local split does not make). The kernel is compiled once per split (kLocal): one
 // body holding both cost the grid-wide split ~1.2 us a layer at position 1000 (NOTES).
-constexpr int kLocalVisible = kChainLocalVisible;
-static_assert(kLocalVisible <= 8 * kConsumerWarps * 4, "block-local chunks of up to 32 positions, one per warp");
+static_assert(kChainLocalVisible <= 8 * kConsumerWarps * 4, "block-local chunks of up to 32 positions, one per warp");
 struct AttentionSplit {
   int position;
   long long start, chunk;
@@ -345,7 +344,7 @@ __device__ __forceinline__ AttentionSplit attention_split(const DeviceAttention&
   // many warps. 32-bit: no division subroutine.
   const int visible = static_cast<int>(length - s.start);
   // Block-local chunks grow with the visible positions (at most kConsumerWarps of them
-  // whatever the position): past kLocalVisible the split is slower, not wrong.
+  // whatever the position): past kChainLocalVisible the split is slower, not wrong.
   const int most = local ? kConsumerWarps : kMaxChunksPerHead;
   const int eights = (visible + 8 * most - 1) / (8 * most);
   s.chunk = 8 * eights;
