@@ -70,11 +70,16 @@ static_assert(kConsumerWarps * (128 + 128 + 2) * 4 <= kMaxCols * 2, "q_rotated a
 
 // cols not a multiple of 2048 ("absmax direct"): no absmax tensor map (its row stride,
 // cols / 64 bytes, is not a multiple of 16) and an item's blocks may span two nested
-// absmax: each lane loads its absmax word and its nested absmax.
-__host__ __device__ __forceinline__ bool absmax_direct(uint32_t cols) { return cols % kChunkElements != 0; }
+// absmax: each lane loads its absmax word and its nested absmax. Blocksize 32 is always
+// direct (its lanes load their own 4 absmax bytes: their rows' 32-block runs need not be
+// aligned to anything).
+template <bool kBlocks32>
+__host__ __device__ __forceinline__ bool absmax_direct(uint32_t cols) {
+  return kBlocks32 || cols % kChunkElements != 0;
+}
 
 struct DeviceMatrix {
-  const uint8_t* absmax;  // u8 [rows][cols / 64]: read by the consumers where the op's absmax_direct
+  const uint8_t* absmax;  // u8 [rows][cols / blocksize]: read by the consumers where the op's absmax_direct
   const float* nested_absmax;
   const float* nested_code;
   float nested_offset;
@@ -225,14 +230,18 @@ struct NormWeights {
   float4 w[4];
   bool valid;
 };
+// Blocksize 32 keeps x in registers for 1-chunk ops only (its B columns split a chunk's
+// blocks by halves, see compute()).
+template <bool kBlocks32>
 __device__ __forceinline__ bool norm_in_registers(const DeviceOp& op) {
-  return op.norm_weight != nullptr && op.chunks <= 2;
+  return op.norm_weight != nullptr && op.chunks <= (kBlocks32 ? 1u : 2u);
 }
+template <bool kBlocks32>
 __device__ __forceinline__ NormWeights prefetch_norm(const DeviceOp& op, uint32_t column) {
   NormWeights n{};
   n.valid = false;
   if (op.norm_weight == nullptr) return n;
-  if (norm_in_registers(op)) {
+  if (norm_in_registers<kBlocks32>(op)) {
     if (column < op.cols) {  // past the row (a partial chunk): 0, against zeros of x
 #pragma unroll
       for (int j = 0; j < 4; ++j) n.w[j] = __ldg(reinterpret_cast<const float4*>(op.norm_weight + column) + j);
@@ -271,6 +280,7 @@ __device__ __forceinline__ void store_nested_share(const DeviceOp& op, const Nes
 }
 
 // Returns rsqrt(mean + eps) for a norm op (0 without a norm).
+template <bool kBlocks32>
 __device__ __forceinline__ float load_op_x(const DeviceOp& op, __nv_bfloat16* xs, float* reduce, const NormWeights& pre,
                                            const NestedShare& nested, float* nested_code) {
   const uint32_t pieces = op.cols / 8;
@@ -304,7 +314,7 @@ __device__ __forceinline__ float load_op_x(const DeviceOp& op, __nv_bfloat16* xs
   float total = 0.0f;
   for (int w = 0; w < kConsumerWarps; ++w) total += reduce[w];
   const float inv_rms = rsqrtf(total / static_cast<float>(op.cols) + op.eps);
-  if (norm_in_registers(op)) return inv_rms;
+  if (norm_in_registers<kBlocks32>(op)) return inv_rms;
   for (uint32_t i = threadIdx.x; i < pieces; i += kConsumerWarps * 32) {
     __nv_bfloat16* e = xs + i * 8;
     const bool have = pre.valid && i == threadIdx.x;
@@ -662,7 +672,9 @@ __device__ __forceinline__ void attention_block(const DeviceAttention& a, const 
   if (warp == 0) combine_head<kHeadDim, true>(a, split, blockIdx.x, local, lane);
 }
 
-template <bool kLocal>
+// kBlocks32: every matrix of the launch has absmax blocks of 32 (small models); the
+// kernel is compiled per blocksize so that blocksize 64's loop keeps its registers.
+template <bool kLocal, bool kBlocks32>
 __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_constant__ Params p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ __align__(1024) uint8_t smem[];
@@ -742,7 +754,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
       if (lane == 0) {
         const uint32_t slot = w.seq % kSlots, phase = (w.seq / kSlots) & 1;
         mbar_wait(&empty[slot], phase ^ 1);
-        const bool direct = absmax_direct(p.op[w.op].cols);
+        const bool direct = absmax_direct<kBlocks32>(p.op[w.op].cols);
         mbar_expect_tx(&full[slot], direct ? kSlotWeightBytes : kSlotCopyBytes);
         uint8_t* dst = ring + slot * kSlotBytes;
         const uint32_t map = p.op[w.op].m[w.t.matrix].map;
@@ -779,10 +791,20 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
   const uint32_t lane_offset = lane * 4;
   // The 16 columns of a chunk whose x lane (g, tig) holds as the mma's B column g.
   const uint32_t x_column = gw * 256 + (g & 3) * 64 + tig * 16;
+  // Blocksize 32: a (step, part)'s 64 columns are two blocks, the quad's lanes tig < 2
+  // and tig >= 2 one each; B column g < 4 holds x of the first block only, g >= 4 of the
+  // second (the other lanes hold zeros), so the mma sums the blocks apart (see compute()).
+  const bool x_half_mine = (g >> 2) == (tig >> 1);
   struct Stage {
     uint2 w[2][2][2];  // [step][row half][part]
     uint32_t code[2];  // [part]: the absmax codes of the lane's scales (fetch)
     float nested;
+    // Blocksize 32, the lane's own blocks [row half][part]: codes (byte 2 h + part) and
+    // nested absmax, loaded by fetch, turned into scales by compute. Nothing here needs
+    // the op's nested code table (stored after the op's dependency wait), so an op's
+    // first fetch may run before that wait.
+    uint32_t block_codes;
+    float block_nested[2][2];
   };
   // Waits for the item's slot, takes its bytes into registers, frees the slot.
   bool direct = false;  // the current op's absmax_direct (fetch reads it per item)
@@ -804,6 +826,28 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
               (((2 * (stp * 2 + part) + (tig >> 1)) ^ (quad_row(g) & 7)) << 4) + (tig & 1) * 8);
     // The scales a lane computes (compute(): the quad's summing lane for step tig & 1 takes
     // rows g, its partner tig ^ 2 rows g + 8): step tig & 1, both parts, of row g or g + 8.
+    if constexpr (kBlocks32) {
+      // The lane's 4 blocks (rows g and g + 8, step tig & 1, both parts; the half tig >> 1
+      // of each part's 64 columns): byte loads, a nested absmax each (a row's blocks need
+      // not start at a nested group's start). Past the row (a partial chunk) code 0: its
+      // weights meet zeros of x.
+      const uint32_t blocks_per_row = op.cols / 32;
+      st.block_codes = 0;
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int part = 0; part < 2; ++part) {
+          const uint32_t block = wk.c * (kChunkElements / 32) + gw * 8 + 2 * (2 * (tig & 1) + part) + (tig >> 1);
+          const bool inside = block < blocks_per_row;
+          const uint32_t flat = (wk.t.tile * 16 + quad_row(g) + 8 * h) * blocks_per_row + (inside ? block : 0);
+          const uint32_t code = inside ? __ldg(m.absmax + flat) : 0u;
+          st.block_codes |= code << (8 * (2 * h + part));
+          st.block_nested[h][part] = __ldg(m.nested_absmax + (flat >> kNestedBlockShift));
+        }
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&empty[slot]);
+      return;
+    }
     const uint32_t scale_row = quad_row(g) + 8 * ((tig >> 1) ^ (wk.c & 1)), blocks_per_row = op.cols / 64;
     uint32_t codes4;
     // (A warp-uniform branch on a register set per op: a loop of its own for these ops
@@ -870,34 +914,64 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
   auto compute = [&](const Work& wk, const Stage& st) {
     const DeviceOp& op = p.op[wk.op];
     const DeviceMatrix& m = op.m[wk.t.matrix];
-    const float* codes = nested_code + wk.t.matrix * 256;
-    // More than 2 chunks a row (down): the lanes reload this chunk's x at each item, 2
-    // loads instead of 8 (the columns of the other chunk parity are not summed now,
-    // whatever their lanes hold).
-    if (op.chunks > 2) load_x_column(wk.c, true);
-    // Scales: in a step only the quad's lane tig == 2 (c & 1) + step sums (below), for
-    // rows g and g + 8. It computed rows g's two (fetch), its partner tig ^ 2 rows g + 8's:
-    // 2 shuffles an item where every lane getting all four took 8.
-    float scale_low[2], scale_high[2];
+    if constexpr (kBlocks32) {
+      // Column 2 step + part of the mma is the (step, part)'s first block, in lane tig ==
+      // step; column 4 + 2 step + part its second block, in lane tig == 2 + step: each
+      // such lane applies its own block's scale. x reloaded per item past 1 chunk a row.
+      if (op.chunks > 1) load_x_column(wk.c, x_half_mine);
+      const float* codes = nested_code + wk.t.matrix * 256;
+      float scale[2][2];
 #pragma unroll
-    for (int part = 0; part < 2; ++part) {
-      scale_low[part] = __fadd_rn(__fmul_rn(codes[st.code[part]], st.nested), m.nested_offset);
-      scale_high[part] = __shfl_xor_sync(0xffffffffu, scale_low[part], 2);
-    }
+      for (int h = 0; h < 2; ++h)
 #pragma unroll
-    for (int stp = 0; stp < 2; ++stp) {
-      const bool mine_columns = tig == static_cast<int>(2 * (wk.c & 1)) + stp;
+        for (int part = 0; part < 2; ++part)
+          scale[h][part] =
+              __fadd_rn(__fmul_rn(codes[(st.block_codes >> (8 * (2 * h + part))) & 0xffu], st.block_nested[h][part]),
+                        m.nested_offset);
+#pragma unroll
+      for (int stp = 0; stp < 2; ++stp) {
+        const bool mine_columns = (tig & 1) == stp;
+#pragma unroll
+        for (int part = 0; part < 2; ++part) {
+          float cc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+          detail::pair_lut_part(cc, table, lane_offset, st.w[stp][0][part], st.w[stp][1][part],
+                                reinterpret_cast<const uint32_t*>(x_resident));
+          const float low = fmaf(cc[part], scale[0][part], acc[part]);
+          const float high = fmaf(cc[2 + part], scale[1][part], acc[2 + part]);
+          acc[part] = mine_columns ? low : acc[part];
+          acc[2 + part] = mine_columns ? high : acc[2 + part];
+        }
+      }
+    } else {
+      const float* codes = nested_code + wk.t.matrix * 256;
+      // More than 2 chunks a row (down): the lanes reload this chunk's x at each item, 2
+      // loads instead of 8 (the columns of the other chunk parity are not summed now,
+      // whatever their lanes hold).
+      if (op.chunks > 2) load_x_column(wk.c, true);
+      // Scales: in a step only the quad's lane tig == 2 (c & 1) + step sums (below), for
+      // rows g and g + 8. It computed rows g's two (fetch), its partner tig ^ 2 rows g + 8's:
+      // 2 shuffles an item where every lane getting all four took 8.
+      float scale_low[2], scale_high[2];
 #pragma unroll
       for (int part = 0; part < 2; ++part) {
-        float cc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        detail::pair_lut_part(cc, table, lane_offset, st.w[stp][0][part], st.w[stp][1][part],
-                              reinterpret_cast<const uint32_t*>(x_resident));
-        // A select, not a branch: divergent control flow here would cost the lookups
-        // their uniform table address.
-        const float low = fmaf(cc[part], scale_low[part], acc[part]);
-        const float high = fmaf(cc[2 + part], scale_high[part], acc[2 + part]);
-        acc[part] = mine_columns ? low : acc[part];
-        acc[2 + part] = mine_columns ? high : acc[2 + part];
+        scale_low[part] = __fadd_rn(__fmul_rn(codes[st.code[part]], st.nested), m.nested_offset);
+        scale_high[part] = __shfl_xor_sync(0xffffffffu, scale_low[part], 2);
+      }
+#pragma unroll
+      for (int stp = 0; stp < 2; ++stp) {
+        const bool mine_columns = tig == static_cast<int>(2 * (wk.c & 1)) + stp;
+#pragma unroll
+        for (int part = 0; part < 2; ++part) {
+          float cc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+          detail::pair_lut_part(cc, table, lane_offset, st.w[stp][0][part], st.w[stp][1][part],
+                                reinterpret_cast<const uint32_t*>(x_resident));
+          // A select, not a branch: divergent control flow here would cost the lookups
+          // their uniform table address.
+          const float low = fmaf(cc[part], scale_low[part], acc[part]);
+          const float high = fmaf(cc[2 + part], scale_high[part], acc[2 + part]);
+          acc[part] = mine_columns ? low : acc[part];
+          acc[2 + part] = mine_columns ? high : acc[2 + part];
+        }
       }
     }
     if (wk.c + 1 < op.chunks) return;
@@ -969,6 +1043,10 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
       }
       consumers_sync();
     };
+    // The op's items, fetched one ahead (the stages live inside an op only, so the
+    // attention steps do not keep them in registers).
+    Stage stage_a, stage_b;
+    bool fetched_early = false;
     if (op.kind == kAttention) {
       wait_for_previous();
       stamp(o, 0);
@@ -990,25 +1068,39 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
       stamp(o, 1);
     } else {
       // Norm weights and the nested code tables need no previous op: loaded before the wait.
-      const NormWeights norm_weights = prefetch_norm(op, (g >> 2) * kChunkElements + x_column);  // load_x_column's
+      const NormWeights norm_weights =
+          prefetch_norm<kBlocks32>(op, (kBlocks32 ? 0 : (g >> 2) * kChunkElements) + x_column);  // load_x_column's
       const NestedShare nested = load_nested_share(op);
+      if constexpr (kBlocks32) {
+        // Small models' ops are a tile or two a group: a chain of round trips, not a
+        // stream. The first item's slot and absmax loads need no previous op: before the
+        // wait. (Blocksize 64's ops are bound by the item loop's rate: there it gained
+        // nothing, NOTES fourteenth session.)
+        if (next.valid && next.op == o) {
+          fetch(next, stage_a);
+          fetched_early = true;
+        }
+      }
       wait_for_previous();
       stamp(o, 0);
-      const float inv_rms = load_op_x(op, xs, reinterpret_cast<float*>(smem + kReduceOff), norm_weights, nested,
-                                      nested_code);  // ends with a barrier
+      const float inv_rms =
+          load_op_x<kBlocks32>(op, xs, reinterpret_cast<float*>(smem + kReduceOff), norm_weights, nested,
+                               nested_code);  // ends with a barrier
       stamp(o, 1);
       // Past a 1-chunk op's x: zeros (those columns are never accumulated).
-      if (op.chunks <= 2) {
+      if constexpr (kBlocks32) {
+        if (op.chunks == 1) {
+          load_x_column(0, x_half_mine);
+          if (norm_in_registers<kBlocks32>(op)) normalize_x_column(inv_rms, norm_weights);
+        }
+      } else if (op.chunks <= 2) {
         load_x_column(g >> 2, static_cast<uint32_t>(g >> 2) < op.chunks);
-        if (norm_in_registers(op)) normalize_x_column(inv_rms, norm_weights);
+        if (norm_in_registers<kBlocks32>(op)) normalize_x_column(inv_rms, norm_weights);
       }
     }
-    // The op's items, fetched one ahead (the stages live inside an op only, so the
-    // attention steps do not keep them in registers).
-    Stage stage_a, stage_b;
     int which = 0;
-    direct = absmax_direct(op.cols);
-    if (next.valid && next.op == o) fetch(next, stage_a);
+    direct = absmax_direct<kBlocks32>(op.cols);
+    if (!fetched_early && next.valid && next.op == o) fetch(next, stage_a);
     while (next.valid && next.op == o) {
       const Work cur = next;
       advance(next, false);
@@ -1041,6 +1133,11 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
 #endif
 }
 
+using ChainKernel = void (*)(Params);
+constexpr ChainKernel kChainKernels[] = {nf4_chain_kernel<false, false>, nf4_chain_kernel<true, false>,
+                                         nf4_chain_kernel<false, true>, nf4_chain_kernel<true, true>};
+ChainKernel chain_kernel(bool local, bool blocks32) { return kChainKernels[(blocks32 ? 2 : 0) + (local ? 1 : 0)]; }
+
 int epilogue_code(ChainEpilogue e) {
   switch (e) {
     case ChainEpilogue::store:
@@ -1058,11 +1155,16 @@ int epilogue_code(ChainEpilogue e) {
 std::string matrix_supports(const NF4Matrix& m) {
   if (!m.double_quant || m.absmax_u8 == nullptr || m.nested_absmax == nullptr || m.nested_code == nullptr)
     return "not double-quantized";
-  if (m.blocksize != 64 || m.nested_blocksize != (1 << kNestedBlockShift)) return "blocksize is not 64 / nested 256";
+  if ((m.blocksize != 64 && m.blocksize != 32) || m.nested_blocksize != (1 << kNestedBlockShift))
+    return "blocksize is not 64 or 32 / nested 256";
   if (!m.code_on_host) return "code table not read on the host";
-  // A multiple of 256: the absmax word of 4 blocks a lane loads stays aligned.
-  if (m.cols <= 0 || m.cols % 256 != 0 || (m.cols + kChunkElements - 1) / kChunkElements * kChunkElements > kMaxCols)
-    return "cols " + std::to_string(m.cols) + " is not a multiple of 256 up to 28672";
+  // Blocksize 64: a multiple of 256, so the absmax word of 4 blocks a lane loads stays
+  // aligned. Blocksize 32 (byte loads): a multiple of 32, the weights' tensor map needs
+  // a row stride of a multiple of 16 bytes.
+  const int64_t multiple = m.blocksize == 64 ? 256 : 32;
+  if (m.cols <= 0 || m.cols % multiple != 0 ||
+      (m.cols + kChunkElements - 1) / kChunkElements * kChunkElements > kMaxCols)
+    return "cols " + std::to_string(m.cols) + " is not a multiple of " + std::to_string(multiple) + " up to 28672";
   if (m.rows <= 0 || m.rows % 16 != 0) return "rows " + std::to_string(m.rows) + " is not a multiple of 16";
   if (reinterpret_cast<uintptr_t>(m.packed) % 16 != 0 || reinterpret_cast<uintptr_t>(m.absmax_u8) % 16 != 0)
     return "weights or absmax not 16-byte aligned";
@@ -1177,6 +1279,7 @@ cudaError_t NF4ChainPlan::create(const ChainOp* ops, int count, std::unique_ptr<
   if (err != cudaSuccess) return err;
   if (prop.major != 9) return refuse("the chain kernel is built and measured for sm_90 (Hopper) only");
   const float* code = nullptr;  // every matrix's, the first one's
+  uint32_t blocksize = 0;       // likewise
   int matrices = 0;
   for (int i = 0; i < count; ++i) {
     const std::string reason = nf4_chain_supports(ops[i]);
@@ -1187,6 +1290,10 @@ cudaError_t NF4ChainPlan::create(const ChainOp* ops, int count, std::unique_ptr<
       if (code == nullptr) code = ops[i].weight[j].code_on_host_values;
       if (std::memcmp(ops[i].weight[j].code_on_host_values, code, 64) != 0)
         return refuse("op " + std::to_string(i) + ": a code table unlike the first matrix's");
+      if (blocksize == 0) blocksize = ops[i].weight[j].blocksize;
+      if (ops[i].weight[j].blocksize != blocksize)
+        return refuse("op " + std::to_string(i) + ": blocksize " + std::to_string(ops[i].weight[j].blocksize) +
+                      " unlike the first matrix's " + std::to_string(blocksize) + " (one kernel per blocksize)");
     }
     matrices += n;
   }
@@ -1205,6 +1312,7 @@ cudaError_t NF4ChainPlan::create(const ChainOp* ops, int count, std::unique_ptr<
     return refuse("the driver has no cuTensorMapEncodeTiled");
 
   std::unique_ptr<NF4ChainPlan> made(new NF4ChainPlan());
+  made->blocks32_ = blocksize == 32;
   Params& p = *made->params_;
   std::memset(&p, 0, sizeof p);
   if (code != nullptr) std::memcpy(p.code_values, code, sizeof p.code_values);
@@ -1255,7 +1363,7 @@ cudaError_t NF4ChainPlan::create(const ChainOp* ops, int count, std::unique_ptr<
                  CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
       const cuuint64_t absmax_dims[2] = {cols / 64, rows}, absmax_strides[1] = {cols / 64};
       const cuuint32_t absmax_box[2] = {kAbsmaxRowBytes, 16};
-      if (r == CUDA_SUCCESS && !absmax_direct(d.cols))
+      if (r == CUDA_SUCCESS && !made->blocks32_ && !absmax_direct<false>(d.cols))
         r = encode(&p.maps[next_map][1], CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<uint8_t*>(m.absmax_u8),
                    absmax_dims, absmax_strides, absmax_box, ones, CU_TENSOR_MAP_INTERLEAVE_NONE,
                    CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
@@ -1267,19 +1375,20 @@ cudaError_t NF4ChainPlan::create(const ChainOp* ops, int count, std::unique_ptr<
     d.tiles = d.kind == kSwiglu ? static_cast<uint32_t>(op.weight[0].rows / 16) : tiles;
   }
 
-  for (auto kernel : {nf4_chain_kernel<false>, nf4_chain_kernel<true>}) {
+  for (auto kernel : kChainKernels) {
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
     if (err != cudaSuccess) break;
   }
   if (err != cudaSuccess) return err;
   int per_sm = 0;
-  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, nf4_chain_kernel<false>, kThreads, kSmemBytes);
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, chain_kernel(false, made->blocks32_), kThreads,
+                                                      kSmemBytes);
   if (err != cudaSuccess) return err;
   if (per_sm < 1) return refuse("one block of the chain kernel does not fit an SM");
   // The register hand-over (setmaxnreg) assumes the launch's count: with fewer, the
   // consumers' increase would wait forever. A different compiler could choose fewer.
   cudaFuncAttributes attributes{};
-  for (auto kernel : {nf4_chain_kernel<false>, nf4_chain_kernel<true>}) {
+  for (auto kernel : kChainKernels) {
     err = cudaFuncGetAttributes(&attributes, kernel);
     if (err != cudaSuccess) return err;
     if (attributes.numRegs < kLaunchRegisters)
@@ -1329,8 +1438,7 @@ cudaError_t NF4ChainPlan::launch(cudaStream_t stream, ChainAttentionSplit split)
   attribute[0].val.cooperative = 1;
   config.attrs = attribute;
   config.numAttrs = 1;
-  if (split == ChainAttentionSplit::block_local) return cudaLaunchKernelEx(&config, nf4_chain_kernel<true>, *params_);
-  return cudaLaunchKernelEx(&config, nf4_chain_kernel<false>, *params_);
+  return cudaLaunchKernelEx(&config, chain_kernel(split == ChainAttentionSplit::block_local, blocks32_), *params_);
 }
 
 }  // namespace layerpack::kernels

@@ -15,11 +15,13 @@
 // its input. Reference: reference::nf4_chain (nf4_chain_reference.h).
 //
 // What a chain accepts (nf4_chain_supports says why not): double-quantized NF4 with
-// blocksize 64 and nested blocksize 256, cols a multiple of 256 and, rounded up to 2048,
-// at most 28672 (rows that end inside a 2048-column chunk read their absmax from global
-// memory: no tensor map can hold it), rows a multiple of 16, packed weights and u8
-// absmax 16-byte aligned, one code table (code_on_host) for every matrix, at most
-// kMaxChainOps ops and kMaxChainMatrices matrices (below), sm_90 (tensor-map copies).
+// nested blocksize 256 and blocksize 64 (cols a multiple of 256) or 32 (cols a multiple
+// of 32: small models such as SmolLM2; absmax always from global memory), one blocksize
+// for every matrix of a chain; cols rounded up to 2048 at most 28672 (rows that end
+// inside a 2048-column chunk read their absmax from global memory: no tensor map can
+// hold it), rows a multiple of 16, packed weights and u8 absmax 16-byte aligned, one code
+// table (code_on_host) for every matrix, at most kMaxChainOps ops and kMaxChainMatrices
+// matrices (below), sm_90 (tensor-map copies).
 // Attention ops: head_dim 64 or 128, q_heads a multiple of kv_heads.
 #pragma once
 
@@ -163,6 +165,7 @@ class NF4ChainPlan {
   int grid_ = 0;
   int attention_q_heads_ = 0;     // the most of any attention op (0: none)
   int64_t attention_window_ = 0;  // the longest sliding window, 0 where an op has none
+  bool blocks32_ = false;         // every matrix's absmax blocksize is 32 (else 64)
 };
 
 }  // namespace layerpack::kernels

@@ -63,12 +63,12 @@ struct LayerChain {
   DeviceBuffer<float> d_norm;
   int64_t hidden_size, intermediate;
 
-  LayerChain(std::mt19937& rng, int64_t hidden_size_, int64_t intermediate_)
+  LayerChain(std::mt19937& rng, int64_t hidden_size_, int64_t intermediate_, uint32_t blocksize = 64)
       : hidden_size(hidden_size_), intermediate(intermediate_) {
-    o = std::make_unique<RandomNF4>(rng, hidden_size, hidden_size, true);
-    gate = std::make_unique<RandomNF4>(rng, intermediate, hidden_size, true);
-    up = std::make_unique<RandomNF4>(rng, intermediate, hidden_size, true);
-    down = std::make_unique<RandomNF4>(rng, hidden_size, intermediate, true);
+    o = std::make_unique<RandomNF4>(rng, hidden_size, hidden_size, true, blocksize);
+    gate = std::make_unique<RandomNF4>(rng, intermediate, hidden_size, true, blocksize);
+    up = std::make_unique<RandomNF4>(rng, intermediate, hidden_size, true, blocksize);
+    down = std::make_unique<RandomNF4>(rng, hidden_size, intermediate, true, blocksize);
     // Different nested offsets per matrix: each item must take its own.
     int i = 0;
     for (RandomNF4* m : {o.get(), gate.get(), up.get(), down.get()})
@@ -110,10 +110,20 @@ struct LayerChain {
   }
 };
 
-void check_layer_chain(std::mt19937& rng, int64_t hidden_size, int64_t intermediate) {
-  const std::string what =
-      "chain hidden " + std::to_string(hidden_size) + " intermediate " + std::to_string(intermediate);
-  LayerChain layer(rng, hidden_size, intermediate);
+// The chain against the library's launches: blocksize 64 launches the pair-LUT kernel,
+// the chain's arithmetic (weights bf16(code) * absmax), so they differ only by the
+// folded norm's ulps (`same_arithmetic`). Blocksize 32 launches the 16-row kernel, which
+// rounds each weight as bitsandbytes does (bf16(code * absmax), NF4Rounding::product):
+// two roundings of every weight, so the bf16 rule (each is checked against its own
+// CPU reference at that rule too).
+double launches_tolerance(uint32_t blocksize, double same_arithmetic) {
+  return blocksize == 64 ? same_arithmetic : kBf16Tolerance;
+}
+
+void check_layer_chain(std::mt19937& rng, int64_t hidden_size, int64_t intermediate, uint32_t blocksize = 64) {
+  const std::string what = "chain hidden " + std::to_string(hidden_size) + " intermediate " +
+                           std::to_string(intermediate) + " blocksize " + std::to_string(blocksize);
+  LayerChain layer(rng, hidden_size, intermediate, blocksize);
   // CPU reference.
   std::vector<uint16_t> ref_hidden = layer.hidden, ref_act(intermediate);
   const std::vector<ChainOp> host_ops = layer.ops(false, ref_hidden.data(), ref_act.data(), layer.attention.data());
@@ -156,15 +166,21 @@ void check_layer_chain(std::mt19937& rng, int64_t hidden_size, int64_t intermedi
   CUDA_OK(nf4_matvec_group(gate_up, act_out, 2, as_bf16(normed.get()), 1, MatvecEpilogue::swiglu, nullptr));
   CUDA_OK(nf4_matvec_group(&down, hidden_out, 1, as_bf16(act.get()), 1, MatvecEpilogue::add_to_output, nullptr));
   CUDA_OK(cudaDeviceSynchronize());
-  expect_close(bf16_to_floats(chained_act), bf16_to_floats(act.download()), 2e-3, what + " act vs launches");
-  expect_close(bf16_to_floats(chained_hidden), bf16_to_floats(layer.d_hidden.download()), 2e-3,
+  const double tolerance = launches_tolerance(blocksize, 2e-3);
+  expect_close(bf16_to_floats(chained_act), bf16_to_floats(act.download()), tolerance, what + " act vs launches");
+  expect_close(bf16_to_floats(chained_hidden), bf16_to_floats(layer.d_hidden.download()), tolerance,
                what + " hidden vs launches");
 
-  // The o op alone (no norm in it): the same bits as the library's launch.
+  // The o op alone (no norm in it): the same bits as the library's launch (blocksize
+  // 64, the pair-LUT kernel's arithmetic; blocksize 32: see launches_tolerance).
   const std::vector<ChainOp> o_ops(ops.begin(), ops.begin() + 1);
   layer.d_hidden.upload(layer.hidden);
   run_chain_once(o_ops.data(), 1);
-  EXPECT_EQ(layer.d_hidden.download(), o_only.download()) << what << ": o + add differs from nf4_matvec_group";
+  if (blocksize == 64)
+    EXPECT_EQ(layer.d_hidden.download(), o_only.download()) << what << ": o + add differs from nf4_matvec_group";
+  else
+    expect_close(bf16_to_floats(layer.d_hidden.download()), bf16_to_floats(o_only.download()), tolerance,
+                 what + " o + add vs launch");
 }
 
 TEST(NF4Chain, MatchesReferenceAndLaunches) {
@@ -180,6 +196,7 @@ TEST(NF4Chain, MatchesReferenceAndLaunches) {
 // residual, against the CPU reference and the library's separate launches.
 struct WholeLayer {
   int heads, kv_heads, head_dim;
+  uint32_t blocksize;
   int64_t hidden_size, intermediate, capacity;
   int position;
   int64_t window;
@@ -192,19 +209,20 @@ struct WholeLayer {
   DeviceBuffer<int32_t> d_position;
 
   WholeLayer(std::mt19937& rng, int heads_, int kv_heads_, int head_dim_, int64_t intermediate_, int position_,
-             int64_t window_ = 0)
+             int64_t window_ = 0, uint32_t blocksize_ = 64)
       : heads(heads_),
         kv_heads(kv_heads_),
         head_dim(head_dim_),
+        blocksize(blocksize_),
         hidden_size(int64_t(heads_) * head_dim_),
         intermediate(intermediate_),
         capacity(position_ + 37),
         position(position_),
         window(window_),
-        mlp(rng, int64_t(heads_) * head_dim_, intermediate_) {
-    q = std::make_unique<RandomNF4>(rng, hidden_size, hidden_size, true);
-    k = std::make_unique<RandomNF4>(rng, int64_t(kv_heads) * head_dim, hidden_size, true);
-    v = std::make_unique<RandomNF4>(rng, int64_t(kv_heads) * head_dim, hidden_size, true);
+        mlp(rng, int64_t(heads_) * head_dim_, intermediate_, blocksize_) {
+    q = std::make_unique<RandomNF4>(rng, hidden_size, hidden_size, true, blocksize);
+    k = std::make_unique<RandomNF4>(rng, int64_t(kv_heads) * head_dim, hidden_size, true, blocksize);
+    v = std::make_unique<RandomNF4>(rng, int64_t(kv_heads) * head_dim, hidden_size, true, blocksize);
     attention_norm = random_floats(rng, hidden_size, 0.5f, 1.5f);
     auto freq = rope_inv_freq(static_cast<uint32_t>(head_dim), 500000.0f, RopeScaling{});
     inv_freq = freq.value();
@@ -348,11 +366,12 @@ void check_whole_layer(WholeLayer& layer, const std::string& what) {
   CUDA_OK(attention(args, workspace.get(), workspace.size(), nullptr));
   CUDA_OK(cudaDeviceSynchronize());
   // The rotated k and v rows: the same products and rotation, up to the folded norm's ulps.
-  expect_close(bf16_to_floats(chained_keys), bf16_to_floats(layer.d_keys.download()), 2e-3, what + " keys vs launches");
-  expect_close(bf16_to_floats(chained_values), bf16_to_floats(layer.d_values.download()), 2e-3,
-               what + " values vs launches");
-  expect_close(bf16_to_floats(chained_attention), bf16_to_floats(layer.mlp.d_attention.download()), 4e-3,
-               what + " attention vs launches");
+  expect_close(bf16_to_floats(chained_keys), bf16_to_floats(layer.d_keys.download()),
+               launches_tolerance(layer.blocksize, 2e-3), what + " keys vs launches");
+  expect_close(bf16_to_floats(chained_values), bf16_to_floats(layer.d_values.download()),
+               launches_tolerance(layer.blocksize, 2e-3), what + " values vs launches");
+  expect_close(bf16_to_floats(chained_attention), bf16_to_floats(layer.mlp.d_attention.download()),
+               launches_tolerance(layer.blocksize, 4e-3), what + " attention vs launches");
 }
 
 TEST(NF4Chain, WholeLayerMatchesReferenceAndLaunches) {
@@ -468,6 +487,23 @@ TEST(NF4Chain, RowsEndingInsideAChunk) {
   check_whole_layer(qwen2, "Qwen2-7B shape, position 40");
 }
 
+// Blocksize 32 (the small models' packs, e.g. the default SmolLM2-135M): B columns split
+// each 64-column step by block halves; cols a multiple of 32 only (partial 256-column
+// warp slices past the row), 1-chunk ops with x in registers, longer rows reloading it.
+TEST(NF4Chain, Blocksize32) {
+  SKIP_WITHOUT_CHAIN();
+  std::mt19937 rng(823);
+  check_layer_chain(rng, 576, 1536, 32);    // SmolLM2-135M: K 576 = 2.25 warp slices
+  check_layer_chain(rng, 960, 2560, 32);    // SmolLM2-360M: down's K 1.25 chunks
+  check_layer_chain(rng, 2048, 5632, 32);   // TinyLlama: down 2.75 chunks
+  check_layer_chain(rng, 4096, 14336, 32);  // Llama-3-8B at blocksize 32: more tiles than blocks, 7 chunks
+  check_layer_chain(rng, 96, 160, 32);      // fewer columns than a warp slice
+  for (int position : {0, 40, kChainLocalVisible, 700}) {
+    WholeLayer smol(rng, 9, 3, 64, 1536, position, 0, 32);
+    check_whole_layer(smol, "SmolLM2-135M shape, blocksize 32, position " + std::to_string(position));
+  }
+}
+
 TEST(NF4Chain, LargestColumnsAndUnevenTiles) {
   SKIP_WITHOUT_CHAIN();
   std::mt19937 rng(778);
@@ -566,8 +602,10 @@ TEST(NF4Chain, RefusesWhatItCannotRun) {
     EXPECT_EQ(plan, nullptr);
     return why;
   };
-  RandomNF4 smollm_q(rng, 16, 576, true);  // SmolLM 135M's hidden size: 9 absmax blocks a row
+  RandomNF4 smollm_q(rng, 16, 576, true);  // SmolLM 135M's hidden size at blocksize 64: 9 absmax blocks a row
   EXPECT_NE(refusal(with_host_code(smollm_q.device_view)).find("multiple of 256"), std::string::npos);
+  RandomNF4 narrow32(rng, 16, 48, true, 32);  // blocksize 32: a row stride of 24 bytes, no tensor map
+  EXPECT_NE(refusal(with_host_code(narrow32.device_view)).find("multiple of 32"), std::string::npos);
   RandomNF4 odd_rows(rng, 24, 2048, true);
   EXPECT_NE(refusal(with_host_code(odd_rows.device_view)).find("multiple of 16"), std::string::npos);
   RandomNF4 f32_absmax(rng, 16, 2048, false);
@@ -592,6 +630,13 @@ TEST(NF4Chain, RefusesWhatItCannotRun) {
   std::string why;
   EXPECT_EQ(NF4ChainPlan::create(ops, 2, &plan, &why), cudaErrorInvalidValue);
   EXPECT_NE(why.find("code table"), std::string::npos) << why;
+  // Blocksizes 64 and 32 in one chain: the kernel is compiled per blocksize.
+  RandomNF4 fine32(rng, 16, 2048, true, 32);
+  ops[1].weight[0] = with_host_code(fine32.device_view);
+  EXPECT_EQ(NF4ChainPlan::create(ops, 2, &plan, &why), cudaErrorInvalidValue);
+  EXPECT_NE(why.find("blocksize 32 unlike"), std::string::npos) << why;
+  ops[0].weight[0] = ops[1].weight[0];
+  EXPECT_EQ(NF4ChainPlan::create(ops, 2, &plan, &why), cudaSuccess) << why;
   EXPECT_EQ(NF4ChainPlan::create(ops, 0, &plan, &why), cudaErrorInvalidValue);
   WholeLayer layer(rng, 16, 4, 128, 2048, 3);
   const std::vector<ChainOp> layer_ops =
