@@ -4,6 +4,9 @@
 // arguments; random weights (the arithmetic does not depend on them), two layers used
 // in turn (226 MB, more than the L2), 32 launches per CUDA graph, the median of 7
 // replays; prints microseconds per layer and the copy rate measured in the same run.
+// LAYERPACK_BENCH_SHAPE=smollm2-135m: SmolLM2-135M's layer at blocksize 32 instead (the
+// default model's pack; its layers fit the L2, so that run measures latency, not the
+// stream); llama-3-8b-bs32: the 8B layer at blocksize 32.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -69,9 +72,9 @@ T* device_array(size_t n) {
   return p;
 }
 
-// A random double-quantized NF4 matrix (blocksize 64, nested 256) in device memory.
-NF4Matrix random_matrix(int64_t rows, int64_t cols, uint32_t seed) {
-  const int64_t n = rows * cols, blocks = n / 64, nested = (blocks + 255) / 256;
+// A random double-quantized NF4 matrix (nested blocksize 256) in device memory.
+NF4Matrix random_matrix(int64_t rows, int64_t cols, uint32_t blocksize, uint32_t seed) {
+  const int64_t n = rows * cols, blocks = n / blocksize, nested = (blocks + 255) / 256;
   NF4Matrix m;
   uint8_t* packed = device_array<uint8_t>(n / 2);
   uint8_t* absmax = device_array<uint8_t>(blocks);
@@ -92,12 +95,22 @@ NF4Matrix random_matrix(int64_t rows, int64_t cols, uint32_t seed) {
   m.nested_code = nested_code;
   m.nested_offset = 0.01f;
   m.double_quant = true;
+  m.blocksize = blocksize;
+  m.nested_blocksize = 256;
   m.rows = rows;
   m.cols = cols;
   return m;
 }
 
-constexpr int kHidden = 4096, kIntermediate = 14336, kHeads = 32, kKvHeads = 8, kHeadDim = 128;
+struct Shape {
+  const char* name;
+  int hidden, intermediate, heads, kv_heads, head_dim;
+  uint32_t blocksize;
+  float rope_theta;
+};
+constexpr Shape kShapes[] = {{"llama-3-8b", 4096, 14336, 32, 8, 128, 64, 500000.0f},
+                             {"llama-3-8b-bs32", 4096, 14336, 32, 8, 128, 32, 500000.0f},
+                             {"smollm2-135m", 576, 1536, 9, 3, 64, 32, 100000.0f}};
 
 struct Layer {
   NF4Matrix q, k, v, o, gate, up, down;
@@ -108,21 +121,34 @@ struct Layer {
 }  // namespace
 
 int main() {
+  const char* shape_env = std::getenv("LAYERPACK_BENCH_SHAPE");
+  const std::string shape_name = shape_env != nullptr ? shape_env : "llama-3-8b";
+  const Shape* shape = nullptr;
+  for (const Shape& s : kShapes)
+    if (shape_name == s.name) shape = &s;
+  if (shape == nullptr) {
+    std::fprintf(stderr, "LAYERPACK_BENCH_SHAPE: llama-3-8b, llama-3-8b-bs32 or smollm2-135m, not %s\n",
+                 shape_name.c_str());
+    return 2;
+  }
+  const int kHidden = shape->hidden, kIntermediate = shape->intermediate, kHeads = shape->heads,
+            kKvHeads = shape->kv_heads, kHeadDim = shape->head_dim;
+  const uint32_t blocksize = shape->blocksize;
   cudaDeviceProp prop{};
   check(cudaGetDeviceProperties(&prop, 0), "device properties");
-  std::printf("device: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
+  std::printf("device: %s, %d SMs; shape %s\n", prop.name, prop.multiProcessorCount, shape->name);
   const int64_t capacity = 4096;
   Layer layers[2];
   for (int i = 0; i < 2; ++i) {
     Layer& L = layers[i];
     const uint32_t s = 1000u * (i + 1);
-    L.q = random_matrix(kHidden, kHidden, s + 10);
-    L.k = random_matrix(kKvHeads * kHeadDim, kHidden, s + 20);
-    L.v = random_matrix(kKvHeads * kHeadDim, kHidden, s + 30);
-    L.o = random_matrix(kHidden, kHidden, s + 40);
-    L.gate = random_matrix(kIntermediate, kHidden, s + 50);
-    L.up = random_matrix(kIntermediate, kHidden, s + 60);
-    L.down = random_matrix(kHidden, kIntermediate, s + 70);
+    L.q = random_matrix(kHidden, kHidden, blocksize, s + 10);
+    L.k = random_matrix(kKvHeads * kHeadDim, kHidden, blocksize, s + 20);
+    L.v = random_matrix(kKvHeads * kHeadDim, kHidden, blocksize, s + 30);
+    L.o = random_matrix(kHidden, kHidden, blocksize, s + 40);
+    L.gate = random_matrix(kIntermediate, kHidden, blocksize, s + 50);
+    L.up = random_matrix(kIntermediate, kHidden, blocksize, s + 60);
+    L.down = random_matrix(kHidden, kIntermediate, blocksize, s + 70);
     L.attention_norm = device_array<float>(kHidden);
     L.ffn_norm = device_array<float>(kHidden);
     fill_floats<<<16, 256>>>(L.attention_norm, kHidden, 0.5f, 1.5f, s + 80);
@@ -144,7 +170,7 @@ int main() {
   fill_bf16<<<16, 256>>>(attention_out, kHidden, -1.0f, 1.0f, 8);
   float* inv_freq = device_array<float>(kHeadDim / 2);
   std::vector<float> freq(kHeadDim / 2);
-  for (int i = 0; i < kHeadDim / 2; ++i) freq[i] = std::pow(500000.0f, -2.0f * i / kHeadDim);
+  for (int i = 0; i < kHeadDim / 2; ++i) freq[i] = std::pow(shape->rope_theta, -2.0f * i / kHeadDim);
   check(cudaMemcpy(inv_freq, freq.data(), freq.size() * 4, cudaMemcpyHostToDevice), "inv_freq");
   int32_t* position = device_array<int32_t>(1);
   int32_t* length = device_array<int32_t>(1);
@@ -182,7 +208,7 @@ int main() {
   double layer_bytes = 0;
   for (const NF4Matrix* m :
        {&layers[0].q, &layers[0].k, &layers[0].v, &layers[0].o, &layers[0].gate, &layers[0].up, &layers[0].down})
-    layer_bytes += m->rows * m->cols / 2.0 + m->rows * m->cols / 64.0;
+    layer_bytes += m->rows * m->cols / 2.0 + m->rows * m->cols / double(blocksize);
   std::printf("copy %.0f GB/s; a layer's NF4 bytes %.1f MB: floor %.1f us\n", copy_gbs, layer_bytes / 1e6,
               layer_bytes / copy_gbs / 1e3);
 
