@@ -528,31 +528,41 @@ TEST(NF4Chain, LargestColumnsAndUnevenTiles) {
 TEST(NF4Chain, LogitsInFp32AfterAFoldedNorm) {
   SKIP_WITHOUT_CHAIN();
   std::mt19937 rng(783);
-  // lm_head as the runtime chains it: RMSNorm(x) into a 16 * 133-row product, fp32 out.
-  RandomNF4 w(rng, 2128, 4096, true);
-  const auto x = random_bf16(rng, 4096, -3.0f, 3.0f);
-  const auto norm = random_floats(rng, 4096, 0.5f, 1.5f);
-  DeviceBuffer<uint16_t> dx(4096);
-  DeviceBuffer<float> dnorm(4096), dy(2128);
-  dx.upload(x);
-  dnorm.upload(norm);
-  dy.poison();
-  ChainOp op;
-  op.weight[0] = with_host_code(w.device_view);
-  op.epilogue = ChainEpilogue::store_f32;
-  op.x = as_bf16(dx.get());
-  op.norm_weight = dnorm.get();
-  op.y_f32 = dy.get();
-  run_chain_once(&op, 1);
-  std::vector<float> ref(2128);
-  ChainOp host = op;
-  host.weight[0] = with_host_code(w.host_view);
-  host.x = as_bf16(x.data());
-  host.norm_weight = norm.data();
-  host.y_f32 = ref.data();
-  reference::nf4_chain(&host, 1);
-  // fp32 sums of the same bf16 inputs, up to the folded norm's rare ulp: a tight rule.
-  expect_close(dy.download(), ref, 2e-3, "lm_head store_f32");
+  // lm_head as the runtime chains it: RMSNorm(x) into a 16 * 133-row product, fp32 out;
+  // blocksize 64 (K 4096: x in registers) and 32 (TinyLlama's K 2048; K 4096: 2 chunks,
+  // the norm in shared memory and x reloaded per item).
+  struct Case {
+    int64_t cols;
+    uint32_t blocksize;
+  };
+  for (const Case c : {Case{4096, 64}, Case{2048, 32}, Case{4096, 32}}) {
+    const std::string what = "lm_head store_f32, K " + std::to_string(c.cols) + ", blocksize " +
+                             std::to_string(c.blocksize);
+    RandomNF4 w(rng, 2128, c.cols, true, c.blocksize);
+    const auto x = random_bf16(rng, c.cols, -3.0f, 3.0f);
+    const auto norm = random_floats(rng, c.cols, 0.5f, 1.5f);
+    DeviceBuffer<uint16_t> dx(c.cols);
+    DeviceBuffer<float> dnorm(c.cols), dy(2128);
+    dx.upload(x);
+    dnorm.upload(norm);
+    dy.poison();
+    ChainOp op;
+    op.weight[0] = with_host_code(w.device_view);
+    op.epilogue = ChainEpilogue::store_f32;
+    op.x = as_bf16(dx.get());
+    op.norm_weight = dnorm.get();
+    op.y_f32 = dy.get();
+    run_chain_once(&op, 1);
+    std::vector<float> ref(2128);
+    ChainOp host = op;
+    host.weight[0] = with_host_code(w.host_view);
+    host.x = as_bf16(x.data());
+    host.norm_weight = norm.data();
+    host.y_f32 = ref.data();
+    reference::nf4_chain(&host, 1);
+    // fp32 sums of the same bf16 inputs, up to the folded norm's rare ulp: a tight rule.
+    expect_close(dy.download(), ref, 2e-3, what);
+  }
 }
 
 TEST(NF4Chain, ReplaysInACudaGraph) {
