@@ -73,9 +73,8 @@ static_assert(kConsumerWarps * (128 + 128 + 2) * 4 <= kMaxCols * 2, "q_rotated a
 // absmax: each lane loads its absmax word and its nested absmax. Blocksize 32 is always
 // direct (its lanes load their own 4 absmax bytes: their rows' 32-block runs need not be
 // aligned to anything).
-template <bool kBlocks32>
-__host__ __device__ __forceinline__ bool absmax_direct(uint32_t cols) {
-  return kBlocks32 || cols % kChunkElements != 0;
+__host__ __device__ __forceinline__ bool absmax_direct(uint32_t cols, bool blocks32) {
+  return blocks32 || cols % kChunkElements != 0;
 }
 
 struct DeviceMatrix {
@@ -754,7 +753,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
       if (lane == 0) {
         const uint32_t slot = w.seq % kSlots, phase = (w.seq / kSlots) & 1;
         mbar_wait(&empty[slot], phase ^ 1);
-        const bool direct = absmax_direct<kBlocks32>(p.op[w.op].cols);
+        const bool direct = absmax_direct(p.op[w.op].cols, kBlocks32);
         mbar_expect_tx(&full[slot], direct ? kSlotWeightBytes : kSlotCopyBytes);
         uint8_t* dst = ring + slot * kSlotBytes;
         const uint32_t map = p.op[w.op].m[w.t.matrix].map;
@@ -914,36 +913,21 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
   auto compute = [&](const Work& wk, const Stage& st) {
     const DeviceOp& op = p.op[wk.op];
     const DeviceMatrix& m = op.m[wk.t.matrix];
+    const float* codes = nested_code + wk.t.matrix * 256;
+    float scale_low[2], scale_high[2];  // [part]: rows g and g + 8 of the lane's sums
     if constexpr (kBlocks32) {
       // Column 2 step + part of the mma is the (step, part)'s first block, in lane tig ==
       // step; column 4 + 2 step + part its second block, in lane tig == 2 + step: each
       // such lane applies its own block's scale. x reloaded per item past 1 chunk a row.
       if (op.chunks > 1) load_x_column(wk.c, x_half_mine);
-      const float* codes = nested_code + wk.t.matrix * 256;
-      float scale[2][2];
 #pragma unroll
-      for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int part = 0; part < 2; ++part)
-          scale[h][part] =
-              __fadd_rn(__fmul_rn(codes[(st.block_codes >> (8 * (2 * h + part))) & 0xffu], st.block_nested[h][part]),
-                        m.nested_offset);
-#pragma unroll
-      for (int stp = 0; stp < 2; ++stp) {
-        const bool mine_columns = (tig & 1) == stp;
-#pragma unroll
-        for (int part = 0; part < 2; ++part) {
-          float cc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-          detail::pair_lut_part(cc, table, lane_offset, st.w[stp][0][part], st.w[stp][1][part],
-                                reinterpret_cast<const uint32_t*>(x_resident));
-          const float low = fmaf(cc[part], scale[0][part], acc[part]);
-          const float high = fmaf(cc[2 + part], scale[1][part], acc[2 + part]);
-          acc[part] = mine_columns ? low : acc[part];
-          acc[2 + part] = mine_columns ? high : acc[2 + part];
-        }
+      for (int part = 0; part < 2; ++part) {
+        scale_low[part] = __fadd_rn(__fmul_rn(codes[(st.block_codes >> (8 * part)) & 0xffu], st.block_nested[0][part]),
+                                    m.nested_offset);
+        scale_high[part] = __fadd_rn(
+            __fmul_rn(codes[(st.block_codes >> (8 * (2 + part))) & 0xffu], st.block_nested[1][part]), m.nested_offset);
       }
     } else {
-      const float* codes = nested_code + wk.t.matrix * 256;
       // More than 2 chunks a row (down): the lanes reload this chunk's x at each item, 2
       // loads instead of 8 (the columns of the other chunk parity are not summed now,
       // whatever their lanes hold).
@@ -951,27 +935,26 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
       // Scales: in a step only the quad's lane tig == 2 (c & 1) + step sums (below), for
       // rows g and g + 8. It computed rows g's two (fetch), its partner tig ^ 2 rows g + 8's:
       // 2 shuffles an item where every lane getting all four took 8.
-      float scale_low[2], scale_high[2];
 #pragma unroll
       for (int part = 0; part < 2; ++part) {
         scale_low[part] = __fadd_rn(__fmul_rn(codes[st.code[part]], st.nested), m.nested_offset);
         scale_high[part] = __shfl_xor_sync(0xffffffffu, scale_low[part], 2);
       }
+    }
 #pragma unroll
-      for (int stp = 0; stp < 2; ++stp) {
-        const bool mine_columns = tig == static_cast<int>(2 * (wk.c & 1)) + stp;
+    for (int stp = 0; stp < 2; ++stp) {
+      const bool mine_columns = kBlocks32 ? (tig & 1) == stp : tig == static_cast<int>(2 * (wk.c & 1)) + stp;
 #pragma unroll
-        for (int part = 0; part < 2; ++part) {
-          float cc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-          detail::pair_lut_part(cc, table, lane_offset, st.w[stp][0][part], st.w[stp][1][part],
-                                reinterpret_cast<const uint32_t*>(x_resident));
-          // A select, not a branch: divergent control flow here would cost the lookups
-          // their uniform table address.
-          const float low = fmaf(cc[part], scale_low[part], acc[part]);
-          const float high = fmaf(cc[2 + part], scale_high[part], acc[2 + part]);
-          acc[part] = mine_columns ? low : acc[part];
-          acc[2 + part] = mine_columns ? high : acc[2 + part];
-        }
+      for (int part = 0; part < 2; ++part) {
+        float cc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        detail::pair_lut_part(cc, table, lane_offset, st.w[stp][0][part], st.w[stp][1][part],
+                              reinterpret_cast<const uint32_t*>(x_resident));
+        // A select, not a branch: divergent control flow here would cost the lookups
+        // their uniform table address.
+        const float low = fmaf(cc[part], scale_low[part], acc[part]);
+        const float high = fmaf(cc[2 + part], scale_high[part], acc[2 + part]);
+        acc[part] = mine_columns ? low : acc[part];
+        acc[2 + part] = mine_columns ? high : acc[2 + part];
       }
     }
     if (wk.c + 1 < op.chunks) return;
@@ -1099,7 +1082,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
       }
     }
     int which = 0;
-    direct = absmax_direct<kBlocks32>(op.cols);
+    direct = absmax_direct(op.cols, kBlocks32);
     if (!fetched_early && next.valid && next.op == o) fetch(next, stage_a);
     while (next.valid && next.op == o) {
       const Work cur = next;
@@ -1363,7 +1346,7 @@ cudaError_t NF4ChainPlan::create(const ChainOp* ops, int count, std::unique_ptr<
                  CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
       const cuuint64_t absmax_dims[2] = {cols / 64, rows}, absmax_strides[1] = {cols / 64};
       const cuuint32_t absmax_box[2] = {kAbsmaxRowBytes, 16};
-      if (r == CUDA_SUCCESS && !made->blocks32_ && !absmax_direct<false>(d.cols))
+      if (r == CUDA_SUCCESS && !absmax_direct(d.cols, made->blocks32_))
         r = encode(&p.maps[next_map][1], CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<uint8_t*>(m.absmax_u8),
                    absmax_dims, absmax_strides, absmax_box, ones, CU_TENSOR_MAP_INTERLEAVE_NONE,
                    CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
