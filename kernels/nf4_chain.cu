@@ -1,8 +1,9 @@
 // NF4 op chains in one persistent launch (nf4_chain.cuh). One block per SM: two
-// groups of 8 consumer warps, each group with its own producer warp and ring of 3
-// slots (the producers and two idle warps form one warpgroup, see kProducerWarps). A
+// groups of 8 consumer warps, each group with its own producer warp, scale warp and
+// ring of 3 slots (producers and scale warps form one warpgroup, see kProducerWarps). A
 // slot holds one item: 16 rows x 2048 elements of one matrix (8 tensor-map boxes of
-// 16 rows x 128 B, 128-byte swizzle); its 16 x 32 u8 absmax land beside the ring.
+// 16 rows x 128 B, 128-byte swizzle); its 16 x 32 u8 absmax land beside the ring, and
+// (blocksize 64) the scale warp turns them into f32 scales before the slot is full.
 // Groups own whole 16-row tiles (a group barrier per tile), the producer runs ahead
 // across op boundaries, and an op waits only for the previous op's per-block done
 // counter.
@@ -24,14 +25,14 @@ namespace {
 constexpr int kGroupWarps = 8;  // a group's warps split a chunk: 256 elements each
 constexpr int kGroups = 2;
 constexpr int kConsumerWarps = kGroupWarps * kGroups;
-// + a producer warpgroup: one producer warp per group, two idle warps. On sm_90a
+// + a producer warpgroup: one producer warp and one scale warp per group. On sm_90a
 // setmaxnreg moves the warpgroup's registers to the consumers (it works per warpgroup):
 // at launch 640 threads get 96 registers each (18 warps put 5 on some sub-partitions,
 // which capped the old 576-thread block at 96 too); consumers then have 112, and the NF4
 // loop and attention fit without spills.
 constexpr int kProducerWarps = 4;
 constexpr int kThreads = (kConsumerWarps + kProducerWarps) * 32;
-constexpr int kLaunchRegisters = 96, kProducerRegisters = 24, kConsumerRegisters = 112;
+constexpr int kLaunchRegisters = 96, kProducerRegisters = 32, kConsumerRegisters = 112;
 // setmaxnreg.inc takes only registers the block's dec released: short of them, consumer
 // warps would wait forever.
 static_assert(kConsumerWarps * (kConsumerRegisters - kLaunchRegisters) <=
@@ -44,23 +45,44 @@ constexpr int kSlotWeightBytes = 16 * kChunkRowBytes;
 constexpr int kSlotAbsmaxBytes = 16 * kAbsmaxRowBytes;
 constexpr int kNestedBlockShift = 8;  // a nested absmax per 256 absmax blocks (the double quantization's block)
 static_assert((1 << kNestedBlockShift) % kAbsmaxRowBytes == 0, "a chunk's absmax blocks must share one nested absmax");
-constexpr int kSlotCopyBytes = kSlotWeightBytes + kSlotAbsmaxBytes;
 constexpr int kSlotBytes = kSlotWeightBytes;  // a multiple of 1024 B: the 128-byte swizzle's period
 constexpr int kSlots = 3;        // a launch's first op runs on the items in flight at its start (ring timing, NOTES)
 constexpr int kMaxCols = 28672;  // Llama-3-70B's intermediate size
 
 // Shared memory, from the dynamic window's start.
-constexpr int kTableOff = 0;                               // pair table: 256 entries x 32 lanes x 4 B
+// Pair table: 256 entries of 32 lane copies x 4 B, 256 B apart (the lookup's address is
+// one PRMT: byte << 8 | lane * 4); each entry's second 128 B holds other data (kGap*).
+constexpr int kTableOff = 0;
 constexpr int kNestedCodeOff = kTableOff + 256 * 256;      // f32 [3][256]: the op's matrices
 constexpr int kPartialOff = kNestedCodeOff + 3 * 256 * 4;  // f32 [groups][2][group warps][2][8]: row sums
 constexpr int kPendingOff = kPartialOff + kGroups * 2 * kGroupWarps * 16 * 4;   // f32 [groups][16]: gate rows
 constexpr int kReduceOff = kPendingOff + kGroups * 16 * 4;                      // f32 [consumer warps]
-constexpr int kBarOff = kReduceOff + kConsumerWarps * 4;                        // u64 full[groups][slots], empty[...]
-constexpr int kXOff = (kBarOff + 2 * kGroups * kSlots * 8 + 15) / 16 * 16;      // bf16 [kMaxCols]
+constexpr int kBarOff = kReduceOff + kConsumerWarps * 4;  // u64 full[groups][slots], empty[...], absmax_full[...]
+constexpr int kXOff = (kBarOff + 3 * kGroups * kSlots * 8 + 15) / 16 * 16;      // bf16 [kMaxCols]
 constexpr int kSlotAbsmaxOff = (kXOff + kMaxCols * 2 + 127) / 128 * 128;        // u8 [groups][slots][16][32]: absmax
 constexpr int kRingOff = (kSlotAbsmaxOff + kGroups * kSlots * kSlotAbsmaxBytes + 1023) / 1024 * 1024;
 constexpr int kSmemBytes = kRingOff + kGroups * kSlots * kSlotBytes;
 static_assert(kSmemBytes <= 227 * 1024, "one block per SM must fit");
+// The table's gaps: an item's 16 x 32 absmax scales (f32), a row per gap, the scale
+// warp's output (blocksize 64, absmax by tensor map). 2 kSlots areas a group, by item
+// sequence: the consumers read an item's scales in compute(), after they freed its slot
+// (the scale warp writes item s + kSlots's only once the slot is free again, and item s
+// + 2 kSlots's once every consumer warp fetched item s + kSlots, after computing item s).
+// Block b of row r sits at b ^ 4 (r & 7): a warp's reads of rows g (2 scales each) then
+// hit 32 distinct banks.
+constexpr int kScaleAreas = 2 * kSlots;
+__host__ __device__ constexpr int scale_gap_offset(int group, int area, int row, int block) {
+  return kTableOff + ((group * kScaleAreas + area) * 16 + row) * 256 + 128 + ((block ^ (4 * (row & 7))) * 4);
+}
+// Then each scale warp's copy of its op's nested code tables (f32 [3][256], 32 a gap).
+constexpr int kGapCodesFirst = kGroups * kScaleAreas * 16;
+static_assert(kGapCodesFirst + kGroups * 3 * 8 <= 256, "the scales and code tables fit the table's gaps");
+__host__ __device__ constexpr int code_gap_offset(int group, int index) {  // index: matrix * 256 + code
+  return kTableOff + (kGapCodesFirst + group * 3 * 8 + (index >> 5)) * 256 + 128 + (index & 31) * 4;
+}
+// The producer: weights by tensor map always; the absmax by tensor map unless the op's
+// absmax_direct (then the scale warp reads it from global memory, and blocksize 32's
+// consumers their own).
 
 // Device ops: the NF4 epilogues, and attention.
 enum : int { kStore = 0, kAdd = 1, kSwiglu = 2, kAttention = 3, kStoreF32 = 5 };
@@ -170,6 +192,11 @@ __device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
 __device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
 }
+// 16 bytes global -> shared, asynchronous (the L2 only); copy_async_wait_all waits for the thread's copies.
+__device__ __forceinline__ void copy_async_16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void copy_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 __device__ __forceinline__ void tensor_copy_2d(void* dst, const CUtensorMap* map, int x, int y, uint64_t* bar) {
   asm volatile(
       "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(
@@ -685,16 +712,18 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
   float* pending = reinterpret_cast<float*>(smem + kPendingOff);
   __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(smem + kXOff);
   const int lane = threadIdx.x & 31, warp = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x >> 5), 0);
-  const int group = warp < kConsumerWarps ? warp / kGroupWarps : min(warp - kConsumerWarps, kGroups - 1);
+  const int group = warp < kConsumerWarps ? warp / kGroupWarps : (warp - kConsumerWarps) % kGroups;
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + kBarOff) + group * kSlots;
   uint64_t* empty = reinterpret_cast<uint64_t*>(smem + kBarOff) + kGroups * kSlots + group * kSlots;
+  uint64_t* absmax_full = reinterpret_cast<uint64_t*>(smem + kBarOff) + 2 * kGroups * kSlots + group * kSlots;
   uint8_t* ring = smem + kRingOff + group * kSlots * kSlotBytes;
   uint8_t* ring_absmax = smem + kSlotAbsmaxOff + group * kSlots * kSlotAbsmaxBytes;
   if (threadIdx.x == 0) {
     uint64_t* bars = reinterpret_cast<uint64_t*>(smem + kBarOff);
     for (int i = 0; i < kGroups * kSlots; ++i) {
-      mbar_init(&bars[i], 1);                               // full: the producer's expect_tx
+      mbar_init(&bars[i], 2);                               // full: the producer's expect_tx, the scale warp
       mbar_init(&bars[kGroups * kSlots + i], kGroupWarps);  // empty: every consumer warp of the group
+      mbar_init(&bars[2 * kGroups * kSlots + i], 1);        // absmax_full: the producer (expect_tx or arrive)
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
@@ -704,7 +733,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kProducerRegisters));
 #endif
-    if (warp - kConsumerWarps >= kGroups) return;  // the warpgroup's idle warps
+    if (warp - kConsumerWarps >= 2 * kGroups) return;  // the warpgroup's idle warps (none at 2 groups)
   } else {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kConsumerRegisters));
@@ -746,28 +775,105 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
   };
 
   if (warp >= kConsumerWarps) {
-    // Producer: every chunk of the group's tiles, op after op, never waiting for activations.
     Work w{0, 0, 0, 0, {0, 0, false}, true};
     advance(w, true);
-    while (w.valid) {
-      if (lane == 0) {
-        const uint32_t slot = w.seq % kSlots, phase = (w.seq / kSlots) & 1;
-        mbar_wait(&empty[slot], phase ^ 1);
-        const bool direct = absmax_direct(p.op[w.op].cols, kBlocks32);
-        mbar_expect_tx(&full[slot], direct ? kSlotWeightBytes : kSlotCopyBytes);
-        uint8_t* dst = ring + slot * kSlotBytes;
-        const uint32_t map = p.op[w.op].m[w.t.matrix].map;
-        const CUtensorMap* weight_map = &p.maps[map][0];
-        const CUtensorMap* absmax_map = &p.maps[map][1];
-        const int y0 = static_cast<int>(w.t.tile * 16);
+    if (warp - kConsumerWarps < kGroups) {
+      // Producer: every chunk of the group's tiles, op after op, never waiting for activations.
+      while (w.valid) {
+        if (lane == 0) {
+          const uint32_t slot = w.seq % kSlots, phase = (w.seq / kSlots) & 1;
+          mbar_wait(&empty[slot], phase ^ 1);
+          const bool direct = absmax_direct(p.op[w.op].cols, kBlocks32);
+          uint8_t* dst = ring + slot * kSlotBytes;
+          const uint32_t map = p.op[w.op].m[w.t.matrix].map;
+          const CUtensorMap* weight_map = &p.maps[map][0];
+          const CUtensorMap* absmax_map = &p.maps[map][1];
+          const int y0 = static_cast<int>(w.t.tile * 16);
+          // The absmax first: the scale warp turns it into scales while the weights land.
+          if (direct) {
+            mbar_arrive(&absmax_full[slot]);
+          } else {
+            mbar_expect_tx(&absmax_full[slot], kSlotAbsmaxBytes);
+            tensor_copy_2d(ring_absmax + slot * kSlotAbsmaxBytes, absmax_map, static_cast<int>(w.c * kAbsmaxRowBytes),
+                           y0, &absmax_full[slot]);
+          }
+          mbar_expect_tx(&full[slot], kSlotWeightBytes);
 #pragma unroll
         for (int b = 0; b < 8; ++b)
           tensor_copy_2d(dst + b * 2048, weight_map, static_cast<int>(w.c * kChunkRowBytes) + b * 128, y0, &full[slot]);
-        if (!direct)
-          tensor_copy_2d(ring_absmax + slot * kSlotAbsmaxBytes, absmax_map, static_cast<int>(w.c * kAbsmaxRowBytes), y0,
-                         &full[slot]);
+        }
+      __syncwarp();
+      advance(w, false);
+      }
+    return;
+    }
+    // Scale warp (blocksize 64): an item's 16 x 32 absmax codes become f32 scales in the
+    // table's gaps with the consumers' former arithmetic, before the item's slot is full
+    // (its second arrival), so the consumers' item loop reads 2 scales a row (compute())
+    // instead of a code word, a nested absmax, 2 code lookups and 2 shuffles. Lane (row,
+    // half) takes 16 blocks. The warp keeps its own copy of its op's code tables (the
+    // consumers' copy belongs to their op, which may be an earlier one).
+    int tables_op = -1;
+    while (w.valid) {
+      const uint32_t slot = w.seq % kSlots, phase = (w.seq / kSlots) & 1;
+      if constexpr (!kBlocks32) {
+        const DeviceOp& op = p.op[w.op];
+        if (w.op != tables_op) {
+          // 16-byte asynchronous copies, all in flight at once: one round trip an op.
+          for (int i = lane * 4; i < op.count * 256; i += 32 * 4)
+            copy_async_16(smem + code_gap_offset(group, i), op.m[i >> 8].nested_code + (i & 255));
+          copy_async_wait_all();
+          __syncwarp();
+          tables_op = w.op;
+        }
+        const DeviceMatrix& m = op.m[w.t.matrix];
+        const int row = lane >> 1, half = lane & 1;
+        const uint32_t blocks_per_row = op.cols / 64, first = w.c * kAbsmaxRowBytes + half * 16;
+        const uint32_t row_start = (w.t.tile * 16 + row) * blocks_per_row;
+        const bool direct = absmax_direct(op.cols, false);
+        // Global loads before the wait (they need only the item's place). Absmax by tensor
+        // map: a chunk's 32 blocks share one nested absmax. Direct: the lane's 4 code words
+        // (4 blocks never straddle a nested group); past the row (a partial last chunk)
+        // code 0 of the row's first blocks: their weights meet zeros of x.
+        uint32_t direct_codes[4] = {0u, 0u, 0u, 0u};
+        float nested[4];
+        if (direct) {
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            const uint32_t block = first + 4 * k;
+            const bool inside = block < blocks_per_row;
+            const uint32_t flat = row_start + (inside ? block : 0);
+            if (inside) direct_codes[k] = __ldg(reinterpret_cast<const uint32_t*>(m.absmax + flat));
+            nested[k] = __ldg(m.nested_absmax + (flat >> kNestedBlockShift));
+          }
+        } else {
+          nested[0] = __ldg(m.nested_absmax + ((row_start + w.c * kAbsmaxRowBytes) >> kNestedBlockShift));
+#pragma unroll
+          for (int k = 1; k < 4; ++k) nested[k] = nested[0];
+        }
+        mbar_wait_warp(&absmax_full[slot], phase);
+        const uint8_t* codes_of = smem + code_gap_offset(group, static_cast<int>(w.t.matrix) * 256);
+        auto scale = [&](uint32_t code, float nested) {
+          const float value = *reinterpret_cast<const float*>(codes_of + (code >> 5) * 256 + (code & 31) * 4);
+          return __fadd_rn(__fmul_rn(value, nested), m.nested_offset);
+        };
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          // Absmax by tensor map: its copy in the ring.
+          const uint32_t codes = direct ? direct_codes[k]
+                                        : *reinterpret_cast<const uint32_t*>(ring_absmax + slot * kSlotAbsmaxBytes +
+                                                                             row * kAbsmaxRowBytes + half * 16 + 4 * k);
+          const float4 v = make_float4(scale(codes & 0xffu, nested[k]), scale((codes >> 8) & 0xffu, nested[k]),
+                                       scale((codes >> 16) & 0xffu, nested[k]), scale(codes >> 24, nested[k]));
+          // Positions b ^ 4 (row & 7) keep a 4-aligned run of 4 together.
+          *reinterpret_cast<float4*>(smem + scale_gap_offset(group, static_cast<int>(w.seq % kScaleAreas), row,
+                                                             static_cast<int>(half * 16 + 4 * k))) = v;
+        }
+      } else {
+        mbar_wait_warp(&absmax_full[slot], phase);
       }
       __syncwarp();
+      if (lane == 0) mbar_arrive(&full[slot]);
       advance(w, false);
     }
     return;
@@ -796,8 +902,6 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
   const bool x_half_mine = (g >> 2) == (tig >> 1);
   struct Stage {
     uint2 w[2][2][2];  // [step][row half][part]
-    uint32_t code[2];  // [part]: the absmax codes of the lane's scales (fetch)
-    float nested;
     // Blocksize 32, the lane's own blocks [row half][part]: codes (byte 2 h + part) and
     // nested absmax, loaded by fetch, turned into scales by compute. Nothing here needs
     // the op's nested code table (stored after the op's dependency wait), so an op's
@@ -806,14 +910,12 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
     float block_nested[2][2];
   };
   // Waits for the item's slot, takes its bytes into registers, frees the slot.
-  bool direct = false;  // the current op's absmax_direct (fetch reads it per item)
   auto fetch = [&](const Work& wk, Stage& st) {
     const DeviceOp& op = p.op[wk.op];
     const DeviceMatrix& m = op.m[wk.t.matrix];
     const uint32_t slot = wk.seq % kSlots, phase = (wk.seq / kSlots) & 1;
     mbar_wait_warp(&full[slot], phase);
     const uint8_t* sw = ring + slot * kSlotBytes;
-    const uint8_t* sa = ring_absmax + slot * kSlotAbsmaxBytes;
 #pragma unroll
     for (int stp = 0; stp < 2; ++stp)
 #pragma unroll
@@ -847,32 +949,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
       if (lane == 0) mbar_arrive(&empty[slot]);
       return;
     }
-    const uint32_t scale_row = quad_row(g) + 8 * ((tig >> 1) ^ (wk.c & 1)), blocks_per_row = op.cols / 64;
-    uint32_t codes4;
-    // (A warp-uniform branch on a register set per op: a loop of its own for these ops
-    // spilled at 112 registers.)
-    if (direct) {
-      // The warp's 4 blocks of the row from global memory; past the row (a partial last
-      // chunk) code 0 and the row's first blocks: their weights meet zeros of x. The
-      // lane's two blocks start at an even flat index (cols / 64 is a multiple of 4), so
-      // they share one nested absmax.
-      const uint32_t block = wk.c * kAbsmaxRowBytes + gw * 4;
-      const bool inside = block < blocks_per_row;
-      const uint32_t flat = (wk.t.tile * 16 + scale_row) * blocks_per_row + (inside ? block : 0);
-      codes4 = __ldg(reinterpret_cast<const uint32_t*>(m.absmax + flat));
-      codes4 = inside ? codes4 : 0u;
-      st.nested = __ldg(m.nested_absmax + ((flat + 2 * (tig & 1)) >> kNestedBlockShift));
-    } else {
-      // The warp's 4 absmax bytes of a row are one word: one 4-way-conflicted load
-      // instead of two byte loads.
-      codes4 = *reinterpret_cast<const uint32_t*>(sa + scale_row * kAbsmaxRowBytes + gw * 4);
-      // A row's 32 absmax blocks of a chunk start at a multiple of 32 (rows are whole
-      // chunks), so they share one nested absmax (256 blocks each): one load an item.
-      st.nested = __ldg(m.nested_absmax + (((wk.t.tile * 16 + scale_row) * blocks_per_row + wk.c * kAbsmaxRowBytes) >>
-                                           kNestedBlockShift));
-    }
-#pragma unroll
-    for (int part = 0; part < 2; ++part) st.code[part] = (codes4 >> (8 * (2 * (tig & 1) + part))) & 0xffu;
+    // Blocksize 64's scales: the scale warp's, read by compute().
     __syncwarp();
     if (lane == 0) mbar_arrive(&empty[slot]);
   };
@@ -933,13 +1010,15 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
       // whatever their lanes hold).
       if (op.chunks > 2) load_x_column(wk.c, true);
       // Scales: in a step only the quad's lane tig == 2 (c & 1) + step sums (below), for
-      // rows g and g + 8. It computed rows g's two (fetch), its partner tig ^ 2 rows g + 8's:
-      // 2 shuffles an item where every lane getting all four took 8.
-#pragma unroll
-      for (int part = 0; part < 2; ++part) {
-        scale_low[part] = __fadd_rn(__fmul_rn(codes[st.code[part]], st.nested), m.nested_offset);
-        scale_high[part] = __shfl_xor_sync(0xffffffffu, scale_low[part], 2);
-      }
+      // rows g and g + 8: the scale warp's, blocks 2 (tig & 1) + part of the warp's 4.
+      const int area = static_cast<int>(wk.seq % kScaleAreas), block = gw * 4 + 2 * (tig & 1);
+      const float2 low = *reinterpret_cast<const float2*>(smem + scale_gap_offset(group, area, quad_row(g), block));
+      const float2 high =
+          *reinterpret_cast<const float2*>(smem + scale_gap_offset(group, area, quad_row(g) + 8, block));
+      scale_low[0] = low.x;
+      scale_low[1] = low.y;
+      scale_high[0] = high.x;
+      scale_high[1] = high.y;
     }
 #pragma unroll
     for (int stp = 0; stp < 2; ++stp) {
@@ -1082,7 +1161,6 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
       }
     }
     int which = 0;
-    direct = absmax_direct(op.cols, kBlocks32);
     if (!fetched_early && next.valid && next.op == o) fetch(next, stage_a);
     while (next.valid && next.op == o) {
       const Work cur = next;
@@ -1149,8 +1227,9 @@ std::string matrix_supports(const NF4Matrix& m) {
       (m.cols + kChunkElements - 1) / kChunkElements * kChunkElements > kMaxCols)
     return "cols " + std::to_string(m.cols) + " is not a multiple of " + std::to_string(multiple) + " up to 28672";
   if (m.rows <= 0 || m.rows % 16 != 0) return "rows " + std::to_string(m.rows) + " is not a multiple of 16";
-  if (reinterpret_cast<uintptr_t>(m.packed) % 16 != 0 || reinterpret_cast<uintptr_t>(m.absmax_u8) % 16 != 0)
-    return "weights or absmax not 16-byte aligned";
+  if (reinterpret_cast<uintptr_t>(m.packed) % 16 != 0 || reinterpret_cast<uintptr_t>(m.absmax_u8) % 16 != 0 ||
+      reinterpret_cast<uintptr_t>(m.nested_code) % 16 != 0)
+    return "weights, absmax or nested code table not 16-byte aligned";
   return "";
 }
 
