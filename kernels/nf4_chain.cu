@@ -64,7 +64,7 @@ constexpr int kRingOff = (kSlotAbsmaxOff + kGroups * kSlots * kSlotAbsmaxBytes +
 constexpr int kSmemBytes = kRingOff + kGroups * kSlots * kSlotBytes;
 static_assert(kSmemBytes <= 227 * 1024, "one block per SM must fit");
 // The table's gaps: an item's 16 x 32 absmax scales (f32), a row per gap, the scale
-// warp's output (blocksize 64, absmax by tensor map). 2 kSlots areas a group, by item
+// warp's output (blocksize 64). 2 kSlots areas a group, by item
 // sequence: the consumers read an item's scales in compute(), after they freed its slot
 // (the scale warp writes item s + kSlots's only once the slot is free again, and item s
 // + 2 kSlots's once every consumer warp fetched item s + kSlots, after computing item s).
@@ -80,9 +80,6 @@ static_assert(kGapCodesFirst + kGroups * 3 * 8 <= 256, "the scales and code tabl
 __host__ __device__ constexpr int code_gap_offset(int group, int index) {  // index: matrix * 256 + code
   return kTableOff + (kGapCodesFirst + group * 3 * 8 + (index >> 5)) * 256 + 128 + (index & 31) * 4;
 }
-// The producer: weights by tensor map always; the absmax by tensor map unless the op's
-// absmax_direct (then the scale warp reads it from global memory, and blocksize 32's
-// consumers their own).
 
 // Device ops: the NF4 epilogues, and attention.
 enum : int { kStore = 0, kAdd = 1, kSwiglu = 2, kAttention = 3, kStoreF32 = 5 };
@@ -799,13 +796,14 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
           }
           mbar_expect_tx(&full[slot], kSlotWeightBytes);
 #pragma unroll
-        for (int b = 0; b < 8; ++b)
-          tensor_copy_2d(dst + b * 2048, weight_map, static_cast<int>(w.c * kChunkRowBytes) + b * 128, y0, &full[slot]);
+          for (int b = 0; b < 8; ++b)
+            tensor_copy_2d(dst + b * 2048, weight_map, static_cast<int>(w.c * kChunkRowBytes) + b * 128, y0,
+                           &full[slot]);
         }
-      __syncwarp();
-      advance(w, false);
+        __syncwarp();
+        advance(w, false);
       }
-    return;
+      return;
     }
     // Scale warp (blocksize 64): an item's 16 x 32 absmax codes become f32 scales in the
     // table's gaps with the consumers' former arithmetic, before the item's slot is full
@@ -853,9 +851,9 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
         }
         mbar_wait_warp(&absmax_full[slot], phase);
         const uint8_t* codes_of = smem + code_gap_offset(group, static_cast<int>(w.t.matrix) * 256);
-        auto scale = [&](uint32_t code, float nested) {
+        auto scale = [&](uint32_t code, float nested_absmax) {
           const float value = *reinterpret_cast<const float*>(codes_of + (code >> 5) * 256 + (code & 31) * 4);
-          return __fadd_rn(__fmul_rn(value, nested), m.nested_offset);
+          return __fadd_rn(__fmul_rn(value, nested_absmax), m.nested_offset);
         };
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
