@@ -280,8 +280,8 @@ __device__ __forceinline__ NormWeights prefetch_norm(const DeviceOp& op, uint32_
   return n;
 }
 // The thread's share of the op's nested code tables (up to 3 x 256 values over the
-// consumer threads), loaded before the dependency wait, stored by load_op_x once its x
-// loads are issued: neither waits for the other.
+// consumer threads; blocksize 32's compute() reads them), loaded before the dependency
+// wait, stored by load_op_x once its x loads are issued: neither waits for the other.
 struct NestedShare {
   float value[2];
 };
@@ -314,7 +314,7 @@ __device__ __forceinline__ float load_op_x(const DeviceOp& op, __nv_bfloat16* xs
   if (op.norm_weight == nullptr) {
     for (uint32_t i = threadIdx.x; i < pieces; i += kConsumerWarps * 32)
       reinterpret_cast<uint4*>(xs)[i] = __ldcg(reinterpret_cast<const uint4*>(op.x) + i);
-    store_nested_share(op, nested, nested_code);
+    if constexpr (kBlocks32) store_nested_share(op, nested, nested_code);
     consumers_sync();
     return 0.0f;
   }
@@ -332,7 +332,7 @@ __device__ __forceinline__ float load_op_x(const DeviceOp& op, __nv_bfloat16* xs
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, offset);
   if ((threadIdx.x & 31) == 0) reduce[threadIdx.x >> 5] = sum_sq;
-  store_nested_share(op, nested, nested_code);
+  if constexpr (kBlocks32) store_nested_share(op, nested, nested_code);
   consumers_sync();
   float total = 0.0f;
   for (int w = 0; w < kConsumerWarps; ++w) total += reduce[w];
@@ -1130,7 +1130,9 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
       // Norm weights and the nested code tables need no previous op: loaded before the wait.
       const NormWeights norm_weights =
           prefetch_norm<kBlocks32>(op, (kBlocks32 ? 0 : (g >> 2) * kChunkElements) + x_column);  // load_x_column's
-      const NestedShare nested = load_nested_share(op);
+      // Blocksize 64's scales come from the scale warps: only blocksize 32 reads the op's
+      // code tables in shared memory.
+      const NestedShare nested = kBlocks32 ? load_nested_share(op) : NestedShare{};
       if constexpr (kBlocks32) {
         // Small models' ops are a tile or two a group: a chain of round trips, not a
         // stream. The first item's slot and absmax loads need no previous op: before the

@@ -627,6 +627,9 @@ TEST(NF4Chain, RefusesWhatItCannotRun) {
   NF4Matrix shifted = with_host_code(fine.device_view);
   shifted.packed += 8;
   EXPECT_NE(refusal(shifted).find("aligned"), std::string::npos);
+  NF4Matrix shifted_code = with_host_code(fine.device_view);  // the scale warps copy it in 16-byte pieces
+  shifted_code.nested_code += 1;
+  EXPECT_NE(refusal(shifted_code).find("nested code table not 16-byte aligned"), std::string::npos);
   // Two ops with different code tables: one pair table serves the whole chain.
   ChainOp ops[2];
   ops[0].weight[0] = with_host_code(fine.device_view);
