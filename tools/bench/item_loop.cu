@@ -366,7 +366,8 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
 // scale warp per group (f32 in shared memory; its own mbarrier on the absmax copy); 16 the
 // epilogue's barrier replaced by a last-arriver count; 32 the epilogue's shuffles only; 64
 // its partial stores and barrier, no sums; 128 its sums by 2 LDS.128 a row; 256 no ring:
-// each warp loads its weights (4 x 16 B a lane, row-major) 2 items ahead (512: 3 ahead).
+// each warp loads its weights (4 x 16 B a lane, row-major) 2 items ahead (512: 3 ahead);
+// 1024 the bit-2 epilogue every 4 items (tiles of 4 chunks a warp: fewer, wider groups).
 constexpr int kRTable = 0, kRCodes = 65536, kRPartial = kRCodes + 1024, kRBar = kRPartial + 2 * 2 * 8 * 16 * 4,
               kRX = kRBar + 256, kRAbs = kRX + 8192, kRRing = (kRAbs + 2 * 3 * 512 + 1023) / 1024 * 1024,
               kRScales = kRRing + 2 * 3 * 16384, kRCount = kRScales + 2 * 3 * 16 * 36 * 4, kRSmem = kRCount + 64;
@@ -605,13 +606,15 @@ __global__ void __launch_bounds__((kFeat & 256) ? 512 : 640, 1)
       parity ^= 1;
       acc[0] = acc[1] = acc[2] = acc[3] = 0.0f;
     }
-    if ((kFeat & 2) && (item & 1)) {
+    // A tile's last item: every 2 items (K = 4096), every 4 with bit 1024.
+    constexpr int kTileItems = (kFeat & 1024) ? 4 : 2;
+    if ((kFeat & 2) && (item % kTileItems) == kTileItems - 1) {
       float row_low = acc[0] + acc[1], row_high = acc[2] + acc[3];
       row_low += __shfl_xor_sync(0xffffffffu, row_low, 1);
       row_high += __shfl_xor_sync(0xffffffffu, row_high, 1);
       row_low += __shfl_xor_sync(0xffffffffu, row_low, 2);
       row_high += __shfl_xor_sync(0xffffffffu, row_high, 2);
-      const int tile = item >> 1;
+      const int tile = item / kTileItems;
       float* pb = partial + (group * ((kFeat & 16) ? 4 : 2) + ((kFeat & 16) ? (tile & 3) : parity)) * 8 * 16;
       if (tig == 0) {
         pb[gw * 16 + g] = row_low;
@@ -748,6 +751,9 @@ int main() {
   run_ring<8 + 2>("ring + scale warps + epilogue", big, big_bytes, nested, sms, items, out, clk);
   run_ring<8 + 2 + 4>("ring + scale warps + epi + x", big, big_bytes, nested, sms, items, out, clk);
   run_ring<8 + 32>("ring + scale warps + shuffles only", big, big_bytes, nested, sms, items, out, clk);
+  run_ring<1024 + 2>("ring + epilogue every 4 items", big, big_bytes, nested, sms, items, out, clk);
+  run_ring<1024 + 8 + 2>("ring + scale warps + epi every 4", big, big_bytes, nested, sms, items, out, clk);
+  run_ring<1024 + 8 + 2 + 4>("ring + scale warps + epi/4 + x", big, big_bytes, nested, sms, items, out, clk);
   printf("-- weights loaded by each warp (no ring)\n");
   run<4, 0, false, 2>("LDG row-major 8 B loads only", ring, big, big_bytes, sms, items, 16, out, clk);
   run<3, 0, false, 2>("LDG row-major 8 B + table + mma", ring, big, big_bytes, sms, items, 16, out, clk);
