@@ -17,13 +17,15 @@
 //     variants); x reloaded per item;
 //   - the weights loaded by each warp from device memory (LDG) instead of a ring, in the
 //     packs' row-major layout (4 x 16 B a lane) and in a contiguous layout.
-#include <cstdio>
-#include <cstdint>
-#include <vector>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <cstdint>
+#include <cstdio>
+#include <vector>
+
 #include "layerpack/nf4.h"
+
 #define CK(x)                                        \
   do {                                               \
     cudaError_t e = (x);                             \
