@@ -19,8 +19,8 @@
 // of 32: small models such as SmolLM2; absmax always from global memory), one blocksize
 // for every matrix of a chain; cols rounded up to 2048 at most 28672 (rows that end
 // inside a 2048-column chunk read their absmax from global memory: no tensor map can
-// hold it), rows a multiple of 16, packed weights and u8 absmax 16-byte aligned, one code
-// table (code_on_host) for every matrix, at most kMaxChainOps ops and kMaxChainMatrices
+// hold it), rows a multiple of 16, packed weights, u8 absmax and the nested code table
+// 16-byte aligned, one code table (code_on_host) for every matrix, at most kMaxChainOps ops and kMaxChainMatrices
 // matrices (below), sm_90 (tensor-map copies).
 // Attention ops: head_dim 64 or 128, q_heads a multiple of kv_heads.
 #pragma once
