@@ -64,8 +64,8 @@ constexpr int kRingOff = (kSlotAbsmaxOff + kGroups * kSlots * kSlotAbsmaxBytes +
 constexpr int kSmemBytes = kRingOff + kGroups * kSlots * kSlotBytes;
 static_assert(kSmemBytes <= 227 * 1024, "one block per SM must fit");
 // The table's gaps: an item's 16 x 32 absmax scales (f32), a row per gap, the scale
-// warp's output (blocksize 64). 2 kSlots areas a group, by item
-// sequence: the consumers read an item's scales in compute(), after they freed its slot
+// warp's output (blocksize 64). 2 kSlots areas a group, by item sequence: the
+// consumers read an item's scales in compute(), after they freed its slot
 // (the scale warp writes item s + kSlots's only once the slot is free again, and item s
 // + 2 kSlots's once every consumer warp fetched item s + kSlots, after computing item s).
 // Block b of row r sits at b ^ 4 (r & 7): a warp's reads of rows g (2 scales each) then
@@ -89,7 +89,7 @@ static_assert(kConsumerWarps * (128 + 128 + 2) * 4 <= kMaxCols * 2, "q_rotated a
 
 // cols not a multiple of 2048 ("absmax direct"): no absmax tensor map (its row stride,
 // cols / 64 bytes, is not a multiple of 16) and an item's blocks may span two nested
-// absmax: each lane loads its absmax word and its nested absmax. Blocksize 32 is always
+// absmax: the scale warp loads the codes and nested absmax from global memory. Blocksize 32 is always
 // direct (its lanes load their own 4 absmax bytes: their rows' 32-block runs need not be
 // aligned to anything).
 __host__ __device__ __forceinline__ bool absmax_direct(uint32_t cols, bool blocks32) {
@@ -97,7 +97,7 @@ __host__ __device__ __forceinline__ bool absmax_direct(uint32_t cols, bool block
 }
 
 struct DeviceMatrix {
-  const uint8_t* absmax;  // u8 [rows][cols / blocksize]: read by the consumers where the op's absmax_direct
+  const uint8_t* absmax;  // u8 [rows][cols / blocksize]: read from global memory where the op's absmax_direct
   const float* nested_absmax;
   const float* nested_code;
   float nested_offset;
@@ -850,6 +850,8 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
           for (int k = 1; k < 4; ++k) nested[k] = nested[0];
         }
         mbar_wait_warp(&absmax_full[slot], phase);
+        // The matrix's table at code_gap_offset(group, matrix * 256), a code's place in it
+        // by that layout: code / 32 gaps of 256 B on, then (code % 32) * 4.
         const uint8_t* codes_of = smem + code_gap_offset(group, static_cast<int>(w.t.matrix) * 256);
         auto scale = [&](uint32_t code, float nested_absmax) {
           const float value = *reinterpret_cast<const float*>(codes_of + (code >> 5) * 256 + (code & 31) * 4);
@@ -923,8 +925,6 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
           st.w[stp][h][part] = *reinterpret_cast<const uint2*>(
               sw + gw * 2048 + (quad_row(g) + 8 * h) * 128 +
               (((2 * (stp * 2 + part) + (tig >> 1)) ^ (quad_row(g) & 7)) << 4) + (tig & 1) * 8);
-    // The scales a lane computes (compute(): the quad's summing lane for step tig & 1 takes
-    // rows g, its partner tig ^ 2 rows g + 8): step tig & 1, both parts, of row g or g + 8.
     if constexpr (kBlocks32) {
       // The lane's 4 blocks (rows g and g + 8, step tig & 1, both parts; the half tig >> 1
       // of each part's 64 columns): byte loads, a nested absmax each (a row's blocks need
