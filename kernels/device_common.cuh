@@ -72,6 +72,50 @@ __device__ __forceinline__ void allow_next_kernel() {
 #endif
 }
 
+// Shared-memory mbarriers (sm_90: the NF4 chain's ring and its microbenchmark; before
+// sm_90 they trap).
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define LAYERPACK_SM90_ASM(...) asm volatile(__VA_ARGS__)
+#else
+#define LAYERPACK_SM90_ASM(...) __trap()
+#endif
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
+  LAYERPACK_SM90_ASM("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  LAYERPACK_SM90_ASM(
+      "{\n .reg .pred p;\n"
+      "W: mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+      " @!p bra W;\n}\n" ::"r"(smem_addr(bar)),
+      "r"(parity)
+      : "memory");
+}
+__device__ __forceinline__ bool mbar_try(uint64_t* bar, uint32_t parity) {
+  uint32_t ok = 0;
+  LAYERPACK_SM90_ASM(
+      "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(ok)
+      : "r"(smem_addr(bar)), "r"(parity)
+      : "memory");
+  return ok != 0;
+}
+// A whole warp waits; the exit is warp-uniform, so the code after it stays uniform.
+__device__ __forceinline__ void mbar_wait_warp(uint64_t* bar, uint32_t parity) {
+  while (!__all_sync(0xffffffffu, mbar_try(bar, parity))) {
+  }
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  LAYERPACK_SM90_ASM("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+  LAYERPACK_SM90_ASM("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes)
+                     : "memory");
+}
+#undef LAYERPACK_SM90_ASM
+
 // LAYERPACK_CUDA_PDL=0 launches every kernel plainly; devices before sm_90 never chain.
 inline bool chained_launches_enabled() {
   static const bool enabled = [] {

@@ -24,7 +24,12 @@
 #include <cstdio>
 #include <vector>
 
+#include "kernels/device_common.cuh"  // smem_addr and the mbarrier polls, the chain's own
 #include "layerpack/nf4.h"
+
+using layerpack::kernels::detail::mbar_try;
+using layerpack::kernels::detail::mbar_wait_warp;
+using layerpack::kernels::detail::smem_addr;
 
 #define CK(x)                                        \
   do {                                               \
@@ -61,9 +66,6 @@ __device__ __forceinline__ void alu_decode(uint32_t w, const AluTable& t, uint32
 }
 __device__ __forceinline__ uint32_t lut(const uint8_t* table, uint32_t word, uint32_t lane_offset, int byte) {
   return *reinterpret_cast<const uint32_t*>(table + __byte_perm(word, lane_offset, 0x5504u | (byte << 4)));
-}
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
 // The ALU decode's tables: low and high bytes of the 16 code values' bf16, 4 to a word.
@@ -345,18 +347,7 @@ int run(const char* name, const uint8_t* ring, const uint8_t* big, size_t big_by
   return 0;
 }
 
-__device__ __forceinline__ bool mbar_try(uint64_t* bar, uint32_t parity) {
-  uint32_t ok;
-  asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
-               : "=r"(ok)
-               : "r"(smem_addr(bar)), "r"(parity)
-               : "memory");
-  return ok != 0;
-}
-__device__ __forceinline__ void mbar_wait_warp(uint64_t* bar, uint32_t parity) {
-  while (!__all_sync(0xffffffffu, mbar_try(bar, parity))) {
-  }
-}
+// One thread's poll loop (the measured producers'; the chain's mbar_wait loops in PTX).
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
   while (!mbar_try(bar, parity)) {
   }
