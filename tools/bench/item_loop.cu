@@ -14,7 +14,9 @@
 //     scales as the consumers computed them (code word, nested absmax, 2 code lookups, 2
 //     shuffles) or from a scale warp's f32 scales in shared memory; the tile epilogue every
 //     2 items (shuffles, partial sums, a group barrier; last-arriver and shuffle-only
-//     variants); x reloaded per item;
+//     variants); x reloaded per item; the tile epilogue every 4 items; the ring 2 or 4 slots
+//     deep a group instead of 3 (the scale warps' f32 scales then in the pair table's gaps,
+//     as the chain keeps them);
 //   - the weights loaded by each warp from device memory (LDG) instead of a ring, in the
 //     packs' row-major layout (4 x 16 B a lane) and in a contiguous layout.
 #include <cuda_bf16.h>
@@ -361,10 +363,19 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
 // its partial stores and barrier, no sums; 128 its sums by 2 LDS.128 a row; 256 no ring:
 // each warp loads its weights (4 x 16 B a lane, row-major) 2 items ahead (512: 3 ahead);
 // 1024 the bit-2 epilogue every 4 items (tiles of 4 chunks a warp: fewer, wider groups).
+constexpr int kMaxRingSlots = 4;  // ring depth rows: 2 to 4 slots a group
 constexpr int kRTable = 0, kRCodes = 65536, kRPartial = kRCodes + 1024, kRBar = kRPartial + 2 * 2 * 8 * 16 * 4,
-              kRX = kRBar + 256, kRAbs = kRX + 8192, kRRing = (kRAbs + 2 * 3 * 512 + 1023) / 1024 * 1024,
-              kRScales = kRRing + 2 * 3 * 16384, kRCount = kRScales + 2 * 3 * 16 * 36 * 4, kRSmem = kRCount + 64;
-template <int kFeat>
+              kRX = kRBar + 256, kRAbs = kRX + 8192, kRRing = (kRAbs + 2 * kMaxRingSlots * 512 + 1023) / 1024 * 1024;
+__host__ __device__ constexpr int ring_count_offset(int slots) { return kRRing + 2 * slots * 16384; }
+__host__ __device__ constexpr int ring_smem_bytes(int slots) { return ring_count_offset(slots) + 64; }
+// The scale warps' f32 scales in the pair table's gaps, as the chain keeps them: a row of
+// 32 blocks a gap, block b of row r at b ^ 4 (r & 7) (a warp's float2 reads hit 32 banks).
+__device__ __forceinline__ float* scale_row_block(uint8_t* smem, int area, int row, int block) {
+  return reinterpret_cast<float*>(smem + kRTable + (area * 16 + row) * 256 + 128 + ((block ^ (4 * (row & 7))) * 4));
+}
+static_assert(ring_smem_bytes(kMaxRingSlots) <= 227 * 1024, "one block per SM");
+static_assert(2 * kMaxRingSlots * 16 <= 256, "the scale areas fit the table's gaps");
+template <int kFeat, int kS = 3>
 __global__ void __launch_bounds__((kFeat & 256) ? 512 : 640, 1)
     ring_kernel(const uint8_t* __restrict__ big, size_t big_bytes, const float* __restrict__ nested, int items,
                 float* out, unsigned long long* clk) {
@@ -374,24 +385,23 @@ __global__ void __launch_bounds__((kFeat & 256) ? 512 : 640, 1)
   float* partial = reinterpret_cast<float*>(smem + kRPartial);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int group = warp < 16 ? warp / 8 : (warp - 16) & 1;
-  float* scales = reinterpret_cast<float*>(smem + kRScales) + group * 3 * 16 * 36;
-  int* tile_count = reinterpret_cast<int*>(smem + kRCount) + group * 4;
-  uint64_t* abs_full = reinterpret_cast<uint64_t*>(smem + kRBar) + 12 + group * 3;
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kRBar) + group * 3;
-  uint64_t* empty = reinterpret_cast<uint64_t*>(smem + kRBar) + 6 + group * 3;
-  uint8_t* ring = smem + kRRing + group * 3 * 16384;
-  uint8_t* ring_abs = smem + kRAbs + group * 3 * 512;
+  int* tile_count = reinterpret_cast<int*>(smem + ring_count_offset(kS)) + group * 4;
+  uint64_t* abs_full = reinterpret_cast<uint64_t*>(smem + kRBar) + 4 * kS + group * kS;
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kRBar) + group * kS;
+  uint64_t* empty = reinterpret_cast<uint64_t*>(smem + kRBar) + 2 * kS + group * kS;
+  uint8_t* ring = smem + kRRing + group * kS * 16384;
+  uint8_t* ring_abs = smem + kRAbs + group * kS * 512;
   fill_pair_table(table);
   for (int i = threadIdx.x; i < 256; i += blockDim.x) codes[i] = (i - 128) * 0.01f;
   for (int i = threadIdx.x; i < 4096; i += blockDim.x)
     reinterpret_cast<__nv_bfloat16*>(smem + kRX)[i] = __float2bfloat16_rn(0.001f * (i & 63));
   if (threadIdx.x == 0) {
     uint64_t* bars = reinterpret_cast<uint64_t*>(smem + kRBar);
-    for (int i = 0; i < 8; ++i) reinterpret_cast<int*>(smem + kRCount)[i] = 0;
-    for (int i = 0; i < 6; ++i) {
-      asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(&bars[12 + i])), "r"(1));
+    for (int i = 0; i < 8; ++i) reinterpret_cast<int*>(smem + ring_count_offset(kS))[i] = 0;
+    for (int i = 0; i < 2 * kS; ++i) {
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(&bars[4 * kS + i])), "r"(1));
       asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(&bars[i])), "r"((kFeat & 8) ? 2 : 1));
-      asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(&bars[6 + i])), "r"(8));
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(&bars[2 * kS + i])), "r"(8));
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
@@ -400,21 +410,21 @@ __global__ void __launch_bounds__((kFeat & 256) ? 512 : 640, 1)
   if (warp >= 18) {  // scale warps: absmax codes -> float scales in shared memory (kFeat bit 3)
     if constexpr ((kFeat & 8) != 0) {
       for (int seq = 0; seq < items; ++seq) {
-        const uint32_t slot = seq % 3, phase = (seq / 3) & 1;
+        const uint32_t slot = seq % kS, phase = (seq / kS) & 1;
         mbar_wait_warp(&abs_full[slot], phase);
         const int row = lane >> 1, half = lane & 1;
         const uint4 c4 = *reinterpret_cast<const uint4*>(ring_abs + slot * 512 + row * 32 + half * 16);
         const float nst = __ldg(nested + ((blockIdx.x * 64 + (seq & 63) * 16 + row) & 4095));
         const uint32_t cw[4] = {c4.x, c4.y, c4.z, c4.w};
-        float* dst = scales + slot * 16 * 36 + row * 36 + half * 16;
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
+          float* dst = scale_row_block(smem, group * kS + slot, row, half * 16 + 4 * k);
           float4 v;
           v.x = __fadd_rn(__fmul_rn(codes[cw[k] & 0xff], nst), 0.25f);
           v.y = __fadd_rn(__fmul_rn(codes[(cw[k] >> 8) & 0xff], nst), 0.25f);
           v.z = __fadd_rn(__fmul_rn(codes[(cw[k] >> 16) & 0xff], nst), 0.25f);
           v.w = __fadd_rn(__fmul_rn(codes[cw[k] >> 24], nst), 0.25f);
-          *reinterpret_cast<float4*>(dst + 4 * k) = v;
+          *reinterpret_cast<float4*>(dst) = v;
         }
         __syncwarp();
         if (lane == 0)
@@ -428,7 +438,7 @@ __global__ void __launch_bounds__((kFeat & 256) ? 512 : 640, 1)
     const uint8_t* src0 = big + (blockIdx.x * 2 + group) * region;
     size_t off = 0;
     for (int seq = 0; seq < items; ++seq) {
-      const uint32_t slot = seq % 3, phase = (seq / 3) & 1;
+      const uint32_t slot = seq % kS, phase = (seq / kS) & 1;
       mbar_wait(&empty[slot], phase ^ 1);
       asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(&full[slot])),
                    "r"((kFeat & 8) ? 16384 : 16384 + 512)
@@ -498,14 +508,14 @@ __global__ void __launch_bounds__((kFeat & 256) ? 512 : 640, 1)
       }
       return;
     }
-    const uint32_t slot = seq % 3, phase = (seq / 3) & 1;
+    const uint32_t slot = seq % kS, phase = (seq / kS) & 1;
     mbar_wait_warp(&full[slot], phase);
     read_ring_item(ring + slot * 16384, gw, g, tig, st.w);
     const int qr = (g & 3) * 2 + (g >> 2);
     if (kFeat & 8) {
-      const float* sc = scales + slot * 16 * 36 + qr * 36 + gw * 4 + 2 * (tig & 1);
-      st.sl = *reinterpret_cast<const float2*>(sc);
-      st.sh = *reinterpret_cast<const float2*>(sc + 8 * 36);
+      st.sl = *reinterpret_cast<const float2*>(scale_row_block(smem, group * kS + slot, qr, gw * 4 + 2 * (tig & 1)));
+      st.sh =
+          *reinterpret_cast<const float2*>(scale_row_block(smem, group * kS + slot, qr + 8, gw * 4 + 2 * (tig & 1)));
     } else if (kFeat & 1) {
       const uint32_t scale_row = qr + 8 * ((tig >> 1) ^ (seq & 1));
       const uint32_t codes4 = *reinterpret_cast<const uint32_t*>(ring_abs + slot * 512 + scale_row * 32 + gw * 4);
@@ -649,10 +659,11 @@ __global__ void __launch_bounds__((kFeat & 256) ? 512 : 640, 1)
   if (threadIdx.x == 0 && blockIdx.x == 0) clk[0] = t1 - t0;
 }
 
-template <int kFeat>
+template <int kFeat, int kS = 3>
 int run_ring(const char* name, const uint8_t* big, size_t big_bytes, const float* nested, int sms, int items,
              float* out, unsigned long long* clk) {
-  auto k = ring_kernel<kFeat>;
+  auto k = ring_kernel<kFeat, kS>;
+  constexpr int kRSmem = ring_smem_bytes(kS);
   CK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, kRSmem));
   const Timing t = best_of_3(
       [&](int n) { k<<<sms, (kFeat & 256) ? 512 : 640, kRSmem>>>(big, big_bytes, nested, n, out, clk); }, items, clk);
@@ -747,6 +758,13 @@ int main() {
   run_ring<1024 + 2>("ring + epilogue every 4 items", big, big_bytes, nested, sms, items, out, clk);
   run_ring<1024 + 8 + 2>("ring + scale warps + epi every 4", big, big_bytes, nested, sms, items, out, clk);
   run_ring<1024 + 8 + 2 + 4>("ring + scale warps + epi/4 + x", big, big_bytes, nested, sms, items, out, clk);
+  printf("-- ring depth (slots a group; the chain has 3)\n");
+  run_ring<0, 2>("ring, 2 slots", big, big_bytes, nested, sms, items, out, clk);
+  run_ring<0, 4>("ring, 4 slots", big, big_bytes, nested, sms, items, out, clk);
+  run_ring<8 + 2, 2>("ring + scale warps + epi, 2 slots", big, big_bytes, nested, sms, items, out, clk);
+  run_ring<8 + 2, 4>("ring + scale warps + epi, 4 slots", big, big_bytes, nested, sms, items, out, clk);
+  run_ring<8 + 2 + 4, 4>("ring + scale w. + epi + x, 4 slots", big, big_bytes, nested, sms, items, out, clk);
+  run_ring<3, 4>("ring + scales + epilogue, 4 slots", big, big_bytes, nested, sms, items, out, clk);
   printf("-- weights loaded by each warp (no ring)\n");
   run<4, 0, false, 2>("LDG row-major 8 B loads only", ring, big, big_bytes, sms, items, 16, out, clk);
   run<3, 0, false, 2>("LDG row-major 8 B + table + mma", ring, big, big_bytes, sms, items, 16, out, clk);
