@@ -26,6 +26,7 @@ Engine::Engine(ModelPack pack, EngineOptions options, KVCacheLayout layout)
     : pack_(std::move(pack)), options_(std::move(options)), kv_book_(layout) {}
 
 Engine::~Engine() {
+  if (backend_) backend_->wait_background_work();  // it may read the embedding the streamer holds
   streamer_.reset();  // stops the loader before the backend and reader go
 }
 
@@ -224,6 +225,16 @@ Result<std::unique_ptr<Engine>> Engine::open(const std::string& pack_dir, const 
   engine->reader_ = std::move(reader);
   engine->streamer_->provide_host_unit(0, std::move(embedding_payload.value()));
   LAYERPACK_TRY(engine->streamer_->start());
+  if (device && engine->streamer_->plan().streamed_count() == 0) {
+    // Everything resident: the backend may keep a device copy of the embedding in what
+    // the budget has left (pipelined decode), copied in the background
+    // once the resident layers are up (beside their uploads it cost the first token 0.09 s
+    // at 8B on an H200).
+    const uint64_t used = memory.accounted_bytes();
+    LAYERPACK_TRY(engine->backend_->offer_embedding(engine->streamer_->host_payload(ModelPack::embedding_unit()),
+                                                    memory.budget > used ? memory.budget - used : 0));
+    memory.backend_bytes = engine->backend_->reserved_bytes();
+  }
   const StreamerStats started = engine->streamer_->stats();
   timings.host_units = started.startup_host_seconds;
   timings.slots = started.startup_slot_seconds;
@@ -309,6 +320,23 @@ Status Engine::forward_tokens(const TokenBatch& batch, const SamplingParams& par
   return run_pass(batch, [&](SlotId slot) {
     return backend_->run_output_tokens(slot, batch, params, uniforms.data(), tokens.data());
   });
+}
+
+bool Engine::feeds_back_tokens(const SamplingParams& params) const { return backend_->feeds_back_tokens(params); }
+
+Status Engine::queue_token_pass(const TokenBatch& batch, const SamplingParams& params, double uniform) {
+  if (!backend_->feeds_back_tokens(params) || batch.size() != 1 || batch.logits_rows() != 1) {
+    return make_error(ErrorCode::invalid_argument,
+                      "queue_token_pass takes one row that wants logits, on a backend that feeds tokens back");
+  }
+  return run_pass(batch, [&](SlotId slot) { return backend_->queue_output_token(slot, batch, params, uniform); });
+}
+
+Result<int32_t> Engine::collect_token() {
+  if (broken_) return *broken_;
+  auto token = backend_->collect_token();
+  if (!token) broken_ = std::make_unique<Error>(token.error());
+  return token;
 }
 
 Status Engine::run_pass(const TokenBatch& batch, const std::function<Status(SlotId)>& output_step) {
@@ -518,12 +546,44 @@ Result<GenerationResult> Generator::generate(uint32_t sequence, const std::vecto
     }
   };
 
+  // Pipelined (the backend feeds its picks back): the pass that consumes a token is
+  // queued before the host handles that token, and the pass after it (fed the pick on
+  // the device) before the host reads the pick, so the device never waits for the host.
+  // A pass queued for a token that then stops the generation is dropped (its pick
+  // discarded, its KV row given back). The draws are taken in pass order as without it.
+  // It starts at the first token where the backend can (its embedding copy may still be
+  // running at the first tokens).
+  bool pipelined = false;
+  auto room_for_pass = [&](size_t tokens_after) {  // the limits allow a pass once tokens_after are out
+    return tokens_after < options.max_new_tokens && kv.length(sequence) + 1 <= engine_.context_length();
+  };
+  auto queue_pass = [&](int32_t input) -> Status {
+    TokenBatch batch;
+    batch.add(input, sequence, kv.length(sequence), true);
+    const double draw = options.sampling.temperature > 0.0f ? sampler.next_uniform() : 0.0;
+    return engine_.queue_token_pass(batch, options.sampling, draw);
+  };
+  int32_t token = backend_selects ? chosen.at(0) : sampler.sample(last_logits.data(), vocab, penalty_context);
+  bool queued = false;  // pipelined: the pass consuming `token` is queued
+  auto drop_queued = [&]() -> Status {
+    if (!queued) return Status::success();
+    auto dropped = engine_.collect_token();
+    if (!dropped) return dropped.error();
+    kv.truncate(sequence, kv.length(sequence) - 1);
+    queued = false;
+    return Status::success();
+  };
   while (true) {
-    const int32_t token = backend_selects ? chosen.at(0) : sampler.sample(last_logits.data(), vocab, penalty_context);
+    if (!pipelined && backend_selects) pipelined = engine_.feeds_back_tokens(options.sampling);
+    if (pipelined && !queued && room_for_pass(result.tokens.size() + 1)) {
+      LAYERPACK_TRY(queue_pass(token));
+      queued = true;
+    }
     result.tokens.push_back(token);
     if (options.on_token) options.on_token(token);
     if (std::find(options.eos_ids.begin(), options.eos_ids.end(), token) != options.eos_ids.end()) {
       result.stop_reason = StopReason::eos;
+      LAYERPACK_TRY(drop_queued());
       break;
     }
     penalty_context.push_back(token);
@@ -540,6 +600,7 @@ Result<GenerationResult> Generator::generate(uint32_t sequence, const std::vecto
       if (stopped) {
         emit(true);
         result.stop_reason = StopReason::stop_string;
+        LAYERPACK_TRY(drop_queued());
         break;
       }
       emit(false);
@@ -548,9 +609,22 @@ Result<GenerationResult> Generator::generate(uint32_t sequence, const std::vecto
       result.stop_reason = StopReason::token_limit;
       break;
     }
-    if (kv.length(sequence) + 1 > engine_.context_length()) {
+    if (!queued && kv.length(sequence) + 1 > engine_.context_length()) {
       result.stop_reason = StopReason::context_full;
       break;
+    }
+    if (pipelined) {
+      // The pass consuming `token` is queued (the same limits let it); queue the next
+      // one from the device's pick before reading that pick.
+      history.push_back(token);
+      result.stats.decode_passes += 1;
+      const bool next = room_for_pass(result.tokens.size() + 1);
+      if (next) LAYERPACK_TRY(queue_pass(kTokenChosenOnDevice));
+      auto picked = engine_.collect_token();
+      if (!picked) return picked.error();
+      token = picked.value();
+      queued = next;
+      continue;
     }
     TokenBatch batch;
     batch.add(token, sequence, kv.length(sequence), true);
@@ -558,6 +632,7 @@ Result<GenerationResult> Generator::generate(uint32_t sequence, const std::vecto
     history.push_back(token);
     if (!backend_selects) last_logits.swap(logits);
     result.stats.decode_passes += 1;
+    token = backend_selects ? chosen.at(0) : sampler.sample(last_logits.data(), vocab, penalty_context);
   }
   if (decoder && result.stop_reason != StopReason::stop_string) {
     pending += decoder->flush();

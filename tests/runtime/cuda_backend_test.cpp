@@ -1,8 +1,8 @@
 // The CUDA backend against the CPU backend and the transformers fixtures: logits at
 // every prompt position (prefill through dequantize + cuBLAS, and row by row through
 // the NF4 matvec) and every greedy decode step, greedy continuations, tokens picked
-// on the GPU against the host's pick, and streaming through a two-slot VRAM ring
-// equal to fully resident, bit for bit.
+// on the GPU against the host's pick, pipelined decode against the unpipelined loop,
+// and streaming through a two-slot VRAM ring equal to fully resident, bit for bit.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -208,6 +208,75 @@ TEST_P(CudaBackendTest, SampledGenerationIsTheSameWithTheHostSampling) {
     tokens[on_gpu] = result->tokens;
   }
   EXPECT_EQ(tokens[0], tokens[1]) << GetParam();
+}
+
+// Pipelined decode (the next pass queued from the GPU's pick before the host reads it)
+// gives the tokens of the unpipelined loop, greedy and sampled; a stop inside the
+// pipeline drops the pass queued past it and gives its KV row back, so the next turn
+// continues as without the pipeline.
+TEST_P(CudaBackendTest, PipelinedDecodeEqualsTheUnpipelinedLoop) {
+  const Reference ref = load_reference(GetParam());
+  const std::string pack = converted_pack(GetParam());
+  auto run = [&](bool pipelined, const GenerationOptions& options, std::vector<int32_t>* second_turn,
+                 uint32_t* cached) -> std::vector<int32_t> {
+    if (!pipelined) setenv("LAYERPACK_CUDA_PIPELINE", "0", 1);
+    auto engine = open_engine(pack, "cuda");
+    unsetenv("LAYERPACK_CUDA_PIPELINE");
+    if (!engine) return {};
+    engine->backend().wait_background_work();  // the embedding's copy to the device
+    EXPECT_EQ(engine->feeds_back_tokens(options.sampling), pipelined) << GetParam();
+    Generator generator(*engine, nullptr);
+    auto sequence = engine->kv().open_sequence();
+    EXPECT_TRUE(sequence.ok());
+    auto result = generator.generate(sequence.value(), ref.prompt_ids, options);
+    EXPECT_TRUE(result.ok()) << result.error().to_string();
+    if (!result.ok()) return {};
+    if (cached) *cached = engine->kv().length(sequence.value());
+    if (second_turn) {
+      GenerationOptions next = options;
+      next.eos_ids.clear();
+      next.max_new_tokens = 8;
+      auto more = generator.generate(sequence.value(), {result->tokens.back()}, next);
+      EXPECT_TRUE(more.ok()) << more.error().to_string();
+      if (more.ok()) *second_turn = more->tokens;
+    }
+    return result->tokens;
+  };
+  GenerationOptions greedy;
+  greedy.max_new_tokens = 24;
+  greedy.sampling.temperature = 0.0f;
+  uint32_t greedy_cached[2] = {0, 0};
+  const std::vector<int32_t> plain = run(false, greedy, nullptr, &greedy_cached[0]);
+  ASSERT_EQ(plain.size(), 24u);
+  EXPECT_EQ(run(true, greedy, nullptr, &greedy_cached[1]), plain) << GetParam();
+  // The token limit: no pass is queued for the last token.
+  EXPECT_EQ(greedy_cached[0], ref.prompt_ids.size() + 23);
+  EXPECT_EQ(greedy_cached[1], greedy_cached[0]);
+
+  GenerationOptions sampled;
+  sampled.max_new_tokens = 24;
+  sampled.sampling.temperature = 3.0f;
+  sampled.sampling.top_k = 50;
+  sampled.sampling.seed = 7;
+  EXPECT_EQ(run(true, sampled, nullptr, nullptr), run(false, sampled, nullptr, nullptr)) << GetParam();
+
+  // EOS = the greedy run's first token past the first four that did not occur before
+  // it; a run that repeats one token (small random models do) stops at its first.
+  size_t stop = 4;
+  while (stop < plain.size() && std::find(plain.begin(), plain.begin() + stop, plain[stop]) != plain.begin() + stop)
+    ++stop;
+  if (stop == plain.size()) stop = std::find(plain.begin(), plain.end(), plain[4]) - plain.begin();
+  GenerationOptions stopping = greedy;
+  stopping.eos_ids = {plain[stop]};
+  std::vector<int32_t> turn[2];
+  uint32_t cached[2] = {0, 0};
+  const std::vector<int32_t> stopped_plain = run(false, stopping, &turn[0], &cached[0]);
+  const std::vector<int32_t> stopped = run(true, stopping, &turn[1], &cached[1]);
+  EXPECT_EQ(stopped_plain, std::vector<int32_t>(plain.begin(), plain.begin() + stop + 1));
+  EXPECT_EQ(stopped, stopped_plain) << GetParam();
+  EXPECT_EQ(cached[1], cached[0]) << "the pass queued past the stop kept its KV row";
+  EXPECT_EQ(cached[0], ref.prompt_ids.size() + stop);
+  EXPECT_EQ(turn[1], turn[0]) << GetParam();
 }
 
 TEST_P(CudaBackendTest, StreamingThroughTwoSlotsEqualsResident) {

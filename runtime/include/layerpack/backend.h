@@ -145,7 +145,34 @@ class Backend {
                                    const double* /*uniforms*/, int32_t* /*tokens*/) {
     return make_error(ErrorCode::unsupported, "this backend does not select tokens itself");
   }
+
+  // ---- pipelined decode (one row of one sequence, the token picked by the backend) --
+  // The engine may offer the embedding table (bf16) when the layers are resident and
+  // `spare_bytes` of the device budget are left; a backend that keeps a device copy
+  // gathers rows on the device and can then feed its own picks back (below). The
+  // payload stays valid until wait_background_work() returns.
+  virtual Status offer_embedding(const uint8_t* /*embedding_payload*/, uint64_t /*spare_bytes*/) {
+    return Status::success();
+  }
+  // Blocks until no background work reads host memory the engine owns.
+  virtual void wait_background_work() {}
+  // Whether a pass may take kTokenChosenOnDevice as its one row's token: the token the
+  // previous pass picked, still on the device, so the next pass is queued before the
+  // host has read it and the device does not idle while the host handles each token.
+  virtual bool feeds_back_tokens(const SamplingParams& /*params*/) const { return false; }
+  // run_output_tokens for a one-row batch, but returns once the work is queued; the
+  // token comes from collect_token() (passes in order; at most two outstanding).
+  virtual Status queue_output_token(SlotId /*slot*/, const TokenBatch& /*batch*/, const SamplingParams& /*params*/,
+                                    double /*uniform*/) {
+    return make_error(ErrorCode::unsupported, "this backend does not feed tokens back");
+  }
+  virtual Result<int32_t> collect_token() {
+    return make_error(ErrorCode::unsupported, "this backend does not feed tokens back");
+  }
 };
+
+// A TokenBatch token id: the token the backend's previous pass picked (feeds_back_tokens).
+constexpr int32_t kTokenChosenOnDevice = -2;
 
 // "cpu" or "cuda" ("auto": CUDA when built and a device is present, else CPU).
 // Unknown names and backends not in this build are clear errors.

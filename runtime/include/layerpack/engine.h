@@ -115,6 +115,12 @@ class Engine {
   bool selects_tokens(const SamplingParams& params) const;
   Status forward_tokens(const TokenBatch& batch, const SamplingParams& params, const std::vector<double>& uniforms,
                         std::vector<int32_t>& tokens);
+  // Pipelined decode, where feeds_back_tokens(params) (Backend): queue_token_pass
+  // queues a one-row pass (its token may be kTokenChosenOnDevice: the previous pass's
+  // pick) and advances the KV book; collect_token returns the passes' picks in order.
+  bool feeds_back_tokens(const SamplingParams& params) const;
+  Status queue_token_pass(const TokenBatch& batch, const SamplingParams& params, double uniform);
+  Result<int32_t> collect_token();
   EngineCounters counters() const;
   // Budget split and measured device memory (peak updated after every pass).
   MemoryReport memory() const { return memory_; }

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cassert>
 #include <cmath>
 #include <cstdio>
@@ -27,6 +28,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <thread>
 #include <string>
 #include <tuple>
 #include <unordered_map>
@@ -34,6 +36,7 @@
 
 #include "kernels/activation.cuh"
 #include "kernels/attention.cuh"
+#include "kernels/embedding.cuh"
 #include "kernels/nf4_dequantize.cuh"
 #include "kernels/nf4_matrix.h"
 #include "kernels/nf4_chain.cuh"
@@ -263,6 +266,14 @@ class CudaBackend : public Backend {
   bool selects_tokens(const SamplingParams& params) const override;
   Status run_output_tokens(SlotId slot, const TokenBatch& batch, const SamplingParams& params, const double* uniforms,
                            int32_t* tokens) override;
+  Status offer_embedding(const uint8_t* embedding_payload, uint64_t spare_bytes) override;
+  void wait_background_work() override {
+    if (embedding_copy_.joinable()) embedding_copy_.join();
+  }
+  bool feeds_back_tokens(const SamplingParams& params) const override;
+  Status queue_output_token(SlotId slot, const TokenBatch& batch, const SamplingParams& params,
+                            double uniform) override;
+  Result<int32_t> collect_token() override;
 
  private:
   template <class T>
@@ -310,6 +321,12 @@ class CudaBackend : public Backend {
   // Status(size_t first, uint32_t count) callables (templates: nothing allocated per pass).
   template <class Enqueue, class Collect>
   Status output_chunks(SlotId slot_id, const TokenBatch& batch, const Enqueue& enqueue, const Collect& collect);
+  // Final RMSNorm + lm_head of hidden-state rows rows[0..count) into logits_ (count <=
+  // max_logits_rows_; one row: the lm_head chain where it applies).
+  Status head_rows(const DeviceSlot& slot, const float* final_norm, const uint32_t* rows, uint32_t count);
+  // Token selection over logits_'s first `count` rows into chosen_tokens_: argmax, or a
+  // top-k draw per row (host_draws: pinned, count floats, copied to the device).
+  Status select_tokens(uint32_t count, const SamplingParams& params, const float* host_draws);
 
   BackendOptions options_;
   std::string description_;
@@ -360,6 +377,20 @@ class CudaBackend : public Backend {
   int32_t* candidate_ids_ = nullptr;
   int32_t* host_chosen_tokens_ = nullptr;
   float* host_draws_ = nullptr;
+  // Pipelined decode (feeds_back_tokens): the embedding table on the device, copied by
+  // a background thread from the engine's host copy (offer_embedding), usable once
+  // device_embedding_ready_; LAYERPACK_CUDA_PIPELINE=0 turns it off.
+  bool pipeline_enabled_ = true;
+  bf16* device_embedding_ = nullptr;
+  std::thread embedding_copy_;
+  std::atomic<bool> device_embedding_ready_{false};
+  // Queued picks (queue_output_token), oldest at picks_first_: per entry a pinned token
+  // and draw, and the event after the token's copy to the host.
+  static constexpr uint32_t kQueuedPicks = 2;
+  int32_t* host_picks_ = nullptr;
+  float* host_pick_draws_ = nullptr;
+  std::array<cudaEvent_t, kQueuedPicks> pick_copied_{};
+  uint32_t picks_first_ = 0, picks_queued_ = 0;
 
   // Per pass, decided in embed().
   bool single_sequence_ = true;
@@ -413,6 +444,7 @@ class CudaBackend : public Backend {
 };
 
 CudaBackend::~CudaBackend() {
+  wait_background_work();
   if (compute_) cudaStreamSynchronize(compute_);
   if (copy_) cudaStreamSynchronize(copy_);
   profiler_.harvest();
@@ -432,6 +464,10 @@ CudaBackend::~CudaBackend() {
   cudaFreeHost(host_logits_);
   cudaFreeHost(host_chosen_tokens_);
   cudaFreeHost(host_draws_);
+  cudaFreeHost(host_picks_);
+  cudaFreeHost(host_pick_draws_);
+  for (auto event : pick_copied_)
+    if (event) cudaEventDestroy(event);
   if (cublas_) cublasDestroy(cublas_);
   if (compute_) cudaStreamDestroy(compute_);
   if (copy_) cudaStreamDestroy(copy_);
@@ -467,6 +503,9 @@ Status CudaBackend::create() {
   graphs_enabled_ = environment_flag("LAYERPACK_CUDA_GRAPHS", true);
   fused_matvecs_ = environment_flag("LAYERPACK_CUDA_FUSED", true);
   token_selection_ = environment_flag("LAYERPACK_CUDA_SELECT", true);
+  pipeline_enabled_ = environment_flag("LAYERPACK_CUDA_PIPELINE", true);
+  for (auto& event : pick_copied_)
+    CUDA_TRY(cudaEventCreateWithFlags(&event, cudaEventDisableTiming), "creating events");
   fused_rope_ = environment_flag("LAYERPACK_CUDA_FUSED_ROPE", true);
   chain_enabled_ = environment_flag("LAYERPACK_CUDA_CHAIN", true);
   if (const char* layers = std::getenv("LAYERPACK_CUDA_CHAIN_LAYERS")) {
@@ -612,6 +651,11 @@ Status CudaBackend::initialize(const ModelPack& pack, const KVCacheLayout& kv_la
   CUDA_TRY(
       cudaHostAlloc(reinterpret_cast<void**>(&host_draws_), max_logits_rows_ * sizeof(float), cudaHostAllocDefault),
       "allocating pinned host memory");
+  CUDA_TRY(cudaHostAlloc(reinterpret_cast<void**>(&host_picks_), kQueuedPicks * sizeof(int32_t), cudaHostAllocDefault),
+           "allocating pinned host memory");
+  CUDA_TRY(
+      cudaHostAlloc(reinterpret_cast<void**>(&host_pick_draws_), kQueuedPicks * sizeof(float), cudaHostAllocDefault),
+      "allocating pinned host memory");
   // cuBLAS works in a workspace we allocate and count (32 MiB, what it uses by
   // default on Hopper) instead of its own pool outside the budget.
   constexpr uint64_t kCublasWorkspace = uint64_t(32) << 20;
@@ -711,13 +755,23 @@ Status CudaBackend::embed(const TokenBatch& batch, const uint8_t* embedding_payl
                                                        (one_sequence ? " of one sequence" : "") + ", got " +
                                                        std::to_string(rows));
   }
+  // The previous pass's pick, still on the device (pipelined decode): gathered there.
+  const bool from_device = rows == 1 && batch.token_ids[0] == kTokenChosenOnDevice;
+  if (from_device && !device_embedding_ready_.load(std::memory_order_acquire)) {
+    return make_error(ErrorCode::invalid_argument,
+                      "a pass fed the previous pick on the device, but the embedding is not on the device");
+  }
   pass_profile_ = profiler_.begin("whole pass: embed to logits");
   ProfileScope profile(profiler_, "embedding upload");
   // The pinned inputs of the previous pass must have been consumed before they are rewritten.
   CUDA_TRY(cudaEventSynchronize(inputs_consumed_), "waiting for the previous pass");
   const TensorInfo& table = pack_->token_embedding();
-  std::vector<float> row(hidden_);
+  std::vector<float> row(from_device ? 0 : hidden_);
   for (uint32_t r = 0; r < rows; ++r) {
+    host_row_data_[r] = static_cast<int32_t>(batch.positions[r]);
+    host_row_data_[rows + r] = static_cast<int32_t>(batch.positions[r]) + 1;
+    host_row_data_[2 * rows + r] = static_cast<int32_t>(batch.sequences[r]);
+    if (from_device) continue;
     const int32_t token = batch.token_ids[r];
     if (token < 0 || static_cast<uint32_t>(token) >= vocab_) {
       return make_error(ErrorCode::invalid_argument, "token id " + std::to_string(token) +
@@ -730,14 +784,18 @@ Status CudaBackend::embed(const TokenBatch& batch, const uint8_t* embedding_payl
       cpu::dequantize_row(cpu::MatrixView{&table, embedding_payload}, static_cast<uint64_t>(token), row.data());
       for (uint32_t i = 0; i < hidden_; ++i) out[i] = float_to_bf16(row[i]);
     }
-    host_row_data_[r] = static_cast<int32_t>(batch.positions[r]);
-    host_row_data_[rows + r] = static_cast<int32_t>(batch.positions[r]) + 1;
-    host_row_data_[2 * rows + r] = static_cast<int32_t>(batch.sequences[r]);
   }
   pass_rows_ = rows;
-  CUDA_TRY(cudaMemcpyAsync(hidden_state_, host_embedding_rows_, uint64_t(rows) * hidden_ * 2, cudaMemcpyHostToDevice,
-                           compute_),
-           "uploading embeddings");
+  if (from_device) {
+    // An id out of range (a pick that broke down: collect_token reports it) gives zeros.
+    CUDA_TRY(kernels::embedding_gather(device_embedding_, vocab_, hidden_, chosen_tokens_, 1, hidden_state_, nullptr,
+                                       compute_),
+             "gathering the embedding of the previous pick");
+  } else {
+    CUDA_TRY(cudaMemcpyAsync(hidden_state_, host_embedding_rows_, uint64_t(rows) * hidden_ * 2, cudaMemcpyHostToDevice,
+                             compute_),
+             "uploading embeddings");
+  }
   CUDA_TRY(cudaMemcpyAsync(row_data_, host_row_data_, 3 * rows * sizeof(int32_t), cudaMemcpyHostToDevice, compute_),
            "uploading positions");
   CUDA_TRY(cudaEventRecord(inputs_consumed_, compute_), "recording input upload");
@@ -1310,28 +1368,7 @@ Status CudaBackend::output_chunks(SlotId slot_id, const TokenBatch& batch, const
   }
   for (size_t first = 0; first < wanted.size(); first += max_logits_rows_) {
     const uint32_t count = static_cast<uint32_t>(std::min<size_t>(max_logits_rows_, wanted.size() - first));
-    const kernels::NF4ChainPlan* head = nullptr;
-    if (count == 1 && chain_enabled_ && fused_matvecs_) {
-      auto planned = head_chain(slot, hidden_state_ + uint64_t(wanted[first]) * hidden_, final_norm.value());
-      if (!planned) return planned.error();
-      head = planned.value();
-    }
-    if (head) {
-      ProfileScope profile(profiler_, "NF4 chain: final RMSNorm + lm_head");
-      CUDA_TRY(head->launch(compute_), "NF4 chain (final RMSNorm + lm_head)");
-    } else {
-      for (uint32_t i = 0; i < count; ++i) {
-        CUDA_TRY(cudaMemcpyAsync(delta_ + uint64_t(i) * hidden_, hidden_state_ + uint64_t(wanted[first + i]) * hidden_,
-                                 hidden_ * sizeof(bf16), cudaMemcpyDeviceToDevice, compute_),
-                 "gathering output rows");
-      }
-      {
-        ProfileScope profile(profiler_, "final RMSNorm");
-        CUDA_TRY(kernels::rms_norm(delta_, final_norm.value(), eps_, count, hidden_, normed_, compute_),
-                 "final RMSNorm");
-      }
-      LAYERPACK_TRY(linear("lm_head", *o.lm_head, slot, normed_, count, logits_));
-    }
+    LAYERPACK_TRY(head_rows(slot, final_norm.value(), wanted.data() + first, count));
     LAYERPACK_TRY(enqueue(first, count));
     if (first + count >= wanted.size()) {
       profiler_.end(pass_profile_);
@@ -1349,6 +1386,30 @@ Status CudaBackend::output_chunks(SlotId slot_id, const TokenBatch& batch, const
     profiler_.harvest();
   }
   return Status::success();
+}
+
+Status CudaBackend::head_rows(const DeviceSlot& slot, const float* final_norm, const uint32_t* rows, uint32_t count) {
+  const kernels::NF4ChainPlan* head = nullptr;
+  if (count == 1 && chain_enabled_ && fused_matvecs_) {
+    auto planned = head_chain(slot, hidden_state_ + uint64_t(rows[0]) * hidden_, final_norm);
+    if (!planned) return planned.error();
+    head = planned.value();
+  }
+  if (head) {
+    ProfileScope profile(profiler_, "NF4 chain: final RMSNorm + lm_head");
+    CUDA_TRY(head->launch(compute_), "NF4 chain (final RMSNorm + lm_head)");
+    return Status::success();
+  }
+  for (uint32_t i = 0; i < count; ++i) {
+    CUDA_TRY(cudaMemcpyAsync(delta_ + uint64_t(i) * hidden_, hidden_state_ + uint64_t(rows[i]) * hidden_,
+                             hidden_ * sizeof(bf16), cudaMemcpyDeviceToDevice, compute_),
+             "gathering output rows");
+  }
+  {
+    ProfileScope profile(profiler_, "final RMSNorm");
+    CUDA_TRY(kernels::rms_norm(delta_, final_norm, eps_, count, hidden_, normed_, compute_), "final RMSNorm");
+  }
+  return linear("lm_head", *pack_->output().lm_head, slot, normed_, count, logits_);
 }
 
 Result<const kernels::NF4ChainPlan*> CudaBackend::head_chain(const DeviceSlot& slot, const bf16* row,
@@ -1408,27 +1469,11 @@ Status CudaBackend::run_output_tokens(SlotId slot_id, const TokenBatch& batch, c
   assert(selects_tokens(params));
   const bool greedy = params.temperature <= 0.0f;
   auto enqueue = [&](size_t first, uint32_t count) -> Status {
-    ProfileScope profile(profiler_, "token selection");
-    if (greedy) {
-      CUDA_TRY(kernels::argmax(logits_, count, vocab_, chosen_tokens_, compute_), "argmax over the logits");
-    } else {
-      for (uint32_t i = 0; i < count; ++i) {
-        // A double just below 1 rounds to 1.0f: keep the draw inside [0, 1).
-        host_draws_[i] = std::min(static_cast<float>(uniforms[first + i]), std::nextafter(1.0f, 0.0f));
-      }
-      CUDA_TRY(cudaMemcpyAsync(draws_, host_draws_, count * sizeof(float), cudaMemcpyHostToDevice, compute_),
-               "uploading sampling draws");
-      const int k = static_cast<int>(std::min<uint32_t>(params.top_k, vocab_));
-      CUDA_TRY(kernels::top_k_candidates(logits_, count, vocab_, k, candidate_values_, candidate_ids_, compute_),
-               "top-k candidates of the logits");
-      kernels::SamplingParams device_params;
-      device_params.temperature = params.temperature;
-      device_params.top_p = params.top_p;
-      device_params.min_p = params.min_p;
-      CUDA_TRY(kernels::sample_from_candidates(candidate_values_, candidate_ids_, count, k, device_params, draws_,
-                                               chosen_tokens_, compute_),
-               "sampling from the top-k candidates");
+    for (uint32_t i = 0; i < count; ++i) {
+      // A double just below 1 rounds to 1.0f: keep the draw inside [0, 1).
+      host_draws_[i] = greedy ? 0.0f : std::min(static_cast<float>(uniforms[first + i]), std::nextafter(1.0f, 0.0f));
     }
+    LAYERPACK_TRY(select_tokens(count, params, host_draws_));
     CUDA_TRY(
         cudaMemcpyAsync(host_chosen_tokens_, chosen_tokens_, count * sizeof(int32_t), cudaMemcpyDeviceToHost, compute_),
         "copying chosen tokens to the host");
@@ -1447,6 +1492,112 @@ Status CudaBackend::run_output_tokens(SlotId slot_id, const TokenBatch& batch, c
     return Status::success();
   };
   return output_chunks(slot_id, batch, enqueue, collect);
+}
+
+Status CudaBackend::select_tokens(uint32_t count, const SamplingParams& params, const float* host_draws) {
+  ProfileScope profile(profiler_, "token selection");
+  if (params.temperature <= 0.0f) {
+    CUDA_TRY(kernels::argmax(logits_, count, vocab_, chosen_tokens_, compute_), "argmax over the logits");
+    return Status::success();
+  }
+  CUDA_TRY(cudaMemcpyAsync(draws_, host_draws, count * sizeof(float), cudaMemcpyHostToDevice, compute_),
+           "uploading sampling draws");
+  const int k = static_cast<int>(std::min<uint32_t>(params.top_k, vocab_));
+  CUDA_TRY(kernels::top_k_candidates(logits_, count, vocab_, k, candidate_values_, candidate_ids_, compute_),
+           "top-k candidates of the logits");
+  kernels::SamplingParams device_params;
+  device_params.temperature = params.temperature;
+  device_params.top_p = params.top_p;
+  device_params.min_p = params.min_p;
+  CUDA_TRY(kernels::sample_from_candidates(candidate_values_, candidate_ids_, count, k, device_params, draws_,
+                                           chosen_tokens_, compute_),
+           "sampling from the top-k candidates");
+  return Status::success();
+}
+
+Status CudaBackend::offer_embedding(const uint8_t* embedding_payload, uint64_t spare_bytes) {
+  if (!pipeline_enabled_ || !token_selection_ || embedding_payload == nullptr || device_embedding_) {
+    return Status::success();
+  }
+  const TensorInfo& table = pack_->token_embedding();
+  const uint64_t elements = uint64_t(vocab_) * hidden_;
+  if (table.dtype != DType::bf16 || table.element_count() != elements) return Status::success();
+  // Rounded as device_alloc counts it, and a page to spare.
+  constexpr uint64_t kPage = uint64_t(2) << 20;
+  if ((elements * sizeof(bf16) + kPage - 1) / kPage * kPage + kPage > spare_bytes) return Status::success();
+  LAYERPACK_TRY(device_alloc(&device_embedding_, elements, "the embedding table (pipelined decode)"));
+  // Pageable host memory: the copy blocks its thread (~0.1 s a GB), so it runs beside
+  // the first passes, which gather on the host until it is done.
+  const uint8_t* source = embedding_payload + table.data.offset;
+  bf16* destination = device_embedding_;
+  const int device = options_.device;
+  embedding_copy_ = std::thread([this, source, destination, elements, device] {
+    cudaStream_t stream = nullptr;
+    cudaError_t err = cudaSetDevice(device);
+    if (err == cudaSuccess) err = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
+    if (err == cudaSuccess)
+      err = cudaMemcpyAsync(destination, source, elements * sizeof(bf16), cudaMemcpyHostToDevice, stream);
+    if (err == cudaSuccess) err = cudaStreamSynchronize(stream);
+    if (stream) cudaStreamDestroy(stream);
+    // A failed copy leaves decode unpipelined (the host gathers rows as before).
+    if (err == cudaSuccess) device_embedding_ready_.store(true, std::memory_order_release);
+  });
+  return Status::success();
+}
+
+bool CudaBackend::feeds_back_tokens(const SamplingParams& params) const {
+  // The profiler harvests its events after each pass's synchronization: not pipelined.
+  return pipeline_enabled_ && selects_tokens(params) && !profiler_.active() &&
+         device_embedding_ready_.load(std::memory_order_acquire);
+}
+
+Status CudaBackend::queue_output_token(SlotId slot_id, const TokenBatch& batch, const SamplingParams& params,
+                                       double uniform) {
+  assert(feeds_back_tokens(params));
+  if (batch.size() != 1 || !batch.wants_logits[0]) {
+    return make_error(ErrorCode::invalid_argument, "queue_output_token takes one row that wants logits");
+  }
+  if (picks_queued_ == kQueuedPicks) {
+    return make_error(ErrorCode::invalid_argument,
+                      std::to_string(kQueuedPicks) + " picks are queued already: collect_token() first");
+  }
+  DeviceSlot slot;
+  {
+    std::lock_guard<std::mutex> lock(slots_mutex_);
+    slot = slots_[slot_id];
+  }
+  CUDA_TRY(cudaStreamWaitEvent(compute_, slot.ready, 0), "ordering compute after an upload");
+  auto final_norm = vector_pointer(*pack_->output().final_norm, slot, hidden_);
+  if (!final_norm) return final_norm.error();
+  const uint32_t row = 0;
+  LAYERPACK_TRY(head_rows(slot, final_norm.value(), &row, 1));
+  const uint32_t entry = (picks_first_ + picks_queued_) % kQueuedPicks;
+  // (Rewritten only after collect_token saw this entry's previous copy finish.)
+  host_pick_draws_[entry] = std::min(static_cast<float>(uniform), std::nextafter(1.0f, 0.0f));
+  LAYERPACK_TRY(select_tokens(1, params, host_pick_draws_ + entry));
+  CUDA_TRY(cudaMemcpyAsync(host_picks_ + entry, chosen_tokens_, sizeof(int32_t), cudaMemcpyDeviceToHost, compute_),
+           "copying the chosen token to the host");
+  CUDA_TRY(cudaEventRecord(pick_copied_[entry], compute_), "recording the chosen token's copy");
+  CUDA_TRY(cudaEventRecord(slot.free, compute_), "recording layer completion");
+  profiler_.end(pass_profile_);
+  pass_profile_ = -1;
+  ++picks_queued_;
+  return Status::success();
+}
+
+Result<int32_t> CudaBackend::collect_token() {
+  if (picks_queued_ == 0) return make_error(ErrorCode::invalid_argument, "collect_token: no pick is queued");
+  const uint32_t entry = picks_first_;
+  CUDA_TRY(cudaEventSynchronize(pick_copied_[entry]), "running the forward pass");
+  picks_first_ = (picks_first_ + 1) % kQueuedPicks;
+  --picks_queued_;
+  const int32_t token = host_picks_[entry];
+  if (token < 0 || static_cast<uint32_t>(token) >= vocab_) {
+    return make_error(ErrorCode::cuda,
+                      "the logits row has no number to choose from (every logit is NaN): the forward pass broke "
+                      "down numerically");
+  }
+  return token;
 }
 
 }  // namespace
