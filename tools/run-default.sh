@@ -12,11 +12,14 @@ export PATH="/usr/local/cuda/bin:$PATH"
 
 cuda=OFF
 archs=""
-if command -v nvcc >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+compute_cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 || true)
+if command -v nvcc >/dev/null && [ -n "$compute_cap" ] && [ "${compute_cap%%.*}" -lt 8 ]; then
+  echo "run-default: the GPU is compute capability $compute_cap; layerpack's CUDA kernels need 8.0 or newer: CPU build" >&2
+elif command -v nvcc >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
   cuda=ON
   archs="-DCMAKE_CUDA_ARCHITECTURES=native"  # this machine's GPU only: a faster build
   # Hopper: its arch-specific target (native would build plain sm_90, without setmaxnreg).
-  if nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | grep -qx "9.0"; then
+  if [ "$compute_cap" = "9.0" ]; then
     archs="-DCMAKE_CUDA_ARCHITECTURES=90a"
   fi
 fi

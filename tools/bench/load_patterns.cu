@@ -205,6 +205,11 @@ int main() {
   CK(cudaGetDeviceProperties(&prop, 0));
   const int sms = prop.multiProcessorCount;
   printf("device %s, %d SMs, L2 %d MB\n", prop.name, sms, prop.l2CacheSize >> 20);
+  if (prop.major != 9) {
+    printf("layerpack-bench-load-patterns: built for sm_90a (Hopper) only; this GPU is sm_%d%d\n", prop.major,
+           prop.minor);
+    return 1;
+  }
   const int kSets = 10;
   const size_t set_bytes = 14336ull * 2048;  // 29.4 MB, the largest shape
   uint8_t* buf;

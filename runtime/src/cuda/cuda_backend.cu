@@ -488,6 +488,13 @@ Status CudaBackend::create() {
   CUDA_TRY(cudaSetDevice(options_.device), "selecting the device");
   cudaDeviceProp prop{};
   CUDA_TRY(cudaGetDeviceProperties(&prop, options_.device), "reading device properties");
+  // The kernels use bf16 tensor cores (mma.m16n8k16.bf16) and cp.async: Ampere and newer.
+  if (prop.major < 8) {
+    return make_error(ErrorCode::unsupported, std::string("--backend cuda: ") + prop.name + " is sm_" +
+                                                  std::to_string(prop.major) + std::to_string(prop.minor) +
+                                                  "; layerpack's kernels need sm_80 or newer (bf16 tensor cores); "
+                                                  "use --backend cpu");
+  }
   CUDA_TRY(cudaStreamCreateWithFlags(&compute_, cudaStreamNonBlocking), "creating the compute stream");
   CUDA_TRY(cudaStreamCreateWithFlags(&copy_, cudaStreamNonBlocking), "creating the copy stream");
   if (cublasCreate(&cublas_) != CUBLAS_STATUS_SUCCESS) {
