@@ -673,7 +673,9 @@ __device__ __forceinline__ void attention_block(const DeviceAttention& a, const 
 // kernel is compiled per blocksize so that blocksize 64's loop keeps its registers.
 template <bool kLocal, bool kBlocks32>
 __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_constant__ Params p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+// Hopper only (NF4ChainPlan::create refuses other GPUs): elsewhere the body is a trap, so
+// ptxas does not compile a kernel that never runs (for sm_120 it spilled at 96 registers).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900
   extern __shared__ __align__(1024) uint8_t smem[];
   // The swizzle pattern the reads below assume starts at a 1024-byte boundary.
   if ((smem_addr(smem + kRingOff) & 1023u) != 0) __trap();
@@ -1164,7 +1166,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
   }
 #else
   (void)p;
-  __trap();  // NF4ChainPlan::create refuses devices below sm_90
+  __trap();  // NF4ChainPlan::create refuses devices other than sm_90
 #endif
 }
 
