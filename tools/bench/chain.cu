@@ -107,10 +107,11 @@ struct Shape {
   int hidden, intermediate, heads, kv_heads, head_dim;
   uint32_t blocksize;
   float rope_theta;
+  int vocab;
 };
-constexpr Shape kShapes[] = {{"llama-3-8b", 4096, 14336, 32, 8, 128, 64, 500000.0f},
-                             {"llama-3-8b-bs32", 4096, 14336, 32, 8, 128, 32, 500000.0f},
-                             {"smollm2-135m", 576, 1536, 9, 3, 64, 32, 100000.0f}};
+constexpr Shape kShapes[] = {{"llama-3-8b", 4096, 14336, 32, 8, 128, 64, 500000.0f, 128256},
+                             {"llama-3-8b-bs32", 4096, 14336, 32, 8, 128, 32, 500000.0f, 128256},
+                             {"smollm2-135m", 576, 1536, 9, 3, 64, 32, 100000.0f, 49152}};
 
 struct Layer {
   NF4Matrix q, k, v, o, gate, up, down;
@@ -350,6 +351,45 @@ int main() {
   if (split_choice != "auto" && split_choice != "grid" && split_choice != "local") {
     std::fprintf(stderr, "LAYERPACK_BENCH_SPLIT: auto, grid or local, not %s\n", split_choice.c_str());
     return 2;
+  }
+  // The final RMSNorm + lm_head (fp32 logits), as the runtime launches it after the
+  // last layers: alone, and after 7 layers as its own launch or inside theirs.
+  {
+    const NF4Matrix head = random_matrix(shape->vocab, hidden_size, blocksize, 5000);
+    float* final_norm = device_array<float>(hidden_size);
+    fill_floats<<<16, 256>>>(final_norm, hidden_size, 0.5f, 1.5f, 5001);
+    float* logits = device_array<float>(shape->vocab);
+    k::ChainOp op;
+    op.weight[0] = head;
+    op.epilogue = k::ChainEpilogue::store_f32;
+    op.x = hidden;
+    op.norm_weight = final_norm;
+    op.y_f32 = logits;
+    std::unique_ptr<k::NF4ChainPlan> head_plan, layers_plan, layers_head_plan;
+    std::string why;
+    check(k::NF4ChainPlan::create(&op, 1, &head_plan, &why), why.c_str());
+    std::vector<k::ChainOp> all;
+    for (int i = 0; i < 7; ++i) {
+      const std::vector<k::ChainOp> ops = ops_of(layers[i & 1]);
+      all.insert(all.end(), ops.begin(), ops.end());
+    }
+    check(k::NF4ChainPlan::create(all.data(), static_cast<int>(all.size()), &layers_plan, &why), why.c_str());
+    all.push_back(op);
+    check(k::NF4ChainPlan::create(all.data(), static_cast<int>(all.size()), &layers_head_plan, &why), why.c_str());
+    const int pos = 40, len = 41;
+    check(cudaMemcpy(position, &pos, 4, cudaMemcpyHostToDevice), "position");
+    check(cudaMemcpy(length, &len, 4, cudaMemcpyHostToDevice), "length");
+    const double head_bytes = double(shape->vocab) * hidden_size * (0.5 + 1.0 / blocksize);
+    const float alone = time_graph([&](int) { check(head_plan->launch(stream), "head chain"); });
+    const float apart = time_graph([&](int) {
+      check(layers_plan->launch(stream, k::ChainAttentionSplit::block_local), "chain");
+      check(head_plan->launch(stream), "head chain");
+    });
+    const float inside =
+        time_graph([&](int) { check(layers_head_plan->launch(stream, k::ChainAttentionSplit::block_local), "chain"); });
+    std::printf("final RMSNorm + lm_head (%d x %d): alone %.1f us, floor %.1f (%.2f of it)\n", shape->vocab,
+                hidden_size, alone, head_bytes / copy_gbs / 1e3, head_bytes / copy_gbs / 1e3 / alone);
+    std::printf("  7 layers (position 40) then lm_head: two launches %.1f us, one launch %.1f\n", apart, inside);
   }
   for (int pos : positions) {
     const int32_t len = pos + 1;
