@@ -24,7 +24,52 @@ __global__ void embedding_gather_kernel(const __nv_bfloat16* __restrict__ table,
   }
 }
 
+__global__ void embedding_row_when_posted_kernel(const uint32_t* posted, uint32_t sequence, const __nv_bfloat16* row,
+                                                 int64_t dim, __nv_bfloat16* out, int* timed_out, uint64_t timeout_ns,
+                                                 bool vectorized) {
+  __shared__ bool arrived;
+  if (threadIdx.x == 0) {
+    uint64_t start, now;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+    bool ok = false;
+    for (;;) {
+      uint32_t seen;
+      // Acquire at system scope: the row the host wrote before posting is visible after it.
+      asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(seen) : "l"(posted) : "memory");
+      if (static_cast<int32_t>(seen - sequence) >= 0) {
+        ok = true;
+        break;
+      }
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+      if (now - start > timeout_ns) break;
+    }
+    if (!ok && timed_out) atomicExch_system(timed_out, 1);
+    arrived = ok;
+  }
+  __syncthreads();
+  // ld.global.cv: the row's buffer is rewritten every token; never a cached copy.
+  if (vectorized) {
+    const uint4* src = reinterpret_cast<const uint4*>(row);
+    uint4* dst = reinterpret_cast<uint4*>(out);
+    for (int64_t i = threadIdx.x; i < dim / 8; i += blockDim.x)
+      dst[i] = arrived ? __ldcv(src + i) : make_uint4(0, 0, 0, 0);
+  } else {
+    const unsigned short* src = reinterpret_cast<const unsigned short*>(row);
+    for (int64_t i = threadIdx.x; i < dim; i += blockDim.x)
+      out[i] = __ushort_as_bfloat16(arrived ? __ldcv(src + i) : static_cast<unsigned short>(0));
+  }
+}
+
 }  // namespace
+
+cudaError_t embedding_row_when_posted(const uint32_t* posted, uint32_t sequence, const __nv_bfloat16* row, int64_t dim,
+                                      __nv_bfloat16* out, int* timed_out, uint64_t timeout_ns, cudaStream_t stream) {
+  if (!posted || !row || !out || dim <= 0) return cudaErrorInvalidValue;
+  const bool vectorized = dim % 8 == 0 && detail::aligned_to(row, 16) && detail::aligned_to(out, 16);
+  embedding_row_when_posted_kernel<<<1, 256, 0, stream>>>(posted, sequence, row, dim, out, timed_out, timeout_ns,
+                                                          vectorized);
+  return detail::last_launch_error();
+}
 
 cudaError_t embedding_gather(const __nv_bfloat16* table, int64_t vocab, int64_t dim, const int32_t* ids,
                              int64_t tokens, __nv_bfloat16* out, int* bad_ids, cudaStream_t stream) {

@@ -7,7 +7,8 @@
 //    table: asynchronous DMA; pageable: staged by the driver), or register the
 //    table with cudaHostRegister(..., cudaHostRegisterMapped), take its device
 //    alias with cudaHostGetDevicePointer, and call embedding_gather on it
-//    (the kernel then reads the rows over PCIe, zero-copy).
+//    (the kernel then reads the rows over PCIe, zero-copy);
+//  - one row at a time that the host posts after the launch: embedding_row_when_posted.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -28,5 +29,15 @@ cudaError_t embedding_gather(const __nv_bfloat16* table, int64_t vocab, int64_t 
 cudaError_t embedding_gather_from_host(const uint16_t* host_table, int64_t vocab, int64_t dim,
                                        const int32_t* host_ids, int64_t tokens, __nv_bfloat16* out,
                                        cudaStream_t stream);
+
+// One row the host supplies after the launch (pipelined decode with the table on the
+// host: the pass is queued before the host knows the token). posted and row are
+// device aliases of mapped pinned host memory (cudaHostAllocMapped). One thread polls
+// *posted until it reaches `sequence` (wrap-safe), then the block copies the row
+// (written by the host before it posted) into out. Past timeout_ns of waiting it gives
+// up: out gets zeros and *timed_out (mapped host memory too, may be null) is set, so
+// a host that never posts gets an error from the pass instead of a hang.
+cudaError_t embedding_row_when_posted(const uint32_t* posted, uint32_t sequence, const __nv_bfloat16* row, int64_t dim,
+                                      __nv_bfloat16* out, int* timed_out, uint64_t timeout_ns, cudaStream_t stream);
 
 }  // namespace layerpack::kernels

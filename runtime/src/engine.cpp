@@ -26,7 +26,6 @@ Engine::Engine(ModelPack pack, EngineOptions options, KVCacheLayout layout)
     : pack_(std::move(pack)), options_(std::move(options)), kv_book_(layout) {}
 
 Engine::~Engine() {
-  if (backend_) backend_->wait_background_work();  // it may read the embedding the streamer holds
   streamer_.reset();  // stops the loader before the backend and reader go
 }
 
@@ -226,14 +225,10 @@ Result<std::unique_ptr<Engine>> Engine::open(const std::string& pack_dir, const 
   engine->streamer_->provide_host_unit(0, std::move(embedding_payload.value()));
   LAYERPACK_TRY(engine->streamer_->start());
   if (device && engine->streamer_->plan().streamed_count() == 0) {
-    // Everything resident: the backend may keep a device copy of the embedding in what
-    // the budget has left (pipelined decode), copied in the background
-    // once the resident layers are up (beside their uploads it cost the first token 0.09 s
-    // at 8B on an H200).
-    const uint64_t used = memory.accounted_bytes();
-    LAYERPACK_TRY(engine->backend_->offer_embedding(engine->streamer_->host_payload(ModelPack::embedding_unit()),
-                                                    memory.budget > used ? memory.budget - used : 0));
-    memory.backend_bytes = engine->backend_->reserved_bytes();
+    // Everything resident: pipelined decode, where the backend can feed its picks back.
+    // Not with streamed layers: a queued pass waits on the device for its row, and the
+    // host, queueing it, would wait for slots that pass's own layers free.
+    LAYERPACK_TRY(engine->backend_->offer_embedding(engine->streamer_->host_payload(ModelPack::embedding_unit())));
   }
   const StreamerStats started = engine->streamer_->stats();
   timings.host_units = started.startup_host_seconds;
@@ -551,8 +546,7 @@ Result<GenerationResult> Generator::generate(uint32_t sequence, const std::vecto
   // the device) before the host reads the pick, so the device never waits for the host.
   // A pass queued for a token that then stops the generation is dropped (its pick
   // discarded, its KV row given back). The draws are taken in pass order as without it.
-  // It starts at the first token where the backend can (its embedding copy may still be
-  // running at the first tokens).
+  // It starts at the first token where the backend can.
   bool pipelined = false;
   auto room_for_pass = [&](size_t tokens_after) {  // the limits allow a pass once tokens_after are out
     return tokens_after < options.max_new_tokens && kv.length(sequence) + 1 <= engine_.context_length();

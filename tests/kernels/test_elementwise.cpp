@@ -1,5 +1,8 @@
 // norm, rope, activation and embedding kernels vs their CPU references.
+#include <chrono>
+#include <cstring>
 #include <string>
+#include <thread>
 
 #include "kernel_test_util.h"
 #include "kernels/activation.cuh"
@@ -265,6 +268,50 @@ TEST(Embedding, BadIdsAreCountedOrRejected) {
   EXPECT_EQ(dout.download(), ref);
   EXPECT_EQ(embedding_gather_from_host(table.data(), vocab, dim, ids.data(), 4, as_bf16(dout.get()), nullptr),
             cudaErrorInvalidValue);
+}
+
+// The row a host posts after the launch: the kernel waits for the sequence, then
+// copies the row (the reference: the row itself); a sequence already reached passes at
+// once; never posted, it gives zeros and sets the timed-out word after its timeout.
+TEST(Embedding, RowWhenPostedWaitsForTheHost) {
+  std::mt19937 rng(11);
+  for (int64_t dim : {1, 3, 7, 733, 4096}) {
+    const auto row = random_bf16(rng, dim);
+    uint8_t* host = nullptr;
+    const size_t row_offset = 16;
+    CUDA_OK(cudaHostAlloc(reinterpret_cast<void**>(&host), row_offset + dim * 2, cudaHostAllocMapped));
+    std::memset(host, 0, row_offset + dim * 2);
+    void* alias = nullptr;
+    CUDA_OK(cudaHostGetDevicePointer(&alias, host, 0));
+    const auto* posted = static_cast<const uint32_t*>(alias);
+    const auto* device_row = reinterpret_cast<const __nv_bfloat16*>(static_cast<uint8_t*>(alias) + row_offset);
+    int* timed_out = reinterpret_cast<int*>(static_cast<uint8_t*>(alias) + 4);
+    DeviceBuffer<uint16_t> dout(static_cast<size_t>(dim));
+    for (uint32_t sequence : {1u, 2u}) {
+      dout.poison();
+      CUDA_OK(embedding_row_when_posted(posted, sequence, device_row, dim, as_bf16(dout.get()), timed_out,
+                                        uint64_t(10) * 1000000000, nullptr));
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));  // the kernel is waiting by now
+      EXPECT_EQ(cudaStreamQuery(nullptr), cudaErrorNotReady) << "dim " << dim << ": did not wait";
+      std::memcpy(host + row_offset, row.data(), dim * 2);
+      __atomic_store_n(reinterpret_cast<uint32_t*>(host), sequence, __ATOMIC_RELEASE);
+      CUDA_OK(cudaDeviceSynchronize());
+      EXPECT_EQ(dout.download(), row) << "dim " << dim << ", sequence " << sequence;
+    }
+    // Already posted (posted 2 >= 1): no wait.
+    dout.poison();
+    CUDA_OK(embedding_row_when_posted(posted, 1, device_row, dim, as_bf16(dout.get()), timed_out,
+                                      uint64_t(10) * 1000000000, nullptr));
+    CUDA_OK(cudaDeviceSynchronize());
+    EXPECT_EQ(dout.download(), row);
+    // Never posted: zeros after 1 ms, and the word set.
+    dout.poison();
+    CUDA_OK(embedding_row_when_posted(posted, 3, device_row, dim, as_bf16(dout.get()), timed_out, 1000000, nullptr));
+    CUDA_OK(cudaDeviceSynchronize());
+    EXPECT_EQ(dout.download(), std::vector<uint16_t>(static_cast<size_t>(dim), 0));
+    EXPECT_EQ(__atomic_load_n(reinterpret_cast<int*>(host + 4), __ATOMIC_ACQUIRE), 1);
+    CUDA_OK(cudaFreeHost(host));
+  }
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -215,16 +216,16 @@ TEST_P(CudaBackendTest, SampledGenerationIsTheSameWithTheHostSampling) {
 // pipeline drops the pass queued past it and gives its KV row back, so the next turn
 // continues as without the pipeline.
 TEST_P(CudaBackendTest, PipelinedDecodeEqualsTheUnpipelinedLoop) {
-  const Reference ref = load_reference(GetParam());
-  const std::string pack = converted_pack(GetParam());
+  const std::string model = GetParam();
+  const Reference ref = load_reference(model);
+  const std::string pack = converted_pack(model);
   auto run = [&](bool pipelined, const GenerationOptions& options, std::vector<int32_t>* second_turn,
                  uint32_t* cached) -> std::vector<int32_t> {
     if (!pipelined) setenv("LAYERPACK_CUDA_PIPELINE", "0", 1);
     auto engine = open_engine(pack, "cuda");
     unsetenv("LAYERPACK_CUDA_PIPELINE");
     if (!engine) return {};
-    engine->backend().wait_background_work();  // the embedding's copy to the device
-    EXPECT_EQ(engine->feeds_back_tokens(options.sampling), pipelined) << GetParam();
+    EXPECT_EQ(engine->feeds_back_tokens(options.sampling), pipelined) << model;
     Generator generator(*engine, nullptr);
     auto sequence = engine->kv().open_sequence();
     EXPECT_TRUE(sequence.ok());
@@ -248,7 +249,7 @@ TEST_P(CudaBackendTest, PipelinedDecodeEqualsTheUnpipelinedLoop) {
   uint32_t greedy_cached[2] = {0, 0};
   const std::vector<int32_t> plain = run(false, greedy, nullptr, &greedy_cached[0]);
   ASSERT_EQ(plain.size(), 24u);
-  EXPECT_EQ(run(true, greedy, nullptr, &greedy_cached[1]), plain) << GetParam();
+  EXPECT_EQ(run(true, greedy, nullptr, &greedy_cached[1]), plain) << model;
   // The token limit: no pass is queued for the last token.
   EXPECT_EQ(greedy_cached[0], ref.prompt_ids.size() + 23);
   EXPECT_EQ(greedy_cached[1], greedy_cached[0]);
@@ -258,7 +259,7 @@ TEST_P(CudaBackendTest, PipelinedDecodeEqualsTheUnpipelinedLoop) {
   sampled.sampling.temperature = 3.0f;
   sampled.sampling.top_k = 50;
   sampled.sampling.seed = 7;
-  EXPECT_EQ(run(true, sampled, nullptr, nullptr), run(false, sampled, nullptr, nullptr)) << GetParam();
+  EXPECT_EQ(run(true, sampled, nullptr, nullptr), run(false, sampled, nullptr, nullptr)) << model;
 
   // EOS = the greedy run's first token past the first four that did not occur before
   // it; a run that repeats one token (small random models do) stops at its first.
@@ -273,10 +274,36 @@ TEST_P(CudaBackendTest, PipelinedDecodeEqualsTheUnpipelinedLoop) {
   const std::vector<int32_t> stopped_plain = run(false, stopping, &turn[0], &cached[0]);
   const std::vector<int32_t> stopped = run(true, stopping, &turn[1], &cached[1]);
   EXPECT_EQ(stopped_plain, std::vector<int32_t>(plain.begin(), plain.begin() + stop + 1));
-  EXPECT_EQ(stopped, stopped_plain) << GetParam();
+  EXPECT_EQ(stopped, stopped_plain) << model;
   EXPECT_EQ(cached[1], cached[0]) << "the pass queued past the stop kept its KV row";
   EXPECT_EQ(cached[0], ref.prompt_ids.size() + stop);
-  EXPECT_EQ(turn[1], turn[0]) << GetParam();
+  EXPECT_EQ(turn[1], turn[0]) << model;
+}
+
+// A pass fed from a pick that is never collected waits on the device for that pick's
+// row: destroying the engine posts zeros instead of hanging, and a device-fed pass
+// with no pick queued is refused.
+TEST(PipelinedDecode, AnAbandonedPassDoesNotHang) {
+  const Reference ref = load_reference("llama_gqa");
+  const std::string pack = converted_pack("llama_gqa");
+  auto engine = open_engine(pack, "cuda");
+  ASSERT_TRUE(engine);
+  SamplingParams greedy;
+  greedy.temperature = 0.0f;
+  ASSERT_TRUE(engine->feeds_back_tokens(greedy));
+  auto sequence = engine->kv().open_sequence();
+  ASSERT_TRUE(sequence.ok());
+  auto pass = [&](int32_t token) {
+    TokenBatch batch;
+    batch.add(token, sequence.value(), engine->kv().length(sequence.value()), true);
+    return engine->queue_token_pass(batch, greedy, 0.0);
+  };
+  EXPECT_FALSE(pass(kTokenChosenOnDevice).ok()) << "fed from a pick that was never queued";
+  ASSERT_TRUE(pass(ref.prompt_ids[0]).ok());
+  ASSERT_TRUE(pass(kTokenChosenOnDevice).ok());
+  const auto start = std::chrono::steady_clock::now();
+  engine.reset();
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), 10.0);
 }
 
 TEST_P(CudaBackendTest, StreamingThroughTwoSlotsEqualsResident) {

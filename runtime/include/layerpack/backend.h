@@ -147,15 +147,12 @@ class Backend {
   }
 
   // ---- pipelined decode (one row of one sequence, the token picked by the backend) --
-  // The engine may offer the embedding table (bf16) when the layers are resident and
-  // `spare_bytes` of the device budget are left; a backend that keeps a device copy
-  // gathers rows on the device and can then feed its own picks back (below). The
-  // payload stays valid until wait_background_work() returns.
-  virtual Status offer_embedding(const uint8_t* /*embedding_payload*/, uint64_t /*spare_bytes*/) {
-    return Status::success();
-  }
-  // Blocks until no background work reads host memory the engine owns.
-  virtual void wait_background_work() {}
+  // The engine may offer the embedding table (bf16) when the layers are resident; a
+  // backend that can then supply a pass with the row of a pick it has not yet handed
+  // to the host (the CUDA backend: the pass waits on the device for the row the host
+  // posts when it collects the pick) feeds its own picks back (below). The payload
+  // stays valid for the backend's life.
+  virtual Status offer_embedding(const uint8_t* /*embedding_payload*/) { return Status::success(); }
   // Whether a pass may take kTokenChosenOnDevice as its one row's token: the token the
   // previous pass picked, still on the device, so the next pass is queued before the
   // host has read it and the device does not idle while the host handles each token.

@@ -15,7 +15,6 @@
 
 #include <algorithm>
 #include <array>
-#include <atomic>
 #include <cassert>
 #include <cmath>
 #include <cstdio>
@@ -28,7 +27,6 @@
 #include <memory>
 #include <mutex>
 #include <optional>
-#include <thread>
 #include <string>
 #include <tuple>
 #include <unordered_map>
@@ -266,10 +264,7 @@ class CudaBackend : public Backend {
   bool selects_tokens(const SamplingParams& params) const override;
   Status run_output_tokens(SlotId slot, const TokenBatch& batch, const SamplingParams& params, const double* uniforms,
                            int32_t* tokens) override;
-  Status offer_embedding(const uint8_t* embedding_payload, uint64_t spare_bytes) override;
-  void wait_background_work() override {
-    if (embedding_copy_.joinable()) embedding_copy_.join();
-  }
+  Status offer_embedding(const uint8_t* embedding_payload) override;
   bool feeds_back_tokens(const SamplingParams& params) const override;
   Status queue_output_token(SlotId slot, const TokenBatch& batch, const SamplingParams& params,
                             double uniform) override;
@@ -377,19 +372,24 @@ class CudaBackend : public Backend {
   int32_t* candidate_ids_ = nullptr;
   int32_t* host_chosen_tokens_ = nullptr;
   float* host_draws_ = nullptr;
-  // Pipelined decode (feeds_back_tokens): the embedding table on the device, copied by
-  // a background thread from the engine's host copy (offer_embedding), usable once
-  // device_embedding_ready_; LAYERPACK_CUDA_PIPELINE=0 turns it off.
+  // Pipelined decode (feeds_back_tokens); LAYERPACK_CUDA_PIPELINE=0 turns it off.
   bool pipeline_enabled_ = true;
-  bf16* device_embedding_ = nullptr;
-  std::thread embedding_copy_;
-  std::atomic<bool> device_embedding_ready_{false};
   // Queued picks (queue_output_token), oldest at picks_first_: per entry a pinned token
   // and draw, and the event after the token's copy to the host.
   static constexpr uint32_t kQueuedPicks = 2;
   int32_t* host_picks_ = nullptr;
   float* host_pick_draws_ = nullptr;
   std::array<cudaEvent_t, kQueuedPicks> pick_copied_{};
+  // A pass fed the previous pick waits on the device for the row the host posts when
+  // it collects that pick (embedding_row_when_posted): the table stays on the host.
+  const uint8_t* host_table_ = nullptr;  // the bf16 table in the engine's host copy (offer_embedding)
+  uint8_t* posted_host_ = nullptr;       // pinned, mapped: u32 posted, i32 timed out, the row at kPostedRowOffset
+  uint8_t* posted_device_ = nullptr;     // its device alias
+  static constexpr uint64_t kPostedRowOffset = 16;
+  uint32_t posted_sequence_ = 0;                     // the latest sequence a queued pass waits for
+  std::array<uint32_t, kQueuedPicks> pick_feeds_{};  // per queued pick: the sequence it posts (0: none)
+  void post_row(uint32_t sequence, int32_t token);
+  void post_abandoned_row();
   uint32_t picks_first_ = 0, picks_queued_ = 0;
 
   // Per pass, decided in embed().
@@ -444,7 +444,10 @@ class CudaBackend : public Backend {
 };
 
 CudaBackend::~CudaBackend() {
-  wait_background_work();
+  if (posted_host_) {
+    for (uint32_t& feeds : pick_feeds_) feeds = 0;
+    post_abandoned_row();  // a pass still waiting for a row: zeros, so the streams below can finish
+  }
   if (compute_) cudaStreamSynchronize(compute_);
   if (copy_) cudaStreamSynchronize(copy_);
   profiler_.harvest();
@@ -466,6 +469,7 @@ CudaBackend::~CudaBackend() {
   cudaFreeHost(host_draws_);
   cudaFreeHost(host_picks_);
   cudaFreeHost(host_pick_draws_);
+  cudaFreeHost(posted_host_);
   for (auto event : pick_copied_)
     if (event) cudaEventDestroy(event);
   if (cublas_) cublasDestroy(cublas_);
@@ -762,11 +766,24 @@ Status CudaBackend::embed(const TokenBatch& batch, const uint8_t* embedding_payl
                                                        (one_sequence ? " of one sequence" : "") + ", got " +
                                                        std::to_string(rows));
   }
-  // The previous pass's pick, still on the device (pipelined decode): gathered there.
+  // The previous pass's pick, still on the device (pipelined decode): the pass waits
+  // for the row the host posts when it collects that pick.
   const bool from_device = rows == 1 && batch.token_ids[0] == kTokenChosenOnDevice;
-  if (from_device && !device_embedding_ready_.load(std::memory_order_acquire)) {
+  post_abandoned_row();
+  if (from_device && host_table_ == nullptr) {
     return make_error(ErrorCode::invalid_argument,
-                      "a pass fed the previous pick on the device, but the embedding is not on the device");
+                      "a pass fed the previous pick on the device, but the backend was offered no embedding table");
+  }
+  uint32_t fed_from = kQueuedPicks;  // the queued pick whose row this pass waits for
+  if (from_device) {
+    if (picks_queued_ == 0) {
+      return make_error(ErrorCode::invalid_argument,
+                        "a pass fed the previous pick on the device needs that pick queued (queue_output_token)");
+    }
+    fed_from = (picks_first_ + picks_queued_ - 1) % kQueuedPicks;
+    if (pick_feeds_[fed_from] != 0) {
+      return make_error(ErrorCode::invalid_argument, "the newest queued pick already feeds a pass");
+    }
   }
   pass_profile_ = profiler_.begin("whole pass: embed to logits");
   ProfileScope profile(profiler_, "embedding upload");
@@ -794,10 +811,16 @@ Status CudaBackend::embed(const TokenBatch& batch, const uint8_t* embedding_payl
   }
   pass_rows_ = rows;
   if (from_device) {
-    // An id out of range (a pick that broke down: collect_token reports it) gives zeros.
-    CUDA_TRY(kernels::embedding_gather(device_embedding_, vocab_, hidden_, chosen_tokens_, 1, hidden_state_, nullptr,
-                                       compute_),
-             "gathering the embedding of the previous pick");
+    if (++posted_sequence_ == 0) ++posted_sequence_;  // 0 marks a pick that feeds nothing
+    // A minute without the row: API misuse (a pick queued, never collected); the pass
+    // then runs on zeros and collect_token reports it.
+    constexpr uint64_t kRowWaitNs = uint64_t(60) * 1000000000;
+    CUDA_TRY(kernels::embedding_row_when_posted(reinterpret_cast<const uint32_t*>(posted_device_), posted_sequence_,
+                                                reinterpret_cast<const bf16*>(posted_device_ + kPostedRowOffset),
+                                                hidden_, hidden_state_, reinterpret_cast<int*>(posted_device_ + 4),
+                                                kRowWaitNs, compute_),
+             "queueing the wait for the previous pick's embedding row");
+    pick_feeds_[fed_from] = posted_sequence_;
   } else {
     CUDA_TRY(cudaMemcpyAsync(hidden_state_, host_embedding_rows_, uint64_t(rows) * hidden_ * 2, cudaMemcpyHostToDevice,
                              compute_),
@@ -1522,71 +1545,29 @@ Status CudaBackend::select_tokens(uint32_t count, const SamplingParams& params, 
   return Status::success();
 }
 
-Status CudaBackend::offer_embedding(const uint8_t* embedding_payload, uint64_t spare_bytes) {
-  if (!pipeline_enabled_ || !token_selection_ || embedding_payload == nullptr || device_embedding_) {
-    return Status::success();
-  }
+Status CudaBackend::offer_embedding(const uint8_t* embedding_payload) {
+  if (!pipeline_enabled_ || !token_selection_ || embedding_payload == nullptr || host_table_) return Status::success();
   const TensorInfo& table = pack_->token_embedding();
-  const uint64_t elements = uint64_t(vocab_) * hidden_;
-  if (table.dtype != DType::bf16 || table.element_count() != elements) return Status::success();
-  // The copy slows the passes beside it (H2D queues, host memory): on an H200 the 8B's
-  // 1 GB table cost a 512-token prefill ~10 % and took longer than 64 decode tokens to
-  // pay back, 256 tokens broke even; Llama-2-7B's 262 MB gained 2-4 % and SmolLM2's 57 MB
-  // 3-7 %. Larger tables stay on the host (decode unpipelined).
-  constexpr uint64_t kMostTableBytes = uint64_t(512) << 20;
-  if (elements * sizeof(bf16) > kMostTableBytes) return Status::success();
-  // Rounded as device_alloc counts it, and a page to spare.
-  constexpr uint64_t kPage = uint64_t(2) << 20;
-  if ((elements * sizeof(bf16) + kPage - 1) / kPage * kPage + kPage > spare_bytes) return Status::success();
-  LAYERPACK_TRY(device_alloc(&device_embedding_, elements, "the embedding table (pipelined decode)"));
-  // Beside the first passes, which gather on the host until it is done. One copy from
-  // pageable memory (the driver stages it, ~0.13 s a GB) delayed the prefill running
-  // beside it (first token 0.68-0.74 -> 0.85-0.88 s at 8B, H200); staged through two
-  // small pinned buffers by this thread, each CUDA call it makes is short (0.63-0.67 s).
-  const uint8_t* source = embedding_payload + table.data.offset;
-  bf16* destination = device_embedding_;
-  const int device = options_.device;
-  embedding_copy_ = std::thread([this, source, destination, elements, device] {
-    constexpr uint64_t kPiece = uint64_t(4) << 20;  // a pass's own small copies wait behind one at most
-    const uint64_t bytes = elements * sizeof(bf16);
-    cudaStream_t stream = nullptr;
-    std::array<uint8_t*, 2> staging{};
-    std::array<cudaEvent_t, 2> copied{};
-    cudaError_t err = cudaSetDevice(device);
-    if (err == cudaSuccess) err = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
-    for (int b = 0; b < 2 && err == cudaSuccess; ++b) {
-      err = cudaHostAlloc(reinterpret_cast<void**>(&staging[b]), kPiece, cudaHostAllocDefault);
-      if (err == cudaSuccess) err = cudaEventCreateWithFlags(&copied[b], cudaEventDisableTiming);
-    }
-    for (uint64_t offset = 0, piece = 0; offset < bytes && err == cudaSuccess; offset += kPiece, ++piece) {
-      const int b = static_cast<int>(piece % 2);
-      const uint64_t n = std::min(kPiece, bytes - offset);
-      if (piece >= 2) err = cudaEventSynchronize(copied[b]);  // this buffer's previous piece is out
-      if (err != cudaSuccess) break;
-      std::memcpy(staging[b], source + offset, n);
-      err = cudaMemcpyAsync(reinterpret_cast<uint8_t*>(destination) + offset, staging[b], n, cudaMemcpyHostToDevice,
-                            stream);
-      if (err == cudaSuccess) err = cudaEventRecord(copied[b], stream);
-    }
-    if (stream) {
-      const cudaError_t synced = cudaStreamSynchronize(stream);
-      if (err == cudaSuccess) err = synced;
-      cudaStreamDestroy(stream);
-    }
-    for (int b = 0; b < 2; ++b) {
-      if (copied[b]) cudaEventDestroy(copied[b]);
-      if (staging[b]) cudaFreeHost(staging[b]);
-    }
-    // A failed copy leaves decode unpipelined (the host gathers rows as before).
-    if (err == cudaSuccess) device_embedding_ready_.store(true, std::memory_order_release);
-  });
+  if (table.dtype != DType::bf16 || table.element_count() != uint64_t(vocab_) * hidden_) return Status::success();
+  // The host posts each pick's row (collect_token) into pinned memory the waiting pass
+  // reads over PCIe. A device copy of the table gathered on the GPU measured no faster
+  // (H200, ms/token: Llama-2-7B shape 1.675 copied / 1.674 posted, SmolLM2 0.785 /
+  // 0.784) and its copy (1 GB at 8B) slowed the passes beside it for longer than
+  // pipelining paid back (kernels/NOTES.md, twentieth and twenty-first sessions).
+  CUDA_TRY(cudaHostAlloc(reinterpret_cast<void**>(&posted_host_), kPostedRowOffset + uint64_t(hidden_) * sizeof(bf16),
+                         cudaHostAllocMapped),
+           "allocating pinned host memory for posted embedding rows");
+  std::memset(posted_host_, 0, kPostedRowOffset);
+  void* alias = nullptr;
+  CUDA_TRY(cudaHostGetDevicePointer(&alias, posted_host_, 0), "mapping the posted embedding row");
+  posted_device_ = static_cast<uint8_t*>(alias);
+  host_table_ = embedding_payload + table.data.offset;
   return Status::success();
 }
 
 bool CudaBackend::feeds_back_tokens(const SamplingParams& params) const {
   // The profiler harvests its events after each pass's synchronization: not pipelined.
-  return pipeline_enabled_ && selects_tokens(params) && !profiler_.active() &&
-         device_embedding_ready_.load(std::memory_order_acquire);
+  return pipeline_enabled_ && selects_tokens(params) && !profiler_.active() && host_table_ != nullptr;
 }
 
 Status CudaBackend::queue_output_token(SlotId slot_id, const TokenBatch& batch, const SamplingParams& params,
@@ -1630,12 +1611,43 @@ Result<int32_t> CudaBackend::collect_token() {
   picks_first_ = (picks_first_ + 1) % kQueuedPicks;
   --picks_queued_;
   const int32_t token = host_picks_[entry];
-  if (token < 0 || static_cast<uint32_t>(token) >= vocab_) {
+  const bool valid = token >= 0 && static_cast<uint32_t>(token) < vocab_;
+  const uint32_t feeds = pick_feeds_[entry];
+  pick_feeds_[entry] = 0;
+  if (feeds != 0) post_row(feeds, valid ? token : -1);  // the pass queued after this one waits for it
+  if (!valid) {
     return make_error(ErrorCode::cuda,
                       "the logits row has no number to choose from (every logit is NaN): the forward pass broke "
                       "down numerically");
   }
+  if (posted_host_ && __atomic_exchange_n(reinterpret_cast<int32_t*>(posted_host_ + 4), 0, __ATOMIC_ACQ_REL) != 0) {
+    return make_error(ErrorCode::cuda,
+                      "a pass fed the previous pick waited a minute for its embedding row and ran on zeros: a pick "
+                      "was queued and not collected");
+  }
   return token;
+}
+
+void CudaBackend::post_row(uint32_t sequence, int32_t token) {
+  uint8_t* row = posted_host_ + kPostedRowOffset;
+  const uint64_t row_bytes = uint64_t(hidden_) * sizeof(bf16);
+  if (token >= 0) {
+    std::memcpy(row, host_table_ + uint64_t(token) * row_bytes, row_bytes);
+  } else {
+    std::memset(row, 0, row_bytes);
+  }
+  // The row before the sequence (the device's acquire load pairs with this).
+  __atomic_store_n(reinterpret_cast<uint32_t*>(posted_host_), sequence, __ATOMIC_RELEASE);
+}
+
+void CudaBackend::post_abandoned_row() {
+  // A pass waits for a row no queued pick will post (an error between queueing it and
+  // its pick's collection): zeros now, not a wait of a minute.
+  if (!posted_host_) return;
+  if (__atomic_load_n(reinterpret_cast<const uint32_t*>(posted_host_), __ATOMIC_ACQUIRE) == posted_sequence_) return;
+  for (uint32_t i = 0; i < picks_queued_; ++i)
+    if (pick_feeds_[(picks_first_ + i) % kQueuedPicks] == posted_sequence_) return;
+  post_row(posted_sequence_, -1);
 }
 
 }  // namespace
