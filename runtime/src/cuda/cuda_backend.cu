@@ -176,6 +176,10 @@ class ProfileScope {
   int entry_;
 };
 
+// A sampling draw as the kernels take it: a double just below 1 rounds to 1.0f, so
+// keep it inside [0, 1).
+float draw_below_one(double uniform) { return std::min(static_cast<float>(uniform), std::nextafter(1.0f, 0.0f)); }
+
 bool environment_flag(const char* name, bool fallback) {
   const char* value = std::getenv(name);
   if (!value || !*value) return fallback;
@@ -439,6 +443,10 @@ class CudaBackend : public Backend {
   // One logits row: the final RMSNorm folded into lm_head's input, fp32 logits, one
   // chain launch (null where lm_head is not a chainable NF4 matrix). Per (slot, row).
   Result<const kernels::NF4ChainPlan*> head_chain(const DeviceSlot& slot, const bf16* row, const float* final_norm);
+  // The output unit's slot, compute ordered after its upload, and its final norm weights.
+  Result<std::pair<DeviceSlot, const float*>> output_slot(SlotId slot_id);
+  // A pick read back from the device: a token id, or the error for a row without one.
+  Status check_pick(int32_t token, const std::string& row) const;
   std::map<std::pair<const uint8_t*, const bf16*>, std::unique_ptr<kernels::NF4ChainPlan>> head_plans_;
   std::string chain_note_;
 };
@@ -1378,18 +1386,32 @@ Status CudaBackend::layer_rows(uint32_t layer, const DeviceSlot& slot, const Tok
   return Status::success();
 }
 
-template <class Enqueue, class Collect>
-Status CudaBackend::output_chunks(SlotId slot_id, const TokenBatch& batch, const Enqueue& enqueue,
-                                  const Collect& collect) {
+Result<std::pair<DeviceSlot, const float*>> CudaBackend::output_slot(SlotId slot_id) {
   DeviceSlot slot;
   {
     std::lock_guard<std::mutex> lock(slots_mutex_);
     slot = slots_[slot_id];
   }
   CUDA_TRY(cudaStreamWaitEvent(compute_, slot.ready, 0), "ordering compute after an upload");
-  const OutputTensors& o = pack_->output();
-  auto final_norm = vector_pointer(*o.final_norm, slot, hidden_);
+  auto final_norm = vector_pointer(*pack_->output().final_norm, slot, hidden_);
   if (!final_norm) return final_norm.error();
+  return std::make_pair(slot, final_norm.value());
+}
+
+Status CudaBackend::check_pick(int32_t token, const std::string& row) const {
+  if (token >= 0 && static_cast<uint32_t>(token) < vocab_) return Status::success();
+  return make_error(ErrorCode::cuda, row +
+                                         " has no number to choose from (every logit is NaN): the forward pass "
+                                         "broke down numerically");
+}
+
+template <class Enqueue, class Collect>
+Status CudaBackend::output_chunks(SlotId slot_id, const TokenBatch& batch, const Enqueue& enqueue,
+                                  const Collect& collect) {
+  auto output = output_slot(slot_id);
+  if (!output) return output.error();
+  const DeviceSlot& slot = output->first;
+  const float* final_norm = output->second;
 
   // Compact the rows that want logits, in batch order, then norm + head in chunks.
   std::vector<uint32_t> wanted;
@@ -1398,7 +1420,7 @@ Status CudaBackend::output_chunks(SlotId slot_id, const TokenBatch& batch, const
   }
   for (size_t first = 0; first < wanted.size(); first += max_logits_rows_) {
     const uint32_t count = static_cast<uint32_t>(std::min<size_t>(max_logits_rows_, wanted.size() - first));
-    LAYERPACK_TRY(head_rows(slot, final_norm.value(), wanted.data() + first, count));
+    LAYERPACK_TRY(head_rows(slot, final_norm, wanted.data() + first, count));
     LAYERPACK_TRY(enqueue(first, count));
     if (first + count >= wanted.size()) {
       profiler_.end(pass_profile_);
@@ -1500,8 +1522,7 @@ Status CudaBackend::run_output_tokens(SlotId slot_id, const TokenBatch& batch, c
   const bool greedy = params.temperature <= 0.0f;
   auto enqueue = [&](size_t first, uint32_t count) -> Status {
     for (uint32_t i = 0; i < count; ++i) {
-      // A double just below 1 rounds to 1.0f: keep the draw inside [0, 1).
-      host_draws_[i] = greedy ? 0.0f : std::min(static_cast<float>(uniforms[first + i]), std::nextafter(1.0f, 0.0f));
+      host_draws_[i] = greedy ? 0.0f : draw_below_one(uniforms[first + i]);
     }
     LAYERPACK_TRY(select_tokens(count, params, host_draws_));
     CUDA_TRY(
@@ -1512,11 +1533,7 @@ Status CudaBackend::run_output_tokens(SlotId slot_id, const TokenBatch& batch, c
   auto collect = [&](size_t first, uint32_t count) -> Status {
     for (uint32_t i = 0; i < count; ++i) {
       const int32_t token = host_chosen_tokens_[i];
-      if (token < 0 || static_cast<uint32_t>(token) >= vocab_) {
-        return make_error(ErrorCode::cuda, "logits row " + std::to_string(first + i) +
-                                               " has no number to choose from (every logit is NaN): the "
-                                               "forward pass broke down numerically");
-      }
+      LAYERPACK_TRY(check_pick(token, "logits row " + std::to_string(first + i)));
       tokens[first + i] = token;
     }
     return Status::success();
@@ -1580,19 +1597,14 @@ Status CudaBackend::queue_output_token(SlotId slot_id, const TokenBatch& batch, 
     return make_error(ErrorCode::invalid_argument,
                       std::to_string(kQueuedPicks) + " picks are queued already: collect_token() first");
   }
-  DeviceSlot slot;
-  {
-    std::lock_guard<std::mutex> lock(slots_mutex_);
-    slot = slots_[slot_id];
-  }
-  CUDA_TRY(cudaStreamWaitEvent(compute_, slot.ready, 0), "ordering compute after an upload");
-  auto final_norm = vector_pointer(*pack_->output().final_norm, slot, hidden_);
-  if (!final_norm) return final_norm.error();
+  auto output = output_slot(slot_id);
+  if (!output) return output.error();
+  const DeviceSlot& slot = output->first;
   const uint32_t row = 0;
-  LAYERPACK_TRY(head_rows(slot, final_norm.value(), &row, 1));
+  LAYERPACK_TRY(head_rows(slot, output->second, &row, 1));
   const uint32_t entry = (picks_first_ + picks_queued_) % kQueuedPicks;
   // (Rewritten only after collect_token saw this entry's previous copy finish.)
-  host_pick_draws_[entry] = std::min(static_cast<float>(uniform), std::nextafter(1.0f, 0.0f));
+  host_pick_draws_[entry] = draw_below_one(uniform);
   LAYERPACK_TRY(select_tokens(1, params, host_pick_draws_ + entry));
   CUDA_TRY(cudaMemcpyAsync(host_picks_ + entry, chosen_tokens_, sizeof(int32_t), cudaMemcpyDeviceToHost, compute_),
            "copying the chosen token to the host");
@@ -1615,11 +1627,7 @@ Result<int32_t> CudaBackend::collect_token() {
   const uint32_t feeds = pick_feeds_[entry];
   pick_feeds_[entry] = 0;
   if (feeds != 0) post_row(feeds, valid ? token : -1);  // the pass queued after this one waits for it
-  if (!valid) {
-    return make_error(ErrorCode::cuda,
-                      "the logits row has no number to choose from (every logit is NaN): the forward pass broke "
-                      "down numerically");
-  }
+  LAYERPACK_TRY(check_pick(token, "the logits row"));
   if (posted_host_ && __atomic_exchange_n(reinterpret_cast<int32_t*>(posted_host_ + 4), 0, __ATOMIC_ACQ_REL) != 0) {
     return make_error(ErrorCode::cuda,
                       "a pass fed the previous pick waited a minute for its embedding row and ran on zeros: a pick "
