@@ -96,8 +96,9 @@ struct ChainOp {
 
 constexpr int kChainOpsPerDecoderLayer = 5;  // q/k/v, attention, o, gate/up, down
 constexpr int kMaxChainLayers = 8;           // whole decoder layers one launch holds
-constexpr int kMaxChainOps = kMaxChainLayers * kChainOpsPerDecoderLayer;
-constexpr int kMaxChainMatrices = kMaxChainLayers * 7;  // their 7 NF4 matrices each (launch parameters ~26 KB)
+// + 1: the final RMSNorm + lm_head after the last layers (one launch instead of two).
+constexpr int kMaxChainOps = kMaxChainLayers * kChainOpsPerDecoderLayer + 1;
+constexpr int kMaxChainMatrices = kMaxChainLayers * 7 + 1;  // their 7 NF4 matrices each (launch parameters ~27 KB)
 constexpr int kMaxChainDeviceOps = kMaxChainOps;      // steps inside the launch: one per op
 constexpr int kMaxChainAttentionHeads = 256;          // q heads of a chain's attention ops, in all
 

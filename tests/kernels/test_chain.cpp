@@ -395,7 +395,10 @@ TEST(NF4Chain, WholeLayerMatchesReferenceAndLaunches) {
 // Several whole layers in one launch (the runtime groups resident layers): the same
 // bits as one launch per layer, for the activations and every layer's cache. Later
 // layers read and write the first one's activation buffers, as in a decode step.
-void check_layers_in_one_launch(std::mt19937& rng, int count, int position) {
+// With lm_head: the final RMSNorm + lm_head (store_f32, 2128 rows) after the last
+// layer, as one more op of the grouped launch against a launch of its own after the
+// separate ones (the runtime's last group), the logits bit for bit too.
+void check_layers_in_one_launch(std::mt19937& rng, int count, int position, bool with_head = false) {
   std::vector<std::unique_ptr<WholeLayer>> layers;
   for (int i = 0; i < count; ++i) layers.push_back(std::make_unique<WholeLayer>(rng, 32, 8, 128, 4096, position));
   WholeLayer& first = *layers[0];
@@ -431,6 +434,21 @@ void check_layers_in_one_launch(std::mt19937& rng, int count, int position) {
     CUDA_OK(NF4ChainPlan::create(per_layer[i].data(), static_cast<int>(per_layer[i].size()), &separate_plans[i], &why));
     all.insert(all.end(), per_layer[i].begin(), per_layer[i].end());
   }
+  constexpr int64_t kHeadRows = 2128;
+  RandomNF4 head_weight(rng, with_head ? kHeadRows : 16, 4096, true, 64);
+  DeviceBuffer<float> head_norm(4096), logits(kHeadRows);
+  head_norm.upload(random_floats(rng, 4096, 0.5f, 1.5f));
+  std::unique_ptr<NF4ChainPlan> head_plan;
+  if (with_head) {
+    ChainOp head;
+    head.weight[0] = with_host_code(head_weight.device_view);
+    head.epilogue = ChainEpilogue::store_f32;
+    head.x = as_bf16(first.mlp.d_hidden.get());
+    head.norm_weight = head_norm.get();
+    head.y_f32 = logits.get();
+    CUDA_OK(NF4ChainPlan::create(&head, 1, &head_plan, &why));
+    all.push_back(head);
+  }
   std::unique_ptr<NF4ChainPlan> grouped;
   CUDA_OK(NF4ChainPlan::create(all.data(), static_cast<int>(all.size()), &grouped, &why));
   ASSERT_TRUE(why.empty()) << why;
@@ -441,6 +459,7 @@ void check_layers_in_one_launch(std::mt19937& rng, int count, int position) {
       layer->d_keys.upload(layer->keys);
       layer->d_values.upload(layer->values);
     }
+    logits.poison();
     for (const NF4ChainPlan* plan : plans) EXPECT_EQ(plan->launch(nullptr, split), cudaSuccess);
     EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     std::vector<std::vector<uint16_t>> out = {first.mlp.d_hidden.download()};
@@ -448,10 +467,17 @@ void check_layers_in_one_launch(std::mt19937& rng, int count, int position) {
       out.push_back(layer->d_keys.download());
       out.push_back(layer->d_values.download());
     }
+    if (with_head) {
+      const std::vector<float> values = logits.download();
+      std::vector<uint16_t> bits(values.size() * 2);
+      std::memcpy(bits.data(), values.data(), values.size() * sizeof(float));
+      out.push_back(bits);
+    }
     return out;
   };
   std::vector<const NF4ChainPlan*> one_each;
   for (auto& plan : separate_plans) one_each.push_back(plan.get());
+  if (with_head) one_each.push_back(head_plan.get());
   std::vector<ChainAttentionSplit> splits = {ChainAttentionSplit::grid_wide};
   if (grouped->block_local_attention_fits(position)) splits.push_back(ChainAttentionSplit::block_local);
   for (ChainAttentionSplit s : splits) {
@@ -463,7 +489,10 @@ void check_layers_in_one_launch(std::mt19937& rng, int count, int position) {
     EXPECT_EQ(separate[0], together[0]) << "hidden differs: " << what;
     for (size_t i = 1; i < separate.size(); ++i)
       EXPECT_EQ(separate[i], together[i])
-          << "layer " << (i - 1) / 2 << (i % 2 ? " keys" : " values") << " differ: " << what;
+          << (with_head && i + 1 == separate.size()
+                  ? std::string("lm_head's logits")
+                  : "layer " + std::to_string((i - 1) / 2) + (i % 2 ? " keys" : " values"))
+          << " differ: " << what;
     EXPECT_NE(separate[0], first.mlp.hidden) << "the layers changed nothing: " << what;
   }
 }
@@ -473,6 +502,9 @@ TEST(NF4Chain, SeveralWholeLayersInOneLaunchMatchOneLaunchEach) {
   std::mt19937 rng(790);
   for (int position : {0, 40, 700}) check_layers_in_one_launch(rng, 2, position);
   check_layers_in_one_launch(rng, kMaxChainLayers, 40);  // the most a launch holds
+  // The runtime's last group: the most layers and the final RMSNorm + lm_head.
+  check_layers_in_one_launch(rng, 2, 40, true);
+  check_layers_in_one_launch(rng, kMaxChainLayers, 700, true);
 }
 
 // Rows that end inside a 2048-column chunk: the tensor map zero-fills the weights past

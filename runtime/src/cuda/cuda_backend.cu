@@ -437,12 +437,32 @@ class CudaBackend : public Backend {
   using GroupPlanKey = std::array<uintptr_t, 3 + kMaxLayersPerChain>;
   std::map<GroupPlanKey, std::unique_ptr<kernels::NF4ChainPlan>> group_plans_;
   std::map<GroupPlanKey, cudaGraphExec_t> group_graphs_;  // layers_graph's, same key
+  // The model's last layers in a one-row pass that wants logits, every layer resident:
+  // not launched by run_decoder_layers but by head_rows, with the final RMSNorm +
+  // lm_head as one more op of the same launch (the head's weights stream in behind
+  // the last down projection instead of after a launch boundary); any other call
+  // launches the group on its own first (launch_deferred_group).
+  struct DeferredGroup {
+    const kernels::NF4ChainPlan* plan = nullptr;  // null: nothing deferred
+    GroupPlanKey key{};
+    std::array<DeviceSlot, kMaxLayersPerChain> slots{};
+    uint32_t first = 0, count = 0, sequence = 0;
+    int64_t position = 0;
+  };
+  DeferredGroup deferred_;
+  bool layers_resident_ = false;  // offer_embedding: the engine keeps every layer resident
+  bool head_fusion_ = true;       // LAYERPACK_CUDA_CHAIN_HEAD=0: lm_head in a launch of its own
+  Status launch_deferred_group();
+  std::map<std::tuple<GroupPlanKey, const uint8_t*, const bf16*>, std::unique_ptr<kernels::NF4ChainPlan>>
+      group_head_plans_;
   std::string group_note_;  // why a group was refused (the first one)
   float* chain_scratch_ = nullptr;
   std::map<std::tuple<uint32_t, const uint8_t*, uint32_t>, LayerChain> chain_plans_;
   // One logits row: the final RMSNorm folded into lm_head's input, fp32 logits, one
   // chain launch (null where lm_head is not a chainable NF4 matrix). Per (slot, row).
   Result<const kernels::NF4ChainPlan*> head_chain(const DeviceSlot& slot, const bf16* row, const float* final_norm);
+  // That op (false where lm_head is not NF4).
+  Result<bool> head_op(const DeviceSlot& slot, const bf16* row, const float* final_norm, kernels::ChainOp* op) const;
   // The output unit's slot, compute ordered after its upload, and its final norm weights.
   Result<std::pair<DeviceSlot, const float*>> output_slot(SlotId slot_id);
   // A pick read back from the device: a token id, or the error for a row without one.
@@ -527,6 +547,7 @@ Status CudaBackend::create() {
     CUDA_TRY(cudaEventCreateWithFlags(&event, cudaEventDisableTiming), "creating events");
   fused_rope_ = environment_flag("LAYERPACK_CUDA_FUSED_ROPE", true);
   chain_enabled_ = environment_flag("LAYERPACK_CUDA_CHAIN", true);
+  head_fusion_ = environment_flag("LAYERPACK_CUDA_CHAIN_HEAD", true);
   if (const char* layers = std::getenv("LAYERPACK_CUDA_CHAIN_LAYERS")) {
     const int n = std::atoi(layers);
     if (n >= 1 && n <= static_cast<int>(kMaxLayersPerChain)) layers_per_chain_ = static_cast<uint32_t>(n);
@@ -766,6 +787,7 @@ Status CudaBackend::wait_slot_idle(SlotId slot_id) {
 }
 
 Status CudaBackend::embed(const TokenBatch& batch, const uint8_t* embedding_payload) {
+  LAYERPACK_TRY(launch_deferred_group());
   const uint32_t rows = static_cast<uint32_t>(batch.size());
   const bool one_sequence = batch.one_sequence();
   const uint32_t limit = one_sequence ? max_sequence_rows_ : max_rows_;
@@ -1052,6 +1074,7 @@ Status CudaBackend::plan_layer_chain(uint32_t layer, const DeviceSlot& slot, uin
 }
 
 Status CudaBackend::run_decoder_layer(uint32_t layer, SlotId slot_id, const TokenBatch& batch) {
+  LAYERPACK_TRY(launch_deferred_group());
   DeviceSlot slot;
   {
     std::lock_guard<std::mutex> lock(slots_mutex_);
@@ -1072,8 +1095,23 @@ Status CudaBackend::run_decoder_layer(uint32_t layer, SlotId slot_id, const Toke
   return Status::success();
 }
 
+Status CudaBackend::launch_deferred_group() {
+  if (!deferred_.plan) return Status::success();
+  const DeferredGroup group = deferred_;
+  deferred_.plan = nullptr;
+  ProfileScope profile(profiler_, "NF4 chain: several whole layers");
+  const kernels::ChainAttentionSplit split = group.plan->block_local_attention_fits(group.position)
+                                                 ? kernels::ChainAttentionSplit::block_local
+                                                 : kernels::ChainAttentionSplit::grid_wide;
+  CUDA_TRY(group.plan->launch(compute_, split), "NF4 chain of the last layers");
+  for (uint32_t i = 0; i < group.count; ++i)
+    CUDA_TRY(cudaEventRecord(group.slots[i].free, compute_), "recording layer completion");
+  return Status::success();
+}
+
 Status CudaBackend::run_decoder_layers(uint32_t first, const SlotId* slot_ids, uint32_t count,
                                        const TokenBatch& batch) {
+  LAYERPACK_TRY(launch_deferred_group());
   auto one_at_a_time = [&] { return Backend::run_decoder_layers(first, slot_ids, count, batch); };
   if (batch.size() != 1 || !single_sequence_ || count < 2 || count > kMaxLayersPerChain) return one_at_a_time();
   // Fixed-size: this runs for every launch of the decode path, with no allocations.
@@ -1116,6 +1154,10 @@ Status CudaBackend::run_decoder_layers(uint32_t first, const SlotId* slot_ids, u
   if (!it->second) return graphs_enabled_ ? layers_graph(first, slots.data(), count, batch) : one_at_a_time();
   for (uint32_t i = 0; i < count; ++i)
     CUDA_TRY(cudaStreamWaitEvent(compute_, slots[i].ready, 0), "ordering compute after an upload");
+  if (layers_resident_ && head_fusion_ && batch.wants_logits[0] && first + count == pack_->config().num_layers) {
+    deferred_ = DeferredGroup{it->second.get(), key, slots, first, count, sequence, batch.positions[0]};
+    return Status::success();
+  }
   {
     ProfileScope profile(profiler_, "NF4 chain: several whole layers");
     // Launched directly (not replayed from a graph): the split can follow the position.
@@ -1447,6 +1489,44 @@ Status CudaBackend::head_rows(const DeviceSlot& slot, const float* final_norm, c
     if (!planned) return planned.error();
     head = planned.value();
   }
+  if (head && deferred_.plan) {
+    const DeferredGroup& group = deferred_;
+    const bf16* row = hidden_state_ + uint64_t(rows[0]) * hidden_;
+    const auto key = std::make_tuple(group.key, static_cast<const uint8_t*>(slot.data), row);
+    auto it = group_head_plans_.find(key);
+    if (it == group_head_plans_.end()) {
+      std::vector<kernels::ChainOp> ops;
+      for (uint32_t i = 0; i < group.count; ++i) {
+        const LayerChain* chain = layer_chain(group.first + i, group.slots[i], group.sequence);
+        ops.insert(ops.end(), chain->ops.begin(), chain->ops.end());
+      }
+      kernels::ChainOp op;
+      auto nf4 = head_op(slot, row, final_norm, &op);
+      if (!nf4) return nf4.error();
+      ops.push_back(op);
+      std::unique_ptr<kernels::NF4ChainPlan> plan;
+      std::string why;
+      const cudaError_t err = kernels::NF4ChainPlan::create(ops.data(), static_cast<int>(ops.size()), &plan, &why);
+      if (err != cudaSuccess && err != cudaErrorInvalidValue) {
+        return cuda_error(err, "planning the NF4 chain of the last layers and lm_head");
+      }
+      if (err != cudaSuccess) cudaGetLastError();  // refused: two launches
+      it = group_head_plans_.emplace(key, std::move(plan)).first;
+    }
+    if (it->second) {
+      const DeferredGroup fused = deferred_;
+      deferred_.plan = nullptr;
+      ProfileScope profile(profiler_, "NF4 chain: the last layers + final RMSNorm + lm_head");
+      const kernels::ChainAttentionSplit split = it->second->block_local_attention_fits(fused.position)
+                                                     ? kernels::ChainAttentionSplit::block_local
+                                                     : kernels::ChainAttentionSplit::grid_wide;
+      CUDA_TRY(it->second->launch(compute_, split), "NF4 chain of the last layers and lm_head");
+      for (uint32_t i = 0; i < fused.count; ++i)
+        CUDA_TRY(cudaEventRecord(fused.slots[i].free, compute_), "recording layer completion");
+      return Status::success();
+    }
+  }
+  LAYERPACK_TRY(launch_deferred_group());
   if (head) {
     ProfileScope profile(profiler_, "NF4 chain: final RMSNorm + lm_head");
     CUDA_TRY(head->launch(compute_), "NF4 chain (final RMSNorm + lm_head)");
@@ -1464,23 +1544,32 @@ Status CudaBackend::head_rows(const DeviceSlot& slot, const float* final_norm, c
   return linear("lm_head", *pack_->output().lm_head, slot, normed_, count, logits_);
 }
 
+Result<bool> CudaBackend::head_op(const DeviceSlot& slot, const bf16* row, const float* final_norm,
+                                  kernels::ChainOp* op) const {
+  const TensorInfo* lm_head = pack_->output().lm_head;
+  if (!lm_head || lm_head->dtype != DType::nf4) return false;
+  auto view = nf4_view(*lm_head, slot);
+  if (!view) return view.error();
+  *op = kernels::ChainOp{};
+  op->weight[0] = view.value();
+  op->epilogue = kernels::ChainEpilogue::store_f32;
+  op->x = row;
+  op->norm_weight = final_norm;
+  op->eps = eps_;
+  op->y_f32 = logits_;
+  return true;
+}
+
 Result<const kernels::NF4ChainPlan*> CudaBackend::head_chain(const DeviceSlot& slot, const bf16* row,
                                                              const float* final_norm) {
   const auto key = std::make_pair(static_cast<const uint8_t*>(slot.data), row);
   auto it = head_plans_.find(key);
   if (it != head_plans_.end()) return static_cast<const kernels::NF4ChainPlan*>(it->second.get());
   std::unique_ptr<kernels::NF4ChainPlan> plan;
-  const TensorInfo* lm_head = pack_->output().lm_head;
-  if (lm_head && lm_head->dtype == DType::nf4) {
-    auto view = nf4_view(*lm_head, slot);
-    if (!view) return view.error();
-    kernels::ChainOp op;
-    op.weight[0] = view.value();
-    op.epilogue = kernels::ChainEpilogue::store_f32;
-    op.x = row;
-    op.norm_weight = final_norm;
-    op.eps = eps_;
-    op.y_f32 = logits_;
+  kernels::ChainOp op;
+  auto nf4 = head_op(slot, row, final_norm, &op);
+  if (!nf4) return nf4.error();
+  if (nf4.value()) {
     std::string why;
     const cudaError_t err = kernels::NF4ChainPlan::create(&op, 1, &plan, &why);
     if (err != cudaSuccess && err != cudaErrorInvalidValue) return cuda_error(err, "planning the lm_head chain");
@@ -1563,6 +1652,7 @@ Status CudaBackend::select_tokens(uint32_t count, const SamplingParams& params, 
 }
 
 Status CudaBackend::offer_embedding(const uint8_t* embedding_payload) {
+  layers_resident_ = true;  // the engine offers it only then
   if (!pipeline_enabled_ || !token_selection_ || embedding_payload == nullptr || host_table_) return Status::success();
   const TensorInfo& table = pack_->token_embedding();
   if (table.dtype != DType::bf16 || table.element_count() != uint64_t(vocab_) * hidden_) return Status::success();
