@@ -453,6 +453,9 @@ class CudaBackend : public Backend {
   bool layers_resident_ = false;  // offer_embedding: the engine keeps every layer resident
   bool head_fusion_ = true;       // LAYERPACK_CUDA_CHAIN_HEAD=0: lm_head in a launch of its own
   Status launch_deferred_group();
+  // `plan` on compute_ with the attention split for `position`, then each slot's free event.
+  Status launch_chain(const kernels::NF4ChainPlan& plan, int64_t position, const DeviceSlot* slots, uint32_t count,
+                      const char* what);
   std::map<std::tuple<GroupPlanKey, const uint8_t*, const bf16*>, std::unique_ptr<kernels::NF4ChainPlan>>
       group_head_plans_;
   std::string group_note_;  // why a group was refused (the first one)
@@ -465,8 +468,9 @@ class CudaBackend : public Backend {
   Result<bool> head_op(const DeviceSlot& slot, const bf16* row, const float* final_norm, kernels::ChainOp* op) const;
   // The output unit's slot, compute ordered after its upload, and its final norm weights.
   Result<std::pair<DeviceSlot, const float*>> output_slot(SlotId slot_id);
-  // A pick read back from the device: a token id, or the error for a row without one.
-  Status check_pick(int32_t token, const std::string& row) const;
+  // A pick read back from the device: a token id, or the error for logits row `row`
+  // (-1: the pass's one row) without one.
+  Status check_pick(int32_t token, int64_t row) const;
   std::map<std::pair<const uint8_t*, const bf16*>, std::unique_ptr<kernels::NF4ChainPlan>> head_plans_;
   std::string chain_note_;
 };
@@ -1095,18 +1099,25 @@ Status CudaBackend::run_decoder_layer(uint32_t layer, SlotId slot_id, const Toke
   return Status::success();
 }
 
+Status CudaBackend::launch_chain(const kernels::NF4ChainPlan& plan, int64_t position, const DeviceSlot* slots,
+                                 uint32_t count, const char* what) {
+  {
+    ProfileScope profile(profiler_, what);
+    // Launched directly (not replayed from a graph): the split can follow the position.
+    const kernels::ChainAttentionSplit split = plan.block_local_attention_fits(position)
+                                                   ? kernels::ChainAttentionSplit::block_local
+                                                   : kernels::ChainAttentionSplit::grid_wide;
+    CUDA_TRY(plan.launch(compute_, split), what);
+  }
+  for (uint32_t i = 0; i < count; ++i) CUDA_TRY(cudaEventRecord(slots[i].free, compute_), "recording layer completion");
+  return Status::success();
+}
+
 Status CudaBackend::launch_deferred_group() {
   if (!deferred_.plan) return Status::success();
   const DeferredGroup group = deferred_;
   deferred_.plan = nullptr;
-  ProfileScope profile(profiler_, "NF4 chain: several whole layers");
-  const kernels::ChainAttentionSplit split = group.plan->block_local_attention_fits(group.position)
-                                                 ? kernels::ChainAttentionSplit::block_local
-                                                 : kernels::ChainAttentionSplit::grid_wide;
-  CUDA_TRY(group.plan->launch(compute_, split), "NF4 chain of the last layers");
-  for (uint32_t i = 0; i < group.count; ++i)
-    CUDA_TRY(cudaEventRecord(group.slots[i].free, compute_), "recording layer completion");
-  return Status::success();
+  return launch_chain(*group.plan, group.position, group.slots.data(), group.count, "NF4 chain: several whole layers");
 }
 
 Status CudaBackend::run_decoder_layers(uint32_t first, const SlotId* slot_ids, uint32_t count,
@@ -1158,16 +1169,7 @@ Status CudaBackend::run_decoder_layers(uint32_t first, const SlotId* slot_ids, u
     deferred_ = DeferredGroup{it->second.get(), key, slots, first, count, sequence, batch.positions[0]};
     return Status::success();
   }
-  {
-    ProfileScope profile(profiler_, "NF4 chain: several whole layers");
-    // Launched directly (not replayed from a graph): the split can follow the position.
-    const kernels::ChainAttentionSplit split = it->second->block_local_attention_fits(batch.positions[0])
-                                                   ? kernels::ChainAttentionSplit::block_local
-                                                   : kernels::ChainAttentionSplit::grid_wide;
-    CUDA_TRY(it->second->launch(compute_, split), "NF4 chain of " + layers());
-  }
-  for (uint32_t i = 0; i < count; ++i) CUDA_TRY(cudaEventRecord(slots[i].free, compute_), "recording layer completion");
-  return Status::success();
+  return launch_chain(*it->second, batch.positions[0], slots.data(), count, "NF4 chain: several whole layers");
 }
 
 Status CudaBackend::capture_graph(const std::function<Status()>& enqueue, const std::string& what,
@@ -1440,9 +1442,9 @@ Result<std::pair<DeviceSlot, const float*>> CudaBackend::output_slot(SlotId slot
   return std::make_pair(slot, final_norm.value());
 }
 
-Status CudaBackend::check_pick(int32_t token, const std::string& row) const {
+Status CudaBackend::check_pick(int32_t token, int64_t row) const {
   if (token >= 0 && static_cast<uint32_t>(token) < vocab_) return Status::success();
-  return make_error(ErrorCode::cuda, row +
+  return make_error(ErrorCode::cuda, (row < 0 ? std::string("the logits row") : "logits row " + std::to_string(row)) +
                                          " has no number to choose from (every logit is NaN): the forward pass "
                                          "broke down numerically");
 }
@@ -1498,6 +1500,7 @@ Status CudaBackend::head_rows(const DeviceSlot& slot, const float* final_norm, c
       std::vector<kernels::ChainOp> ops;
       for (uint32_t i = 0; i < group.count; ++i) {
         const LayerChain* chain = layer_chain(group.first + i, group.slots[i], group.sequence);
+        assert(chain);  // the group's plan was made from it
         ops.insert(ops.end(), chain->ops.begin(), chain->ops.end());
       }
       kernels::ChainOp op;
@@ -1516,14 +1519,8 @@ Status CudaBackend::head_rows(const DeviceSlot& slot, const float* final_norm, c
     if (it->second) {
       const DeferredGroup fused = deferred_;
       deferred_.plan = nullptr;
-      ProfileScope profile(profiler_, "NF4 chain: the last layers + final RMSNorm + lm_head");
-      const kernels::ChainAttentionSplit split = it->second->block_local_attention_fits(fused.position)
-                                                     ? kernels::ChainAttentionSplit::block_local
-                                                     : kernels::ChainAttentionSplit::grid_wide;
-      CUDA_TRY(it->second->launch(compute_, split), "NF4 chain of the last layers and lm_head");
-      for (uint32_t i = 0; i < fused.count; ++i)
-        CUDA_TRY(cudaEventRecord(fused.slots[i].free, compute_), "recording layer completion");
-      return Status::success();
+      return launch_chain(*it->second, fused.position, fused.slots.data(), fused.count,
+                          "NF4 chain: the last layers + final RMSNorm + lm_head");
     }
   }
   LAYERPACK_TRY(launch_deferred_group());
@@ -1622,7 +1619,7 @@ Status CudaBackend::run_output_tokens(SlotId slot_id, const TokenBatch& batch, c
   auto collect = [&](size_t first, uint32_t count) -> Status {
     for (uint32_t i = 0; i < count; ++i) {
       const int32_t token = host_chosen_tokens_[i];
-      LAYERPACK_TRY(check_pick(token, "logits row " + std::to_string(first + i)));
+      LAYERPACK_TRY(check_pick(token, static_cast<int64_t>(first + i)));
       tokens[first + i] = token;
     }
     return Status::success();
@@ -1717,7 +1714,7 @@ Result<int32_t> CudaBackend::collect_token() {
   const uint32_t feeds = pick_feeds_[entry];
   pick_feeds_[entry] = 0;
   if (feeds != 0) post_row(feeds, valid ? token : -1);  // the pass queued after this one waits for it
-  LAYERPACK_TRY(check_pick(token, "the logits row"));
+  LAYERPACK_TRY(check_pick(token, -1));
   if (posted_host_ && __atomic_exchange_n(reinterpret_cast<int32_t*>(posted_host_ + 4), 0, __ATOMIC_ACQ_REL) != 0) {
     return make_error(ErrorCode::cuda,
                       "a pass fed the previous pick waited a minute for its embedding row and ran on zeros: a pick "
