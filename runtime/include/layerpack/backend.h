@@ -151,7 +151,8 @@ class Backend {
   // backend that can then supply a pass with the row of a pick it has not yet handed
   // to the host (the CUDA backend: the pass waits on the device for the row the host
   // posts when it collects the pick) feeds its own picks back (below). The payload
-  // stays valid for the backend's life.
+  // stays valid while the engine runs passes; the engine frees it before the backend,
+  // so a backend's destructor must not read it.
   virtual Status offer_embedding(const uint8_t* /*embedding_payload*/) { return Status::success(); }
   // Whether a pass may take kTokenChosenOnDevice as its one row's token: the token the
   // previous pass picked, still on the device, so the next pass is queued before the
