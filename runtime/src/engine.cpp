@@ -225,10 +225,9 @@ Result<std::unique_ptr<Engine>> Engine::open(const std::string& pack_dir, const 
   engine->streamer_->provide_host_unit(0, std::move(embedding_payload.value()));
   LAYERPACK_TRY(engine->streamer_->start());
   if (device && engine->streamer_->plan().streamed_count() == 0) {
-    // Everything resident: pipelined decode, where the backend can feed its picks back.
-    // Not with streamed layers: a queued pass waits on the device for its row, and the
-    // host, queueing it, would wait for slots that pass's own layers free.
-    LAYERPACK_TRY(engine->backend_->offer_embedding(engine->streamer_->host_payload(ModelPack::embedding_unit())));
+    // Not with streamed layers: a queued pass (pipelined decode) waits on the device for
+    // its row, and the host, queueing it, would wait for slots that pass's own layers free.
+    LAYERPACK_TRY(engine->backend_->all_layers_resident(engine->streamer_->host_payload(ModelPack::embedding_unit())));
   }
   const StreamerStats started = engine->streamer_->stats();
   timings.host_units = started.startup_host_seconds;

@@ -147,13 +147,14 @@ class Backend {
   }
 
   // ---- pipelined decode (one row of one sequence, the token picked by the backend) --
-  // The engine may offer the embedding table (bf16) when the layers are resident; a
-  // backend that can then supply a pass with the row of a pick it has not yet handed
-  // to the host (the CUDA backend: the pass waits on the device for the row the host
-  // posts when it collects the pick) feeds its own picks back (below). The payload
-  // stays valid while the engine runs passes; the engine frees it before the backend,
-  // so a backend's destructor must not read it.
-  virtual Status offer_embedding(const uint8_t* /*embedding_payload*/) { return Status::success(); }
+  // Called once at open when every layer is resident (never with streamed layers: a
+  // queued pass must not wait for slots), with the embedding table's payload. A backend
+  // that can then supply a pass with the row of a pick it has not yet handed to the
+  // host (the CUDA backend: the pass waits on the device for the row the host posts
+  // when it collects the pick) feeds its own picks back (below); it may also rely on
+  // its layer slots never being reused. The payload stays valid while the engine runs
+  // passes; the engine frees it before the backend, so a destructor must not read it.
+  virtual Status all_layers_resident(const uint8_t* /*embedding_payload*/) { return Status::success(); }
   // Whether a pass may take kTokenChosenOnDevice as its one row's token: the token the
   // previous pass picked, still on the device, so the next pass is queued before the
   // host has read it and the device does not idle while the host handles each token.

@@ -268,7 +268,7 @@ class CudaBackend : public Backend {
   bool selects_tokens(const SamplingParams& params) const override;
   Status run_output_tokens(SlotId slot, const TokenBatch& batch, const SamplingParams& params, const double* uniforms,
                            int32_t* tokens) override;
-  Status offer_embedding(const uint8_t* embedding_payload) override;
+  Status all_layers_resident(const uint8_t* embedding_payload) override;
   bool feeds_back_tokens(const SamplingParams& params) const override;
   Status queue_output_token(SlotId slot, const TokenBatch& batch, const SamplingParams& params,
                             double uniform) override;
@@ -386,7 +386,7 @@ class CudaBackend : public Backend {
   std::array<cudaEvent_t, kQueuedPicks> pick_copied_{};
   // A pass fed the previous pick waits on the device for the row the host posts when
   // it collects that pick (embedding_row_when_posted): the table stays on the host.
-  const uint8_t* host_table_ = nullptr;  // the bf16 table in the engine's host copy (offer_embedding)
+  const uint8_t* host_table_ = nullptr;  // the bf16 table in the engine's host copy (all_layers_resident)
   uint8_t* posted_host_ = nullptr;       // pinned, mapped: u32 posted, i32 timed out, the row at kPostedRowOffset
   uint8_t* posted_device_ = nullptr;     // its device alias
   static constexpr uint64_t kPostedRowOffset = 16;
@@ -444,13 +444,15 @@ class CudaBackend : public Backend {
   // launches the group on its own first (launch_deferred_group).
   struct DeferredGroup {
     const kernels::NF4ChainPlan* plan = nullptr;  // null: nothing deferred
-    GroupPlanKey key{};
+    GroupPlanKey key{};                           // first layer, sequence, count, slot addresses
     std::array<DeviceSlot, kMaxLayersPerChain> slots{};
-    uint32_t first = 0, count = 0, sequence = 0;
     int64_t position = 0;
+    uint32_t first() const { return static_cast<uint32_t>(key[0]); }
+    uint32_t sequence() const { return static_cast<uint32_t>(key[1]); }
+    uint32_t count() const { return static_cast<uint32_t>(key[2]); }
   };
   DeferredGroup deferred_;
-  bool layers_resident_ = false;  // offer_embedding: the engine keeps every layer resident
+  bool layers_resident_ = false;  // all_layers_resident: no slot is ever reused
   bool head_fusion_ = true;       // LAYERPACK_CUDA_CHAIN_HEAD=0: lm_head in a launch of its own
   Status launch_deferred_group();
   // `plan` on compute_ with the attention split for `position`, then each slot's free event.
@@ -824,7 +826,7 @@ Status CudaBackend::embed(const TokenBatch& batch, const uint8_t* embedding_payl
   // The pinned inputs of the previous pass must have been consumed before they are rewritten.
   CUDA_TRY(cudaEventSynchronize(inputs_consumed_), "waiting for the previous pass");
   const TensorInfo& table = pack_->token_embedding();
-  std::vector<float> row(from_device ? 0 : hidden_);
+  std::vector<float> row(from_device || table.dtype == DType::bf16 ? 0 : hidden_);  // dequantize_row's scratch
   for (uint32_t r = 0; r < rows; ++r) {
     host_row_data_[r] = static_cast<int32_t>(batch.positions[r]);
     host_row_data_[rows + r] = static_cast<int32_t>(batch.positions[r]) + 1;
@@ -1117,7 +1119,8 @@ Status CudaBackend::launch_deferred_group() {
   if (!deferred_.plan) return Status::success();
   const DeferredGroup group = deferred_;
   deferred_.plan = nullptr;
-  return launch_chain(*group.plan, group.position, group.slots.data(), group.count, "NF4 chain: several whole layers");
+  return launch_chain(*group.plan, group.position, group.slots.data(), group.count(),
+                      "NF4 chain: several whole layers");
 }
 
 Status CudaBackend::run_decoder_layers(uint32_t first, const SlotId* slot_ids, uint32_t count,
@@ -1166,7 +1169,7 @@ Status CudaBackend::run_decoder_layers(uint32_t first, const SlotId* slot_ids, u
   for (uint32_t i = 0; i < count; ++i)
     CUDA_TRY(cudaStreamWaitEvent(compute_, slots[i].ready, 0), "ordering compute after an upload");
   if (layers_resident_ && head_fusion_ && batch.wants_logits[0] && first + count == pack_->config().num_layers) {
-    deferred_ = DeferredGroup{it->second.get(), key, slots, first, count, sequence, batch.positions[0]};
+    deferred_ = DeferredGroup{it->second.get(), key, slots, batch.positions[0]};
     return Status::success();
   }
   return launch_chain(*it->second, batch.positions[0], slots.data(), count, "NF4 chain: several whole layers");
@@ -1485,21 +1488,21 @@ Status CudaBackend::output_chunks(SlotId slot_id, const TokenBatch& batch, const
 }
 
 Status CudaBackend::head_rows(const DeviceSlot& slot, const float* final_norm, const uint32_t* rows, uint32_t count) {
+  const bf16* row = hidden_state_ + uint64_t(rows[0]) * hidden_;  // the one row of the chain paths
   const kernels::NF4ChainPlan* head = nullptr;
   if (count == 1 && chain_enabled_ && fused_matvecs_) {
-    auto planned = head_chain(slot, hidden_state_ + uint64_t(rows[0]) * hidden_, final_norm);
+    auto planned = head_chain(slot, row, final_norm);
     if (!planned) return planned.error();
     head = planned.value();
   }
   if (head && deferred_.plan) {
     const DeferredGroup& group = deferred_;
-    const bf16* row = hidden_state_ + uint64_t(rows[0]) * hidden_;
     const auto key = std::make_tuple(group.key, static_cast<const uint8_t*>(slot.data), row);
     auto it = group_head_plans_.find(key);
     if (it == group_head_plans_.end()) {
       std::vector<kernels::ChainOp> ops;
-      for (uint32_t i = 0; i < group.count; ++i) {
-        const LayerChain* chain = layer_chain(group.first + i, group.slots[i], group.sequence);
+      for (uint32_t i = 0; i < group.count(); ++i) {
+        const LayerChain* chain = layer_chain(group.first() + i, group.slots[i], group.sequence());
         assert(chain);  // the group's plan was made from it
         ops.insert(ops.end(), chain->ops.begin(), chain->ops.end());
       }
@@ -1519,7 +1522,7 @@ Status CudaBackend::head_rows(const DeviceSlot& slot, const float* final_norm, c
     if (it->second) {
       const DeferredGroup fused = deferred_;
       deferred_.plan = nullptr;
-      return launch_chain(*it->second, fused.position, fused.slots.data(), fused.count,
+      return launch_chain(*it->second, fused.position, fused.slots.data(), fused.count(),
                           "NF4 chain: the last layers + final RMSNorm + lm_head");
     }
   }
@@ -1648,8 +1651,8 @@ Status CudaBackend::select_tokens(uint32_t count, const SamplingParams& params, 
   return Status::success();
 }
 
-Status CudaBackend::offer_embedding(const uint8_t* embedding_payload) {
-  layers_resident_ = true;  // the engine offers it only then
+Status CudaBackend::all_layers_resident(const uint8_t* embedding_payload) {
+  layers_resident_ = true;
   if (!pipeline_enabled_ || !token_selection_ || embedding_payload == nullptr || host_table_) return Status::success();
   const TensorInfo& table = pack_->token_embedding();
   if (table.dtype != DType::bf16 || table.element_count() != uint64_t(vocab_) * hidden_) return Status::success();
