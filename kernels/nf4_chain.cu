@@ -833,12 +833,16 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
           const float value = *reinterpret_cast<const float*>(codes_of + (code >> 5) * 256 + (code & 31) * 4);
           return __fadd_rn(__fmul_rn(value, nested_absmax), m.nested_offset);
         };
+        // Absmax by tensor map: its copy in the ring, the lane's 16 codes in one 16-byte
+        // load (4 word loads hit 8 banks: 4 wavefronts each).
+        const uint4 ring_codes =
+            direct ? make_uint4(0, 0, 0, 0)
+                   : *reinterpret_cast<const uint4*>(ring_absmax + slot * kSlotAbsmaxBytes + row * kAbsmaxRowBytes +
+                                                     half * 16);
+        const uint32_t ring_words[4] = {ring_codes.x, ring_codes.y, ring_codes.z, ring_codes.w};
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
-          // Absmax by tensor map: its copy in the ring.
-          const uint32_t codes = direct ? direct_codes[k]
-                                        : *reinterpret_cast<const uint32_t*>(ring_absmax + slot * kSlotAbsmaxBytes +
-                                                                             row * kAbsmaxRowBytes + half * 16 + 4 * k);
+          const uint32_t codes = direct ? direct_codes[k] : ring_words[k];
           const float4 v = make_float4(scale(codes & 0xffu, nested[k]), scale((codes >> 8) & 0xffu, nested[k]),
                                        scale((codes >> 16) & 0xffu, nested[k]), scale(codes >> 24, nested[k]));
           // Positions b ^ 4 (row & 7) keep a 4-aligned run of 4 together.
@@ -1084,13 +1088,15 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
     Stage stage_a, stage_b;
     bool fetched_early = false;
     if (op.kind == kAttention) {
+      // The position (uploaded before the launch) needs no previous op: its round trip
+      // before the wait, not between the wait and the q loads.
+      const AttentionSplit split = attention_split(op.attention, kLocal);
       wait_for_previous();
       stamp(o, 0);
       float* q_rotated = reinterpret_cast<float*>(xs) + warp * 128;
       float* local = reinterpret_cast<float*>(xs) + kConsumerWarps * 128;  // [chunks][head_dim + 2]
       // Units go to one warp per SM first (an SM's load units are the bottleneck of a unit).
       const int worker = warp * gridDim.x + blockIdx.x, workers = gridDim.x * kConsumerWarps;
-      const AttentionSplit split = attention_split(op.attention, kLocal);
       if constexpr (kLocal) {
         if (op.attention.head_dim == 128)
           attention_block<128>(op.attention, split, q_rotated, local, lane, warp);
