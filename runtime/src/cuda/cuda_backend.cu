@@ -323,9 +323,11 @@ class CudaBackend : public Backend {
   // Final RMSNorm + lm_head of hidden-state rows rows[0..count) into logits_ (count <=
   // max_logits_rows_; one row: the lm_head chain where it applies).
   Status head_rows(const DeviceSlot& slot, const float* final_norm, const uint32_t* rows, uint32_t count);
-  // Token selection over logits_'s first `count` rows into chosen_tokens_: argmax, or a
-  // top-k draw per row (host_draws: pinned, count floats, copied to the device).
-  Status select_tokens(uint32_t count, const SamplingParams& params, const float* host_draws);
+  // Token selection over logits_'s first `count` rows into `chosen` (device-visible,
+  // count ints; chosen_tokens_ unless given): argmax, or a top-k draw per row
+  // (host_draws: pinned, count floats, copied to the device).
+  Status select_tokens(uint32_t count, const SamplingParams& params, const float* host_draws,
+                       int32_t* chosen = nullptr);
 
   BackendOptions options_;
   std::string description_;
@@ -378,12 +380,14 @@ class CudaBackend : public Backend {
   float* host_draws_ = nullptr;
   // Pipelined decode (feeds_back_tokens); LAYERPACK_CUDA_PIPELINE=0 turns it off.
   bool pipeline_enabled_ = true;
-  // Queued picks (queue_output_token), oldest at picks_first_: per entry a pinned token
-  // and draw, and the event after the token's copy to the host.
+  // Queued picks (queue_output_token), oldest at picks_first_: per entry a token in
+  // mapped pinned memory (the selection kernel writes it there: no copy on the pass's
+  // path), a pinned draw, and the event after the selection.
   static constexpr uint32_t kQueuedPicks = 2;
   int32_t* host_picks_ = nullptr;
+  int32_t* host_picks_device_ = nullptr;  // host_picks_ as the device addresses it
   float* host_pick_draws_ = nullptr;
-  std::array<cudaEvent_t, kQueuedPicks> pick_copied_{};
+  std::array<cudaEvent_t, kQueuedPicks> pick_selected_{};
   // A pass fed the previous pick waits on the device for the row the host posts when
   // it collects that pick (embedding_row_when_posted): the table stays on the host.
   const uint8_t* host_table_ = nullptr;  // the bf16 table in the engine's host copy (all_layers_resident)
@@ -504,7 +508,7 @@ CudaBackend::~CudaBackend() {
   cudaFreeHost(host_picks_);
   cudaFreeHost(host_pick_draws_);
   cudaFreeHost(posted_host_);
-  for (auto event : pick_copied_)
+  for (auto event : pick_selected_)
     if (event) cudaEventDestroy(event);
   if (cublas_) cublasDestroy(cublas_);
   if (compute_) cudaStreamDestroy(compute_);
@@ -549,7 +553,7 @@ Status CudaBackend::create() {
   fused_matvecs_ = environment_flag("LAYERPACK_CUDA_FUSED", true);
   token_selection_ = environment_flag("LAYERPACK_CUDA_SELECT", true);
   pipeline_enabled_ = environment_flag("LAYERPACK_CUDA_PIPELINE", true);
-  for (auto& event : pick_copied_)
+  for (auto& event : pick_selected_)
     CUDA_TRY(cudaEventCreateWithFlags(&event, cudaEventDisableTiming), "creating events");
   fused_rope_ = environment_flag("LAYERPACK_CUDA_FUSED_ROPE", true);
   chain_enabled_ = environment_flag("LAYERPACK_CUDA_CHAIN", true);
@@ -697,8 +701,13 @@ Status CudaBackend::initialize(const ModelPack& pack, const KVCacheLayout& kv_la
   CUDA_TRY(
       cudaHostAlloc(reinterpret_cast<void**>(&host_draws_), max_logits_rows_ * sizeof(float), cudaHostAllocDefault),
       "allocating pinned host memory");
-  CUDA_TRY(cudaHostAlloc(reinterpret_cast<void**>(&host_picks_), kQueuedPicks * sizeof(int32_t), cudaHostAllocDefault),
+  CUDA_TRY(cudaHostAlloc(reinterpret_cast<void**>(&host_picks_), kQueuedPicks * sizeof(int32_t), cudaHostAllocMapped),
            "allocating pinned host memory");
+  {
+    void* alias = nullptr;
+    CUDA_TRY(cudaHostGetDevicePointer(&alias, host_picks_, 0), "mapping the pinned picks");
+    host_picks_device_ = static_cast<int32_t*>(alias);
+  }
   CUDA_TRY(
       cudaHostAlloc(reinterpret_cast<void**>(&host_pick_draws_), kQueuedPicks * sizeof(float), cudaHostAllocDefault),
       "allocating pinned host memory");
@@ -1630,10 +1639,12 @@ Status CudaBackend::run_output_tokens(SlotId slot_id, const TokenBatch& batch, c
   return output_chunks(slot_id, batch, enqueue, collect);
 }
 
-Status CudaBackend::select_tokens(uint32_t count, const SamplingParams& params, const float* host_draws) {
+Status CudaBackend::select_tokens(uint32_t count, const SamplingParams& params, const float* host_draws,
+                                  int32_t* chosen) {
   ProfileScope profile(profiler_, "token selection");
+  if (chosen == nullptr) chosen = chosen_tokens_;
   if (params.temperature <= 0.0f) {
-    CUDA_TRY(kernels::argmax(logits_, count, vocab_, chosen_tokens_, compute_), "argmax over the logits");
+    CUDA_TRY(kernels::argmax(logits_, count, vocab_, chosen, compute_), "argmax over the logits");
     return Status::success();
   }
   CUDA_TRY(cudaMemcpyAsync(draws_, host_draws, count * sizeof(float), cudaMemcpyHostToDevice, compute_),
@@ -1646,7 +1657,7 @@ Status CudaBackend::select_tokens(uint32_t count, const SamplingParams& params, 
   device_params.top_p = params.top_p;
   device_params.min_p = params.min_p;
   CUDA_TRY(kernels::sample_from_candidates(candidate_values_, candidate_ids_, count, k, device_params, draws_,
-                                           chosen_tokens_, compute_),
+                                           chosen, compute_),
            "sampling from the top-k candidates");
   return Status::success();
 }
@@ -1695,10 +1706,8 @@ Status CudaBackend::queue_output_token(SlotId slot_id, const TokenBatch& batch, 
   const uint32_t entry = (picks_first_ + picks_queued_) % kQueuedPicks;
   // (Rewritten only after collect_token saw this entry's previous copy finish.)
   host_pick_draws_[entry] = draw_below_one(uniform);
-  LAYERPACK_TRY(select_tokens(1, params, host_pick_draws_ + entry));
-  CUDA_TRY(cudaMemcpyAsync(host_picks_ + entry, chosen_tokens_, sizeof(int32_t), cudaMemcpyDeviceToHost, compute_),
-           "copying the chosen token to the host");
-  CUDA_TRY(cudaEventRecord(pick_copied_[entry], compute_), "recording the chosen token's copy");
+  LAYERPACK_TRY(select_tokens(1, params, host_pick_draws_ + entry, host_picks_device_ + entry));
+  CUDA_TRY(cudaEventRecord(pick_selected_[entry], compute_), "recording the token's selection");
   CUDA_TRY(cudaEventRecord(slot.free, compute_), "recording layer completion");
   profiler_.end(pass_profile_);
   pass_profile_ = -1;
@@ -1709,7 +1718,7 @@ Status CudaBackend::queue_output_token(SlotId slot_id, const TokenBatch& batch, 
 Result<int32_t> CudaBackend::collect_token() {
   if (picks_queued_ == 0) return make_error(ErrorCode::invalid_argument, "collect_token: no pick is queued");
   const uint32_t entry = picks_first_;
-  CUDA_TRY(cudaEventSynchronize(pick_copied_[entry]), "running the forward pass");
+  CUDA_TRY(cudaEventSynchronize(pick_selected_[entry]), "running the forward pass");
   picks_first_ = (picks_first_ + 1) % kQueuedPicks;
   --picks_queued_;
   const int32_t token = host_picks_[entry];
