@@ -156,11 +156,6 @@ using Params = NF4ChainPlan::Params;
 
 using detail::smem_addr;
 
-// 16 bytes global -> shared, asynchronous (the L2 only); copy_async_wait_all waits for the thread's copies.
-__device__ __forceinline__ void copy_async_16(void* dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src) : "memory");
-}
-__device__ __forceinline__ void copy_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 using detail::mbar_arrive;
 using detail::mbar_expect_tx;
@@ -168,6 +163,11 @@ using detail::mbar_init;
 using detail::mbar_try;
 using detail::mbar_wait;
 using detail::mbar_wait_warp;
+// 16 bytes global -> shared, asynchronous (the L2 only); copy_async_wait_all waits for the thread's copies.
+__device__ __forceinline__ void copy_async_16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void copy_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 __device__ __forceinline__ void tensor_copy_2d(void* dst, const CUtensorMap* map, int x, int y, uint64_t* bar) {
   asm volatile(
       "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(
@@ -286,11 +286,10 @@ __device__ __forceinline__ float load_op_x(const DeviceOp& op, __nv_bfloat16* xs
     reinterpret_cast<uint4*>(xs)[i] = make_uint4(0, 0, 0, 0);
   // .cg: x was written by other blocks of this launch (the previous op).
   if (op.norm_weight == nullptr) {
-    // Asynchronous copies (L2 -> shared, no registers): every piece in flight at once,
-    // one round trip where down's 1792 pieces took several.
+    // (Asynchronous copies here, all in flight at once, measured slower: down's x 1.0 ->
+    // 2.2 us, o's 0.5 -> 1.2; kernels/NOTES.md, twenty-second session.)
     for (uint32_t i = threadIdx.x; i < pieces; i += kConsumerWarps * 32)
-      copy_async_16(reinterpret_cast<uint4*>(xs) + i, reinterpret_cast<const uint4*>(op.x) + i);
-    copy_async_wait_all();
+      reinterpret_cast<uint4*>(xs)[i] = __ldcg(reinterpret_cast<const uint4*>(op.x) + i);
     if constexpr (kBlocks32) store_nested_share(op, nested, nested_code);
     consumers_sync();
     return 0.0f;
