@@ -168,11 +168,20 @@ __device__ __forceinline__ void copy_async_16(void* dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src) : "memory");
 }
 __device__ __forceinline__ void copy_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
-__device__ __forceinline__ void tensor_copy_2d(void* dst, const CUtensorMap* map, int x, int y, uint64_t* bar) {
+// Weights are read once a token: copied with an L2 evict-first policy, so the stream
+// does not push out what is read again soon (the KV rows prefetched at the launch's
+// start, activations).
+__device__ __forceinline__ uint64_t evict_first_policy() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  return policy;
+}
+__device__ __forceinline__ void tensor_copy_2d(void* dst, const CUtensorMap* map, int x, int y, uint64_t* bar,
+                                               uint64_t policy) {
   asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(
-          smem_addr(dst)),
-      "l"(map), "r"(x), "r"(y), "r"(smem_addr(bar))
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1, {%2, "
+      "%3}], [%4], %5;" ::"r"(smem_addr(dst)),
+      "l"(map), "r"(x), "r"(y), "r"(smem_addr(bar)), "l"(policy)
       : "memory");
 }
 #endif
@@ -381,7 +390,7 @@ __device__ __forceinline__ void prefetch_cache(const DeviceAttention& a, int thr
     const int kv_head = head_and_tensor % a.kv_heads;
     const __nv_bfloat16* base = head_and_tensor < a.kv_heads ? a.k_cache : a.v_cache;
     const __nv_bfloat16* address = base + (kv_head * a.capacity + first + row) * a.head_dim + line * 64;
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(address));
+    asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(address));
   }
 }
 
@@ -754,6 +763,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
     advance(w, true);
     if (warp - kConsumerWarps < kGroups) {
       // Producer: every chunk of the group's tiles, op after op, never waiting for activations.
+      const uint64_t policy = evict_first_policy();
       while (w.valid) {
         if (lane == 0) {
           const uint32_t slot = w.seq % kSlots, phase = (w.seq / kSlots) & 1;
@@ -770,13 +780,13 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
           } else {
             mbar_expect_tx(&absmax_full[slot], kSlotAbsmaxBytes);
             tensor_copy_2d(ring_absmax + slot * kSlotAbsmaxBytes, absmax_map, static_cast<int>(w.c * kAbsmaxRowBytes),
-                           y0, &absmax_full[slot]);
+                           y0, &absmax_full[slot], policy);
           }
           mbar_expect_tx(&full[slot], kSlotWeightBytes);
 #pragma unroll
           for (int b = 0; b < 8; ++b)
             tensor_copy_2d(dst + b * 2048, weight_map, static_cast<int>(w.c * kChunkRowBytes) + b * 128, y0,
-                           &full[slot]);
+                           &full[slot], policy);
         }
         __syncwarp();
         advance(w, false);
