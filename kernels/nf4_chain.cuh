@@ -5,7 +5,8 @@
 // Why (kernels/NOTES.md, eighth to tenth sessions): launched one by one, every op
 // starts and drains its weight stream; here one block per SM streams every weight
 // the chain needs through a shared-memory ring (2D tensor-map copies over the
-// matrices' row-major bytes as the converter wrote them, 128-byte swizzle), and the
+// matrices' row-major bytes as the converter wrote them, 128-byte swizzle, L2
+// evict-first: each weight byte is read once a token), and the
 // blocks wait for each other only where an op needs the previous op's output.
 //
 // Arithmetic: the pair-LUT kernel's (nf4_matvec.cuh): weight = bf16(code) * absmax,
