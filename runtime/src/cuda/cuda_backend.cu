@@ -180,6 +180,20 @@ class ProfileScope {
 // keep it inside [0, 1).
 float draw_below_one(double uniform) { return std::min(static_cast<float>(uniform), std::nextafter(1.0f, 0.0f)); }
 
+// A chain plan of ops[0..count), or null where NF4ChainPlan refuses them (*why says why;
+// a refusal is not an error of the stream); an error only where CUDA fails.
+Result<std::unique_ptr<kernels::NF4ChainPlan>> plan_or_refusal(const kernels::ChainOp* ops, size_t count,
+                                                               std::string* why, const std::string& what) {
+  std::unique_ptr<kernels::NF4ChainPlan> plan;
+  const cudaError_t err = kernels::NF4ChainPlan::create(ops, static_cast<int>(count), &plan, why);
+  if (err == cudaErrorInvalidValue) {
+    cudaGetLastError();
+    return std::unique_ptr<kernels::NF4ChainPlan>();
+  }
+  if (err != cudaSuccess) return cuda_error(err, "planning the NF4 chain of " + what);
+  return std::move(plan);
+}
+
 bool environment_flag(const char* name, bool fallback) {
   const char* value = std::getenv(name);
   if (!value || !*value) return fallback;
@@ -393,7 +407,7 @@ class CudaBackend : public Backend {
   const uint8_t* host_table_ = nullptr;  // the bf16 table in the engine's host copy (all_layers_resident)
   uint8_t* posted_host_ = nullptr;       // pinned, mapped: u32 posted, i32 timed out, the row at kPostedRowOffset
   uint8_t* posted_device_ = nullptr;     // its device alias
-  static constexpr uint64_t kPostedRowOffset = 16;
+  static constexpr uint64_t kPostedTimedOutOffset = 4, kPostedRowOffset = 16;
   uint32_t posted_sequence_ = 0;                     // the latest sequence a queued pass waits for
   std::array<uint32_t, kQueuedPicks> pick_feeds_{};  // per queued pick: the sequence it posts (0: none)
   void post_row(uint32_t sequence, int32_t token);
@@ -430,6 +444,9 @@ class CudaBackend : public Backend {
   };
   Status plan_layer_chain(uint32_t layer, const DeviceSlot& slot, uint32_t sequence);
   const LayerChain* layer_chain(uint32_t layer, const DeviceSlot& slot, uint32_t sequence) const;
+  // The chain ops of `count` whole layers from `first` (each one's chain planned).
+  std::vector<kernels::ChainOp> group_ops(uint32_t first, const DeviceSlot* slots, uint32_t count,
+                                          uint32_t sequence) const;
   bool chain_enabled_ = true;  // LAYERPACK_CUDA_CHAIN=0: the separate launches
   // Up to kMaxLayersPerChain consecutive resident whole-layer chains in one launch
   // (the launch and its ramp paid once per group); LAYERPACK_CUDA_CHAIN_LAYERS=N (1 to
@@ -860,10 +877,10 @@ Status CudaBackend::embed(const TokenBatch& batch, const uint8_t* embedding_payl
     // A minute without the row: API misuse (a pick queued, never collected); the pass
     // then runs on zeros and collect_token reports it.
     constexpr uint64_t kRowWaitNs = uint64_t(60) * 1000000000;
-    CUDA_TRY(kernels::embedding_row_when_posted(reinterpret_cast<const uint32_t*>(posted_device_), posted_sequence_,
-                                                reinterpret_cast<const bf16*>(posted_device_ + kPostedRowOffset),
-                                                hidden_, hidden_state_, reinterpret_cast<int*>(posted_device_ + 4),
-                                                kRowWaitNs, compute_),
+    CUDA_TRY(kernels::embedding_row_when_posted(
+                 reinterpret_cast<const uint32_t*>(posted_device_), posted_sequence_,
+                 reinterpret_cast<const bf16*>(posted_device_ + kPostedRowOffset), hidden_, hidden_state_,
+                 reinterpret_cast<int*>(posted_device_ + kPostedTimedOutOffset), kRowWaitNs, compute_),
              "queueing the wait for the previous pick's embedding row");
     pick_feeds_[fed_from] = posted_sequence_;
   } else {
@@ -999,6 +1016,17 @@ const CudaBackend::LayerChain* CudaBackend::layer_chain(uint32_t layer, const De
   return it != chain_plans_.end() && it->second.plan ? &it->second : nullptr;
 }
 
+std::vector<kernels::ChainOp> CudaBackend::group_ops(uint32_t first, const DeviceSlot* slots, uint32_t count,
+                                                     uint32_t sequence) const {
+  std::vector<kernels::ChainOp> ops;
+  for (uint32_t i = 0; i < count; ++i) {
+    const LayerChain* chain = layer_chain(first + i, slots[i], sequence);
+    assert(chain && chain->whole_layer);
+    ops.insert(ops.end(), chain->ops.begin(), chain->ops.end());
+  }
+  return ops;
+}
+
 Status CudaBackend::plan_layer_chain(uint32_t layer, const DeviceSlot& slot, uint32_t sequence) {
   const auto key = std::make_tuple(layer, static_cast<const uint8_t*>(slot.data), sequence);
   if (chain_plans_.count(key)) return Status::success();
@@ -1022,11 +1050,10 @@ Status CudaBackend::plan_layer_chain(uint32_t layer, const DeviceSlot& slot, uin
       views[i++] = view.value();
     }
   }
-  auto plan = [&](const kernels::ChainOp* ops, int count) -> Status {
-    const cudaError_t err = kernels::NF4ChainPlan::create(ops, count, &entry.plan, &why);
-    if (err != cudaSuccess && err != cudaErrorInvalidValue)
-      return cuda_error(err, "planning the NF4 chain of layer " + std::to_string(layer));
-    if (err != cudaSuccess) cudaGetLastError();  // a refusal is not an error of the stream
+  auto plan = [&](const kernels::ChainOp* ops, size_t count) -> Status {
+    auto planned = plan_or_refusal(ops, count, &why, "layer " + std::to_string(layer));
+    if (!planned) return planned.error();
+    entry.plan = std::move(planned).value();
     return Status::success();
   };
   if (why.empty()) {
@@ -1068,7 +1095,7 @@ Status CudaBackend::plan_layer_chain(uint32_t layer, const DeviceSlot& slot, uin
     // q/k norms between the product and RoPE), else the MLP half.
     const bool plain_qkv = !d.q_bias && !d.k_bias && !d.v_bias && !(d.q_norm && d.k_norm);
     if (plain_qkv && fused_rope_ && chain_scratch_) {
-      LAYERPACK_TRY(plan(ops.data(), static_cast<int>(ops.size())));
+      LAYERPACK_TRY(plan(ops.data(), ops.size()));
       entry.whole_layer = entry.plan != nullptr;
       if (entry.whole_layer) entry.ops = ops;
     } else {
@@ -1076,7 +1103,7 @@ Status CudaBackend::plan_layer_chain(uint32_t layer, const DeviceSlot& slot, uin
     }
     if (!entry.plan) {
       const std::string whole_why = why;
-      LAYERPACK_TRY(plan(ops.data() + 2, static_cast<int>(ops.size()) - 2));  // o, gate/up, down
+      LAYERPACK_TRY(plan(ops.data() + 2, ops.size() - 2));  // o, gate/up, down
       if (entry.plan && chain_note_.empty())
         chain_note_ = "decode o/gate/up/down chained per layer; the whole layer not: " + whole_why + " (layer " +
                       std::to_string(layer) + ")";
@@ -1144,15 +1171,14 @@ Status CudaBackend::run_decoder_layers(uint32_t first, const SlotId* slot_ids, u
     for (uint32_t i = 0; i < count; ++i) slots[i] = slots_[slot_ids[i]];
   }
   const uint32_t sequence = batch.sequences[0];
-  std::array<const LayerChain*, kMaxLayersPerChain> chains{};
   GroupPlanKey key{};
   key[0] = first;
   key[1] = sequence;
   key[2] = count;
   for (uint32_t i = 0; i < count; ++i) {
     LAYERPACK_TRY(plan_layer_chain(first + i, slots[i], sequence));
-    chains[i] = layer_chain(first + i, slots[i], sequence);
-    if (!chains[i] || !chains[i]->whole_layer)
+    const LayerChain* chain = layer_chain(first + i, slots[i], sequence);
+    if (!chain || !chain->whole_layer)
       return graphs_enabled_ ? layers_graph(first, slots.data(), count, batch) : one_at_a_time();
     key[3 + i] = reinterpret_cast<uintptr_t>(slots[i].data);
   }
@@ -1161,18 +1187,12 @@ Status CudaBackend::run_decoder_layers(uint32_t first, const SlotId* slot_ids, u
   };
   auto it = group_plans_.find(key);
   if (it == group_plans_.end()) {
-    std::vector<kernels::ChainOp> ops;
-    for (uint32_t i = 0; i < count; ++i) ops.insert(ops.end(), chains[i]->ops.begin(), chains[i]->ops.end());
-    std::unique_ptr<kernels::NF4ChainPlan> plan;
+    const std::vector<kernels::ChainOp> ops = group_ops(first, slots.data(), count, sequence);
     std::string why;
-    const cudaError_t err = kernels::NF4ChainPlan::create(ops.data(), static_cast<int>(ops.size()), &plan, &why);
-    if (err != cudaSuccess && err != cudaErrorInvalidValue)
-      return cuda_error(err, "planning the NF4 chain of " + layers());
-    if (err != cudaSuccess) {
-      cudaGetLastError();  // a refusal is not an error of the stream
-      if (group_note_.empty()) group_note_ = why + " (" + layers() + ")";
-    }
-    it = group_plans_.emplace(key, std::move(plan)).first;
+    auto plan = plan_or_refusal(ops.data(), ops.size(), &why, layers());
+    if (!plan) return plan.error();
+    if (!plan.value() && group_note_.empty()) group_note_ = why + " (" + layers() + ")";
+    it = group_plans_.emplace(key, std::move(plan).value()).first;
   }
   if (!it->second) return graphs_enabled_ ? layers_graph(first, slots.data(), count, batch) : one_at_a_time();
   for (uint32_t i = 0; i < count; ++i)
@@ -1509,24 +1529,15 @@ Status CudaBackend::head_rows(const DeviceSlot& slot, const float* final_norm, c
     const auto key = std::make_tuple(group.key, static_cast<const uint8_t*>(slot.data), row);
     auto it = group_head_plans_.find(key);
     if (it == group_head_plans_.end()) {
-      std::vector<kernels::ChainOp> ops;
-      for (uint32_t i = 0; i < group.count(); ++i) {
-        const LayerChain* chain = layer_chain(group.first() + i, group.slots[i], group.sequence());
-        assert(chain);  // the group's plan was made from it
-        ops.insert(ops.end(), chain->ops.begin(), chain->ops.end());
-      }
+      std::vector<kernels::ChainOp> ops = group_ops(group.first(), group.slots.data(), group.count(), group.sequence());
       kernels::ChainOp op;
       auto nf4 = head_op(slot, row, final_norm, &op);
       if (!nf4) return nf4.error();
       ops.push_back(op);
-      std::unique_ptr<kernels::NF4ChainPlan> plan;
       std::string why;
-      const cudaError_t err = kernels::NF4ChainPlan::create(ops.data(), static_cast<int>(ops.size()), &plan, &why);
-      if (err != cudaSuccess && err != cudaErrorInvalidValue) {
-        return cuda_error(err, "planning the NF4 chain of the last layers and lm_head");
-      }
-      if (err != cudaSuccess) cudaGetLastError();  // refused: two launches
-      it = group_head_plans_.emplace(key, std::move(plan)).first;
+      auto plan = plan_or_refusal(ops.data(), ops.size(), &why, "the last layers and lm_head");
+      if (!plan) return plan.error();
+      it = group_head_plans_.emplace(key, std::move(plan).value()).first;  // null (refused): two launches
     }
     if (it->second) {
       const DeferredGroup fused = deferred_;
@@ -1580,9 +1591,9 @@ Result<const kernels::NF4ChainPlan*> CudaBackend::head_chain(const DeviceSlot& s
   if (!nf4) return nf4.error();
   if (nf4.value()) {
     std::string why;
-    const cudaError_t err = kernels::NF4ChainPlan::create(&op, 1, &plan, &why);
-    if (err != cudaSuccess && err != cudaErrorInvalidValue) return cuda_error(err, "planning the lm_head chain");
-    if (err != cudaSuccess) cudaGetLastError();  // refused: the separate launches
+    auto planned = plan_or_refusal(&op, 1, &why, "lm_head");
+    if (!planned) return planned.error();
+    plan = std::move(planned).value();  // null (refused): the separate launches
   }
   const kernels::NF4ChainPlan* result = plan.get();
   head_plans_.emplace(key, std::move(plan));
@@ -1727,7 +1738,8 @@ Result<int32_t> CudaBackend::collect_token() {
   pick_feeds_[entry] = 0;
   if (feeds != 0) post_row(feeds, valid ? token : -1);  // the pass queued after this one waits for it
   LAYERPACK_TRY(check_pick(token, -1));
-  if (posted_host_ && __atomic_exchange_n(reinterpret_cast<int32_t*>(posted_host_ + 4), 0, __ATOMIC_ACQ_REL) != 0) {
+  if (posted_host_ &&
+      __atomic_exchange_n(reinterpret_cast<int32_t*>(posted_host_ + kPostedTimedOutOffset), 0, __ATOMIC_ACQ_REL) != 0) {
     return make_error(ErrorCode::cuda,
                       "a pass fed the previous pick waited a minute for its embedding row and ran on zeros: a pick "
                       "was queued and not collected");
