@@ -5,6 +5,24 @@
 namespace layerpack::kernels {
 namespace {
 
+// A row copied by the block: 16-byte copies when the row allows, zeros where !ok.
+// kUncached reads with ld.global.cv (a buffer the host rewrites between launches).
+template <bool kUncached>
+__device__ __forceinline__ void copy_row(const __nv_bfloat16* __restrict__ src, bool ok, int64_t dim,
+                                         __nv_bfloat16* __restrict__ dst, bool vectorized) {
+  if (vectorized) {
+    const uint4* s = reinterpret_cast<const uint4*>(src);
+    uint4* d = reinterpret_cast<uint4*>(dst);
+    for (int64_t i = threadIdx.x; i < dim / 8; i += blockDim.x)
+      d[i] = ok ? (kUncached ? __ldcv(s + i) : s[i]) : make_uint4(0, 0, 0, 0);
+  } else {
+    const unsigned short* s = reinterpret_cast<const unsigned short*>(src);
+    unsigned short* d = reinterpret_cast<unsigned short*>(dst);
+    for (int64_t i = threadIdx.x; i < dim; i += blockDim.x)
+      d[i] = ok ? (kUncached ? __ldcv(s + i) : s[i]) : static_cast<unsigned short>(0);
+  }
+}
+
 // Block per token; 16-byte copies when the row allows.
 __global__ void embedding_gather_kernel(const __nv_bfloat16* __restrict__ table, int64_t vocab, int64_t dim,
                                         const int32_t* __restrict__ ids, __nv_bfloat16* __restrict__ out,
@@ -13,15 +31,7 @@ __global__ void embedding_gather_kernel(const __nv_bfloat16* __restrict__ table,
   const int64_t id = ids[token];
   const bool ok = id >= 0 && id < vocab;
   if (!ok && threadIdx.x == 0 && bad_ids) atomicAdd(bad_ids, 1);
-  __nv_bfloat16* dst = out + token * dim;
-  if (vectorized) {
-    const uint4* src = reinterpret_cast<const uint4*>(table + (ok ? id : 0) * dim);
-    uint4* d = reinterpret_cast<uint4*>(dst);
-    for (int64_t i = threadIdx.x; i < dim / 8; i += blockDim.x) d[i] = ok ? src[i] : make_uint4(0, 0, 0, 0);
-  } else {
-    const __nv_bfloat16* src = table + (ok ? id : 0) * dim;
-    for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) dst[i] = ok ? src[i] : __float2bfloat16_rn(0.0f);
-  }
+  copy_row<false>(table + (ok ? id : 0) * dim, ok, dim, out + token * dim, vectorized);
 }
 
 __global__ void embedding_row_when_posted_kernel(const uint32_t* posted, uint32_t sequence, const __nv_bfloat16* row,
@@ -47,17 +57,8 @@ __global__ void embedding_row_when_posted_kernel(const uint32_t* posted, uint32_
     arrived = ok;
   }
   __syncthreads();
-  // ld.global.cv: the row's buffer is rewritten every token; never a cached copy.
-  if (vectorized) {
-    const uint4* src = reinterpret_cast<const uint4*>(row);
-    uint4* dst = reinterpret_cast<uint4*>(out);
-    for (int64_t i = threadIdx.x; i < dim / 8; i += blockDim.x)
-      dst[i] = arrived ? __ldcv(src + i) : make_uint4(0, 0, 0, 0);
-  } else {
-    const unsigned short* src = reinterpret_cast<const unsigned short*>(row);
-    for (int64_t i = threadIdx.x; i < dim; i += blockDim.x)
-      out[i] = __ushort_as_bfloat16(arrived ? __ldcv(src + i) : static_cast<unsigned short>(0));
-  }
+  // Uncached (ld.global.cv): the row's buffer is rewritten every token; never a cached copy.
+  copy_row<true>(row, arrived, dim, out, vectorized);
 }
 
 }  // namespace
