@@ -346,7 +346,7 @@ __device__ __forceinline__ float load_op_x(const DeviceOp& op, __nv_bfloat16* xs
 // a count per unit, then the combine's loads: round trips on the op's path that the
 // block-local split does not make). The kernel is compiled once per split (kLocal): one
 // body holding both cost the grid-wide split ~1.2 us a layer at position 1000 (NOTES).
-static_assert(kChainLocalVisible <= 8 * kConsumerWarps * 4, "block-local chunks of up to 32 positions, one per warp");
+static_assert(kChainLocalVisible <= 8 * kConsumerWarps * 8, "block-local chunks of up to 64 positions, one per warp");
 struct AttentionSplit {
   int position;
   long long start, chunk;

@@ -74,10 +74,12 @@ struct ChainAttention {
 // combined through shared memory (no global round trips between the chunks and the
 // combine: faster where every head's visible positions fit, kChainLocalVisible).
 enum class ChainAttentionSplit { grid_wide, block_local };
-// Where block_local stops paying: on an H200 (8B layer, 8 a launch) it measured 53.1 /
-// 53.6 / 55.8 / 56.7 / 58.9 us a layer at 40 / 128 / 256 / 384 / 512 visible positions,
-// grid_wide 54.1 / 55.0 / 59.1 / 58.2 / 57.0 (kernels/NOTES.md, seventeenth session).
-constexpr int kChainLocalVisible = 384;
+// Where block_local stops paying: on an H200 (8B layer, 8 a launch, weights evict-first)
+// it measured 50.9 / 52.4 / 55.5 us a layer at 384 / 512 / 1000 visible positions,
+// grid_wide 57.0 / 56.2 / 60.9 (kernels/NOTES.md, twenty-second session; before the
+// evict-first copies the two crossed near 400). Decode of 1024 tokens: 1.864 -> 1.795
+// ms a token at 1024 against 384. Past 1024 the per-warp chunk would pass 64 positions.
+constexpr int kChainLocalVisible = 1024;
 
 // Device scratch an attention op needs: fp32 partial results of up to 64 chunks per q head.
 size_t nf4_chain_attention_scratch_bytes(int q_heads, int head_dim);
