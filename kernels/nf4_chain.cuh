@@ -78,7 +78,8 @@ enum class ChainAttentionSplit { grid_wide, block_local };
 // it measured 50.9 / 52.4 / 55.5 us a layer at 384 / 512 / 1000 visible positions,
 // grid_wide 57.0 / 56.2 / 60.9 (kernels/NOTES.md, twenty-second session; before the
 // evict-first copies the two crossed near 400). Decode of 1024 tokens: 1.864 -> 1.795
-// ms a token at 1024 against 384. Past 1024 the per-warp chunk would pass 64 positions.
+// ms a token at 1024 against 384. Past it they cross near 1400 (1536: 60.1 against 59.2;
+// 4000: 83.2 against 65.0), a head's block then running 96+ positions a warp.
 constexpr int kChainLocalVisible = 1024;
 
 // Device scratch an attention op needs: fp32 partial results of up to 64 chunks per q head.
