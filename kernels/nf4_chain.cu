@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "kernels/device_common.cuh"
@@ -85,7 +86,11 @@ __host__ __device__ constexpr int code_gap_offset(int group, int index) {  // in
 enum : int { kStore = 0, kAdd = 1, kSwiglu = 2, kAttention = 3, kStoreF32 = 5 };
 constexpr int kMaxDeviceOps = kMaxChainDeviceOps;
 constexpr int kMaxChunksPerHead = 64;  // attention units per q head (scratch size)
-static_assert(kConsumerWarps * (128 + 128 + 2) * 4 <= kMaxCols * 2, "q_rotated and the local partials fit the x area");
+// A chunk's partial: [head_dim] unnormalized output, max, sum, 2 floats of padding (16-byte
+// rows: the combine loads a lane's values with one vector load).
+__host__ __device__ constexpr int partial_stride(int head_dim) { return head_dim + 4; }
+static_assert(kConsumerWarps * (128 + partial_stride(128)) * 4 <= kMaxCols * 2,
+              "q_rotated and the local partials fit the x area");
 
 // cols not a multiple of 2048 ("absmax direct"): no absmax tensor map (its row stride,
 // cols / 64 bytes, is not a multiple of 16) and an item's blocks may span two nested
@@ -409,8 +414,8 @@ __device__ __forceinline__ void combine_head(const DeviceAttention& a, const Att
   for (int h = 0; h < 2; ++h) {
     const int j = min(lane + 32 * h, split.chunks - 1);
     const bool mine = lane + 32 * h < split.chunks;
-    chunk_max[h] = mine ? load(partial + j * (kHeadDim + 2) + kHeadDim) : -INFINITY;
-    chunk_sum[h] = mine ? load(partial + j * (kHeadDim + 2) + kHeadDim + 1) : 0.0f;
+    chunk_max[h] = mine ? load(partial + j * partial_stride(kHeadDim) + kHeadDim) : -INFINITY;
+    chunk_sum[h] = mine ? load(partial + j * partial_stride(kHeadDim) + kHeadDim + 1) : 0.0f;
   }
   float max_all = fmaxf(chunk_max[0], chunk_max[1]);
 #pragma unroll
@@ -427,21 +432,28 @@ __device__ __forceinline__ void combine_head(const DeviceAttention& a, const Att
   float acc[kPerLane];
 #pragma unroll
   for (int k = 0; k < kPerLane; ++k) acc[k] = 0.0f;
-  for (int j0 = 0; j0 < split.chunks; j0 += 4) {  // 4 chunks' outputs in flight
-    float values[4][kPerLane];
+  // 8 chunks' outputs in flight, one vector load each: from global memory each batch is
+  // an L2 round trip (64 chunks: 8 of them, not 16).
+  using Vector = typename std::conditional<kPerLane == 4, float4, float2>::type;
+  for (int j0 = 0; j0 < split.chunks; j0 += 8) {
+    Vector values[8];
 #pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      const float* part = partial + min(j0 + u, split.chunks - 1) * (kHeadDim + 2) + lane * kPerLane;
-#pragma unroll
-      for (int k = 0; k < kPerLane; ++k) values[u][k] = load(part + k);
+    for (int u = 0; u < 8; ++u) {
+      const Vector* part = reinterpret_cast<const Vector*>(
+          partial + min(j0 + u, split.chunks - 1) * partial_stride(kHeadDim) + lane * kPerLane);
+      if constexpr (kShared)
+        values[u] = *part;
+      else
+        values[u] = __ldcg(part);
     }
 #pragma unroll
-    for (int u = 0; u < 4; ++u) {
+    for (int u = 0; u < 8; ++u) {
       const int j = j0 + u;
       const float w = __shfl_sync(0xffffffffu, j < 32 ? weight[0] : weight[1], j & 31);
       const float wu = j < split.chunks ? w : 0.0f;
+      const float* v = reinterpret_cast<const float*>(&values[u]);
 #pragma unroll
-      for (int k = 0; k < kPerLane; ++k) acc[k] = fmaf(wu, values[u][k], acc[k]);
+      for (int k = 0; k < kPerLane; ++k) acc[k] = fmaf(wu, v[k], acc[k]);
     }
   }
   const float inverse = 1.0f / sum;
@@ -591,30 +603,23 @@ __device__ __forceinline__ void attention_chunk(const DeviceAttention& a, const 
     running_sum = running_sum * correction + step_sum;
 #pragma unroll
     for (int k = 0; k < kPerLane; ++k) acc[k] *= correction;
-    for (int t0 = 0; t0 < count; t0 += 8) {  // 8 rows of v in flight (L2 hits: prefetched)
-      float v_values[8][kPerLane];
+    // 16 rows of v in flight, kept packed until used (L2 hits: prefetched): a 32-position
+    // step is 2 round trips, not 4.
+    using Packed = typename std::conditional<kPerLane == 4, uint2, unsigned>::type;
+    for (int t0 = 0; t0 < count; t0 += 16) {
+      Packed v_packed[16];
 #pragma unroll
-      for (int u = 0; u < 8; ++u) {
+      for (int u = 0; u < 16; ++u) {
         const long long row = base + min(t0 + u, count - 1);  // past the count: a row, weight 0
-        const __nv_bfloat16* v_row = v_head + row * kHeadDim + lane * kPerLane;
-        if constexpr (kPerLane == 4) {
-          const uint2 packed = __ldca(reinterpret_cast<const uint2*>(v_row));
-          const __nv_bfloat16* v4 = reinterpret_cast<const __nv_bfloat16*>(&packed);
-#pragma unroll
-          for (int k = 0; k < 4; ++k) v_values[u][k] = __bfloat162float(v4[k]);
-        } else {
-          const unsigned packed = __ldca(reinterpret_cast<const unsigned*>(v_row));
-          const __nv_bfloat16* v2 = reinterpret_cast<const __nv_bfloat16*>(&packed);
-          v_values[u][0] = __bfloat162float(v2[0]);
-          v_values[u][1] = __bfloat162float(v2[1]);
-        }
+        v_packed[u] = __ldca(reinterpret_cast<const Packed*>(v_head + row * kHeadDim + lane * kPerLane));
       }
 #pragma unroll
-      for (int u = 0; u < 8; ++u) {
+      for (int u = 0; u < 16; ++u) {
         const float w = __shfl_sync(0xffffffffu, weight, (t0 + u) & 31);
         const float wu = t0 + u < count ? w : 0.0f;
+        const __nv_bfloat16* v = reinterpret_cast<const __nv_bfloat16*>(&v_packed[u]);
 #pragma unroll
-        for (int k = 0; k < kPerLane; ++k) acc[k] = fmaf(wu, v_values[u][k], acc[k]);
+        for (int k = 0; k < kPerLane; ++k) acc[k] = fmaf(wu, __bfloat162float(v[k]), acc[k]);
       }
     }
     running_max = new_max;
@@ -633,7 +638,7 @@ __device__ __forceinline__ void attention_units(const DeviceAttention& a, const 
     const int head = unit / split.chunks, chunk = unit % split.chunks;
     float acc[kPerLane], running_max, running_sum;
     attention_chunk<kHeadDim, false>(a, split, head, chunk, q_rotated, lane, acc, running_max, running_sum);
-    float* partial = a.scratch + (static_cast<long long>(head) * kMaxChunksPerHead + chunk) * (kHeadDim + 2);
+    float* partial = a.scratch + (static_cast<long long>(head) * kMaxChunksPerHead + chunk) * partial_stride(kHeadDim);
 #pragma unroll
     for (int k = 0; k < kPerLane; ++k) __stcg(partial + lane * kPerLane + k, acc[k]);
     if (lane == 0) {
@@ -652,7 +657,8 @@ __device__ __forceinline__ void attention_units(const DeviceAttention& a, const 
       __threadfence();
       if (lane == 0) a.head_done[head] = 0;
       combine_head<kHeadDim, false>(
-          a, split, head, a.scratch + static_cast<long long>(head) * kMaxChunksPerHead * (kHeadDim + 2), lane);
+          a, split, head, a.scratch + static_cast<long long>(head) * kMaxChunksPerHead * partial_stride(kHeadDim),
+          lane);
     }
     __syncwarp();  // q_rotated is rewritten by the warp's next unit
   }
@@ -668,7 +674,7 @@ __device__ __forceinline__ void attention_block(const DeviceAttention& a, const 
   if (warp < split.chunks) {
     float acc[kPerLane], running_max, running_sum;
     attention_chunk<kHeadDim, true>(a, split, blockIdx.x, warp, q_rotated, lane, acc, running_max, running_sum);
-    float* partial = local + warp * (kHeadDim + 2);
+    float* partial = local + warp * partial_stride(kHeadDim);
 #pragma unroll
     for (int k = 0; k < kPerLane; ++k) partial[lane * kPerLane + k] = acc[k];
     if (lane == 0) {
@@ -1106,7 +1112,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
       wait_for_previous();
       stamp(o, 0);
       float* q_rotated = reinterpret_cast<float*>(xs) + warp * 128;
-      float* local = reinterpret_cast<float*>(xs) + kConsumerWarps * 128;  // [chunks][head_dim + 2]
+      float* local = reinterpret_cast<float*>(xs) + kConsumerWarps * 128;  // [chunks][partial_stride]
       // Units go to one warp per SM first (an SM's load units are the bottleneck of a unit).
       const int worker = warp * gridDim.x + blockIdx.x, workers = gridDim.x * kConsumerWarps;
       if constexpr (kLocal) {
@@ -1278,7 +1284,7 @@ int nf4_chain_matrices(const ChainOp& op) {
 }
 
 size_t nf4_chain_attention_scratch_bytes(int q_heads, int head_dim) {
-  return static_cast<size_t>(q_heads) * kMaxChunksPerHead * (head_dim + 2) * sizeof(float);
+  return static_cast<size_t>(q_heads) * kMaxChunksPerHead * partial_stride(head_dim) * sizeof(float);
 }
 
 std::string nf4_chain_supports(const ChainOp& op) {
