@@ -403,7 +403,7 @@ __device__ __forceinline__ void prefetch_cache(const DeviceAttention& a, int thr
 // by exp(max_j - max) (flash-decoding), normalized once, bf16.
 // `partial`: the head's chunks' [head_dim] outputs, max and sum, in global memory (written
 // by other blocks: read through L2) or in this block's shared memory.
-template <int kHeadDim, bool kShared>
+template <int kHeadDim, bool kShared, int kInFlight>
 __device__ __forceinline__ void combine_head(const DeviceAttention& a, const AttentionSplit& split, int head,
                                              const float* partial, int lane) {
   constexpr int kPerLane = kHeadDim / 32;
@@ -432,13 +432,13 @@ __device__ __forceinline__ void combine_head(const DeviceAttention& a, const Att
   float acc[kPerLane];
 #pragma unroll
   for (int k = 0; k < kPerLane; ++k) acc[k] = 0.0f;
-  // 8 chunks' outputs in flight, one vector load each: from global memory each batch is
-  // an L2 round trip (64 chunks: 8 of them, not 16).
+  // kInFlight chunks' outputs in flight, one vector load each: from global memory each
+  // batch is an L2 round trip.
   using Vector = typename std::conditional<kPerLane == 4, float4, float2>::type;
-  for (int j0 = 0; j0 < split.chunks; j0 += 8) {
-    Vector values[8];
+  for (int j0 = 0; j0 < split.chunks; j0 += kInFlight) {
+    Vector values[kInFlight];
 #pragma unroll
-    for (int u = 0; u < 8; ++u) {
+    for (int u = 0; u < kInFlight; ++u) {
       const Vector* part = reinterpret_cast<const Vector*>(
           partial + min(j0 + u, split.chunks - 1) * partial_stride(kHeadDim) + lane * kPerLane);
       if constexpr (kShared)
@@ -447,7 +447,7 @@ __device__ __forceinline__ void combine_head(const DeviceAttention& a, const Att
         values[u] = __ldcg(part);
     }
 #pragma unroll
-    for (int u = 0; u < 8; ++u) {
+    for (int u = 0; u < kInFlight; ++u) {
       const int j = j0 + u;
       const float w = __shfl_sync(0xffffffffu, j < 32 ? weight[0] : weight[1], j & 31);
       const float wu = j < split.chunks ? w : 0.0f;
@@ -471,11 +471,16 @@ __device__ __forceinline__ void combine_head(const DeviceAttention& a, const Att
 // Loops and branches stay warp-uniform (lanes predicated): divergent control flow
 // anywhere in this kernel costs the NF4 loop its uniform table addressing. Loads are
 // unrolled in batches so their latencies overlap.
-template <int kHeadDim, bool kLocal>
+template <int kHeadDim, bool kLocal, bool kWide>
 __device__ __forceinline__ void attention_chunk(const DeviceAttention& a, const AttentionSplit& split, int head,
                                                 int chunk, float* q_rotated, int lane, float (&acc)[kHeadDim / 32],
                                                 float& running_max, float& running_sum) {
   constexpr int kHalf = kHeadDim / 2, kPerLane = kHeadDim / 32, kSlice = kHeadDim / 8;
+  // kWide (the grid-wide split at blocksize 64): a 32-position step's q.k loads all in
+  // flight and 16 v rows at a time, 2 round trips a step instead of 6 (long contexts).
+  // Elsewhere 4 rounds and 8 rows: the block-local split gained nothing from it, and the
+  // blocksize-32 kernel spilled inside its NF4 loop.
+  constexpr int kRoundsInFlight = kWide ? 8 : 4, kRowsInFlight = kWide ? 16 : 8;
   const int kv_head = head / (a.q_heads / a.kv_heads);
   const float position = static_cast<float>(split.position);
   const long long begin = split.start + chunk * split.chunk;
@@ -563,18 +568,19 @@ __device__ __forceinline__ void attention_chunk(const DeviceAttention& a, const 
     // positions per round, 8 rounds; lane j ends with position base + j's dot.
     const int count = static_cast<int>(min(32LL, end - base));
     float dot = 0.0f;
-    const int rounds = count > 16 ? 8 : 4;    // (uniform) a short chunk's second half is not read
-    for (int r0 = 0; r0 < rounds; r0 += 4) {  // 4 rounds' loads in flight
-      uint4 packed[4][kSlice / 8];
+    const int rounds = count > 16 ? 8 : 4;  // (uniform) a short chunk's second half is not read
+    for (int r0 = 0; r0 < rounds; r0 += kRoundsInFlight) {
+      uint4 packed[kRoundsInFlight][kSlice / 8];
 #pragma unroll
-      for (int r = 0; r < 4; ++r) {
+      for (int r = 0; r < kRoundsInFlight; ++r) {
         const long long row = min(base + (r0 + r) * 4 + (lane >> 3), end - 1);  // past the end: masked below
         const __nv_bfloat16* k_slice = k_head + row * kHeadDim + (lane & 7) * kSlice;
 #pragma unroll
-        for (int u = 0; u < kSlice / 8; ++u) packed[r][u] = __ldca(reinterpret_cast<const uint4*>(k_slice) + u);
+        for (int u = 0; u < kSlice / 8; ++u)
+          packed[r][u] = r0 + r < rounds ? __ldca(reinterpret_cast<const uint4*>(k_slice) + u) : make_uint4(0, 0, 0, 0);
       }
 #pragma unroll
-      for (int r = 0; r < 4; ++r) {
+      for (int r = 0; r < kRoundsInFlight; ++r) {
         float partial = 0.0f;
 #pragma unroll
         for (int u = 0; u < kSlice / 8; ++u) {
@@ -603,18 +609,17 @@ __device__ __forceinline__ void attention_chunk(const DeviceAttention& a, const 
     running_sum = running_sum * correction + step_sum;
 #pragma unroll
     for (int k = 0; k < kPerLane; ++k) acc[k] *= correction;
-    // 16 rows of v in flight, kept packed until used (L2 hits: prefetched): a 32-position
-    // step is 2 round trips, not 4.
+    // kRowsInFlight rows of v in flight, kept packed until used (L2 hits: prefetched).
     using Packed = typename std::conditional<kPerLane == 4, uint2, unsigned>::type;
-    for (int t0 = 0; t0 < count; t0 += 16) {
-      Packed v_packed[16];
+    for (int t0 = 0; t0 < count; t0 += kRowsInFlight) {
+      Packed v_packed[kRowsInFlight];
 #pragma unroll
-      for (int u = 0; u < 16; ++u) {
+      for (int u = 0; u < kRowsInFlight; ++u) {
         const long long row = base + min(t0 + u, count - 1);  // past the count: a row, weight 0
         v_packed[u] = __ldca(reinterpret_cast<const Packed*>(v_head + row * kHeadDim + lane * kPerLane));
       }
 #pragma unroll
-      for (int u = 0; u < 16; ++u) {
+      for (int u = 0; u < kRowsInFlight; ++u) {
         const float w = __shfl_sync(0xffffffffu, weight, (t0 + u) & 31);
         const float wu = t0 + u < count ? w : 0.0f;
         const __nv_bfloat16* v = reinterpret_cast<const __nv_bfloat16*>(&v_packed[u]);
@@ -630,14 +635,14 @@ __device__ __forceinline__ void attention_chunk(const DeviceAttention& a, const 
 // global memory: [head_dim] unnormalized output, then max, then sum; the head's last
 // unit to finish (a counter per head) combines them, so attention needs no second
 // grid-wide step (the combine step and its wait were ~3 us of a layer).
-template <int kHeadDim>
+template <int kHeadDim, bool kWide>
 __device__ __forceinline__ void attention_units(const DeviceAttention& a, const AttentionSplit& split, float* q_rotated,
                                                 int lane, int worker, int workers) {
   constexpr int kPerLane = kHeadDim / 32;
   for (int unit = worker; unit < a.q_heads * split.chunks; unit += workers) {
     const int head = unit / split.chunks, chunk = unit % split.chunks;
     float acc[kPerLane], running_max, running_sum;
-    attention_chunk<kHeadDim, false>(a, split, head, chunk, q_rotated, lane, acc, running_max, running_sum);
+    attention_chunk<kHeadDim, false, kWide>(a, split, head, chunk, q_rotated, lane, acc, running_max, running_sum);
     float* partial = a.scratch + (static_cast<long long>(head) * kMaxChunksPerHead + chunk) * partial_stride(kHeadDim);
 #pragma unroll
     for (int k = 0; k < kPerLane; ++k) __stcg(partial + lane * kPerLane + k, acc[k]);
@@ -656,7 +661,7 @@ __device__ __forceinline__ void attention_units(const DeviceAttention& a, const 
     if (before == static_cast<unsigned>(split.chunks - 1)) {
       __threadfence();
       if (lane == 0) a.head_done[head] = 0;
-      combine_head<kHeadDim, false>(
+      combine_head<kHeadDim, false, kWide ? 16 : 8>(
           a, split, head, a.scratch + static_cast<long long>(head) * kMaxChunksPerHead * partial_stride(kHeadDim),
           lane);
     }
@@ -673,7 +678,7 @@ __device__ __forceinline__ void attention_block(const DeviceAttention& a, const 
   if (static_cast<int>(blockIdx.x) >= a.q_heads) return;  // block-uniform
   if (warp < split.chunks) {
     float acc[kPerLane], running_max, running_sum;
-    attention_chunk<kHeadDim, true>(a, split, blockIdx.x, warp, q_rotated, lane, acc, running_max, running_sum);
+    attention_chunk<kHeadDim, true, false>(a, split, blockIdx.x, warp, q_rotated, lane, acc, running_max, running_sum);
     float* partial = local + warp * partial_stride(kHeadDim);
 #pragma unroll
     for (int k = 0; k < kPerLane; ++k) partial[lane * kPerLane + k] = acc[k];
@@ -683,7 +688,7 @@ __device__ __forceinline__ void attention_block(const DeviceAttention& a, const 
     }
   }
   consumers_sync();
-  if (warp == 0) combine_head<kHeadDim, true>(a, split, blockIdx.x, local, lane);
+  if (warp == 0) combine_head<kHeadDim, true, 4>(a, split, blockIdx.x, local, lane);
 }
 
 // kBlocks32: every matrix of the launch has absmax blocks of 32 (small models); the
@@ -1121,9 +1126,9 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
         else
           attention_block<64>(op.attention, split, q_rotated, local, lane, warp);
       } else if (op.attention.head_dim == 128) {
-        attention_units<128>(op.attention, split, q_rotated, lane, worker, workers);
+        attention_units<128, !kBlocks32>(op.attention, split, q_rotated, lane, worker, workers);
       } else {
-        attention_units<64>(op.attention, split, q_rotated, lane, worker, workers);
+        attention_units<64, !kBlocks32>(op.attention, split, q_rotated, lane, worker, workers);
       }
       stamp(o, 1);
     } else {
