@@ -476,11 +476,11 @@ __device__ __forceinline__ void attention_chunk(const DeviceAttention& a, const 
                                                 int chunk, float* q_rotated, int lane, float (&acc)[kHeadDim / 32],
                                                 float& running_max, float& running_sum) {
   constexpr int kHalf = kHeadDim / 2, kPerLane = kHeadDim / 32, kSlice = kHeadDim / 8;
-  // kWide (the grid-wide split at blocksize 64): a 32-position step's q.k loads all in
-  // flight and 16 v rows at a time, 2 round trips a step instead of 6 (long contexts).
-  // Elsewhere 4 rounds and 8 rows: the block-local split gained nothing from it, and the
-  // blocksize-32 kernel spilled inside its NF4 loop.
-  constexpr int kRoundsInFlight = kWide ? 8 : 4, kRowsInFlight = kWide ? 16 : 8;
+  // kWide (the grid-wide split at blocksize 64): 16 v rows in flight, a 32-position step's
+  // p.v 2 round trips instead of 4 (H200: 3000-token 8B decode -2 %). The block-local
+  // split was no faster with them (position 512: 52.7 -> 53.4 us a layer); all 8 q.k
+  // rounds in flight measured slower than 4 (kernels/NOTES.md, twenty-fourth session).
+  constexpr int kRowsInFlight = kWide ? 16 : 8;
   const int kv_head = head / (a.q_heads / a.kv_heads);
   const float position = static_cast<float>(split.position);
   const long long begin = split.start + chunk * split.chunk;
@@ -568,19 +568,18 @@ __device__ __forceinline__ void attention_chunk(const DeviceAttention& a, const 
     // positions per round, 8 rounds; lane j ends with position base + j's dot.
     const int count = static_cast<int>(min(32LL, end - base));
     float dot = 0.0f;
-    const int rounds = count > 16 ? 8 : 4;  // (uniform) a short chunk's second half is not read
-    for (int r0 = 0; r0 < rounds; r0 += kRoundsInFlight) {
-      uint4 packed[kRoundsInFlight][kSlice / 8];
+    const int rounds = count > 16 ? 8 : 4;    // (uniform) a short chunk's second half is not read
+    for (int r0 = 0; r0 < rounds; r0 += 4) {  // 4 rounds' loads in flight
+      uint4 packed[4][kSlice / 8];
 #pragma unroll
-      for (int r = 0; r < kRoundsInFlight; ++r) {
+      for (int r = 0; r < 4; ++r) {
         const long long row = min(base + (r0 + r) * 4 + (lane >> 3), end - 1);  // past the end: masked below
         const __nv_bfloat16* k_slice = k_head + row * kHeadDim + (lane & 7) * kSlice;
 #pragma unroll
-        for (int u = 0; u < kSlice / 8; ++u)
-          packed[r][u] = r0 + r < rounds ? __ldca(reinterpret_cast<const uint4*>(k_slice) + u) : make_uint4(0, 0, 0, 0);
+        for (int u = 0; u < kSlice / 8; ++u) packed[r][u] = __ldca(reinterpret_cast<const uint4*>(k_slice) + u);
       }
 #pragma unroll
-      for (int r = 0; r < kRoundsInFlight; ++r) {
+      for (int r = 0; r < 4; ++r) {
         float partial = 0.0f;
 #pragma unroll
         for (int u = 0; u < kSlice / 8; ++u) {
@@ -661,7 +660,7 @@ __device__ __forceinline__ void attention_units(const DeviceAttention& a, const 
     if (before == static_cast<unsigned>(split.chunks - 1)) {
       __threadfence();
       if (lane == 0) a.head_done[head] = 0;
-      combine_head<kHeadDim, false, kWide ? 16 : 8>(
+      combine_head<kHeadDim, false, kWide ? 8 : 4>(
           a, split, head, a.scratch + static_cast<long long>(head) * kMaxChunksPerHead * partial_stride(kHeadDim),
           lane);
     }
