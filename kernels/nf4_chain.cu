@@ -85,7 +85,10 @@ __host__ __device__ constexpr int code_gap_offset(int group, int index) {  // in
 // Device ops: the NF4 epilogues, and attention.
 enum : int { kStore = 0, kAdd = 1, kSwiglu = 2, kAttention = 3, kStoreF32 = 5 };
 constexpr int kMaxDeviceOps = kMaxChainDeviceOps;
-constexpr int kMaxChunksPerHead = 64;  // attention units per q head (scratch size)
+// The grid-wide attention split spreads a q head over up to kMaxBlocksPerHead blocks (as
+// many as the grid holds for every head), kConsumerWarps chunks a block; the blocks'
+// merged partials meet in global memory (scratch: one partial a block).
+constexpr int kMaxBlocksPerHead = 8;
 // A chunk's partial: [head_dim] unnormalized output, max, sum, 2 floats of padding (16-byte
 // rows: the combine loads a lane's values with one vector load).
 __host__ __device__ constexpr int partial_stride(int head_dim) { return head_dim + 4; }
@@ -352,6 +355,10 @@ __device__ __forceinline__ float load_op_x(const DeviceOp& op, __nv_bfloat16* xs
 // block-local split does not make). The kernel is compiled once per split (kLocal): one
 // body holding both cost the grid-wide split ~1.2 us a layer at position 1000 (NOTES).
 static_assert(kChainLocalVisible <= 8 * kConsumerWarps * 8, "block-local chunks of up to 64 positions, one per warp");
+// Grid-wide: the blocks a q head may take.
+__device__ __forceinline__ int blocks_per_head(const DeviceAttention& a) {
+  return max(1, min(kMaxBlocksPerHead, static_cast<int>(gridDim.x) / a.q_heads));
+}
 struct AttentionSplit {
   int position;
   long long start, chunk;
@@ -362,13 +369,13 @@ __device__ __forceinline__ AttentionSplit attention_split(const DeviceAttention&
   s.position = __ldcg(a.position);
   const long long length = static_cast<long long>(s.position) + 1;
   s.start = a.window > 0 && length > a.window ? length - a.window : 0;
-  // Chunks of a multiple of 8 positions, at most kConsumerWarps (local) or
-  // kMaxChunksPerHead a head: short units (a unit is a chain of round trips) spread over
-  // many warps. 32-bit: no division subroutine.
+  // Chunks of a multiple of 8 positions, at most kConsumerWarps a head (local) or a block
+  // (grid-wide): short units (a unit is a chain of round trips) spread over many warps.
+  // 32-bit: no division subroutine.
   const int visible = static_cast<int>(length - s.start);
   // Block-local chunks grow with the visible positions (at most kConsumerWarps of them
   // whatever the position): past kChainLocalVisible the split is slower, not wrong.
-  const int most = local ? kConsumerWarps : kMaxChunksPerHead;
+  const int most = local ? kConsumerWarps : blocks_per_head(a) * kConsumerWarps;
   const int eights = (visible + 8 * most - 1) / (8 * most);
   s.chunk = 8 * eights;
   s.chunks = (visible + 8 * eights - 1) / (8 * eights);
@@ -385,7 +392,7 @@ __device__ __forceinline__ void prefetch_cache(const DeviceAttention& a, int thr
   const long long length = min(static_cast<long long>(split.position), a.capacity);  // the new row is written later
   const long long first = max(split.start, length - kPrefetchPositions);
   // 32-bit from here: 64-bit divisions are subroutine calls, which cost the NF4 loop
-  // its uniform addressing (see attention_units).
+  // its uniform addressing.
   const int rows = static_cast<int>(length - first), lines_per_row = a.head_dim / 64;
   const int lines = rows * lines_per_row * a.kv_heads * 2;
   for (int i0 = 0; i0 < lines; i0 += threads) {  // a uniform trip count
@@ -399,29 +406,31 @@ __device__ __forceinline__ void prefetch_cache(const DeviceAttention& a, int thr
   }
 }
 
-// The combine of one q head: lanes over head dimensions; the chunks in order, weighted
-// by exp(max_j - max) (flash-decoding), normalized once, bf16.
-// `partial`: the head's chunks' [head_dim] outputs, max and sum, in global memory (written
-// by other blocks: read through L2) or in this block's shared memory.
+// The merge of `count` (at most 64) chunk partials of one q head (flash-decoding): lanes
+// over head dimensions, the chunks in order, weighted by exp(max_j - max). Result: the
+// lane's share of the merged unnormalized output, the max and the sum.
+// `partial`: [count][partial_stride] in global memory (written by other blocks: read
+// through L2) or in this block's shared memory.
 template <int kHeadDim, bool kShared, int kInFlight>
-__device__ __forceinline__ void combine_head(const DeviceAttention& a, const AttentionSplit& split, int head,
-                                             const float* partial, int lane) {
+__device__ __forceinline__ void merge_partials(const float* partial, int count, int lane, float (&acc)[kHeadDim / 32],
+                                               float& max_all, float& sum) {
   constexpr int kPerLane = kHeadDim / 32;
   auto load = [](const float* p) { return kShared ? *p : __ldcg(p); };
   // Lanes hold chunks lane and lane + 32: their max and sum, loaded at once.
   float chunk_max[2], chunk_sum[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const int j = min(lane + 32 * h, split.chunks - 1);
-    const bool mine = lane + 32 * h < split.chunks;
+    const int j = min(lane + 32 * h, count - 1);
+    const bool mine = lane + 32 * h < count;
     chunk_max[h] = mine ? load(partial + j * partial_stride(kHeadDim) + kHeadDim) : -INFINITY;
     chunk_sum[h] = mine ? load(partial + j * partial_stride(kHeadDim) + kHeadDim + 1) : 0.0f;
   }
-  float max_all = fmaxf(chunk_max[0], chunk_max[1]);
+  max_all = fmaxf(chunk_max[0], chunk_max[1]);
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1)
     max_all = fmaxf(max_all, __shfl_xor_sync(0xffffffffu, max_all, offset));
-  float weight[2], sum = 0.0f;
+  float weight[2];
+  sum = 0.0f;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     weight[h] = expf(chunk_max[h] - max_all);  // 0 for a lane past the chunks (-inf)
@@ -429,18 +438,17 @@ __device__ __forceinline__ void combine_head(const DeviceAttention& a, const Att
   }
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-  float acc[kPerLane];
 #pragma unroll
   for (int k = 0; k < kPerLane; ++k) acc[k] = 0.0f;
   // kInFlight chunks' outputs in flight, one vector load each: from global memory each
   // batch is an L2 round trip.
   using Vector = typename std::conditional<kPerLane == 4, float4, float2>::type;
-  for (int j0 = 0; j0 < split.chunks; j0 += kInFlight) {
+  for (int j0 = 0; j0 < count; j0 += kInFlight) {
     Vector values[kInFlight];
 #pragma unroll
     for (int u = 0; u < kInFlight; ++u) {
-      const Vector* part = reinterpret_cast<const Vector*>(
-          partial + min(j0 + u, split.chunks - 1) * partial_stride(kHeadDim) + lane * kPerLane);
+      const Vector* part = reinterpret_cast<const Vector*>(partial + min(j0 + u, count - 1) * partial_stride(kHeadDim) +
+                                                           lane * kPerLane);
       if constexpr (kShared)
         values[u] = *part;
       else
@@ -450,12 +458,21 @@ __device__ __forceinline__ void combine_head(const DeviceAttention& a, const Att
     for (int u = 0; u < kInFlight; ++u) {
       const int j = j0 + u;
       const float w = __shfl_sync(0xffffffffu, j < 32 ? weight[0] : weight[1], j & 31);
-      const float wu = j < split.chunks ? w : 0.0f;
+      const float wu = j < count ? w : 0.0f;
       const float* v = reinterpret_cast<const float*>(&values[u]);
 #pragma unroll
       for (int k = 0; k < kPerLane; ++k) acc[k] = fmaf(wu, v[k], acc[k]);
     }
   }
+}
+
+// The combine of one q head: its partials merged, normalized once, bf16.
+template <int kHeadDim, bool kShared, int kInFlight>
+__device__ __forceinline__ void combine_head(const DeviceAttention& a, int count, int head, const float* partial,
+                                             int lane) {
+  constexpr int kPerLane = kHeadDim / 32;
+  float acc[kPerLane], max_all, sum;
+  merge_partials<kHeadDim, kShared, kInFlight>(partial, count, lane, acc, max_all, sum);
   const float inverse = 1.0f / sum;
 #pragma unroll
   for (int k = 0; k < kPerLane; ++k)
@@ -630,41 +647,66 @@ __device__ __forceinline__ void attention_chunk(const DeviceAttention& a, const 
   }
 }
 
-// The grid-wide split: units one per consumer warp at a time. Partial result per unit in
-// global memory: [head_dim] unnormalized output, then max, then sum; the head's last
-// unit to finish (a counter per head) combines them, so attention needs no second
-// grid-wide step (the combine step and its wait were ~3 us of a layer).
+// The grid-wide split: q head h over blocks (h, j) for j below the blocks its chunks need
+// (blocks_per_head at most); block (h, j)'s warp w runs chunk j kConsumerWarps + w. A
+// block merges its warps' partials through shared memory; with more than one block a
+// head, it writes the merged partial to global memory and counts it, and the head's last
+// block merges those (a store, a fence and a count a block, then one round of loads:
+// units spread one a warp over the grid made the combine read up to 64 chunk partials
+// from L2, kernels/NOTES.md, twenty-fourth session).
 template <int kHeadDim, bool kWide>
-__device__ __forceinline__ void attention_units(const DeviceAttention& a, const AttentionSplit& split, float* q_rotated,
-                                                int lane, int worker, int workers) {
+__device__ __forceinline__ void attention_spread(const DeviceAttention& a, const AttentionSplit& split,
+                                                 float* q_rotated, float* local, int lane, int warp) {
   constexpr int kPerLane = kHeadDim / 32;
-  for (int unit = worker; unit < a.q_heads * split.chunks; unit += workers) {
-    const int head = unit / split.chunks, chunk = unit % split.chunks;
-    float acc[kPerLane], running_max, running_sum;
-    attention_chunk<kHeadDim, false, kWide>(a, split, head, chunk, q_rotated, lane, acc, running_max, running_sum);
-    float* partial = a.scratch + (static_cast<long long>(head) * kMaxChunksPerHead + chunk) * partial_stride(kHeadDim);
+  const int per_head = blocks_per_head(a);
+  const int used = (split.chunks + kConsumerWarps - 1) / kConsumerWarps;         // blocks a head's chunks need
+  for (int unit = blockIdx.x; unit < a.q_heads * per_head; unit += gridDim.x) {  // block-uniform
+    const int head = unit / per_head, part = unit % per_head;
+    if (part >= used) continue;
+    const int first = part * kConsumerWarps, count = min(kConsumerWarps, split.chunks - first);
+    if (warp < count) {
+      float acc[kPerLane], running_max, running_sum;
+      attention_chunk<kHeadDim, false, kWide>(a, split, head, first + warp, q_rotated, lane, acc, running_max,
+                                              running_sum);
+      float* partial = local + warp * partial_stride(kHeadDim);
 #pragma unroll
-    for (int k = 0; k < kPerLane; ++k) __stcg(partial + lane * kPerLane + k, acc[k]);
-    if (lane == 0) {
-      __stcg(partial + kHeadDim, running_max);
-      __stcg(partial + kHeadDim + 1, running_sum);
+      for (int k = 0; k < kPerLane; ++k) partial[lane * kPerLane + k] = acc[k];
+      if (lane == 0) {
+        partial[kHeadDim] = running_max;
+        partial[kHeadDim + 1] = running_sum;
+      }
     }
-    // Every other unit's partial is visible to the one that counts last (fence, then
-    // count; count, then fence); it resets the counter for the next launch (no unit of
-    // this launch counts after it).
-    __threadfence();
-    __syncwarp();
-    unsigned before = 0;
-    if (lane == 0) before = atomicAdd(a.head_done + head, 1u);
-    before = __shfl_sync(0xffffffffu, before, 0);
-    if (before == static_cast<unsigned>(split.chunks - 1)) {
-      __threadfence();
-      if (lane == 0) a.head_done[head] = 0;
-      combine_head<kHeadDim, false, kWide ? 8 : 4>(
-          a, split, head, a.scratch + static_cast<long long>(head) * kMaxChunksPerHead * partial_stride(kHeadDim),
-          lane);
+    consumers_sync();
+    if (warp == 0) {
+      if (used == 1) {
+        combine_head<kHeadDim, true, 4>(a, count, head, local, lane);
+      } else {
+        float acc[kPerLane], max_all, sum;
+        merge_partials<kHeadDim, true, 4>(local, count, lane, acc, max_all, sum);
+        float* heads = a.scratch + static_cast<long long>(head) * kMaxBlocksPerHead * partial_stride(kHeadDim);
+        float* mine = heads + part * partial_stride(kHeadDim);
+#pragma unroll
+        for (int k = 0; k < kPerLane; ++k) __stcg(mine + lane * kPerLane + k, acc[k]);
+        if (lane == 0) {
+          __stcg(mine + kHeadDim, max_all);
+          __stcg(mine + kHeadDim + 1, sum);
+        }
+        // Every other block's partial is visible to the one that counts last (fence, then
+        // count; count, then fence); it resets the counter for the next launch (no block
+        // of this launch counts after it).
+        __threadfence();
+        __syncwarp();
+        unsigned before = 0;
+        if (lane == 0) before = atomicAdd(a.head_done + head, 1u);
+        before = __shfl_sync(0xffffffffu, before, 0);
+        if (before == static_cast<unsigned>(used - 1)) {
+          __threadfence();
+          if (lane == 0) a.head_done[head] = 0;
+          combine_head<kHeadDim, false, kMaxBlocksPerHead>(a, used, head, heads, lane);
+        }
+      }
     }
-    __syncwarp();  // q_rotated is rewritten by the warp's next unit
+    if (unit + static_cast<int>(gridDim.x) < a.q_heads * per_head) consumers_sync();  // local is rewritten next
   }
 }
 
@@ -687,7 +729,7 @@ __device__ __forceinline__ void attention_block(const DeviceAttention& a, const 
     }
   }
   consumers_sync();
-  if (warp == 0) combine_head<kHeadDim, true, 4>(a, split, blockIdx.x, local, lane);
+  if (warp == 0) combine_head<kHeadDim, true, 4>(a, split.chunks, blockIdx.x, local, lane);
 }
 
 // kBlocks32: every matrix of the launch has absmax blocks of 32 (small models); the
@@ -1117,17 +1159,15 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
       stamp(o, 0);
       float* q_rotated = reinterpret_cast<float*>(xs) + warp * 128;
       float* local = reinterpret_cast<float*>(xs) + kConsumerWarps * 128;  // [chunks][partial_stride]
-      // Units go to one warp per SM first (an SM's load units are the bottleneck of a unit).
-      const int worker = warp * gridDim.x + blockIdx.x, workers = gridDim.x * kConsumerWarps;
       if constexpr (kLocal) {
         if (op.attention.head_dim == 128)
           attention_block<128>(op.attention, split, q_rotated, local, lane, warp);
         else
           attention_block<64>(op.attention, split, q_rotated, local, lane, warp);
       } else if (op.attention.head_dim == 128) {
-        attention_units<128, !kBlocks32>(op.attention, split, q_rotated, lane, worker, workers);
+        attention_spread<128, !kBlocks32>(op.attention, split, q_rotated, local, lane, warp);
       } else {
-        attention_units<64, !kBlocks32>(op.attention, split, q_rotated, lane, worker, workers);
+        attention_spread<64, !kBlocks32>(op.attention, split, q_rotated, local, lane, warp);
       }
       stamp(o, 1);
     } else {
@@ -1288,7 +1328,7 @@ int nf4_chain_matrices(const ChainOp& op) {
 }
 
 size_t nf4_chain_attention_scratch_bytes(int q_heads, int head_dim) {
-  return static_cast<size_t>(q_heads) * kMaxChunksPerHead * partial_stride(head_dim) * sizeof(float);
+  return static_cast<size_t>(q_heads) * kMaxBlocksPerHead * partial_stride(head_dim) * sizeof(float);
 }
 
 std::string nf4_chain_supports(const ChainOp& op) {

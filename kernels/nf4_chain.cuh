@@ -69,10 +69,10 @@ struct ChainAttention {
 };
 
 // How a launch splits each attention op's positions over the warps (NF4ChainPlan::launch):
-// grid_wide, up to 64 chunks a q head over the whole grid, combined by the head's last
-// chunk through global memory; block_local, up to 16 chunks a head in one block's warps,
-// combined through shared memory (no global round trips between the chunks and the
-// combine: faster where every head's visible positions fit, kChainLocalVisible).
+// grid_wide, a q head over up to 8 blocks (16 chunks each, merged through shared memory),
+// the blocks' partials combined by the head's last block through global memory; block_local, up to 16 chunks a head in
+// one block's warps, combined through shared memory (no global round trips between the chunks and the combine: faster
+// where every head's visible positions fit, kChainLocalVisible).
 enum class ChainAttentionSplit { grid_wide, block_local };
 // Where block_local stops paying: on an H200 (8B layer, 8 a launch, weights evict-first)
 // it measured 50.9 / 52.4 / 55.5 us a layer at 384 / 512 / 1000 visible positions,
@@ -82,7 +82,7 @@ enum class ChainAttentionSplit { grid_wide, block_local };
 // 4000: 83.2 against 65.0), a head's block then running 96+ positions a warp.
 constexpr int kChainLocalVisible = 1024;
 
-// Device scratch an attention op needs: fp32 partial results of up to 64 chunks per q head.
+// Device scratch an attention op needs: fp32 partial results of up to 8 blocks per q head.
 size_t nf4_chain_attention_scratch_bytes(int q_heads, int head_dim);
 
 struct ChainOp {
