@@ -80,7 +80,7 @@ enum class ChainAttentionSplit { grid_wide, block_local };
 // evict-first copies the two crossed near 400). Decode of 1024 tokens: 1.864 -> 1.795
 // ms a token at 1024 against 384. Past it they cross near 1400 (1536: 60.1 against 59.2;
 // 4000: 83.2 against 65.0), a head's block then running 96+ positions a warp.
-constexpr int kChainLocalVisible = 1024;
+constexpr int kChainLocalVisible = 384;
 
 // Device scratch an attention op needs: fp32 partial results of up to 8 blocks per q head.
 size_t nf4_chain_attention_scratch_bytes(int q_heads, int head_dim);
