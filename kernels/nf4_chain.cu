@@ -349,11 +349,13 @@ __device__ __forceinline__ float load_op_x(const DeviceOp& op, __nv_bfloat16* xs
 // An attention op's split into chunks; both steps compute it from the position alone.
 // Block-local (ChainAttentionSplit, up to kChainLocalVisible visible positions and a
 // block per q head): a head's chunks are the consumer warps of one block and combine
-// through shared memory after a block barrier. Grid-wide: the chunks spread over the
-// grid and the head's last unit combines them from global memory (a store, a fence and
-// a count per unit, then the combine's loads: round trips on the op's path that the
-// block-local split does not make). The kernel is compiled once per split (kLocal): one
-// body holding both cost the grid-wide split ~1.2 us a layer at position 1000 (NOTES).
+// through shared memory after a block barrier. Grid-wide: a head's chunks over up to
+// kMaxBlocksPerHead blocks, each block's merged through shared memory, the blocks'
+// partials by the head's last block from global memory (a store, a fence and a count a
+// block, then one round of loads: what the block-local split saves, and what a head's
+// block-local loads cost once its positions are many). The kernel is compiled once per
+// split (kLocal): one body holding both cost the grid-wide split ~1.2 us a layer at
+// position 1000 (NOTES).
 static_assert(kChainLocalVisible <= 8 * kConsumerWarps * 8, "block-local chunks of up to 64 positions, one per warp");
 // Grid-wide: the blocks a q head may take.
 __device__ __forceinline__ int blocks_per_head(const DeviceAttention& a) {

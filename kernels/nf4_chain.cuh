@@ -69,17 +69,16 @@ struct ChainAttention {
 };
 
 // How a launch splits each attention op's positions over the warps (NF4ChainPlan::launch):
-// grid_wide, a q head over up to 8 blocks (16 chunks each, merged through shared memory),
-// the blocks' partials combined by the head's last block through global memory; block_local, up to 16 chunks a head in
-// one block's warps, combined through shared memory (no global round trips between the chunks and the combine: faster
-// where every head's visible positions fit, kChainLocalVisible).
+// grid_wide, a q head over up to 8 blocks (16 chunks each, merged through shared
+// memory), the blocks' partials combined by the head's last block through global memory;
+// block_local, up to 16 chunks a head in one block's warps, combined through shared
+// memory (no global round trips between the chunks and the combine: faster where every
+// head's visible positions are few, kChainLocalVisible).
 enum class ChainAttentionSplit { grid_wide, block_local };
-// Where block_local stops paying: on an H200 (8B layer, 8 a launch, weights evict-first)
-// it measured 50.9 / 52.4 / 55.5 us a layer at 384 / 512 / 1000 visible positions,
-// grid_wide 57.0 / 56.2 / 60.9 (kernels/NOTES.md, twenty-second session; before the
-// evict-first copies the two crossed near 400). Decode of 1024 tokens: 1.864 -> 1.795
-// ms a token at 1024 against 384. Past it they cross near 1400 (1536: 60.1 against 59.2;
-// 4000: 83.2 against 65.0), a head's block then running 96+ positions a warp.
+// Where block_local stops paying: on an H200 (8B layer, 8 a launch) it measured 50.4 /
+// 50.8 / 53.2 / 55.6 us a layer at 256 / 384 / 512 / 1023 visible positions, grid_wide
+// (a head over 4 blocks there) 52.3 / 52.3 / 52.3 / 52.9; decode of 1024 tokens 1.791 ->
+// 1.760 ms a token at 384 against 1024 (kernels/NOTES.md, twenty-fourth session).
 constexpr int kChainLocalVisible = 384;
 
 // Device scratch an attention op needs: fp32 partial results of up to 8 blocks per q head.

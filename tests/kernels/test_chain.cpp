@@ -379,8 +379,9 @@ TEST(NF4Chain, WholeLayerMatchesReferenceAndLaunches) {
   std::mt19937 rng(781);
   // Positions: the first token, a part of one 32-position step, exact steps, several
   // chunks, the last position the block-local split takes (kChainLocalVisible visible)
-  // and the first it does not, and past 64 chunks of 32 (chunks of 64 positions).
-  for (int position : {0, 1, 31, 32, 100, kChainLocalVisible - 1, kChainLocalVisible, 2047, 2600}) {
+  // and the first it does not, and longer contexts (the grid-wide split's heads over 7-8
+  // blocks, chunks of 8, 16 and 24 positions).
+  for (int position : {0, 1, 31, 32, 100, kChainLocalVisible - 1, kChainLocalVisible, 1023, 2047, 2600}) {
     WholeLayer layer(rng, 16, 4, 128, 4096, position);
     check_whole_layer(layer, "GQA 16/4 x 128, position " + std::to_string(position));
   }
