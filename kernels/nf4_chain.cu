@@ -496,9 +496,10 @@ __device__ __forceinline__ void attention_chunk(const DeviceAttention& a, const 
                                                 float& running_max, float& running_sum) {
   constexpr int kHalf = kHeadDim / 2, kPerLane = kHeadDim / 32, kSlice = kHeadDim / 8;
   // kWide (the grid-wide split at blocksize 64): 16 v rows in flight, a 32-position step's
-  // p.v 2 round trips instead of 4 (H200: 3000-token 8B decode -2 %). The block-local
-  // split was no faster with them (position 512: 52.7 -> 53.4 us a layer); all 8 q.k
-  // rounds in flight measured slower than 4 (kernels/NOTES.md, twenty-fourth session).
+  // p.v 2 round trips instead of 4 (H200, with the grid-wide units one a warp then:
+  // 3000-token 8B decode -2 %). The block-local split was no faster with them (position
+  // 512: 52.7 -> 53.4 us a layer); all 8 q.k rounds in flight measured slower than 4
+  // (kernels/NOTES.md, twenty-fourth session).
   constexpr int kRowsInFlight = kWide ? 16 : 8;
   const int kv_head = head / (a.q_heads / a.kv_heads);
   const float position = static_cast<float>(split.position);
