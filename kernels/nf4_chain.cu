@@ -468,6 +468,26 @@ __device__ __forceinline__ void merge_partials(const float* partial, int count, 
   }
 }
 
+// A chunk's (or a block's) partial: the lanes' shares of the unnormalized output, then
+// the max and the sum; kGlobal: for other blocks (stored to L2, __stcg).
+template <int kHeadDim, bool kGlobal>
+__device__ __forceinline__ void write_partial(float* partial, const float (&acc)[kHeadDim / 32], float max, float sum,
+                                              int lane) {
+  constexpr int kPerLane = kHeadDim / 32;
+  auto store = [](float* p, float v) {
+    if constexpr (kGlobal)
+      __stcg(p, v);
+    else
+      *p = v;
+  };
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) store(partial + lane * kPerLane + k, acc[k]);
+  if (lane == 0) {
+    store(partial + kHeadDim, max);
+    store(partial + kHeadDim + 1, sum);
+  }
+}
+
 // The combine of one q head: its partials merged, normalized once, bf16.
 template <int kHeadDim, bool kShared, int kInFlight>
 __device__ __forceinline__ void combine_head(const DeviceAttention& a, int count, int head, const float* partial,
@@ -671,13 +691,7 @@ __device__ __forceinline__ void attention_spread(const DeviceAttention& a, const
       float acc[kPerLane], running_max, running_sum;
       attention_chunk<kHeadDim, false, kWide>(a, split, head, first + warp, q_rotated, lane, acc, running_max,
                                               running_sum);
-      float* partial = local + warp * partial_stride(kHeadDim);
-#pragma unroll
-      for (int k = 0; k < kPerLane; ++k) partial[lane * kPerLane + k] = acc[k];
-      if (lane == 0) {
-        partial[kHeadDim] = running_max;
-        partial[kHeadDim + 1] = running_sum;
-      }
+      write_partial<kHeadDim, false>(local + warp * partial_stride(kHeadDim), acc, running_max, running_sum, lane);
     }
     consumers_sync();
     if (warp == 0) {
@@ -687,13 +701,7 @@ __device__ __forceinline__ void attention_spread(const DeviceAttention& a, const
         float acc[kPerLane], max_all, sum;
         merge_partials<kHeadDim, true, 4>(local, count, lane, acc, max_all, sum);
         float* heads = a.scratch + static_cast<long long>(head) * kMaxBlocksPerHead * partial_stride(kHeadDim);
-        float* mine = heads + part * partial_stride(kHeadDim);
-#pragma unroll
-        for (int k = 0; k < kPerLane; ++k) __stcg(mine + lane * kPerLane + k, acc[k]);
-        if (lane == 0) {
-          __stcg(mine + kHeadDim, max_all);
-          __stcg(mine + kHeadDim + 1, sum);
-        }
+        write_partial<kHeadDim, true>(heads + part * partial_stride(kHeadDim), acc, max_all, sum, lane);
         // Every other block's partial is visible to the one that counts last (fence, then
         // count; count, then fence); it resets the counter for the next launch (no block
         // of this launch counts after it).
@@ -723,13 +731,7 @@ __device__ __forceinline__ void attention_block(const DeviceAttention& a, const 
   if (warp < split.chunks) {
     float acc[kPerLane], running_max, running_sum;
     attention_chunk<kHeadDim, true, false>(a, split, blockIdx.x, warp, q_rotated, lane, acc, running_max, running_sum);
-    float* partial = local + warp * partial_stride(kHeadDim);
-#pragma unroll
-    for (int k = 0; k < kPerLane; ++k) partial[lane * kPerLane + k] = acc[k];
-    if (lane == 0) {
-      partial[kHeadDim] = running_max;
-      partial[kHeadDim + 1] = running_sum;
-    }
+    write_partial<kHeadDim, false>(local + warp * partial_stride(kHeadDim), acc, running_max, running_sum, lane);
   }
   consumers_sync();
   if (warp == 0) combine_head<kHeadDim, true, 4>(a, split.chunks, blockIdx.x, local, lane);
