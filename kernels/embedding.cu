@@ -53,7 +53,10 @@ __global__ void embedding_row_when_posted_kernel(const uint32_t* posted, uint32_
       asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
       if (now - start > timeout_ns) break;
     }
-    if (!ok && timed_out) atomicExch_system(timed_out, 1);
+    // One writer, so a release store, not an atomic: atomics on mapped host memory need
+    // hostNativeAtomicSupported (NVLink-C2C hosts), which a PCIe host lacks
+    // (compute-sanitizer memcheck reports the system-scoped atomic as invalid there).
+    if (!ok && timed_out) asm volatile("st.release.sys.global.s32 [%0], %1;" ::"l"(timed_out), "r"(1) : "memory");
     arrived = ok;
   }
   __syncthreads();
