@@ -639,15 +639,27 @@ __device__ __forceinline__ void pair_lut_finish_tile(const PairLutGroup& grp, ui
   float* pending = reinterpret_cast<float*>(smem + PairLutLayout<kWarps>::pending) + group * 8 * 16;
 #pragma unroll
   for (int i = 0; i < 4; ++i) partial[(warp * 4 + i) * 32 + lane] = acc[i];
+  // barrier.sync without .aligned (bar.sync and __syncthreads are .aligned): warps with no
+  // share of K reach this barrier from their own loop (!warp_works below), another
+  // instruction than the working warps', which .aligned does not allow (compute-sanitizer
+  // synccheck: "divergent thread(s) in block").
   if constexpr (kGroup == kWarps) {
-    __syncthreads();
+    asm volatile("barrier.sync 0;" ::: "memory");
   } else {
     // Named barriers 1..4 with immediate ids: a register id would reserve all 16.
     switch (group) {
-      case 0: asm volatile("bar.sync 1, %0;" ::"n"(kGroup * 32) : "memory"); break;
-      case 1: asm volatile("bar.sync 2, %0;" ::"n"(kGroup * 32) : "memory"); break;
-      case 2: asm volatile("bar.sync 3, %0;" ::"n"(kGroup * 32) : "memory"); break;
-      default: asm volatile("bar.sync 4, %0;" ::"n"(kGroup * 32) : "memory"); break;
+      case 0:
+        asm volatile("barrier.sync 1, %0;" ::"n"(kGroup * 32) : "memory");
+        break;
+      case 1:
+        asm volatile("barrier.sync 2, %0;" ::"n"(kGroup * 32) : "memory");
+        break;
+      case 2:
+        asm volatile("barrier.sync 3, %0;" ::"n"(kGroup * 32) : "memory");
+        break;
+      default:
+        asm volatile("barrier.sync 4, %0;" ::"n"(kGroup * 32) : "memory");
+        break;
     }
   }
   const uint32_t rows = t.matrix == 0 ? grp.m[0].rows : t.matrix == 1 ? grp.m[1].rows : grp.m[2].rows;
