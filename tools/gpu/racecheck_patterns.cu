@@ -1,12 +1,24 @@
 // Which synchronization patterns compute-sanitizer racecheck models, as the chain kernel
-// uses them (kernels/NOTES.md, twenty-fifth session). Every kernel here is race-free; a
-// hazard reported in one is the tool's. On the GPU machine:
-//   nvcc -O2 -arch=sm_90a -lineinfo tools/gpu/racecheck_patterns.cu -o /tmp/racecheck_patterns
+// uses them (kernels/NOTES.md, twenty-fifth session), through the kernels' own mbarrier
+// helpers (kernels/device_common.cuh). Every kernel here is race-free; a hazard reported
+// in one is the tool's. On the GPU machine, from the repository root:
+//   nvcc -O2 -arch=sm_90a -lineinfo -I. tools/gpu/racecheck_patterns.cu -o /tmp/racecheck_patterns
 //   compute-sanitizer --tool racecheck --racecheck-report all /tmp/racecheck_patterns
-// H200, twenty-fifth session: named_barrier, full_barrier and mbarrier_handoff 0 hazards.
-// one_lane_arrives and chain_slot (the scale warp's and the producer's pattern) not run yet.
+// H200, twenty-fifth session: named_barrier, full_barrier and mbarrier_handoff 0 hazards
+// (measured with the same PTX written inline: mbarrier arrive and try_wait default to
+// .release / .acquire at .cta). one_lane_arrives and chain_slot (the scale warp's and the
+// producer's pattern) not run yet.
 #include <cstdint>
 #include <cstdio>
+
+#include "kernels/device_common.cuh"
+
+using layerpack::kernels::detail::mbar_arrive;
+using layerpack::kernels::detail::mbar_expect_tx;
+using layerpack::kernels::detail::mbar_init;
+using layerpack::kernels::detail::mbar_wait;
+using layerpack::kernels::detail::mbar_wait_warp;
+using layerpack::kernels::detail::smem_addr;
 
 __global__ void named_barrier(int* out) {
   __shared__ int buf[512];
@@ -19,6 +31,7 @@ __global__ void named_barrier(int* out) {
     buf[t] = 2 * t;  // WAR against the reads above, after the barrier
   }
 }
+
 __global__ void full_barrier(int* out) {
   __shared__ int buf[512];
   const int t = threadIdx.x;
@@ -26,75 +39,69 @@ __global__ void full_barrier(int* out) {
   __syncthreads();
   if (t < 512) out[t] = buf[511 - t];
 }
+
+// Every lane of the writing warp arrives.
 __global__ void mbarrier_handoff(int* out) {
   __shared__ int buf[32];
   __shared__ __align__(8) uint64_t bar;
   const int t = threadIdx.x;
-  const uint32_t b = static_cast<uint32_t>(__cvta_generic_to_shared(&bar));
-  if (t == 0) asm volatile("mbarrier.init.shared::cta.b64 [%0], 32;" ::"r"(b));
+  if (t == 0) mbar_init(&bar, 32);
   __syncthreads();
-  if (t >= 32 && t < 64) {  // producer warp
+  if (t >= 32 && t < 64) {
     buf[t - 32] = t;
-    asm volatile("{ .reg .b64 s; mbarrier.arrive.release.cta.shared::cta.b64 s, [%0]; }" ::"r"(b) : "memory");
-  } else if (t < 32) {  // consumer warp
-    asm volatile(
-        "{ .reg .pred p; W: mbarrier.try_wait.parity.acquire.cta.shared::cta.b64 p, [%0], 0; @!p bra W; }" ::"r"(b)
-        : "memory");
+    mbar_arrive(&bar);
+  } else if (t < 32) {
+    mbar_wait(&bar, 0);
     out[t] = buf[31 - t];
   }
 }
-__device__ __forceinline__ uint32_t sa(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
-__device__ __forceinline__ void wait_parity(uint32_t bar, uint32_t parity) {
-  asm volatile(
-      "{ .reg .pred p; W: mbarrier.try_wait.parity.acquire.cta.shared::cta.b64 p, [%0], %1; @!p bra W; }" ::"r"(bar),
-      "r"(parity)
-      : "memory");
-}
-__device__ __forceinline__ void arrive(uint32_t bar) {
-  asm volatile("{ .reg .b64 s; mbarrier.arrive.release.cta.shared::cta.b64 s, [%0]; }" ::"r"(bar) : "memory");
-}
+
+// The writing warp's stores, __syncwarp, then lane 0 alone arrives.
 __global__ void one_lane_arrives(int* out) {
   __shared__ int buf[32];
   __shared__ __align__(8) uint64_t bar;
   const int t = threadIdx.x;
-  if (t == 0) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(sa(&bar)));
+  if (t == 0) mbar_init(&bar, 1);
   __syncthreads();
   if (t >= 32 && t < 64) {
     buf[t - 32] = t;
     __syncwarp();
-    if (t == 32) arrive(sa(&bar));
+    if (t == 32) mbar_arrive(&bar);
   } else if (t < 32) {
-    wait_parity(sa(&bar), 0);
+    mbar_wait_warp(&bar, 0);
     out[t] = buf[31 - t];
   }
 }
+
+// The chain's full slot: a phase of count 2 completed by the producer's expect_tx arrival
+// and a bulk copy's bytes, and by the scale warp's lane 0 after the warp's stores; the
+// consumers read both the copied bytes and the scale warp's stores.
 __global__ void chain_slot(const int4* src, int* out) {
   __shared__ __align__(128) int4 slot[64];  // the bulk copy's destination (1 KB)
-  __shared__ float scales[32];              // the scale warp's stores
+  __shared__ float scales[32];
   __shared__ __align__(8) uint64_t full;
   const int t = threadIdx.x;
   if (t == 0) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], 2;" ::"r"(sa(&full)));
+    mbar_init(&full, 2);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
-  if (t == 64) {  // producer: expect_tx + arrive, then the bulk copy
-    asm volatile(
-        "{ .reg .b64 s; mbarrier.arrive.expect_tx.release.cta.shared::cta.b64 s, [%0], 1024; }" ::"r"(sa(&full))
-        : "memory");
-    asm volatile(
-        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], 1024, [%2];" ::"r"(sa(slot)),
-        "l"(src), "r"(sa(&full))
-        : "memory");
-  } else if (t >= 32 && t < 64) {  // scale warp
+  if (t == 64) {
+    mbar_expect_tx(&full, sizeof(slot));
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                     smem_addr(slot)),
+                 "l"(src), "r"(static_cast<uint32_t>(sizeof(slot))), "r"(smem_addr(&full))
+                 : "memory");
+  } else if (t >= 32 && t < 64) {
     scales[t - 32] = 0.5f * t;
     __syncwarp();
-    if (t == 32) arrive(sa(&full));
-  } else if (t < 32) {  // consumer
-    wait_parity(sa(&full), 0);
+    if (t == 32) mbar_arrive(&full);
+  } else if (t < 32) {
+    mbar_wait_warp(&full, 0);
     out[t] = slot[t].x + static_cast<int>(scales[31 - t]);
   }
 }
+
 int main() {
   int* out = nullptr;
   int4* src = nullptr;
