@@ -40,35 +40,29 @@ __global__ void full_barrier(int* out) {
   if (t < 512) out[t] = buf[511 - t];
 }
 
-// Every lane of the writing warp arrives.
-__global__ void mbarrier_handoff(int* out) {
+// A warp hands 32 stores to another through an mbarrier: every lane arrives
+// (mbarrier_handoff), or the stores, __syncwarp, then lane 0 alone arrives and the reader
+// waits as the chain's consumers do (one_lane_arrives).
+template <bool kOneLaneArrives>
+__global__ void warp_handoff(int* out) {
   __shared__ int buf[32];
   __shared__ __align__(8) uint64_t bar;
   const int t = threadIdx.x;
-  if (t == 0) mbar_init(&bar, 32);
+  if (t == 0) mbar_init(&bar, kOneLaneArrives ? 1 : 32);
   __syncthreads();
   if (t >= 32 && t < 64) {
     buf[t - 32] = t;
-    mbar_arrive(&bar);
+    if constexpr (kOneLaneArrives) {
+      __syncwarp();
+      if (t == 32) mbar_arrive(&bar);
+    } else {
+      mbar_arrive(&bar);
+    }
   } else if (t < 32) {
-    mbar_wait(&bar, 0);
-    out[t] = buf[31 - t];
-  }
-}
-
-// The writing warp's stores, __syncwarp, then lane 0 alone arrives.
-__global__ void one_lane_arrives(int* out) {
-  __shared__ int buf[32];
-  __shared__ __align__(8) uint64_t bar;
-  const int t = threadIdx.x;
-  if (t == 0) mbar_init(&bar, 1);
-  __syncthreads();
-  if (t >= 32 && t < 64) {
-    buf[t - 32] = t;
-    __syncwarp();
-    if (t == 32) mbar_arrive(&bar);
-  } else if (t < 32) {
-    mbar_wait_warp(&bar, 0);
+    if constexpr (kOneLaneArrives)
+      mbar_wait_warp(&bar, 0);
+    else
+      mbar_wait(&bar, 0);
     out[t] = buf[31 - t];
   }
 }
@@ -110,8 +104,8 @@ int main() {
   cudaMemset(src, 1, 1024);
   named_barrier<<<1, 640>>>(out);
   full_barrier<<<1, 640>>>(out);
-  mbarrier_handoff<<<1, 128>>>(out);
-  one_lane_arrives<<<1, 128>>>(out);
+  warp_handoff<false><<<1, 128>>>(out);  // mbarrier_handoff
+  warp_handoff<true><<<1, 128>>>(out);   // one_lane_arrives
   chain_slot<<<1, 128>>>(src, out);
   const cudaError_t e = cudaDeviceSynchronize();
   printf("done: %s\n", cudaGetErrorString(e));
