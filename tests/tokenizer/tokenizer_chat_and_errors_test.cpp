@@ -274,5 +274,67 @@ TEST(TokenizerBadInput, MalformedSourceFilesNameTheFile) {
   EXPECT_EQ(r.error().code, ErrorCode::not_found);
 }
 
+// A field of the wrong JSON type (nlohmann's value() would throw; CI's fuzzer found
+// "lstrip": 1) is a corrupt-file error naming the file and the field.
+TEST(TokenizerBadInput, WrongTypedJsonFieldsNameTheFileAndField) {
+  const json base = json::parse(R"({"model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": ["a b"]}})");
+  struct Case {
+    const char* name;
+    std::function<void(json&)> edit;
+    const char* config;    // tokenizer_config.json, or nullptr
+    const char* expected;  // in the message
+    const char* file;
+  };
+  const std::vector<Case> cases = {
+      {"added token flag",
+       [](json& j) { j["added_tokens"] = json::parse(R"([{"id": 3, "content": "<s>", "lstrip": 1}])"); }, nullptr,
+       "added_tokens entry 3 field \"lstrip\" must be a boolean, not a JSON number", "tokenizer.json"},
+      {"model type", [](json& j) { j["model"]["type"] = 5; }, nullptr, "model field \"type\" must be a string",
+       "tokenizer.json"},
+      {"model flag", [](json& j) { j["model"]["byte_fallback"] = "true"; }, nullptr,
+       "model field \"byte_fallback\" must be a boolean, not a JSON string", "tokenizer.json"},
+      {"pre-tokenizer step",
+       [](json& j) { j["pre_tokenizer"] = json::parse(R"({"type": "Sequence", "pretokenizers": ["ByteLevel"]})"); },
+       nullptr, "pre_tokenizer step is a JSON string, not an object", "tokenizer.json"},
+      {"pre-tokenizer flag",
+       [](json& j) { j["pre_tokenizer"] = json::parse(R"({"type": "ByteLevel", "use_regex": "no"})"); }, nullptr,
+       "pre_tokenizer step field \"use_regex\" must be a boolean", "tokenizer.json"},
+      {"decoder start",
+       [](json& j) { j["decoder"] = json::parse(R"({"type": "Strip", "content": " ", "start": "1"})"); }, nullptr,
+       "decoder step field \"start\" must be an integer", "tokenizer.json"},
+      {"normalizer text", [](json& j) { j["normalizer"] = json::parse(R"({"type": "Prepend", "prepend": ["x"]})"); },
+       nullptr, "normalizer step field \"prepend\" must be a string, not a JSON array", "tokenizer.json"},
+      {"post-processor ids",
+       [](json& j) {
+         j["post_processor"] = json::parse(
+             R"({"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "a"}}, {"Sequence": {"id": "A"}}],
+                 "special_tokens": {"a": {"ids": {"0": 0}}}})");
+       },
+       nullptr, "post_processor names special token 'a' with no valid id", "tokenizer.json"},
+      {"config added token flag", [](json&) {},
+       R"({"added_tokens_decoder": {"0": {"content": "a", "special": "yes"}}})",
+       "added_tokens_decoder entry 0 field \"special\" must be a boolean", "tokenizer_config.json"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    std::string dir = scratch(std::string("typed-") + std::to_string(&c - cases.data()));
+    json j = base;
+    c.edit(j);
+    write_text(dir + "/tokenizer.json", j.dump());
+    if (c.config) write_text(dir + "/tokenizer_config.json", c.config);
+    auto r = import_tokenizer(dir, dir + "/out.lpk");
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.error().code, ErrorCode::corrupt) << r.error().message;
+    EXPECT_NE(r.error().message.find(dir + "/" + c.file), std::string::npos) << r.error().message;
+    EXPECT_NE(r.error().message.find(c.expected), std::string::npos) << r.error().message;
+    EXPECT_FALSE(fs::exists(dir + "/out.lpk"));
+  }
+  // The unedited file imports (the cases fail for their edit, not for the base).
+  std::string ok_dir = scratch("typed-base");
+  write_text(ok_dir + "/tokenizer.json", base.dump());
+  auto r = import_tokenizer(ok_dir, ok_dir + "/out.lpk");
+  EXPECT_TRUE(r.ok()) << r.error().message;
+}
+
 }  // namespace
 }  // namespace layerpack

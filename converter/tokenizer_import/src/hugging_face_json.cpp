@@ -4,6 +4,7 @@
 #include <unordered_map>
 
 #include "import_internal.h"
+#include "json_fields.h"
 #include "layerpack/tokenizer_tables.h"
 #include "layerpack/tokenizer_utf8.h"
 
@@ -36,7 +37,8 @@ struct StepLists {
 // Flattens {"type": "Sequence", "<list_key>": [...]} into its members.
 void flatten(const json& node, const char* list_key, std::vector<const json*>& out) {
   if (node.is_null()) return;
-  if (node.value("type", "") == "Sequence" && node.contains(list_key) && node[list_key].is_array()) {
+  if (node.is_object() && node.contains("type") && node["type"] == "Sequence" && node.contains(list_key) &&
+      node[list_key].is_array()) {
     for (const json& child : node[list_key]) flatten(child, list_key, out);
   } else {
     out.push_back(&node);
@@ -64,7 +66,9 @@ Result<TokenizerData> read_hugging_face_json(const std::string& path, const Toke
   if (j.is_discarded() || !j.is_object()) return file_error(ErrorCode::corrupt, path, "is not a valid JSON object");
   if (!j.contains("model") || !j["model"].is_object()) return file_error(ErrorCode::corrupt, path, "has no \"model\" object");
   const json& model = j["model"];
-  const std::string type = model.value("type", "BPE");
+  JsonFields fields(path);
+  const std::string type = fields.string(model, "type", "BPE", "model");
+  if (fields.failed()) return fields.error();
   if (type != "BPE")
     return json_error(path, "tokenizer model type '" + type + "' is not supported (only BPE: byte-level or SentencePiece-style)");
   if (!model.contains("vocab") || !model["vocab"].is_object()) return file_error(ErrorCode::corrupt, path, "model.vocab is missing");
@@ -84,87 +88,96 @@ Result<TokenizerData> read_hugging_face_json(const std::string& path, const Toke
   std::vector<const json*> pre_steps;
   if (j.contains("pre_tokenizer")) flatten(j["pre_tokenizer"], "pretokenizers", pre_steps);
   for (const json* step : pre_steps) {
-    std::string kind = step->value("type", "");
+    const std::string where = "pre_tokenizer step";
+    std::string kind = fields.string(*step, "type", "", where);
+    if (fields.failed()) return fields.error();
     PreTokenizerStepData s;
     if (kind == "Split") {
       s.kind = fb::PreTokenizerKind::split;
-      auto pattern = regex_or_string(step->value("pattern", json()), path, s.pattern_is_regex);
+      auto pattern = regex_or_string(step->contains("pattern") ? (*step)["pattern"] : json(), path, s.pattern_is_regex);
       if (!pattern.ok()) return pattern.error();
       s.pattern = pattern.value();
-      std::string behavior = step->value("behavior", "Isolated");
+      std::string behavior = fields.string(*step, "behavior", "Isolated", where);
       if (behavior == "Removed") s.behavior = fb::SplitBehavior::removed;
       else if (behavior == "Isolated") s.behavior = fb::SplitBehavior::isolated;
       else if (behavior == "MergedWithPrevious") s.behavior = fb::SplitBehavior::merged_with_previous;
       else if (behavior == "MergedWithNext") s.behavior = fb::SplitBehavior::merged_with_next;
       else if (behavior == "Contiguous") s.behavior = fb::SplitBehavior::contiguous;
       else return json_error(path, "Split behavior '" + behavior + "' is not supported");
-      s.invert = step->value("invert", false);
+      s.invert = fields.boolean(*step, "invert", false, where);
     } else if (kind == "ByteLevel") {
       byte_level = true;
       s.kind = fb::PreTokenizerKind::byte_level;
-      s.flag_a = step->value("add_prefix_space", false);
-      s.flag_b = step->value("use_regex", true);
+      s.flag_a = fields.boolean(*step, "add_prefix_space", false, where);
+      s.flag_b = fields.boolean(*step, "use_regex", true, where);
     } else if (kind == "Digits") {
       s.kind = fb::PreTokenizerKind::digits;
-      s.flag_a = step->value("individual_digits", false);
+      s.flag_a = fields.boolean(*step, "individual_digits", false, where);
     } else if (kind == "Metaspace") {
       s.kind = fb::PreTokenizerKind::metaspace;
-      s.text = step->value("replacement", "\xE2\x96\x81");
-      std::string scheme = step->value("prepend_scheme", "");
-      if (scheme.empty()) scheme = step->value("add_prefix_space", true) ? "always" : "never";
+      s.text = fields.string(*step, "replacement", "\xE2\x96\x81", where);
+      std::string scheme = fields.string(*step, "prepend_scheme", "", where);
+      if (scheme.empty()) scheme = fields.boolean(*step, "add_prefix_space", true, where) ? "always" : "never";
       if (scheme == "always") s.prepend_scheme = 0;
       else if (scheme == "first") s.prepend_scheme = 1;
       else if (scheme == "never") s.prepend_scheme = 2;
       else return json_error(path, "Metaspace prepend_scheme '" + scheme + "' is not supported");
-      s.flag_a = step->value("split", true);
+      s.flag_a = fields.boolean(*step, "split", true, where);
     } else {
       return json_error(path, "pre-tokenizer '" + kind + "' is not supported (Split, ByteLevel, Digits, Metaspace are)");
     }
+    if (fields.failed()) return fields.error();
     data.pre_tokenizer.push_back(s);
   }
   if (j.contains("decoder") && !j["decoder"].is_null()) {
     std::vector<const json*> decoders;
     flatten(j["decoder"], "decoders", decoders);
     for (const json* d : decoders) {
-      std::string kind = d->value("type", "");
+      const std::string where = "decoder step";
+      std::string kind = fields.string(*d, "type", "", where);
       if (kind == "ByteLevel") byte_level = true;
-      if (kind == "Strip" && d->value("content", "") == " " && d->value("start", 0) > 0)
+      if (kind == "Strip" && fields.string(*d, "content", "", where) == " " &&
+          fields.integer(*d, "start", 0, where) > 0)
         data.decode_strip_leading_space = true;
       if (kind == "Metaspace") {
-        std::string scheme = d->value("prepend_scheme", "");
-        if (scheme.empty()) scheme = d->value("add_prefix_space", true) ? "always" : "never";
+        std::string scheme = fields.string(*d, "prepend_scheme", "", where);
+        if (scheme.empty()) scheme = fields.boolean(*d, "add_prefix_space", true, where) ? "always" : "never";
         if (scheme != "never") data.decode_strip_leading_space = true;
       }
     }
+    if (fields.failed()) return fields.error();
   }
   data.model = byte_level ? fb::TokenizerModelKind::byte_level_bpe : fb::TokenizerModelKind::sentencepiece_bpe;
 
   std::vector<const json*> normalizers;
   if (j.contains("normalizer")) flatten(j["normalizer"], "normalizers", normalizers);
   for (const json* n : normalizers) {
-    std::string kind = n->value("type", "");
+    const std::string where = "normalizer step";
+    std::string kind = fields.string(*n, "type", "", where);
+    if (fields.failed()) return fields.error();
     NormalizerStepData s;
     if (kind == "NFC") {
       s.kind = fb::NormalizerKind::nfc;
     } else if (kind == "Prepend") {
       s.kind = fb::NormalizerKind::prepend;
-      s.text_a = n->value("prepend", "");
+      s.text_a = fields.string(*n, "prepend", "", where);
     } else if (kind == "Replace") {
       s.kind = fb::NormalizerKind::replace;
       bool is_regex = false;
-      auto pattern = regex_or_string(n->value("pattern", json()), path, is_regex);
+      auto pattern = regex_or_string(n->contains("pattern") ? (*n)["pattern"] : json(), path, is_regex);
       if (!pattern.ok()) return pattern.error();
       if (is_regex) return json_error(path, "Replace normalizer with a regex pattern is not supported");
       if (pattern.value().empty()) return file_error(ErrorCode::corrupt, path, "Replace normalizer has an empty pattern");
       s.text_a = pattern.value();
-      s.text_b = n->value("content", "");
+      s.text_b = fields.string(*n, "content", "", where);
     } else if (kind == "Strip") {
       s.kind = fb::NormalizerKind::strip;
-      s.flag_a = n->value("strip_left", true);
-      s.flag_b = n->value("strip_right", true);
+      s.flag_a = fields.boolean(*n, "strip_left", true, where);
+      s.flag_b = fields.boolean(*n, "strip_right", true, where);
     } else {
       return json_error(path, "normalizer '" + kind + "' is not supported (NFC, Prepend, Replace, Strip are)");
     }
+    if (fields.failed()) return fields.error();
     data.normalizer.push_back(s);
   }
 
@@ -188,11 +201,13 @@ Result<TokenizerData> read_hugging_face_json(const std::string& path, const Toke
       t.id = static_cast<int32_t>(id);
       t.content = a["content"].get<std::string>();
       if (t.content.empty()) return file_error(ErrorCode::corrupt, path, "an added token has empty content");
-      t.special = a.value("special", false);
-      t.lstrip = a.value("lstrip", false);
-      t.rstrip = a.value("rstrip", false);
-      t.single_word = a.value("single_word", false);
-      t.normalized = a.value("normalized", !t.special);
+      const std::string where = "added_tokens entry " + std::to_string(id);
+      t.special = fields.boolean(a, "special", false, where);
+      t.lstrip = fields.boolean(a, "lstrip", false, where);
+      t.rstrip = fields.boolean(a, "rstrip", false, where);
+      t.single_word = fields.boolean(a, "single_word", false, where);
+      t.normalized = fields.boolean(a, "normalized", !t.special, where);
+      if (fields.failed()) return fields.error();
       max_id = std::max<int64_t>(max_id, id);
       added.push_back(t);
     }
@@ -278,9 +293,10 @@ Result<TokenizerData> read_hugging_face_json(const std::string& path, const Toke
       data.merges.push_back({l->second, r->second, result->second, rank++});
     }
   }
-  data.ignore_merges = model.value("ignore_merges", false);
-  data.byte_fallback = model.value("byte_fallback", false);
-  data.fuse_unk = model.value("fuse_unk", false);
+  data.ignore_merges = fields.boolean(model, "ignore_merges", false, "model");
+  data.byte_fallback = fields.boolean(model, "byte_fallback", false, "model");
+  data.fuse_unk = fields.boolean(model, "fuse_unk", false, "model");
+  if (fields.failed()) return fields.error();
   if (model.contains("unk_token") && model["unk_token"].is_string()) {
     auto it = model_ids.find(model["unk_token"].get<std::string>());
     if (it != model_ids.end()) {
@@ -294,24 +310,31 @@ Result<TokenizerData> read_hugging_face_json(const std::string& path, const Toke
     std::vector<const json*> processors;
     flatten(j["post_processor"], "processors", processors);
     for (const json* p : processors) {
-      if (p->value("type", "") != "TemplateProcessing" || !p->contains("single")) continue;
+      const std::string where = "post_processor step";
+      if (fields.string(*p, "type", "", where) != "TemplateProcessing" || !p->contains("single")) {
+        if (fields.failed()) return fields.error();
+        continue;
+      }
       bool seen_sequence = false;
       for (const json& piece : (*p)["single"]) {
         if (piece.contains("Sequence")) {
           seen_sequence = true;
         } else if (piece.contains("SpecialToken")) {
-          std::string name = piece["SpecialToken"].value("id", "");
-          int32_t id = -1;
-          const json& specials = p->value("special_tokens", json::object());
-          if (specials.contains(name) && specials[name].contains("ids") && specials[name]["ids"].size() == 1)
-            id = specials[name]["ids"][0].get<int32_t>();
-          if (id < 0 || static_cast<size_t>(id) >= data.token_texts.size())
+          std::string name = fields.string(piece["SpecialToken"], "id", "", "post_processor SpecialToken");
+          if (fields.failed()) return fields.error();
+          int64_t id = -1;
+          const json* specials = p->contains("special_tokens") ? &(*p)["special_tokens"] : nullptr;
+          if (specials != nullptr && specials->is_object() && specials->contains(name)) {
+            const json& ids = (*specials)[name].is_object() ? (*specials)[name].value("ids", json()) : json();
+            if (ids.is_array() && ids.size() == 1 && ids[0].is_number_integer()) id = ids[0].get<int64_t>();
+          }
+          if (id < 0 || static_cast<uint64_t>(id) >= data.token_texts.size())
             return file_error(ErrorCode::corrupt, path, "post_processor names special token '" + name + "' with no valid id");
           if (!seen_sequence) {
-            data.bos_id = id;
+            data.bos_id = static_cast<int32_t>(id);
             data.add_bos = true;
           } else {
-            data.eos_ids.push_back(id);
+            data.eos_ids.push_back(static_cast<int32_t>(id));
             data.add_eos = true;
           }
         }

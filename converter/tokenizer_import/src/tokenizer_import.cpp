@@ -13,6 +13,7 @@
 #include <unordered_map>
 
 #include "import_internal.h"
+#include "json_fields.h"
 #include "layerpack/tokenizer_tables.h"
 
 namespace layerpack {
@@ -87,7 +88,7 @@ Result<TokenizerConfig> read_tokenizer_config(const std::string& checkpoint_dir)
         config.chat_template = t.get<std::string>();
       } else if (t.is_array()) {  // named templates: use "default"
         for (const json& entry : t)
-          if (entry.is_object() && entry.value("name", "") == "default" && entry.contains("template") &&
+          if (entry.is_object() && entry.contains("name") && entry["name"] == "default" && entry.contains("template") &&
               entry["template"].is_string())
             config.chat_template = entry["template"].get<std::string>();
       }
@@ -104,11 +105,14 @@ Result<TokenizerConfig> read_tokenizer_config(const std::string& checkpoint_dir)
         if (!v.is_object() || !v.contains("content") || !v["content"].is_string())
           return file_error(ErrorCode::corrupt, config.path, "added_tokens_decoder entry " + it.key() + " has no content");
         token.content = v["content"].get<std::string>();
-        token.special = v.value("special", false);
-        token.lstrip = v.value("lstrip", false);
-        token.rstrip = v.value("rstrip", false);
-        token.single_word = v.value("single_word", false);
-        token.normalized = v.value("normalized", false);
+        JsonFields fields(config.path);
+        const std::string where = "added_tokens_decoder entry " + it.key();
+        token.special = fields.boolean(v, "special", false, where);
+        token.lstrip = fields.boolean(v, "lstrip", false, where);
+        token.rstrip = fields.boolean(v, "rstrip", false, where);
+        token.single_word = fields.boolean(v, "single_word", false, where);
+        token.normalized = fields.boolean(v, "normalized", false, where);
+        if (fields.failed()) return fields.error();
         config.added_tokens_decoder.push_back(token);
       }
     }
@@ -340,7 +344,15 @@ Result<WrittenFile> write_tokenizer_table(const TokenizerData& data, const std::
 Result<TokenizerImportSummary> import_tokenizer(const std::string& checkpoint_dir, const std::string& output_path,
                                                 TokenizerSource source) {
   using namespace tokenizer_import;
-  auto config = read_tokenizer_config(checkpoint_dir);
+  // The JSON readers use typed field reads; a json::exception escaping them is a
+  // structure they do not check field by field, and still the file's fault.
+  Result<TokenizerConfig> config = make_error(ErrorCode::invalid_argument, "no config");
+  try {
+    config = read_tokenizer_config(checkpoint_dir);
+  } catch (const nlohmann::json::exception& e) {
+    config = file_error(ErrorCode::corrupt, checkpoint_dir + "/tokenizer_config.json",
+                        std::string("unexpected JSON structure (") + e.what() + ")");
+  }
   if (!config.ok()) return config.error();
   const std::string json_path = checkpoint_dir + "/tokenizer.json";
   std::string model_path = checkpoint_dir + "/tokenizer.model";
@@ -376,7 +388,11 @@ Result<TokenizerImportSummary> import_tokenizer(const std::string& checkpoint_di
   switch (source) {
     case TokenizerSource::hugging_face_json:
       used = json_path;
-      data = read_hugging_face_json(json_path, config.value());
+      try {
+        data = read_hugging_face_json(json_path, config.value());
+      } catch (const nlohmann::json::exception& e) {
+        data = file_error(ErrorCode::corrupt, json_path, std::string("unexpected JSON structure (") + e.what() + ")");
+      }
       break;
     case TokenizerSource::sentencepiece_model:
       used = model_path;
