@@ -246,9 +246,10 @@ Result<PrequantizedSource> plan_prequantized(const SafetensorsCheckpoint& ckpt, 
   if (j.is_discarded() || !j.is_object()) {
     return file_error(ErrorCode::corrupt, state.file->path(), where + " is not a JSON object");
   }
-  if (j.value("quant_type", std::string()) != "nf4") {
+  const json quant_type = j.contains("quant_type") ? j["quant_type"] : json();
+  if (quant_type != "nf4") {
     return file_error(ErrorCode::unsupported, state.file->path(),
-                      where + ": quant_type \"" + j.value("quant_type", std::string()) + "\" is not nf4");
+                      where + ": quant_type " + quant_type.dump() + " is not nf4");
   }
   if (!j.contains("shape") || !j["shape"].is_array() || !j.contains("blocksize") ||
       !j["blocksize"].is_number_unsigned()) {
@@ -291,8 +292,11 @@ Result<PrequantizedSource> plan_prequantized(const SafetensorsCheckpoint& ckpt, 
   const std::vector<uint64_t> nb_shape = {nb};
   LAYERPACK_TRY(expect_tensor(pre.absmax, name + ".absmax", pre.double_quant ? "U8" : "F32", &nb_shape, label));
   if (pre.double_quant) {
-    pre.nested_blocksize = j.value("nested_blocksize", 256u);
-    if (pre.nested_blocksize == 0) return file_error(ErrorCode::corrupt, state.file->path(), where + ": nested_blocksize 0");
+    const json nested = j.contains("nested_blocksize") ? j["nested_blocksize"] : json(256u);
+    if (!nested.is_number_unsigned() || nested.get<uint64_t>() == 0 || nested.get<uint64_t>() > 0xffffffffu)
+      return file_error(ErrorCode::corrupt, state.file->path(),
+                        where + ": nested_blocksize " + nested.dump() + " is not a positive integer");
+    pre.nested_blocksize = nested.get<uint32_t>();
     const std::vector<uint64_t> nested_shape = {nf4::block_count(nb, pre.nested_blocksize)};
     LAYERPACK_TRY(expect_tensor(pre.nested_absmax, name + ".nested_absmax", "F32", &nested_shape, label));
     pre.nested_quant_map = ckpt.find(name + ".nested_quant_map");

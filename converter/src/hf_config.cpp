@@ -353,19 +353,22 @@ Result<HfConfig> parse_hf_config(const std::string& json_text, const std::string
   if (f.has("quantization_config")) {
     const json& q = j["quantization_config"];
     if (!q.is_object()) return file_error(ErrorCode::invalid_argument, path, "\"quantization_config\" is not an object");
-    const std::string method = q.value("quant_method", std::string());
+    const Fields quant(q, path);  // typed: value() would throw on a field of another type
+    std::string method;
+    LP_ASSIGN(method, quant.string("quant_method", ""));
     if (method != "bitsandbytes") {
       return file_error(ErrorCode::unsupported, path,
                         "quantization_config.quant_method \"" + method +
                             "\" is not supported (only bitsandbytes 4-bit NF4, or an unquantized checkpoint)");
     }
-    const bool load_in_4bit = q.value("load_in_4bit", false);
+    bool load_in_4bit = false;
+    LP_ASSIGN(load_in_4bit, quant.boolean("load_in_4bit", false));
     if (!load_in_4bit) {
       return file_error(ErrorCode::unsupported, path,
                         "bitsandbytes checkpoint is not 4-bit (load_in_8bit / LLM.int8 is not supported)");
     }
     BitsAndBytesConfig& b = result.bitsandbytes;
-    b.quant_type = q.value("bnb_4bit_quant_type", std::string("fp4"));  // bitsandbytes' own default
+    LP_ASSIGN(b.quant_type, quant.string("bnb_4bit_quant_type", "fp4"));  // bitsandbytes' own default
     if (b.quant_type == "fp4") {
       return file_error(ErrorCode::unsupported, path,
                         "bitsandbytes FP4 checkpoints are not supported (bnb_4bit_quant_type \"fp4\"); use an NF4 "
@@ -374,8 +377,8 @@ Result<HfConfig> parse_hf_config(const std::string& json_text, const std::string
     if (b.quant_type != "nf4") {
       return file_error(ErrorCode::unsupported, path, "bnb_4bit_quant_type \"" + b.quant_type + "\" is not supported");
     }
-    b.double_quant = q.value("bnb_4bit_use_double_quant", false);
-    b.quant_storage = q.value("bnb_4bit_quant_storage", std::string("uint8"));
+    LP_ASSIGN(b.double_quant, quant.boolean("bnb_4bit_use_double_quant", false));
+    LP_ASSIGN(b.quant_storage, quant.string("bnb_4bit_quant_storage", "uint8"));
     if (q.contains("llm_int8_skip_modules") && q["llm_int8_skip_modules"].is_array()) {
       for (const json& m : q["llm_int8_skip_modules"]) {
         if (m.is_string()) b.skip_modules.push_back(m.get<std::string>());

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <filesystem>
 #include <functional>
+#include <tuple>
 #include <fstream>
 
 #include "checkpoint_fixture.h"
@@ -227,6 +228,29 @@ TEST(BadInput, Fp4CheckpointIsRefused) {
   auto f = convert_expecting_failure(dir);
   EXPECT_EQ(f.error.code, ErrorCode::unsupported);
   expect_message(f, dir + "/config.json", "FP4");
+}
+
+// A bitsandbytes quant_state JSON whose fields have the wrong type: an error naming
+// the tensor (value() used to throw). Same-length edits keep the safetensors valid.
+TEST(BadInput, WrongTypedQuantStateFieldsAreNamed) {
+  for (const auto& [from, to, code, what] : std::vector<std::tuple<std::string, std::string, ErrorCode, std::string>>{
+           {"\"quant_type\":\"nf4\"", "\"quant_type\":12345", ErrorCode::unsupported, "quant_type 12345 is not nf4"},
+           {"\"nested_blocksize\":256", "\"nested_blocksize\":\"x\"", ErrorCode::corrupt,
+            "nested_blocksize \"x\" is not a positive integer"}}) {
+    SCOPED_TRACE(to);
+    TinyModelSpec spec;
+    spec.bitsandbytes = true;
+    const std::string dir = tiny_model(spec);
+    std::string weights = testing::read_file(dir + "/model.safetensors");
+    const size_t at = weights.find(from);
+    ASSERT_NE(at, std::string::npos);
+    weights.replace(at, from.size(), to);
+    testing::write_file(dir + "/model.safetensors", weights);
+    auto f = convert_expecting_failure(dir);
+    EXPECT_EQ(f.error.code, code);
+    expect_message(f, dir + "/model.safetensors", what);
+    expect_message(f, "", ".quant_state.bitsandbytes__nf4'");
+  }
 }
 
 TEST(BadInput, BadOptions) {

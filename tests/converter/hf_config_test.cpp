@@ -191,6 +191,31 @@ TEST(HfConfig, BitsAndBytesNf4AcceptedFp4Refused) {
   EXPECT_NE(fp4.error().message.find(kPath), std::string::npos);
 }
 
+// Wrong-typed quantization_config fields are errors naming the field (value() used to throw).
+TEST(HfConfig, WrongTypedQuantizationFieldsAreNamed) {
+  testing::TinyModelSpec spec;
+  spec.bitsandbytes = true;
+  const std::string good = testing::config_json(spec);
+  for (const auto& [field, wrong] :
+       std::vector<std::pair<std::string, std::string>>{{"quant_method", "5"},
+                                                        {"load_in_4bit", "\"yes\""},
+                                                        {"bnb_4bit_quant_type", "[1]"},
+                                                        {"bnb_4bit_use_double_quant", "1"},
+                                                        {"bnb_4bit_quant_storage", "{}"}}) {
+    SCOPED_TRACE(field);
+    std::string text = good;
+    const size_t key = text.find("\"" + field + "\"");
+    ASSERT_NE(key, std::string::npos);
+    const size_t colon = text.find(':', key), end = text.find_first_of(",}", colon);
+    text.replace(colon + 1, end - colon - 1, " " + wrong);
+    auto parsed = parse_hf_config(text, kPath);
+    ASSERT_FALSE(parsed.ok());
+    EXPECT_EQ(parsed.error().code, ErrorCode::invalid_argument);
+    EXPECT_NE(parsed.error().message.find("\"" + field + "\" must be"), std::string::npos) << parsed.error().message;
+    EXPECT_NE(parsed.error().message.find(kPath), std::string::npos);
+  }
+}
+
 TEST(GenerationConfig, ParsesSamplingDefaultsAndEosList) {
   auto g = parse_generation_config(R"({"bos_token_id": 128000, "do_sample": true, "eos_token_id": [128001, 128009],
       "temperature": 0.6, "top_p": 0.9, "transformers_version": "4.40.0"})",
