@@ -274,6 +274,45 @@ TEST(TokenizerBadInput, MalformedSourceFilesNameTheFile) {
   EXPECT_EQ(r.error().code, ErrorCode::not_found);
 }
 
+// Tables are sized by the largest id: a stray huge id (or rank) is refused by name
+// instead of asking for gigabytes; a negative or non-numeric added_tokens_decoder key too.
+TEST(TokenizerBadInput, HugeOrNegativeIdsAreRefused) {
+  struct Case {
+    const char* source_file;  // written with `source`
+    std::string source;
+    const char* config;  // tokenizer_config.json, or nullptr
+    TokenizerSource kind;
+    const char* expected;
+  };
+  const std::string tiktoken = "IQ== 0\nIg== 1\n";
+  const std::vector<Case> cases = {
+      {"tokenizer.json", R"({"model": {"type": "BPE", "vocab": {"a": 0, "b": 2000000000}}})", nullptr,
+       TokenizerSource::hugging_face_json, "vocab entry 'b' id 2000000000 is beyond the importer's limit"},
+      {"tokenizer.json", R"({"model": {"type": "BPE", "vocab": {"a": 0, "b": -1}}})", nullptr,
+       TokenizerSource::hugging_face_json, "vocab entry 'b' has a negative id"},
+      {"tokenizer.json",
+       R"({"added_tokens": [{"id": 4194304, "content": "<x>"}], "model": {"type": "BPE", "vocab": {"a": 0}}})", nullptr,
+       TokenizerSource::hugging_face_json, "added token id 4194304 is beyond the importer's limit"},
+      {"tokenizer.model", tiktoken + "Iw== 999999999\n", nullptr, TokenizerSource::tiktoken_ranks,
+       "line 3: rank 999999999 is beyond the importer's limit"},
+      {"tokenizer.model", tiktoken, R"({"added_tokens_decoder": {"99999999": {"content": "<x>"}}})",
+       TokenizerSource::tiktoken_ranks, "added_tokens_decoder id 99999999 is beyond the importer's limit"},
+      {"tokenizer.model", tiktoken, R"({"added_tokens_decoder": {"-3": {"content": "<x>"}}})",
+       TokenizerSource::tiktoken_ranks, "added_tokens_decoder key '-3' is not an id"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.expected);
+    std::string dir = scratch("huge-" + std::to_string(&c - cases.data()));
+    write_text(dir + "/" + c.source_file, c.source);
+    if (c.config) write_text(dir + "/tokenizer_config.json", c.config);
+    auto r = import_tokenizer(dir, dir + "/out.lpk", c.kind);
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.error().code, ErrorCode::corrupt) << r.error().message;
+    EXPECT_NE(r.error().message.find(dir + "/"), std::string::npos) << r.error().message;
+    EXPECT_NE(r.error().message.find(c.expected), std::string::npos) << r.error().message;
+  }
+}
+
 // A field of the wrong JSON type (nlohmann's value() would throw; CI's fuzzer found
 // "lstrip": 1) is a corrupt-file error naming the file and the field.
 TEST(TokenizerBadInput, WrongTypedJsonFieldsNameTheFileAndField) {

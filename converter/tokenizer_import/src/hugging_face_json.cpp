@@ -187,7 +187,9 @@ Result<TokenizerData> read_hugging_face_json(const std::string& path, const Toke
   for (auto it = vocab.begin(); it != vocab.end(); ++it) {
     if (!it.value().is_number_integer()) return file_error(ErrorCode::corrupt, path, "vocab entry '" + it.key() + "' has no integer id");
     int64_t id = it.value().get<int64_t>();
-    if (id < 0 || id >= (int64_t{1} << 31)) return file_error(ErrorCode::corrupt, path, "vocab id out of range: " + std::to_string(id));
+    if (id < 0) return file_error(ErrorCode::corrupt, path, "vocab entry '" + it.key() + "' has a negative id");
+    if (id >= kMaxVocabulary)
+      return file_error(ErrorCode::corrupt, path, "vocab entry '" + it.key() + "' id " + beyond_vocabulary_limit(id));
     max_id = std::max(max_id, id);
   }
   std::vector<AddedTokenData> added;
@@ -197,7 +199,9 @@ Result<TokenizerData> read_hugging_face_json(const std::string& path, const Toke
       if (!a.contains("id") || !a["id"].is_number_integer() || !a.contains("content") || !a["content"].is_string())
         return file_error(ErrorCode::corrupt, path, "an added_tokens entry lacks id or content");
       int64_t id = a["id"].get<int64_t>();
-      if (id < 0 || id >= (int64_t{1} << 31)) return file_error(ErrorCode::corrupt, path, "added token id out of range");
+      if (id < 0) return file_error(ErrorCode::corrupt, path, "an added token has a negative id");
+      if (id >= kMaxVocabulary)
+        return file_error(ErrorCode::corrupt, path, "added token id " + beyond_vocabulary_limit(id));
       t.id = static_cast<int32_t>(id);
       t.content = a["content"].get<std::string>();
       if (t.content.empty()) return file_error(ErrorCode::corrupt, path, "an added token has empty content");

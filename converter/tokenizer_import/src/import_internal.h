@@ -14,6 +14,14 @@
 
 namespace layerpack::tokenizer_import {
 
+// Token ids (and tiktoken ranks) at or above this are refused as corrupt: the tables
+// are sized by the largest id, so one stray huge id would otherwise ask for gigabytes.
+// 16x the largest published vocabulary (Gemma's 262,144).
+constexpr int64_t kMaxVocabulary = int64_t{1} << 22;
+inline std::string beyond_vocabulary_limit(int64_t id) {
+  return std::to_string(id) + " is beyond the importer's limit of " + std::to_string(kMaxVocabulary) + " tokens";
+}
+
 struct Merge {
   int32_t left, right, result;
   uint32_t priority;

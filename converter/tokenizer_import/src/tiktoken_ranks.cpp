@@ -85,6 +85,7 @@ Result<TokenizerData> read_tiktoken_ranks(const std::string& path, const Tokeniz
     if (rank_text.empty() || rank_text.size() > 9 || rank_text.find_first_not_of("0123456789") != std::string::npos)
       return bad("invalid rank '" + rank_text + "'");
     uint32_t rank = static_cast<uint32_t>(std::stoul(rank_text));
+    if (rank >= kMaxVocabulary) return bad("rank " + beyond_vocabulary_limit(rank));
     max_rank = std::max(max_rank, rank);
     ranks.emplace_back(std::move(token), rank);
   }

@@ -97,11 +97,13 @@ Result<TokenizerConfig> read_tokenizer_config(const std::string& checkpoint_dir)
       for (auto it = j["added_tokens_decoder"].begin(); it != j["added_tokens_decoder"].end(); ++it) {
         const json& v = it.value();
         AddedTokenData token;
-        try {
-          token.id = std::stoi(it.key());
-        } catch (...) {
-          return file_error(ErrorCode::corrupt, config.path, "added_tokens_decoder key '" + it.key() + "' is not an id");
-        }
+        const std::string& key = it.key();
+        if (key.empty() || key.size() > 9 || key.find_first_not_of("0123456789") != std::string::npos)
+          return file_error(ErrorCode::corrupt, config.path, "added_tokens_decoder key '" + key + "' is not an id");
+        token.id = std::stoi(key);
+        if (token.id >= kMaxVocabulary)
+          return file_error(ErrorCode::corrupt, config.path,
+                            "added_tokens_decoder id " + beyond_vocabulary_limit(token.id));
         if (!v.is_object() || !v.contains("content") || !v["content"].is_string())
           return file_error(ErrorCode::corrupt, config.path, "added_tokens_decoder entry " + it.key() + " has no content");
         token.content = v["content"].get<std::string>();
