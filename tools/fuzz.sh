@@ -4,11 +4,15 @@
 # regression input, then fuzzes each harness for a fixed time. Exit status is
 # non-zero when any harness crashes, leaks or reports undefined behaviour.
 #
-#   tools/fuzz.sh                       CI: 45 s per harness, nproc at a time
-#   tools/fuzz.sh --seconds 600 --parallel 2 --nice   long campaign
+#   tools/fuzz.sh --seconds 30 --seed 1   CI (tools/test.sh): the same inputs on every run
+#   tools/fuzz.sh --seconds 600 --parallel 2 --nice   long campaign, new inputs each time
 #   tools/fuzz.sh fuzz_manifest ...     only these harnesses
 # Options:
 #   --seconds N    fuzzing time per harness (default 45; 0 replays seeds only)
+#   --seed N       libFuzzer's random seed, and start from the committed seeds alone
+#                  (the work corpus of earlier runs is emptied): a run explores the same
+#                  inputs wherever it runs, a longer or faster one further along the same
+#                  path. Without it every run explores new inputs (a campaign).
 #   --parallel P   harnesses run at once (default: nproc)
 #   --nice         run the fuzzers at nice 19 (shared machines)
 #   --build DIR    build directory (default build-fuzz)
@@ -19,10 +23,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
-seconds=45 parallel=$(nproc) nice_cmd=() build=build-fuzz do_build=1 make_seeds=0 selected=()
+seconds=45 parallel=$(nproc) nice_cmd=() build=build-fuzz do_build=1 make_seeds=0 selected=() seed=
 while [[ $# -gt 0 ]]; do
   case $1 in
     --seconds) seconds=$2; shift 2 ;;
+    --seed) seed=$2; shift 2 ;;
     --parallel) parallel=$2; shift 2 ;;
     --nice) nice_cmd=(nice -n 19); shift ;;
     --build) build=$2; shift 2 ;;
@@ -70,6 +75,7 @@ run_one() {
   local h=$1 bin=$build/tests/fuzz/$1 log=$results/$1.log status=0
   local seeds=tests/fuzz/corpus/$h regress=tests/fuzz/regressions/$h
   local work=$build/fuzz-corpus/$h findings=$build/fuzz-findings/$h
+  [[ -n $seed ]] && rm -rf "$work"
   mkdir -p "$work" "$findings"
   local t0=$(date +%s)
   # 1. Every committed regression and seed input, once each.
@@ -82,7 +88,7 @@ run_one() {
   # 2. Fuzz from the seeds plus what earlier runs found (the work corpus).
   if [[ $status == 0 && $seconds -gt 0 ]]; then
     "${nice_cmd[@]}" "$bin" -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=60 -print_final_stats=1 \
-      -artifact_prefix="$findings/" "$work" "$seeds" >>"$log" 2>&1 || status=$?
+      ${seed:+-seed="$seed"} -artifact_prefix="$findings/" "$work" "$seeds" >>"$log" 2>&1 || status=$?
   fi
   local execs=$(grep -o 'stat::number_of_executed_units: [0-9]*' "$log" | tail -1 | awk '{print $2}')
   local corpus_size=$(ls "$work" | wc -l)

@@ -6,6 +6,8 @@
 #   LAYERPACK_TEST_LABELS  ctest label regex (default "cpu|gpu")
 #   LAYERPACK_TEST_HARDENING=0  skip the sanitizer build and the short fuzz runs
 #   LAYERPACK_FUZZ_SECONDS fuzzing time per harness (default 30)
+#   LAYERPACK_FUZZ_SEED    libFuzzer seed (default 1: the verdict is reproducible;
+#                          new inputs come from campaigns, tools/fuzz.sh without --seed)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
@@ -23,5 +25,5 @@ if [ "${LAYERPACK_TEST_HARDENING:-1}" = 1 ]; then
   # The CPU suite again under AddressSanitizer + UndefinedBehaviorSanitizer, then a
   # short run of every libFuzzer harness (seeds and regressions replayed first).
   bash tools/sanitize.sh
-  bash tools/fuzz.sh --seconds "${LAYERPACK_FUZZ_SECONDS:-30}"
+  bash tools/fuzz.sh --seconds "${LAYERPACK_FUZZ_SECONDS:-30}" --seed "${LAYERPACK_FUZZ_SEED:-1}"
 fi
