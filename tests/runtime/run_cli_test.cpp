@@ -256,6 +256,15 @@ TEST(RunCliBadInput, TokenIdOutsideVocabulary) {
   EXPECT_NE(r.errors.find("100000"), std::string::npos) << r.errors;
 }
 
+// Sizes past 2^64 bytes (or inf) are refused, not converted (undefined for a double).
+TEST(RunCliBadInput, SizeBeyondSixtyFourBitsIsRefused) {
+  for (const char* size : {"1e30GiB", "inf", "2e7TiB", "-1GiB"}) {
+    RunResult r = run_cli(quote(converted_pack("llama3_rope")) + " --prompt-ids 1,2 --vram " + size);
+    EXPECT_NE(r.exit_code, 0) << size;
+    EXPECT_NE(r.errors.find(std::string("cannot read size \"") + size + "\""), std::string::npos) << r.errors;
+  }
+}
+
 TEST(RunCliBadInput, BudgetTooSmallForTwoSlots) {
   RunResult r = run_cli(quote(converted_pack("llama3_rope")) + " --prompt-ids 1,2 --layer-budget 4KiB");
   EXPECT_NE(r.exit_code, 0);

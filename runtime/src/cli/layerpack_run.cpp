@@ -78,7 +78,9 @@ Result<uint64_t> parse_size(const std::string& text) {
       {"M", 1e6},        {"MB", 1e6},       {"MiB", 1048576.0}, {"G", 1e9},         {"GB", 1e9},
       {"GiB", 1073741824.0}, {"T", 1e12},   {"TB", 1e12},       {"TiB", 1099511627776.0}};
   for (const auto& [name, factor] : units) {
-    if (unit == name && value >= 0) return static_cast<uint64_t>(value * factor);
+    // Converting a double at or past 2^64 (or inf) to uint64_t is undefined: refuse it.
+    if (unit == name && value >= 0 && value * factor < 18446744073709551616.0)
+      return static_cast<uint64_t>(value * factor);
   }
   return make_error(ErrorCode::invalid_argument, "cannot read size \"" + text + "\" (e.g. 512MiB, 8GiB)");
 }
