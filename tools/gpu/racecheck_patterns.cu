@@ -4,6 +4,7 @@
 // in one is the tool's. On the GPU machine, from the repository root:
 //   nvcc -O2 -arch=sm_90a -lineinfo -I. tools/gpu/racecheck_patterns.cu -o /tmp/racecheck_patterns
 //   compute-sanitizer --tool racecheck --racecheck-report all /tmp/racecheck_patterns
+// (tools/gpu/sanitize.sh builds and runs it before the chain's racecheck.)
 // H200, twenty-fifth session: named_barrier, full_barrier and mbarrier_handoff 0 hazards
 // (measured with the same PTX written inline: mbarrier arrive and try_wait default to
 // .release / .acquire at .cta). one_lane_arrives and chain_slot (the scale warp's and the

@@ -13,6 +13,7 @@
 # mbarrier, which the scale warp's lane 0 arrives on after __syncwarp) and between a
 # norm op's x stores and the x column loads (ordered by the consumers' named barrier):
 # believed to be the tool's, not confirmed (kernels/NOTES.md, twenty-fifth session).
+# The racecheck_patterns run (not run yet on the GPU) is what confirms it or not.
 set -uo pipefail
 build=$1 out=$2 pack=${3:-}
 mkdir -p "$out"
@@ -37,6 +38,15 @@ for t in matvec chain elementwise attention sampling; do
   run "synccheck_$t" 240 synccheck "$tests/test_kernels_$t" "${filter[@]}"
 done
 run memcheck_runtime 300 memcheck "$build/tests/runtime/runtime_cuda_test"
+# First the race-free patterns the chain uses (tools/gpu/racecheck_patterns.cu): a hazard
+# reported there is the tool's, which tells the chain's reports apart.
+patterns=$out/racecheck_patterns
+if nvcc -O2 -arch=sm_90a -lineinfo -I"$(dirname "$0")/../.." "$(dirname "$0")/racecheck_patterns.cu" -o "$patterns" \
+  >"$out/racecheck_patterns_build.txt" 2>&1; then
+  run racecheck_patterns 60 racecheck --racecheck-report all "$patterns"
+else
+  echo "racecheck_patterns: build failed ($out/racecheck_patterns_build.txt)"; failures=$((failures + 1))
+fi
 run racecheck_chain 240 racecheck "$tests/test_kernels_chain" --gtest_filter='NF4Chain.MatchesReferenceAndLaunches'
 if [ -n "$pack" ]; then
   ids=$(python3 -c "import random; random.seed(1); print(','.join(str(random.randrange(100, 49000)) for _ in range(16)))")
