@@ -18,6 +18,11 @@ namespace layerpack::tokenizer_import {
 // are sized by the largest id, so one stray huge id would otherwise ask for gigabytes.
 // 16x the largest published vocabulary (Gemma's 262,144).
 constexpr int64_t kMaxVocabulary = int64_t{1} << 22;
+// Ids and ranks as the files write them: 1 to 9 decimal digits, no sign or spaces
+// (std::stoi alone takes "-3" and "12abc"); fits int32 unchecked.
+inline bool is_plain_decimal(const std::string& text) {
+  return !text.empty() && text.size() <= 9 && text.find_first_not_of("0123456789") == std::string::npos;
+}
 inline std::string beyond_vocabulary_limit(int64_t id) {
   return std::to_string(id) + " is beyond the importer's limit of " + std::to_string(kMaxVocabulary) + " tokens";
 }

@@ -82,8 +82,7 @@ Result<TokenizerData> read_tiktoken_ranks(const std::string& path, const Tokeniz
     std::string token;
     if (!decode_base64(line.substr(0, space), token) || token.empty()) return bad("invalid base64 token");
     std::string rank_text = line.substr(space + 1);
-    if (rank_text.empty() || rank_text.size() > 9 || rank_text.find_first_not_of("0123456789") != std::string::npos)
-      return bad("invalid rank '" + rank_text + "'");
+    if (!is_plain_decimal(rank_text)) return bad("invalid rank '" + rank_text + "'");
     uint32_t rank = static_cast<uint32_t>(std::stoul(rank_text));
     if (rank >= kMaxVocabulary) return bad("rank " + beyond_vocabulary_limit(rank));
     max_rank = std::max(max_rank, rank);

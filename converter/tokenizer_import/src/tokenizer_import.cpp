@@ -98,7 +98,7 @@ Result<TokenizerConfig> read_tokenizer_config(const std::string& checkpoint_dir)
         const json& v = it.value();
         AddedTokenData token;
         const std::string& key = it.key();
-        if (key.empty() || key.size() > 9 || key.find_first_not_of("0123456789") != std::string::npos)
+        if (!is_plain_decimal(key))
           return file_error(ErrorCode::corrupt, config.path, "added_tokens_decoder key '" + key + "' is not an id");
         token.id = std::stoi(key);
         if (token.id >= kMaxVocabulary)
@@ -108,7 +108,7 @@ Result<TokenizerConfig> read_tokenizer_config(const std::string& checkpoint_dir)
           return file_error(ErrorCode::corrupt, config.path, "added_tokens_decoder entry " + it.key() + " has no content");
         token.content = v["content"].get<std::string>();
         JsonFields fields(config.path);
-        const std::string where = "added_tokens_decoder entry " + it.key();
+        const std::string where = "added_tokens_decoder entry " + key;
         token.special = fields.boolean(v, "special", false, where);
         token.lstrip = fields.boolean(v, "lstrip", false, where);
         token.rstrip = fields.boolean(v, "rstrip", false, where);
@@ -348,12 +348,14 @@ Result<TokenizerImportSummary> import_tokenizer(const std::string& checkpoint_di
   using namespace tokenizer_import;
   // The JSON readers use typed field reads; a json::exception escaping them is a
   // structure they do not check field by field, and still the file's fault.
+  auto unexpected_json = [](const std::string& path, const nlohmann::json::exception& e) {
+    return file_error(ErrorCode::corrupt, path, std::string("unexpected JSON structure (") + e.what() + ")");
+  };
   Result<TokenizerConfig> config = make_error(ErrorCode::invalid_argument, "no config");
   try {
     config = read_tokenizer_config(checkpoint_dir);
   } catch (const nlohmann::json::exception& e) {
-    config = file_error(ErrorCode::corrupt, checkpoint_dir + "/tokenizer_config.json",
-                        std::string("unexpected JSON structure (") + e.what() + ")");
+    config = unexpected_json(checkpoint_dir + "/tokenizer_config.json", e);
   }
   if (!config.ok()) return config.error();
   const std::string json_path = checkpoint_dir + "/tokenizer.json";
@@ -393,7 +395,7 @@ Result<TokenizerImportSummary> import_tokenizer(const std::string& checkpoint_di
       try {
         data = read_hugging_face_json(json_path, config.value());
       } catch (const nlohmann::json::exception& e) {
-        data = file_error(ErrorCode::corrupt, json_path, std::string("unexpected JSON structure (") + e.what() + ")");
+        data = unexpected_json(json_path, e);
       }
       break;
     case TokenizerSource::sentencepiece_model:
