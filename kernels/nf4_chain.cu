@@ -24,6 +24,7 @@ namespace layerpack::kernels {
 namespace {
 
 constexpr int kGroupWarps = 8;  // a group's warps split a chunk: 256 elements each
+static_assert((kGroupWarps & (kGroupWarps - 1)) == 0, "a warp's place in its group is warp & (kGroupWarps - 1)");
 constexpr int kGroups = 2;
 constexpr int kConsumerWarps = kGroupWarps * kGroups;
 // + a producer warpgroup: one producer warp and one scale warp per group. On sm_90a
@@ -781,22 +782,38 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
 #endif
   }
 
-  // This group's items: (op, block tile s, chunk c), numbered in its ring's order.
+  // This group's items: (op, block tile s, chunk c), numbered in its ring's order. The
+  // ring position (slot, phase) is kept with the item rather than derived from its
+  // number: the item loop is issue-bound, and seq % 3, seq / 3 cost ~8 instructions a use.
   struct Work {
     int op;
-    uint32_t s, c, seq;
+    uint32_t s, c, slot, phase;
     Tile t;
     bool valid;
   };
-  auto owns = [&](const DeviceOp& op, uint32_t s) {
-    return ((op.kind == kSwiglu ? s >> 1 : s) % kGroups) == static_cast<uint32_t>(group);
+  // The group's block tiles of an op: s = group, group + kGroups, ... (a swiglu op deals
+  // gate/up pairs: s = 2 group, 2 group + 1, then kGroups pairs on). Stepping straight to
+  // the next owned tile keeps advance() to one tile_at per tile.
+  auto first_owned = [&](const DeviceOp& op) -> uint32_t {
+    return op.kind == kSwiglu ? 2u * static_cast<uint32_t>(group) : static_cast<uint32_t>(group);
   };
+  auto next_owned = [&](const DeviceOp& op, uint32_t s) -> uint32_t {
+    if (op.kind == kSwiglu) return (s & 1u) ? s + 2u * kGroups - 1u : s + 1u;
+    return s + kGroups;
+  };
+  // Scale area of an item (kScaleAreas = 2 kSlots, by item sequence): its slot and phase.
+  auto scale_area = [](const Work& w) { return static_cast<int>(w.slot + kSlots * w.phase); };
   auto advance = [&](Work& w, bool first) {
-    if (!first) {
-      ++w.seq;
+    if (first) {
+      w.s = w.op < p.ops ? first_owned(p.op[w.op]) : 0u;
+    } else {
+      if (++w.slot == kSlots) {
+        w.slot = 0;
+        w.phase ^= 1u;
+      }
       if (++w.c < p.op[w.op].chunks) return;
       w.c = 0;
-      ++w.s;
+      w.s = next_owned(p.op[w.op], w.s);
     }
     for (;;) {
       if (w.op >= p.ops) {
@@ -805,25 +822,21 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
       }
       const DeviceOp& op = p.op[w.op];
       w.t = tile_at(op, w.s);
-      if (!w.t.valid) {
-        ++w.op;
-        w.s = 0;
-        continue;
-      }
-      if (owns(op, w.s)) return;
-      ++w.s;
+      if (w.t.valid) return;
+      ++w.op;
+      if (w.op < p.ops) w.s = first_owned(p.op[w.op]);
     }
   };
 
   if (warp >= kConsumerWarps) {
-    Work w{0, 0, 0, 0, {0, 0, false}, true};
+    Work w{0, 0, 0, 0, 0, {0, 0, false}, true};
     advance(w, true);
     if (warp - kConsumerWarps < kGroups) {
       // Producer: every chunk of the group's tiles, op after op, never waiting for activations.
       const uint64_t policy = evict_first_policy();
       while (w.valid) {
         if (lane == 0) {
-          const uint32_t slot = w.seq % kSlots, phase = (w.seq / kSlots) & 1;
+          const uint32_t slot = w.slot, phase = w.phase;
           mbar_wait(&empty[slot], phase ^ 1);
           const bool direct = absmax_direct(p.op[w.op].cols, kBlocks32);
           uint8_t* dst = ring + slot * kSlotBytes;
@@ -858,7 +871,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
     // consumers' copy belongs to their op, which may be an earlier one).
     int tables_op = -1;
     while (w.valid) {
-      const uint32_t slot = w.seq % kSlots, phase = (w.seq / kSlots) & 1;
+      const uint32_t slot = w.slot, phase = w.phase;
       if constexpr (!kBlocks32) {
         const DeviceOp& op = p.op[w.op];
         if (w.op != tables_op) {
@@ -915,8 +928,8 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
           const float4 v = make_float4(scale(codes & 0xffu, nested[k]), scale((codes >> 8) & 0xffu, nested[k]),
                                        scale((codes >> 16) & 0xffu, nested[k]), scale(codes >> 24, nested[k]));
           // Positions b ^ 4 (row & 7) keep a 4-aligned run of 4 together.
-          *reinterpret_cast<float4*>(smem + scale_gap_offset(group, static_cast<int>(w.seq % kScaleAreas), row,
-                                                             static_cast<int>(half * 16 + 4 * k))) = v;
+          *reinterpret_cast<float4*>(
+              smem + scale_gap_offset(group, scale_area(w), row, static_cast<int>(half * 16 + 4 * k))) = v;
         }
       } else {
         mbar_wait_warp(&absmax_full[slot], phase);
@@ -941,7 +954,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
       prefetch_cache(p.op[o].attention, blockIdx.x * kConsumerWarps * 32 + threadIdx.x,
                      gridDim.x * kConsumerWarps * 32);
 
-  const int g = lane >> 2, tig = lane & 3, gw = warp % kGroupWarps;
+  const int g = lane >> 2, tig = lane & 3, gw = warp & (kGroupWarps - 1);  // warp >= 0: no signed modulo
   const uint32_t lane_offset = lane * 4;
   // The 16 columns of a chunk whose x lane (g, tig) holds as the mma's B column g.
   const uint32_t x_column = gw * 256 + (g & 3) * 64 + tig * 16;
@@ -949,6 +962,18 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
   // and tig >= 2 one each; B column g < 4 holds x of the first block only, g >= 4 of the
   // second (the other lanes hold zeros), so the mma sums the blocks apart (see compute()).
   const bool x_half_mine = (g >> 2) == (tig >> 1);
+  // The lane's 16-byte units of an item (rows quad_row(g) and + 8, 128-byte swizzle):
+  // (stp, part)'s unit is ((2 (2 stp + part) + (tig >> 1)) ^ (row & 7)) << 4, whose bits 5-6
+  // are (2 stp + part) ^ (row >> 1 & 3). Every other term of the offset leaves bits 5-6
+  // clear (the ring and its slots are 1024-aligned), so the lane keeps one offset with
+  // the row's bits there and XORs (2 stp + part) << 5 in: a LOP3 a load instead of
+  // re-deriving the swizzle per item.
+  uint32_t ring_lane = static_cast<uint32_t>(ring - smem) + gw * 2048 + quad_row(g) * 128 + (tig & 1) * 8 +
+                       ((((tig >> 1) ^ quad_row(g)) & 1) << 4) + (((quad_row(g) >> 1) & 3) << 5);
+  // Through a shuffle (to itself), which ptxas cannot re-execute: left visible, it
+  // re-derived the offset from the lane and warp ids at every item (~20 instructions)
+  // rather than keep one register.
+  ring_lane = __shfl_sync(0xffffffffu, ring_lane, lane);
   struct Stage {
     uint2 w[2][2][2];  // [step][row half][part]
     // Blocksize 32, the lane's own blocks [row half][part]: codes (byte 2 h + part) and
@@ -962,18 +987,16 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
   auto fetch = [&](const Work& wk, Stage& st) {
     const DeviceOp& op = p.op[wk.op];
     const DeviceMatrix& m = op.m[wk.t.matrix];
-    const uint32_t slot = wk.seq % kSlots, phase = (wk.seq / kSlots) & 1;
+    const uint32_t slot = wk.slot, phase = wk.phase;
     mbar_wait_warp(&full[slot], phase);
-    const uint8_t* sw = ring + slot * kSlotBytes;
+    const uint32_t at = ring_lane + slot * kSlotBytes;
 #pragma unroll
     for (int stp = 0; stp < 2; ++stp)
 #pragma unroll
       for (int h = 0; h < 2; ++h)
 #pragma unroll
         for (int part = 0; part < 2; ++part)
-          st.w[stp][h][part] = *reinterpret_cast<const uint2*>(
-              sw + gw * 2048 + (quad_row(g) + 8 * h) * 128 +
-              (((2 * (stp * 2 + part) + (tig >> 1)) ^ (quad_row(g) & 7)) << 4) + (tig & 1) * 8);
+          st.w[stp][h][part] = *reinterpret_cast<const uint2*>(smem + ((at ^ ((stp * 2 + part) << 5)) + h * 8 * 128));
     if constexpr (kBlocks32) {
       // The lane's 4 blocks (rows g and g + 8, step tig & 1, both parts; the half tig >> 1
       // of each part's 64 columns): byte loads, a nested absmax each (a row's blocks need
@@ -1058,7 +1081,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
       if (op.chunks > 2) load_x_column(wk.c, true);
       // Scales: in a step only the quad's lane tig == 2 (c & 1) + step sums (below), for
       // rows g and g + 8: the scale warp's, blocks 2 (tig & 1) + part of the warp's 4.
-      const int area = static_cast<int>(wk.seq % kScaleAreas), block = gw * 4 + 2 * (tig & 1);
+      const int area = scale_area(wk), block = gw * 4 + 2 * (tig & 1);
       const float2 low = *reinterpret_cast<const float2*>(smem + scale_gap_offset(group, area, quad_row(g), block));
       const float2 high =
           *reinterpret_cast<const float2*>(smem + scale_gap_offset(group, area, quad_row(g) + 8, block));
@@ -1128,7 +1151,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
     for (int i = 0; i < 4; ++i) acc[i] = 0.0f;
   };
 
-  Work next{0, 0, 0, 0, {0, 0, false}, true};
+  Work next{0, 0, 0, 0, 0, {0, 0, false}, true};
   advance(next, true);
   auto stamp = [&](int o, int what) {  // the global timer, for layerpack-bench-chain
     if (p.timeline != nullptr && threadIdx.x == 0) {
