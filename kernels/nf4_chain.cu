@@ -955,7 +955,9 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
                      gridDim.x * kConsumerWarps * 32);
 
   const int g = lane >> 2, tig = lane & 3, gw = warp & (kGroupWarps - 1);  // warp >= 0: no signed modulo
-  const uint32_t lane_offset = lane * 4;
+  // Lane constants the item loop reads, through shuffles to themselves so that ptxas
+  // keeps them in registers (see ring_lane below).
+  const uint32_t lane_offset = __shfl_sync(0xffffffffu, static_cast<uint32_t>(lane) * 4, lane);
   // The 16 columns of a chunk whose x lane (g, tig) holds as the mma's B column g.
   const uint32_t x_column = gw * 256 + (g & 3) * 64 + tig * 16;
   // Blocksize 32: a (step, part)'s 64 columns are two blocks, the quad's lanes tig < 2
@@ -974,6 +976,13 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
   // re-derived the offset from the lane and warp ids at every item (~20 instructions)
   // rather than keep one register.
   ring_lane = __shfl_sync(0xffffffffu, ring_lane, lane);
+  // Blocksize 64: the lane's scales of area 0 (rows quad_row(g) and + 8, blocks 2 (tig & 1)
+  // and + 1 of the warp's 4); an area is 16 rows of 256 B on.
+  static_assert(scale_gap_offset(0, 1, 0, 0) - scale_gap_offset(0, 0, 0, 0) == 16 * 256 &&
+                    scale_gap_offset(0, 0, 8, 0) - scale_gap_offset(0, 0, 0, 0) == 8 * 256,
+                "the scale areas' layout");
+  const uint32_t scale_lane = __shfl_sync(
+      0xffffffffu, static_cast<uint32_t>(scale_gap_offset(group, 0, quad_row(g), gw * 4 + 2 * (tig & 1))), lane);
   struct Stage {
     uint2 w[2][2][2];  // [step][row half][part]
     // Blocksize 32, the lane's own blocks [row half][part]: codes (byte 2 h + part) and
@@ -984,8 +993,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
     float block_nested[2][2];
   };
   // Waits for the item's slot, takes its bytes into registers, frees the slot.
-  auto fetch = [&](const Work& wk, Stage& st) {
-    const DeviceOp& op = p.op[wk.op];
+  auto fetch = [&](const DeviceOp& op, const Work& wk, Stage& st) {
     const DeviceMatrix& m = op.m[wk.t.matrix];
     const uint32_t slot = wk.slot, phase = wk.phase;
     mbar_wait_warp(&full[slot], phase);
@@ -1057,8 +1065,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
       }
     }
   };
-  auto compute = [&](const Work& wk, const Stage& st) {
-    const DeviceOp& op = p.op[wk.op];
+  auto compute = [&](const DeviceOp& op, const Work& wk, const Stage& st) {
     const DeviceMatrix& m = op.m[wk.t.matrix];
     const float* codes = nested_code + wk.t.matrix * 256;
     float scale_low[2], scale_high[2];  // [part]: rows g and g + 8 of the lane's sums
@@ -1081,10 +1088,9 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
       if (op.chunks > 2) load_x_column(wk.c, true);
       // Scales: in a step only the quad's lane tig == 2 (c & 1) + step sums (below), for
       // rows g and g + 8: the scale warp's, blocks 2 (tig & 1) + part of the warp's 4.
-      const int area = scale_area(wk), block = gw * 4 + 2 * (tig & 1);
-      const float2 low = *reinterpret_cast<const float2*>(smem + scale_gap_offset(group, area, quad_row(g), block));
-      const float2 high =
-          *reinterpret_cast<const float2*>(smem + scale_gap_offset(group, area, quad_row(g) + 8, block));
+      const uint32_t at = scale_lane + static_cast<uint32_t>(scale_area(wk)) * (16 * 256);
+      const float2 low = *reinterpret_cast<const float2*>(smem + at);
+      const float2 high = *reinterpret_cast<const float2*>(smem + at + 8 * 256);  // row + 8: same swizzle
       scale_low[0] = low.x;
       scale_low[1] = low.y;
       scale_high[0] = high.x;
@@ -1151,8 +1157,27 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
     for (int i = 0; i < 4; ++i) acc[i] = 0.0f;
   };
 
-  Work next{0, 0, 0, 0, 0, {0, 0, false}, true};
-  advance(next, true);
+  // Consumers walk one op's items at a time (they never fetch across an op's end), so
+  // the op's fields can stay in registers: a count an item and one tile_at a tile. The
+  // ring position runs on across ops, as the producer's does.
+  auto first_in_op = [&](const DeviceOp& op, Work& w) -> bool {
+    w.c = 0;
+    w.s = first_owned(op);
+    w.t = tile_at(op, w.s);
+    return w.t.valid;
+  };
+  auto next_in_op = [&](const DeviceOp& op, Work& w) -> bool {
+    if (++w.slot == kSlots) {
+      w.slot = 0;
+      w.phase ^= 1u;
+    }
+    if (++w.c < op.chunks) return true;
+    w.c = 0;
+    w.s = next_owned(op, w.s);
+    w.t = tile_at(op, w.s);
+    return w.t.valid;
+  };
+  Work cur{0, 0, 0, 0, 0, {0, 0, false}, true};
   auto stamp = [&](int o, int what) {  // the global timer, for layerpack-bench-chain
     if (p.timeline != nullptr && threadIdx.x == 0) {
       unsigned long long ns;
@@ -1163,6 +1188,8 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
   stamp(kMaxDeviceOps, 0);  // consumers ready
   for (int o = 0; o < p.ops; ++o) {
     const DeviceOp& op = p.op[o];
+    cur.op = o;
+    bool have = false;  // attention ops have no tiles; other ops find their first below
     // This op's x is the last op's output: wait until every block is done with it.
     auto wait_for_previous = [&]() {
       if (o == 0) return;
@@ -1205,13 +1232,14 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
       // Blocksize 64's scales come from the scale warps: only blocksize 32 reads the op's
       // code tables in shared memory.
       const NestedShare nested = kBlocks32 ? load_nested_share(op) : NestedShare{};
+      have = first_in_op(op, cur);
       if constexpr (kBlocks32) {
         // Small models' ops are a tile or two a group: a chain of round trips, not a
         // stream. The first item's slot and absmax loads need no previous op: before the
         // wait. (Blocksize 64's ops are bound by the item loop's rate: there it gained
         // nothing, NOTES fourteenth session.)
-        if (next.valid && next.op == o) {
-          fetch(next, stage_a);
+        if (have) {
+          fetch(op, cur, stage_a);
           fetched_early = true;
         }
       }
@@ -1233,19 +1261,20 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
       }
     }
     int which = 0;
-    if (!fetched_early && next.valid && next.op == o) fetch(next, stage_a);
-    while (next.valid && next.op == o) {
-      const Work cur = next;
-      advance(next, false);
-      const bool ahead = next.valid && next.op == o;
+    if (!fetched_early && have) fetch(op, cur, stage_a);
+    while (have) {
+      Work next = cur;
+      const bool ahead = next_in_op(op, next);
       if (which == 0) {
-        if (ahead) fetch(next, stage_b);
-        compute(cur, stage_a);
+        if (ahead) fetch(op, next, stage_b);
+        compute(op, cur, stage_a);
       } else {
-        if (ahead) fetch(next, stage_a);
-        compute(cur, stage_b);
+        if (ahead) fetch(op, next, stage_a);
+        compute(op, cur, stage_b);
       }
       which ^= 1;
+      cur = next;
+      have = ahead;
     }
     // Every output of this block for this op is stored (the barrier orders the
     // groups' stores before thread 0's release): count the block done.
