@@ -37,7 +37,10 @@ def load(path):
 def fmt_s(x):
     if x is None:
         return "n/a"
-    return f"{x * 1000:.1f} ms" if x < 1 else f"{x:.2f} s"
+    if x >= 1:
+        return f"{x:.2f} s"
+    # Below 10 ms (resident decode): to the microsecond, so a ratio near its goal can be checked.
+    return f"{x * 1000:.3f} ms" if x < 0.01 else f"{x * 1000:.1f} ms"
 
 
 # Parameters in the decoder layers' matrices (what prefill multiplies per token), by part.
