@@ -11,9 +11,10 @@
 # chain, attention and sampling tests; initcheck 0 errors on the decode; racecheck reports hazards in nf4_chain_kernel between
 # the scale warp's scale stores and the consumers' scale loads (ordered by the slot's full
 # mbarrier, which the scale warp's lane 0 arrives on after __syncwarp) and between a
-# norm op's x stores and the x column loads (ordered by the consumers' named barrier):
-# believed to be the tool's, not confirmed (kernels/NOTES.md, twenty-fifth session).
-# The racecheck_patterns run (not run yet on the GPU) is what confirms it or not.
+# norm op's x stores and the x column loads (ordered by the consumers' named barrier).
+# The first kind is the tool's: racecheck_patterns' race-free one_lane_arrives kernel
+# (the scale warp's pattern) draws the same reports (H200, twenty-seventh session); the
+# second is not explained yet (kernels/NOTES.md, twenty-fifth and twenty-seventh sessions).
 set -uo pipefail
 build=$1 out=$2 pack=${3:-}
 mkdir -p "$out"
