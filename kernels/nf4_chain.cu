@@ -784,7 +784,8 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
 
   // This group's items: (op, block tile s, chunk c), numbered in its ring's order. The
   // ring position (slot, phase) is kept with the item rather than derived from its
-  // number: the item loop is issue-bound, and seq % 3, seq / 3 cost ~8 instructions a use.
+  // number: seq % 3 and seq / 3 cost a magic multiply and ~6 more instructions a use, and
+  // the consumers' loop pays for every instruction (kernels/NOTES.md, twenty-seventh).
   struct Work {
     int op;
     uint32_t s, c, slot, phase;
@@ -1157,9 +1158,9 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
     for (int i = 0; i < 4; ++i) acc[i] = 0.0f;
   };
 
-  // Consumers walk one op's items at a time (they never fetch across an op's end), so
-  // the op's fields can stay in registers: a count an item and one tile_at a tile. The
-  // ring position runs on across ops, as the producer's does.
+  // Consumers walk one op's items at a time (they never fetch across an op's end), the op
+  // passed in: a count an item and one tile_at a tile, no search across ops. The ring
+  // position runs on across ops, as the producer's does.
   auto first_in_op = [&](const DeviceOp& op, Work& w) -> bool {
     w.c = 0;
     w.s = first_owned(op);
