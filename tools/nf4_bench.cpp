@@ -125,11 +125,13 @@ int main(int argc, char** argv) {
   bool json = false;
   app.add_option("--rows", rows, "matrix rows")->check(CLI::PositiveNumber);
   app.add_option("--cols", cols, "matrix columns")->check(CLI::PositiveNumber);
-  app.add_option("--blocksize", blocksize, "NF4 blocksize (power of two, 32..4096)")->check([](const std::string& s) {
-    const bool digits = !s.empty() && s.size() <= 9 && s.find_first_not_of("0123456789") == std::string::npos;
-    return digits && nf4::valid_blocksize(std::stoul(s)) ? std::string()
-                                                         : "blocksize must be a power of two in 32..4096";
-  });
+  // CLI11 stops at the first failing check: the range check rejects what is not a number
+  // before the power-of-two check converts it.
+  app.add_option("--blocksize", blocksize, "NF4 blocksize (power of two, 32..4096)")
+      ->check(CLI::Range(32, 4096))
+      ->check([](const std::string& s) {
+        return nf4::valid_blocksize(std::stoul(s)) ? std::string() : "blocksize must be a power of two in 32..4096";
+      });
   app.add_option("--repeats", repeats, "timed repeats (median reported)")->check(CLI::Range(1, 1000));
   app.add_option("--warmup", warmup, "untimed warm-up runs")->check(CLI::Range(0, 100));
   app.add_option("--threads", threads, "threads for the all-threads figure (default: hardware threads)")->check(CLI::Range(1, 1024));
