@@ -804,29 +804,34 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
   };
   // Scale area of an item (kScaleAreas = 2 kSlots, by item sequence): its slot and phase.
   auto scale_area = [](const Work& w) { return static_cast<int>(w.slot + kSlots * w.phase); };
+  // Within one op: the op's first item of this group, and the step to the next item (the
+  // ring position advances with every item). Both return whether the item exists.
+  auto first_in_op = [&](const DeviceOp& op, Work& w) -> bool {
+    w.c = 0;
+    w.s = first_owned(op);
+    w.t = tile_at(op, w.s);
+    return w.t.valid;
+  };
+  auto next_in_op = [&](const DeviceOp& op, Work& w) -> bool {
+    if (++w.slot == kSlots) {
+      w.slot = 0;
+      w.phase ^= 1u;
+    }
+    if (++w.c < op.chunks) return true;
+    w.c = 0;
+    w.s = next_owned(op, w.s);
+    w.t = tile_at(op, w.s);
+    return w.t.valid;
+  };
+  // Across ops (the producer and scale warps, which run ahead over op boundaries).
   auto advance = [&](Work& w, bool first) {
-    if (first) {
-      w.s = w.op < p.ops ? first_owned(p.op[w.op]) : 0u;
-    } else {
-      if (++w.slot == kSlots) {
-        w.slot = 0;
-        w.phase ^= 1u;
-      }
-      if (++w.c < p.op[w.op].chunks) return;
-      w.c = 0;
-      w.s = next_owned(p.op[w.op], w.s);
-    }
-    for (;;) {
-      if (w.op >= p.ops) {
-        w.valid = false;
-        return;
-      }
-      const DeviceOp& op = p.op[w.op];
-      w.t = tile_at(op, w.s);
-      if (w.t.valid) return;
+    if (!first) {
+      if (next_in_op(p.op[w.op], w)) return;
       ++w.op;
-      if (w.op < p.ops) w.s = first_owned(p.op[w.op]);
     }
+    for (; w.op < p.ops; ++w.op)
+      if (first_in_op(p.op[w.op], w)) return;
+    w.valid = false;
   };
 
   if (warp >= kConsumerWarps) {
@@ -1158,26 +1163,8 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_chain_kernel(const __grid_con
     for (int i = 0; i < 4; ++i) acc[i] = 0.0f;
   };
 
-  // Consumers walk one op's items at a time (they never fetch across an op's end), the op
-  // passed in: a count an item and one tile_at a tile, no search across ops. The ring
-  // position runs on across ops, as the producer's does.
-  auto first_in_op = [&](const DeviceOp& op, Work& w) -> bool {
-    w.c = 0;
-    w.s = first_owned(op);
-    w.t = tile_at(op, w.s);
-    return w.t.valid;
-  };
-  auto next_in_op = [&](const DeviceOp& op, Work& w) -> bool {
-    if (++w.slot == kSlots) {
-      w.slot = 0;
-      w.phase ^= 1u;
-    }
-    if (++w.c < op.chunks) return true;
-    w.c = 0;
-    w.s = next_owned(op, w.s);
-    w.t = tile_at(op, w.s);
-    return w.t.valid;
-  };
+  // Consumers walk one op's items at a time (they never fetch across an op's end), with
+  // first_in_op / next_in_op alone; the ring position runs on across ops.
   Work cur{0, 0, 0, 0, 0, {0, 0, false}, true};
   auto stamp = [&](int o, int what) {  // the global timer, for layerpack-bench-chain
     if (p.timeline != nullptr && threadIdx.x == 0) {
